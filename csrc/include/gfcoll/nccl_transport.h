@@ -1,0 +1,90 @@
+// NCCL transport: group-free collectives on CUDA memory over ONE global NCCL communicator.
+//
+// Note [nccl masked collectives]
+// The communicator spans the whole world and is created once at init; a group is only a list of
+// member ranks. A collective on a group is one fused ncclGroupStart/End of ncclSend/ncclRecv among
+// its members (every member talks directly to every other: the same bytes on the wire as a ring,
+// in one step), plus gfcoll's own reduction kernel (kernels/reduce.h) for reduce_scatter and
+// all_reduce. Non-members issue nothing. All work is enqueued on the caller's stream.
+//
+// NCCL executes the operations of one communicator in the order each rank issued them, whatever
+// the stream. So on this transport, two operations in flight at once on groups that share two or
+// more ranks must be issued in the same relative order on those ranks, and concurrent operations
+// must not be issued in a cyclic order (rank 0: A then B, rank 1: B then C, rank 2: C then A).
+// Operations on groups that share at most one rank, issued by at most one shared rank, are free.
+// NCCL communicators are not thread safe: calls are serialised by a mutex.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "gfcoll/types.h"
+
+namespace gfcoll {
+
+struct NcclLib;
+
+struct NcclP2P {
+  bool is_send = false;
+  int peer = -1;  // global rank
+  void* ptr = nullptr;
+  uint64_t bytes = 0;
+};
+
+class NcclTransport {
+ public:
+  // Loads libnccl: `library` if not empty, else the copy already loaded in the process (torch's),
+  // else "libnccl.so.2" from the loader's search path.
+  explicit NcclTransport(const std::string& library);
+  ~NcclTransport();
+  NcclTransport(const NcclTransport&) = delete;
+  NcclTransport& operator=(const NcclTransport&) = delete;
+
+  static std::string default_library();
+  std::string library_path() const;
+  int version() const;  // e.g. 22809
+  std::string unique_id() const;  // ncclUniqueId bytes, made on one rank and shared via the store
+
+  // Collective over the world: every rank calls it with the same id. `device` is the CUDA ordinal.
+  void init(int rank, int world_size, const std::string& id, int device);
+  // Opens the connection to every peer (a 1-byte exchange with each), so that the first operation
+  // on a never-seen group costs no more than later ones. Collective over the world; synchronous.
+  void warmup();
+
+  void all_gather(const std::vector<int>& members, int me, const void* in, void* out, uint64_t bytes,
+                  uintptr_t stream);
+  void all_to_all(const std::vector<int>& members, int me, const void* in, void* out,
+                  const std::vector<uint64_t>& in_offsets, const std::vector<uint64_t>& in_sizes,
+                  const std::vector<uint64_t>& out_offsets, const std::vector<uint64_t>& out_sizes,
+                  uintptr_t stream);
+  void reduce_scatter(const std::vector<int>& members, int me, const void* in, void* out, uint64_t count,
+                      DType dtype, RedOp op, uintptr_t stream);
+  void all_reduce(const std::vector<int>& members, int me, const void* in, void* out, uint64_t count,
+                  DType dtype, RedOp op, uintptr_t stream);
+  void broadcast(const std::vector<int>& members, int me, int root_index, void* buf, uint64_t bytes,
+                 uintptr_t stream);
+  void batch_p2p(const std::vector<NcclP2P>& ops, uintptr_t stream);
+
+  // Raises if NCCL reported an asynchronous error (a peer failure, a network error).
+  void check_async_error();
+  // Aborts outstanding work and frees the communicator. Local; safe to call twice.
+  void close(bool abort = false);
+  int device() const { return device_; }
+
+ private:
+  void check_ready() const;
+  void check_members(const std::vector<int>& members, int me, const char* what) const;
+
+  std::unique_ptr<NcclLib> lib_;
+  void* comm_ = nullptr;
+  int rank_ = -1;
+  int world_size_ = 0;
+  int device_ = -1;
+  bool closed_ = false;
+  std::mutex mu_;
+};
+
+}  // namespace gfcoll

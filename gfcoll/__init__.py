@@ -1,0 +1,39 @@
+"""gfcoll: group-free collectives. Any ordered subset of ranks is a group, formed without
+communication; setup is paid once, at ``init``. See gfcoll.world for the ordering rules."""
+
+from ._bootstrap import init
+from ._native import build_info
+from .errors import (
+    GfcollClosedError,
+    GfcollCudaError,
+    GfcollError,
+    GfcollMismatchError,
+    GfcollNcclError,
+    GfcollPeerDiedError,
+    GfcollSystemError,
+    GfcollTimeoutError,
+    GfcollUnsupportedError,
+    GfcollValueError,
+)
+from .world import P2P, Group, Work, World
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "init",
+    "build_info",
+    "World",
+    "Group",
+    "P2P",
+    "Work",
+    "GfcollError",
+    "GfcollValueError",
+    "GfcollUnsupportedError",
+    "GfcollMismatchError",
+    "GfcollTimeoutError",
+    "GfcollPeerDiedError",
+    "GfcollClosedError",
+    "GfcollSystemError",
+    "GfcollCudaError",
+    "GfcollNcclError",
+]

@@ -1,0 +1,205 @@
+"""gfcoll.init(): the key-value-store handshake that sets up the transports once per world."""
+
+from __future__ import annotations
+
+import functools
+import glob
+import logging
+import os
+import socket
+import sys
+import uuid
+from datetime import timedelta
+
+import torch
+
+from . import _env, _native
+from .errors import GfcollError, GfcollValueError
+from .world import World
+
+log = logging.getLogger("gfcoll")
+
+_init_count = 0  # per process: namespaces the store keys of successive worlds
+
+
+def _env_int(name: str, given):
+    if given is not None:
+        return int(given)
+    raw = os.environ.get(name)
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise GfcollValueError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def _make_store(rank, size, addr, port, timeout_s):
+    from torch.distributed import PrefixStore, TCPStore  # noqa: PLC0415
+
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if dist.is_available() and dist.is_initialized():
+        base = dist.distributed_c10d._get_default_store()
+    else:
+        if addr is None or port is None:
+            raise GfcollValueError(
+                "gfcoll.init: MASTER_ADDR and MASTER_PORT are needed (set by torchrun), or pass store="
+            )
+        # Under torchrun the agent hosts the store; otherwise rank 0 does.
+        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+        base = TCPStore(
+            addr,
+            int(port),
+            size,
+            is_master=(rank == 0 and not agent),
+            timeout=timedelta(seconds=timeout_s),
+            wait_for_workers=False,
+            multi_tenant=True,
+        )
+    return base
+
+
+def _wait(store, keys, timeout_s, what):
+    try:
+        store.wait(keys, timedelta(seconds=timeout_s))
+    except Exception as e:  # torch raises DistStoreError / RuntimeError on timeout
+        raise GfcollError(f"gfcoll.init: timed out after {timeout_s} s waiting for {what}: {e}") from e
+
+
+@functools.cache
+def _nccl_candidates() -> tuple[str, ...]:
+    """GFCOLL_NCCL_PATH, else the copy torch loaded (""), else the nvidia-nccl wheel's copy."""
+    override = _env.get_str(_env.NCCL_PATH)
+    if override:
+        return (override,)
+    found = [""]
+    for entry in sys.path:
+        found += sorted(glob.glob(os.path.join(entry, "nvidia", "nccl", "lib", "libnccl.so.2")))
+    return tuple(found)
+
+
+def load_nccl():
+    errors = []
+    for path in _nccl_candidates():
+        try:
+            return _native.lib().NcclTransport(path)
+        except GfcollError as e:
+            errors.append(str(e))
+    raise GfcollError("cannot load NCCL: " + " | ".join(errors))
+
+
+def init(
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    local_rank: int | None = None,
+    local_world_size: int | None = None,
+    master_addr: str | None = None,
+    master_port: int | None = None,
+    device: str | torch.device | None = None,
+    store=None,
+    timeout_s: float | None = None,
+) -> World:
+    """Creates this rank's World. Collective: every rank of the job calls it once.
+
+    Arguments default to torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT). ``device``: "cuda", "cpu" or None (CUDA when a GPU and the nccl
+    transport are available). ``store``: a torch.distributed Store to bootstrap through (default:
+    torch.distributed's if initialised, else a TCPStore at MASTER_ADDR:MASTER_PORT). All setup
+    (shared-memory segments, the NCCL communicator and its peer connections) happens here, once.
+    """
+    global _init_count
+    rank = _env_int("RANK", rank)
+    size = _env_int("WORLD_SIZE", world_size)
+    if rank is None or size is None:
+        raise GfcollValueError("gfcoll.init: rank and world size are needed (RANK/WORLD_SIZE or arguments)")
+    if size < 1 or not 0 <= rank < size:
+        raise GfcollValueError(f"gfcoll.init: rank {rank} out of range for world size {size}")
+    local_rank = _env_int("LOCAL_RANK", local_rank)
+    local_size = _env_int("LOCAL_WORLD_SIZE", local_world_size)
+    local_rank = rank if local_rank is None else local_rank
+    local_size = size if local_size is None else local_size
+    master_addr = master_addr or os.environ.get("MASTER_ADDR")
+    master_port = master_port if master_port is not None else os.environ.get("MASTER_PORT")
+    timeout_s = float(timeout_s if timeout_s is not None else _env.get_float(_env.TIMEOUT_S))
+    if timeout_s <= 0:
+        raise GfcollValueError(f"gfcoll.init: timeout must be positive, got {timeout_s}")
+
+    info = _native.lib().build_info()
+    if device is None:
+        device = "cuda" if ("nccl" in info["transports"] and torch.cuda.is_available()) else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        if "nccl" not in info["transports"]:
+            raise GfcollValueError("gfcoll.init: device cuda needs a build with the nccl transport")
+        if not torch.cuda.is_available():
+            raise GfcollValueError("gfcoll.init: device cuda requested but no GPU is visible")
+        index = device.index if device.index is not None else local_rank % torch.cuda.device_count()
+        device = torch.device("cuda", index)
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise GfcollValueError(f"gfcoll.init: device must be 'cuda' or 'cpu', got {device}")
+
+    from torch.distributed import PrefixStore  # noqa: PLC0415
+
+    base = store if store is not None else _make_store(rank, size, master_addr, master_port, timeout_s)
+    store = PrefixStore(f"gfcoll/{_init_count}/", base)
+    _init_count += 1
+
+    world = World(rank, size, local_rank, local_size, device)
+    world._async_threads = _env.get_int(_env.HOST_ASYNC_THREADS)
+    try:
+        _setup_host(world, store, timeout_s)
+        if device.type == "cuda":
+            _setup_nccl(world, store, timeout_s)
+    except BaseException:
+        world.close()
+        raise
+    log.info("gfcoll world ready: rank %d/%d on %s, transports %s", rank, size, device, world.transports())
+    return world
+
+
+def _setup_host(world: World, store, timeout_s: float) -> None:
+    rank, size = world.rank, world.size
+    node = socket.gethostname()
+    store.set(f"node/{rank}", node)
+    _wait(store, [f"node/{r}" for r in range(size)], timeout_s, "every rank to register")
+    local = [r for r in range(size) if store.get(f"node/{r}").decode() == node]
+    if world.device.type == "cpu" and len(local) != size:
+        raise GfcollValueError(
+            f"gfcoll.init: the host transport (device cpu) needs every rank on one node; "
+            f"this node has ranks {local} of {size}"
+        )
+    opts = _native.lib().HostOptions()
+    opts.num_slots = _env.get_int(_env.HOST_SLOTS)
+    opts.chunk_bytes = _env.get_int(_env.HOST_CHUNK_BYTES)
+    opts.timeout_s = timeout_s
+    host = _native.lib().HostTransport(rank, size, opts)
+    world._host = host
+    if rank == local[0]:
+        store.set(f"token/{node}", uuid.uuid4().hex[:16])
+    token = store.get(f"token/{node}").decode()
+    name = host.create_segment(f"/gfcoll-{token}-{rank}")
+    try:
+        store.set(f"host/{rank}", name)
+        peers = [r for r in local if r != rank]
+        _wait(store, [f"host/{r}" for r in peers], timeout_s, "local peers' shared memory")
+        for r in peers:
+            host.attach(r, store.get(f"host/{r}").decode())
+        store.set(f"attached/{rank}", "1")
+        _wait(store, [f"attached/{r}" for r in peers], timeout_s, "local peers to map shared memory")
+    finally:
+        # Mapped by every peer (or failed): the name is no longer needed, and no file outlives us.
+        host.unlink_own()
+
+
+def _setup_nccl(world: World, store, timeout_s: float) -> None:
+    nccl = load_nccl()
+    if world.rank == 0:
+        store.set("nccl/id", nccl.unique_id())
+    _wait(store, ["nccl/id"], timeout_s, "rank 0's NCCL id")
+    uid = store.get("nccl/id")
+    nccl.init(world.rank, world.size, uid, world.device.index)
+    world._nccl = nccl
+    nccl.warmup()

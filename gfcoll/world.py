@@ -1,0 +1,417 @@
+"""World, Group and the collective API of gfcoll.
+
+Ordering rules (what callers must follow; tests/multiproc/test_concurrency.py checks each):
+
+1. Every member of a group issues that group's operations in the same order. A group is named by
+   its ordered rank list: two Group objects with the same list are the same group.
+2. Groups may overlap, and operations on different groups may be in flight at once (``async_op``,
+   other threads, other streams): an operation on {0,1} never waits for, or corrupts, one on {1,2}.
+   On the host transport (CPU tensors) operations are matched by (group, epoch), never by the order
+   of messages between two ranks, so this holds in any interleaving.
+3. As with NCCL communicators, two ranks that share two groups and issue both groups' operations
+   on one stream (or one thread, for CPU tensors) must issue them in the same relative order.
+   On the nccl transport (CUDA tensors) NCCL runs one communicator's work in issue order whatever
+   the stream, so this rule applies to CUDA operations on every stream (Note [nccl masked
+   collectives] in csrc/include/gfcoll/nccl_transport.h).
+4. Point-to-point messages between an ordered pair of ranks match in issue order, as in MPI.
+
+Stream semantics follow torch.distributed: CUDA operations are enqueued on the current stream of
+the tensor's device and return at once; CPU operations complete before returning. With
+``async_op=True`` every operation returns a Work whose ``wait()`` makes the current stream wait
+(CUDA) or blocks until done (CPU), and whose ``is_completed()`` polls.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from . import _native
+from ._tensor import Buf, as_buf, check_same, op_code
+from .errors import GfcollClosedError, GfcollUnsupportedError, GfcollValueError
+
+log = logging.getLogger("gfcoll")
+
+_MASK64 = (1 << 64) - 1
+
+
+def _group_hash(ranks: tuple[int, ...]) -> int:
+    # Python's tuple-of-int hash is deterministic across processes (no string salting).
+    return hash((len(ranks),) + ranks) & _MASK64
+
+
+def _pair_hash(src: int, dst: int) -> int:
+    return hash((-1, src, dst)) & _MASK64
+
+
+class Work:
+    """Handle of an operation issued with ``async_op=True``."""
+
+    def __init__(self, future: Future | None = None, event=None, keep=None):
+        self._future = future
+        self._event = event
+        self._keep = keep  # tensors that must outlive the operation
+
+    def wait(self) -> None:
+        """CPU: blocks until done and re-raises its error. CUDA: makes the current stream wait."""
+        if self._future is not None:
+            self._future.result()
+        elif self._event is not None:
+            self._event.wait(torch.cuda.current_stream().cuda_stream)
+
+    def is_completed(self) -> bool:
+        if self._future is not None:
+            return self._future.done()
+        return self._event.query() if self._event is not None else True
+
+    def synchronize(self) -> None:
+        """Blocks the host until the operation finished (CUDA) or finished and raised (CPU)."""
+        if self._future is not None:
+            self._future.result()
+        elif self._event is not None:
+            self._event.synchronize()
+
+
+@dataclass
+class P2P:
+    """One transfer of ``World.batch_p2p``: op is "send" or "recv", peer a global rank."""
+
+    op: str
+    tensor: object
+    peer: int
+
+
+class Group:
+    """An ordered subset of the world's ranks. Made by ``World.group``; costs no communication."""
+
+    __slots__ = ("_world", "ranks", "size", "rank", "_key", "_hash")
+
+    def __init__(self, world: World, ranks: tuple[int, ...], rank: int):
+        self._world = world
+        self.ranks = ranks  # ordered global ranks
+        self.size = len(ranks)
+        self.rank = rank  # this process's index in ranks, or -1
+        self._hash = _group_hash(ranks)
+
+    def __repr__(self) -> str:
+        return f"Group(ranks={list(self.ranks)}, rank={self.rank})"
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _me(self, what: str) -> int:
+        self._world._check_open()
+        if self.rank < 0:
+            raise GfcollValueError(
+                f"{what}: rank {self._world.rank} is not a member of group {list(self.ranks)}"
+            )
+        return self.rank
+
+    def _run(self, what: str, host_fn, nccl_fn, bufs: Sequence[Buf], async_op: bool):
+        """Issues one operation: assigns its epoch now (rule 1), then runs it on the transport
+        that the tensors' device selects."""
+        w = self._world
+        is_cuda = bufs[0].is_cuda
+        epoch = w._next_epoch(self.ranks)
+        if is_cuda:
+            nccl = w._nccl_for(bufs, what)
+            nccl_fn(nccl, bufs[0].stream)
+            if not async_op:
+                return None
+            event = _native.lib().CudaEvent()
+            event.record(bufs[0].stream)
+            return Work(event=event, keep=[b.tensor for b in bufs])
+        host = w._host_for(what)
+        if not async_op:
+            host_fn(host, epoch)
+            return None
+        return Work(future=w._executor().submit(host_fn, host, epoch), keep=[b.tensor for b in bufs])
+
+    # -- collectives ---------------------------------------------------------------------------
+    def all_gather(self, out, inp, async_op: bool = False):
+        """out = concatenation of every member's inp along dim 0, in group order. All members
+        call it. ``inp`` may be this rank's block of ``out`` (in place)."""
+        me = self._me("all_gather")
+        i, o = as_buf(inp, "inp"), as_buf(out, "out")
+        check_same(i, o, "all_gather")
+        if o.numel != i.numel * self.size:
+            raise GfcollValueError(
+                f"all_gather: out has {o.numel} elements, expected {self.size} x {i.numel} (group size x inp)"
+            )
+        members = list(self.ranks)
+        return self._run(
+            "all_gather",
+            lambda h, e: h.all_gather(self._hash, e, members, me, i.ptr, o.ptr, i.nbytes, i.dtype_code),
+            lambda n, s: n.all_gather(members, me, i.ptr, o.ptr, i.nbytes, s),
+            [i, o],
+            async_op,
+        )
+
+    def reduce_scatter(self, out, inp, op: str = "sum", async_op: bool = False):
+        """out = op over members of block ``rank`` of inp (inp has size x out.numel elements).
+        Floating types accumulate in float32 in group order; all members call it."""
+        me = self._me("reduce_scatter")
+        i, o = as_buf(inp, "inp"), as_buf(out, "out")
+        check_same(i, o, "reduce_scatter")
+        code = op_code(op, i.tensor.dtype, "reduce_scatter")
+        if i.numel != o.numel * self.size:
+            raise GfcollValueError(
+                f"reduce_scatter: inp has {i.numel} elements, expected {self.size} x {o.numel} (group size x out)"
+            )
+        members = list(self.ranks)
+        return self._run(
+            "reduce_scatter",
+            lambda h, e: h.reduce_scatter(self._hash, e, members, me, i.ptr, o.ptr, o.numel, i.dtype_code, code),
+            lambda n, s: n.reduce_scatter(members, me, i.ptr, o.ptr, o.numel, i.dtype_code, code, s),
+            [i, o],
+            async_op,
+        )
+
+    def all_reduce(self, t, op: str = "sum", async_op: bool = False):
+        """In place: t = op over members of t. op in {"sum", "avg", "max", "min"} ("avg" for
+        floating types only). Every member gets bit-identical results."""
+        me = self._me("all_reduce")
+        b = as_buf(t, "t")
+        code = op_code(op, b.tensor.dtype, "all_reduce")
+        members = list(self.ranks)
+        return self._run(
+            "all_reduce",
+            lambda h, e: h.all_reduce(self._hash, e, members, me, b.ptr, b.ptr, b.numel, b.dtype_code, code),
+            lambda n, s: n.all_reduce(members, me, b.ptr, b.ptr, b.numel, b.dtype_code, code, s),
+            [b],
+            async_op,
+        )
+
+    def all_to_all(self, out, inp, out_splits=None, in_splits=None, async_op: bool = False):
+        """Like torch's all_to_all_single: block j of inp (rows along dim 0, sizes in_splits) goes
+        to member j; block j of out (sizes out_splits) comes from member j. Without splits, dim 0
+        is split evenly. Every member's in_splits[j] must equal member j's out_splits[me]."""
+        me = self._me("all_to_all")
+        i, o = as_buf(inp, "inp"), as_buf(out, "out")
+        check_same(i, o, "all_to_all")
+        in_off, in_sz = _split_bytes(i, in_splits, self.size, "in_splits")
+        out_off, out_sz = _split_bytes(o, out_splits, self.size, "out_splits")
+        if in_sz[me] != out_sz[me]:
+            raise GfcollValueError(
+                f"all_to_all: this rank sends itself {in_sz[me]} bytes but expects {out_sz[me]}"
+            )
+        members = list(self.ranks)
+        return self._run(
+            "all_to_all",
+            lambda h, e: h.all_to_all(
+                self._hash, e, members, me, i.ptr, o.ptr, in_off, in_sz, out_off, out_sz, i.dtype_code
+            ),
+            lambda n, s: n.all_to_all(members, me, i.ptr, o.ptr, in_off, in_sz, out_off, out_sz, s),
+            [i, o],
+            async_op,
+        )
+
+    def broadcast(self, t, root: int, async_op: bool = False):
+        """In place: every member's t becomes root's t. ``root`` is a GLOBAL rank of a member."""
+        me = self._me("broadcast")
+        if root not in self.ranks:
+            raise GfcollValueError(f"broadcast: root {root} is not a member of group {list(self.ranks)}")
+        root_index = self.ranks.index(root)
+        b = as_buf(t, "t")
+        members = list(self.ranks)
+        return self._run(
+            "broadcast",
+            lambda h, e: h.broadcast(self._hash, e, members, me, root_index, b.ptr, b.nbytes, b.dtype_code),
+            lambda n, s: n.broadcast(members, me, root_index, b.ptr, b.nbytes, s),
+            [b],
+            async_op,
+        )
+
+    def barrier(self) -> None:
+        """Returns once every member entered the barrier. On a CUDA world, first waits for the
+        work queued on the current stream (like torch.distributed.barrier)."""
+        me = self._me("barrier")
+        w = self._world
+        if w.device.type == "cuda":
+            torch.cuda.current_stream(w.device).synchronize()
+        epoch = w._next_epoch(self.ranks)
+        if w._host is not None and all(w._host.is_attached(r) or r == w.rank for r in self.ranks):
+            w._host.barrier(self._hash, epoch, list(self.ranks), me)
+            return
+        # Ranks on several nodes: a one-byte exchange over NCCL, then wait for it.
+        flag = torch.zeros(self.size, dtype=torch.uint8, device=w.device)
+        self.all_gather(flag, flag[me : me + 1])
+        torch.cuda.current_stream(w.device).synchronize()
+
+
+def _split_bytes(b: Buf, splits, n: int, name: str) -> tuple[list[int], list[int]]:
+    rows = b.tensor.shape[0] if b.tensor.dim() > 0 else 1
+    row_bytes = b.nbytes // rows if rows else 0
+    if splits is None:
+        if rows % n:
+            raise GfcollValueError(f"all_to_all: dim 0 ({rows}) is not divisible by the group size {n}; pass {name}")
+        splits = [rows // n] * n
+    else:
+        splits = [int(s) for s in splits]
+        if len(splits) != n:
+            raise GfcollValueError(f"all_to_all: {name} has {len(splits)} entries for a group of {n}")
+        if any(s < 0 for s in splits):
+            raise GfcollValueError(f"all_to_all: {name} has a negative entry: {splits}")
+        if sum(splits) != rows:
+            raise GfcollValueError(f"all_to_all: {name} sums to {sum(splits)} but dim 0 is {rows}")
+    offsets, sizes, acc = [], [], 0
+    for s in splits:
+        offsets.append(acc * row_bytes)
+        sizes.append(s * row_bytes)
+        acc += s
+    return offsets, sizes
+
+
+class World:
+    """All ranks of the job. Made by ``gfcoll.init()``; close it with ``close()``."""
+
+    def __init__(self, rank: int, size: int, local_rank: int, local_size: int, device: torch.device):
+        self.rank = rank
+        self.size = size
+        self.local_rank = local_rank
+        self.local_size = local_size
+        self.device = device
+        self._host = None  # native HostTransport (ranks of this node), or None
+        self._nccl = None  # native NcclTransport, or None
+        self._epochs: dict[tuple[int, ...], int] = {}
+        self._p2p_seq: dict[tuple[int, int], int] = {}
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._async_threads = 64
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"World(rank={self.rank}, size={self.size}, device={self.device})"
+
+    # -- groups ----------------------------------------------------------------------------------
+    def group(self, ranks: Sequence[int]) -> Group:
+        """The group of the given ordered global ranks. No communication; any process may call
+        it, members or not."""
+        t = tuple(ranks)
+        size = self.size
+        seen = set()
+        for r in t:
+            if type(r) is not int:
+                if not isinstance(r, int) or isinstance(r, bool):
+                    raise GfcollValueError(f"group: ranks must be integers, got {r!r}")
+                r = int(r)
+            if r < 0 or r >= size:
+                raise GfcollValueError(f"group: rank {r} is out of range for a world of {size}")
+            if r in seen:
+                raise GfcollValueError(f"group: duplicate rank {r} in {list(t)}")
+            seen.add(r)
+        if not t:
+            raise GfcollValueError("group: a group needs at least one rank")
+        me = t.index(self.rank) if self.rank in seen else -1
+        return Group(self, t, me)
+
+    # -- point to point --------------------------------------------------------------------------
+    def send(self, t, dst: int) -> None:
+        """Sends t to global rank dst, which calls recv(·, src=this rank). CPU: returns once dst
+        received it. CUDA: enqueued on the current stream."""
+        self.batch_p2p([P2P("send", t, dst)])
+
+    def recv(self, t, src: int) -> None:
+        """Receives into t from global rank src."""
+        self.batch_p2p([P2P("recv", t, src)])
+
+    def batch_p2p(self, ops: Sequence[P2P], async_op: bool = False):
+        """Issues several sends and receives that progress concurrently (no ordering deadlock
+        between them). All tensors must be on one device type."""
+        self._check_open()
+        if not ops:
+            return None
+        bufs, items = [], []
+        for k, p in enumerate(ops):
+            if not isinstance(p, P2P):
+                raise GfcollValueError(f"batch_p2p: item {k} is not a gfcoll.P2P")
+            if p.op not in ("send", "recv"):
+                raise GfcollValueError(f"batch_p2p: item {k} has op {p.op!r}, expected 'send' or 'recv'")
+            if not isinstance(p.peer, int) or not 0 <= p.peer < self.size or p.peer == self.rank:
+                raise GfcollValueError(f"batch_p2p: item {k} has bad peer {p.peer!r} (rank {self.rank}, world {self.size})")
+            b = as_buf(p.tensor, f"ops[{k}].tensor")
+            bufs.append(b)
+            items.append((p.op == "send", p.peer, b))
+        if len({b.is_cuda for b in bufs}) != 1:
+            raise GfcollValueError("batch_p2p: mix of CPU and CUDA tensors")
+        if bufs[0].is_cuda:
+            nccl = self._nccl_for(bufs, "batch_p2p")
+            nccl.batch_p2p([(s, peer, b.ptr, b.nbytes) for s, peer, b in items], bufs[0].stream)
+            if not async_op:
+                return None
+            event = _native.lib().CudaEvent()
+            event.record(bufs[0].stream)
+            return Work(event=event, keep=[b.tensor for b in bufs])
+        host = self._host_for("batch_p2p")
+        native_ops = []
+        with self._lock:
+            for is_send, peer, b in items:
+                pair = (self.rank, peer) if is_send else (peer, self.rank)
+                seq = self._p2p_seq.get(pair, 0)
+                self._p2p_seq[pair] = seq + 1
+                native_ops.append((is_send, peer, b.ptr, b.nbytes, _pair_hash(*pair), seq))
+        if not async_op:
+            host.batch_p2p(native_ops)
+            return None
+        return Work(future=self._executor().submit(host.batch_p2p, native_ops), keep=[b.tensor for b in bufs])
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Local teardown of this rank's resources: shared-memory mappings and the NCCL
+        communicator. Every rank calls it after its last operation. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._host is not None:
+            self._host.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._nccl is not None:
+            self._nccl.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def transports(self) -> list[str]:
+        out = []
+        if self._host is not None:
+            out.append("host")
+        if self._nccl is not None:
+            out.append("nccl")
+        return out
+
+    # -- internals -------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise GfcollClosedError("the gfcoll world was closed")
+
+    def _next_epoch(self, ranks: tuple[int, ...]) -> int:
+        with self._lock:
+            e = self._epochs.get(ranks, 0)
+            self._epochs[ranks] = e + 1
+            return e
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._async_threads, thread_name_prefix="gfcoll-async")
+            return self._pool
+
+    def _host_for(self, what: str):
+        if self._host is None:
+            raise GfcollUnsupportedError(f"{what}: CPU tensors need the host transport, which this world lacks")
+        return self._host
+
+    def _nccl_for(self, bufs: Sequence[Buf], what: str):
+        if self._nccl is None:
+            raise GfcollUnsupportedError(
+                f"{what}: CUDA tensors need the nccl transport; this world was initialised on {self.device}"
+            )
+        for b in bufs:
+            if b.tensor.device != self.device:
+                raise GfcollValueError(f"{what}: tensor is on {b.tensor.device}, but this rank's device is {self.device}")
+        return self._nccl

@@ -1,0 +1,98 @@
+"""Runs a function on N freshly spawned ranks, each with its own gfcoll world (tests only).
+
+``run_ranks(fn, n, *args)`` starts n processes (spawn) with torchrun's environment on a free port,
+calls ``fn(world, *args)`` on each, and returns the results in rank order. Any rank's exception
+fails the call with every rank's traceback; a hang fails it at ``timeout``. Children that outlive
+the call are killed.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+import traceback
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(fn, rank, size, port, args, results, env, device, init):
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(size),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
+    )
+    os.environ.update(env or {})
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+        if not init:
+            results.put((rank, "ok", fn(None, *args)))
+            return
+        import gfcoll
+
+        world = gfcoll.init(device=device)
+        try:
+            out = fn(world, *args)
+        finally:
+            world.close()
+        results.put((rank, "ok", out))
+    except BaseException:  # report everything, including assertion errors, to the parent
+        results.put((rank, "err", traceback.format_exc()))
+
+
+def run_ranks(fn, n, *args, timeout=240.0, env=None, device="cpu", init=True, expect_exit=None):
+    """expect_exit: ranks that are expected to die without reporting (killed-peer tests)."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_child, args=(fn, r, n, port, args, results, env, device, init), daemon=True)
+        for r in range(n)
+    ]
+    for p in procs:
+        p.start()
+    expect_exit = set(expect_exit or ())
+    out, errors = {}, []
+    try:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while len(out) + len(errors) < n - len(expect_exit):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = sorted(set(range(n)) - set(out) - expect_exit)
+                raise AssertionError(f"ranks {missing} did not finish within {timeout} s")
+            try:
+                rank, status, value = results.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in expect_exit]
+                if dead and results.empty():
+                    raise AssertionError(f"ranks {dead} exited with codes {[procs[r].exitcode for r in dead]}") from None
+                continue
+            if status == "ok":
+                out[rank] = value
+            else:
+                errors.append(f"--- rank {rank} ---\n{value}")
+        if errors:
+            raise AssertionError("\n".join(errors))
+        return [out.get(r) for r in range(n)]
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
