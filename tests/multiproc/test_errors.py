@@ -1,0 +1,131 @@
+"""Failures across ranks: mismatched sizes, a killed peer, misuse that needs several ranks."""
+
+import time
+
+import pytest
+
+from tests.launch import run_ranks
+
+SHORT_TIMEOUT = {"GFCOLL_TIMEOUT_S": "6"}
+
+
+def _mismatched_sizes(world):
+    import torch
+
+    import gfcoll
+
+    g = world.group([0, 1])
+    n = 10 if world.rank == 0 else 12  # rank 1 disagrees about the size
+    out = torch.empty(2 * n)
+    try:
+        g.all_gather(out, torch.ones(n))
+    except gfcoll.GfcollMismatchError as e:
+        return ("mismatch", str(e))
+    except gfcoll.GfcollTimeoutError as e:
+        return ("timeout", str(e))
+    return ("ok", "")
+
+
+def test_mismatched_sizes_are_reported():
+    results = run_ranks(_mismatched_sizes, 2, env=SHORT_TIMEOUT)
+    kinds = [k for k, _ in results]
+    assert "ok" not in kinds
+    assert "mismatch" in kinds
+    msg = next(m for k, m in results if k == "mismatch")
+    assert "bytes" in msg and "expects" in msg
+
+
+def _mismatched_dtypes(world):
+    import torch
+
+    import gfcoll
+
+    g = world.group([1, 0])
+    dtype = torch.float32 if world.rank == 0 else torch.int32
+    try:
+        g.all_reduce(torch.ones(16, dtype=dtype))
+    except gfcoll.GfcollMismatchError as e:
+        return "dtype" in str(e)
+    except gfcoll.GfcollTimeoutError:
+        return None
+    return False
+
+
+def test_mismatched_dtypes_are_reported():
+    results = run_ranks(_mismatched_dtypes, 2, env=SHORT_TIMEOUT)
+    assert False not in results and True in results
+
+
+def _killed_peer(world):
+    import os
+    import signal
+    import torch
+
+    import gfcoll
+
+    g = world.group([0, 1, 2])
+    g.all_reduce(torch.ones(1000))  # a first operation succeeds
+    # Ranks 0 and 1 are inside the next operation when rank 2 is killed, before its part.
+    t = torch.ones(1_000_000)
+    if world.rank == 2:
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+    start = time.monotonic()
+    try:
+        g.all_reduce(t)
+    except gfcoll.GfcollTimeoutError as e:
+        return (type(e).__name__, time.monotonic() - start, str(e))
+    return ("completed", time.monotonic() - start, "")
+
+
+def test_killed_peer_raises_timeout_error():
+    results = run_ranks(_killed_peer, 3, env={"GFCOLL_TIMEOUT_S": "20"}, expect_exit={2})
+    for name, elapsed, msg in results[:2]:
+        assert name in ("GfcollPeerDiedError", "GfcollTimeoutError"), (name, msg)
+        assert elapsed < 20, elapsed
+    # The liveness check finds the dead peer long before the timeout.
+    assert any(name == "GfcollPeerDiedError" and "rank 2" in msg for name, _, msg in results[:2]), results
+
+
+def _timeout_without_peer(world):
+    import torch
+
+    import gfcoll
+
+    if world.rank == 1:
+        time.sleep(5)  # never joins the operation, but stays alive past rank 0's timeout
+        return None
+    start = time.monotonic()
+    with pytest.raises(gfcoll.GfcollTimeoutError, match="GFCOLL_TIMEOUT_S"):
+        world.group([0, 1]).all_reduce(torch.ones(3))
+    return time.monotonic() - start
+
+
+def test_silent_peer_times_out_within_limit():
+    elapsed, _ = run_ranks(_timeout_without_peer, 2, env={"GFCOLL_TIMEOUT_S": "2"})
+    assert 1.5 < elapsed < 10
+
+
+def _misuse(world):
+    import torch
+
+    import gfcoll
+
+    r = world.rank
+    g = world.group([1, 2])
+    if r == 0:
+        assert g.rank == -1
+        with pytest.raises(gfcoll.GfcollValueError, match="not a member"):
+            g.all_reduce(torch.ones(2))
+        with pytest.raises(gfcoll.GfcollValueError, match="root 2 is not a member"):
+            world.group([0, 1]).broadcast(torch.ones(2), root=2)
+    with pytest.raises(gfcoll.GfcollValueError, match="bad peer"):
+        world.send(torch.ones(1), r)  # to itself
+    with pytest.raises(gfcoll.GfcollValueError, match="bad peer"):
+        world.send(torch.ones(1), 7)
+    world.group([0, 1, 2]).barrier()
+    return True
+
+
+def test_misuse_with_several_ranks():
+    assert all(run_ranks(_misuse, 3))
