@@ -21,7 +21,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(fn, rank, size, port, args, results, env, device, init):
+def _child(fn, rank, size, port, args, results, env, device, init, torch_dist):
     os.environ.update(
         {
             "RANK": str(rank),
@@ -41,6 +41,14 @@ def _child(fn, rank, size, port, args, results, env, device, init):
         if not init:
             results.put((rank, "ok", fn(None, *args)))
             return
+        if torch_dist:
+            # torch.distributed first: gfcoll then bootstraps through its store (tests compare the two).
+            import torch.distributed as dist
+
+            kw = {"device_id": torch.device("cuda", rank)} if torch_dist == "nccl" else {}
+            if torch_dist == "nccl":
+                torch.cuda.set_device(rank)
+            dist.init_process_group(torch_dist, rank=rank, world_size=size, **kw)
         import gfcoll
 
         world = gfcoll.init(device=device)
@@ -48,18 +56,23 @@ def _child(fn, rank, size, port, args, results, env, device, init):
             out = fn(world, *args)
         finally:
             world.close()
+            if torch_dist:
+                import torch.distributed as dist
+
+                dist.destroy_process_group()
         results.put((rank, "ok", out))
     except BaseException:  # report everything, including assertion errors, to the parent
         results.put((rank, "err", traceback.format_exc()))
 
 
-def run_ranks(fn, n, *args, timeout=240.0, env=None, device="cpu", init=True, expect_exit=None):
-    """expect_exit: ranks that are expected to die without reporting (killed-peer tests)."""
+def run_ranks(fn, n, *args, timeout=240.0, env=None, device="cpu", init=True, expect_exit=None, torch_dist=None):
+    """expect_exit: ranks that are expected to die without reporting (killed-peer tests).
+    torch_dist: a torch.distributed backend to initialise before gfcoll (e.g. "nccl"), or None."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_child, args=(fn, r, n, port, args, results, env, device, init), daemon=True)
+        ctx.Process(target=_child, args=(fn, r, n, port, args, results, env, device, init, torch_dist), daemon=True)
         for r in range(n)
     ]
     for p in procs:

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# On the device machine, from the repository root: build, run tests/gpu on 2 and 4 GPUs, run the
+# benchmarks. Logs and results go under $OUT (default ./gpu-out); a short summary is printed last.
+#   usage: bash tests/gpu/run_all.sh [tests|bench|all]   (default all)
+set -uo pipefail
+what=${1:-all}
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+log="$OUT/log.txt"
+summary=()
+step() {  # step NAME COMMAND...: runs, logs, records pass/fail
+  local name=$1; shift
+  echo "=== $name: $*" | tee -a "$log"
+  local t0=$SECONDS
+  if "$@" >>"$log" 2>&1; then summary+=("PASS $name ($((SECONDS - t0)) s)"); else summary+=("FAIL $name ($((SECONDS - t0)) s)"); fi
+}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+{ nvidia-smi -L; nvidia-smi topo -m; python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "nccl", torch.cuda.nccl.version())'; } >>"$log" 2>&1
+step build python3 -m pip install --no-build-isolation --no-deps -e .
+step build_info python3 -c 'import gfcoll, json; print(json.dumps(gfcoll.build_info()))'
+ngpu=$(nvidia-smi -L | wc -l)
+if [ "$what" = all ] || [ "$what" = tests ]; then
+  step gpu_tests python3 -m pytest -v -rs tests/gpu -x
+  step demo_cuda torchrun --nproc-per-node "$ngpu" -m gfcoll.demo --device cuda
+fi
+if [ "$what" = all ] || [ "$what" = bench ]; then
+  if [ -d gfcoll/bench ]; then
+    for n in 2 4; do
+      [ "$ngpu" -ge "$n" ] || continue
+      d="$OUT/bench$n"; mkdir -p "$d"
+      step "bench_$n" env CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((n - 1))) torchrun --nproc-per-node "$n" -m gfcoll.bench \
+        -b 1K -e 256M -f 4 --iters 20 --warmup 5 --check --json "$d/results.json" --plot "$d"
+    done
+    (cd "$OUT" && tar czf bench.tar.gz bench* && rm -rf bench2 bench4) >>"$log" 2>&1
+  fi
+fi
+echo "=== summary" | tee -a "$log"
+printf '%s\n' "${summary[@]}" | tee -a "$log"
+grep -E "passed|failed|error" "$log" | tail -5
