@@ -35,9 +35,8 @@ def _env_int(name: str, given):
 
 
 def _make_store(rank, size, addr, port, timeout_s):
-    from torch.distributed import PrefixStore, TCPStore  # noqa: PLC0415
-
     import torch.distributed as dist  # noqa: PLC0415
+    from torch.distributed import TCPStore  # noqa: PLC0415
 
     if dist.is_available() and dist.is_initialized():
         base = dist.distributed_c10d._get_default_store()

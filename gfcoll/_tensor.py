@@ -66,13 +66,17 @@ def as_buf(obj, name: str) -> Buf:
         names = ", ".join(str(d).removeprefix("torch.") for d in DTYPE_CODES)
         raise GfcollUnsupportedError(f"{name}: dtype {t.dtype} is not supported (supported: {names})")
     if not t.is_contiguous():
-        raise GfcollValueError(f"{name}: tensor must be contiguous (shape {tuple(t.shape)}, strides {t.stride()})")
+        raise GfcollValueError(
+            f"{name}: tensor must be contiguous (shape {tuple(t.shape)}, strides {t.stride()})"
+        )
     is_cuda = t.device.type == "cuda"
     if t.device.type not in ("cpu", "cuda"):
         raise GfcollValueError(f"{name}: tensors on {t.device} are not supported (cpu or cuda only)")
     if is_cuda and stream is None:
         stream = torch.cuda.current_stream(t.device).cuda_stream
-    return Buf(t, t.data_ptr(), t.numel(), t.numel() * t.element_size(), DTYPE_CODES[t.dtype], is_cuda, stream or 0)
+    return Buf(
+        t, t.data_ptr(), t.numel(), t.numel() * t.element_size(), DTYPE_CODES[t.dtype], is_cuda, stream or 0
+    )
 
 
 def check_same(a: Buf, b: Buf, what: str) -> None:

@@ -53,13 +53,18 @@ def main(argv=None) -> int:
                     raise RuntimeError(f"chunk {step}: wrong result on rank {rank}")
             ms = (time.perf_counter() - t0) * 1e3
             what = f"{ms:.2f} ms, checked" if g.rank >= 0 else "rank 0 not a member (free for other work)"
-            lines.append(f"chunk {step}: group {ranks} all_reduce + all_gather of {args.numel} floats: {what}")
+            lines.append(
+                f"chunk {step}: group {ranks} all_reduce + all_gather of {args.numel} floats: {what}"
+            )
 
         # 3. Overlapping groups at the same time: {0,1} and {1,2} in flight on rank 1.
         if size >= 3:
             a, b = world.group([0, 1]), world.group([1, 2])
-            works = [g.all_reduce(torch.full((1024,), float(rank), device=dev), async_op=True)
-                     for g in (a, b) if g.rank >= 0]
+            works = [
+                g.all_reduce(torch.full((1024,), float(rank), device=dev), async_op=True)
+                for g in (a, b)
+                if g.rank >= 0
+            ]
             for w in works:
                 w.wait()
             lines.append("overlapping groups [0, 1] and [1, 2] ran concurrently (async), no deadlock")

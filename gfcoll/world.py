@@ -164,7 +164,9 @@ class Group:
         members = list(self.ranks)
         return self._run(
             "reduce_scatter",
-            lambda h, e: h.reduce_scatter(self._hash, e, members, me, i.ptr, o.ptr, o.numel, i.dtype_code, code),
+            lambda h, e: h.reduce_scatter(
+                self._hash, e, members, me, i.ptr, o.ptr, o.numel, i.dtype_code, code
+            ),
             lambda n, s: n.reduce_scatter(members, me, i.ptr, o.ptr, o.numel, i.dtype_code, code, s),
             [i, o],
             async_op,
@@ -247,7 +249,9 @@ def _split_bytes(b: Buf, splits, n: int, name: str) -> tuple[list[int], list[int
     row_bytes = b.nbytes // rows if rows else 0
     if splits is None:
         if rows % n:
-            raise GfcollValueError(f"all_to_all: dim 0 ({rows}) is not divisible by the group size {n}; pass {name}")
+            raise GfcollValueError(
+                f"all_to_all: dim 0 ({rows}) is not divisible by the group size {n}; pass {name}"
+            )
         splits = [rows // n] * n
     else:
         splits = [int(s) for s in splits]
@@ -331,7 +335,9 @@ class World:
             if p.op not in ("send", "recv"):
                 raise GfcollValueError(f"batch_p2p: item {k} has op {p.op!r}, expected 'send' or 'recv'")
             if not isinstance(p.peer, int) or not 0 <= p.peer < self.size or p.peer == self.rank:
-                raise GfcollValueError(f"batch_p2p: item {k} has bad peer {p.peer!r} (rank {self.rank}, world {self.size})")
+                raise GfcollValueError(
+                    f"batch_p2p: item {k} has bad peer {p.peer!r} (rank {self.rank}, world {self.size})"
+                )
             b = as_buf(p.tensor, f"ops[{k}].tensor")
             bufs.append(b)
             items.append((p.op == "send", p.peer, b))
@@ -403,7 +409,9 @@ class World:
 
     def _host_for(self, what: str):
         if self._host is None:
-            raise GfcollUnsupportedError(f"{what}: CPU tensors need the host transport, which this world lacks")
+            raise GfcollUnsupportedError(
+                f"{what}: CPU tensors need the host transport, which this world lacks"
+            )
         return self._host
 
     def _nccl_for(self, bufs: Sequence[Buf], what: str):
@@ -413,5 +421,7 @@ class World:
             )
         for b in bufs:
             if b.tensor.device != self.device:
-                raise GfcollValueError(f"{what}: tensor is on {b.tensor.device}, but this rank's device is {self.device}")
+                raise GfcollValueError(
+                    f"{what}: tensor is on {b.tensor.device}, but this rank's device is {self.device}"
+                )
         return self._nccl

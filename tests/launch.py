@@ -65,14 +65,18 @@ def _child(fn, rank, size, port, args, results, env, device, init, torch_dist):
         results.put((rank, "err", traceback.format_exc()))
 
 
-def run_ranks(fn, n, *args, timeout=240.0, env=None, device="cpu", init=True, expect_exit=None, torch_dist=None):
+def run_ranks(
+    fn, n, *args, timeout=240.0, env=None, device="cpu", init=True, expect_exit=None, torch_dist=None
+):
     """expect_exit: ranks that are expected to die without reporting (killed-peer tests).
     torch_dist: a torch.distributed backend to initialise before gfcoll (e.g. "nccl"), or None."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_child, args=(fn, r, n, port, args, results, env, device, init, torch_dist), daemon=True)
+        ctx.Process(
+            target=_child, args=(fn, r, n, port, args, results, env, device, init, torch_dist), daemon=True
+        )
         for r in range(n)
     ]
     for p in procs:
@@ -91,9 +95,13 @@ def run_ranks(fn, n, *args, timeout=240.0, env=None, device="cpu", init=True, ex
             try:
                 rank, status, value = results.get(timeout=min(left, 1.0))
             except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in expect_exit]
+                dead = [
+                    r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in expect_exit
+                ]
                 if dead and results.empty():
-                    raise AssertionError(f"ranks {dead} exited with codes {[procs[r].exitcode for r in dead]}") from None
+                    raise AssertionError(
+                        f"ranks {dead} exited with codes {[procs[r].exitcode for r in dead]}"
+                    ) from None
                 continue
             if status == "ok":
                 out[rank] = value

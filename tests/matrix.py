@@ -23,8 +23,15 @@ def _check(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
         )
 
 
-def run_matrix(world: gfcoll.World, device: str, sizes: list[int], seed: int = 0, num_groups: int = 3,
-               dtypes=DTYPES, ops=OPS) -> int:
+def run_matrix(
+    world: gfcoll.World,
+    device: str,
+    sizes: list[int],
+    seed: int = 0,
+    num_groups: int = 3,
+    dtypes=DTYPES,
+    ops=OPS,
+) -> int:
     dev = torch.device(device) if device == "cpu" else world.device
     checks = 0
     groups = random_groups(seed, world.size, num_groups)

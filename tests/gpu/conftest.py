@@ -16,6 +16,10 @@ def pytest_collection_modifyitems(config, items):
             continue
         need = item.callspec.params.get("n", 1) if hasattr(item, "callspec") else 1
         if not nccl:
-            item.add_marker(pytest.mark.skip(reason="gfcoll was built without the nccl transport (no CUDA toolkit or nccl.h)"))
+            item.add_marker(
+                pytest.mark.skip(
+                    reason="gfcoll was built without the nccl transport (no CUDA toolkit or nccl.h)"
+                )
+            )
         elif have < need:
             item.add_marker(pytest.mark.skip(reason=f"needs {need} CUDA GPUs, {have} visible"))

@@ -34,12 +34,19 @@ def _against_torch(world):
         for dtype in DTYPES:
             x = make_input(gi * 31 + DTYPES.index(dtype), me, 100_003 * n, dtype).to(dev)
             exact = not dtype.is_floating_point
-            for op, top in (("sum", dist.ReduceOp.SUM), ("max", dist.ReduceOp.MAX), ("min", dist.ReduceOp.MIN)):
+            for op, top in (
+                ("sum", dist.ReduceOp.SUM),
+                ("max", dist.ReduceOp.MAX),
+                ("min", dist.ReduceOp.MIN),
+            ):
                 a, b = x.clone(), x.clone()
                 g.all_reduce(a, op=op)
                 dist.all_reduce(b, op=top, group=tg)
                 _agree(a, b, exact or op != "sum", f"all_reduce {op} {ranks} {dtype}")
-                ra, rb = torch.empty(100_003, dtype=dtype, device=dev), torch.empty(100_003, dtype=dtype, device=dev)
+                ra, rb = (
+                    torch.empty(100_003, dtype=dtype, device=dev),
+                    torch.empty(100_003, dtype=dtype, device=dev),
+                )
                 g.reduce_scatter(ra, x, op=op)
                 dist.reduce_scatter_tensor(rb, x, op=top, group=tg)
                 _agree(ra, rb, exact or op != "sum", f"reduce_scatter {op} {ranks} {dtype}")
@@ -144,7 +151,7 @@ def _first_op_on_new_group(world):
 
     # Peer connections were warmed at init: the first operation on a never-seen group costs about
     # what later ones cost, not a communicator creation (hundreds of ms).
-    r, n = world.rank, world.size
+    n = world.size
     t = torch.ones(1024, device=world.device)
     world.group(list(range(n))).barrier()
     times = []

@@ -120,7 +120,10 @@ def _p2p_order(world):
     import torch
 
     if world.rank == 0:
-        works = [world.batch_p2p([__import__("gfcoll").P2P("send", torch.tensor([k]), 1)], async_op=True) for k in range(5)]
+        works = [
+            world.batch_p2p([__import__("gfcoll").P2P("send", torch.tensor([k]), 1)], async_op=True)
+            for k in range(5)
+        ]
         for w in works:
             w.wait()
         return []

@@ -59,6 +59,7 @@ def test_mismatched_dtypes_are_reported():
 def _killed_peer(world):
     import os
     import signal
+
     import torch
 
     import gfcoll

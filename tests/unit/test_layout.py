@@ -192,6 +192,9 @@ def test_sp2_to_sp4_puts_old_ranks_where_their_data_is():
 
 def test_no_state_picks_lowest_ranks_in_order():
     assert choose_ranks_for_reuse(None, [5, 3, 7, 1], 2, 100) == [1, 3]
+    assert choose_ranks_for_reuse(None, [0, 1, 2, 3], 2, 8, avoid={0, 2}) == [1, 3]
+    # `avoid` only breaks ties: keeping state in place comes first.
+    assert choose_ranks_for_reuse(Layout.owner(2), [0, 1, 2, 3], 2, 8, avoid={0, 2}) in ([2, 1], [1, 2])
     order = order_ranks_for_reuse(Layout.owner(6), [6, 2, 4], 10)  # slices 4, 3, 3
     assert order[0] == 6 and sorted(order) == [2, 4, 6]  # the owner takes the largest slice
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 
@@ -14,7 +17,7 @@ from gfdit.cost import (
     state_dim_size,
     valid_sp_degrees,
 )
-from gfdit.layout import Layout
+from gfdit.layout import Layout, order_ranks_for_reuse
 from gfdit.policy import Assignment, Policy, make_policy
 from gfdit.request import Request, RequestState
 from gfdit.scheduler import Scheduler
@@ -54,6 +57,13 @@ class _Fixed(Policy):
 
 
 # Requests and trajectories.
+
+
+def test_package_import_is_light():
+    code = "import sys, gfdit; assert 'torch' not in sys.modules; print(len(gfdit.__all__))"
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    assert int(out.stdout) >= 20
 
 
 def test_request_validation():
@@ -120,7 +130,7 @@ def test_analytic_cost_model_reproduces_measurements_and_scales():
     big = [cost.step_time("wan2.1-14b", 1280, 720, 81, d) for d in (1, 2, 4, 8)]
     assert big[0] > big[1] > big[2] > big[3] and big[0] / big[3] > 6
     small = [cost.step_time("flux-dev", 512, 512, None, d) for d in (1, 2, 4, 8)]
-    assert small[0] / small[2] < 1.5 and small[3] > small[2]  # communication outgrows the gain
+    assert small[0] / small[3] < 1.5 and small[3] > 0.95 * small[2]  # fixed cost and communication
     assert cost.reshard_time(0) == 0 and cost.reshard_time(10**9) > cost.reshard_time(10**6) > 0
     with pytest.raises(ValueError, match="unknown model 'nope'; known: flux-dev, tiny-flux"):
         cost.step_time("nope", 512, 512, None, 1)
@@ -174,19 +184,23 @@ def test_layout_follows_the_trajectory_and_reshards_are_planned():
     assert a.reshard is None and rec.state is RequestState.RUNNING and sched.free_ranks == (1, 3)
     sched.on_task_done(a.task, a.ranks, TaskTimings(0.0, 0.1))
     assert rec.layout == Layout.sharded((2, 0), 1) and rec.state is RequestState.WAITING
-    a = dispatch(sched, "a", (0, 1, 2, 3), 0.1, num_steps=3)  # more steps than the listed chunk
+    order = order_ranks_for_reuse(rec.layout, range(4), n)
+    assert order.index(2) in (0, 1) and order.index(0) in (2, 3)
+    a = dispatch(sched, "a", order, 0.1, num_steps=3)  # more steps than the listed chunk
     assert a.task == Task("a", D, 0, 3) and a.num_steps == 3
-    assert a.reshard.elements_kept == n // 4 and a.reshard.elements_moved == 3 * n // 4  # 2 -> 4 ranks
+    assert a.reshard.elements_kept == n // 2 and a.reshard.elements_moved == n // 2  # 2 -> 4 ranks
     sched.on_task_done(a.task, a.ranks, TaskTimings(0.1, 0.5, 0.01))
     assert rec.num_reshards == 1 and rec.bytes_moved == a.reshard.bytes_moved(256)
-    a = dispatch(sched, "a", (0, 1), 0.5)
-    assert a.task == Task("a", D, 3, 4)
+    order = order_ranks_for_reuse(rec.layout, {0, 1}, n)
+    assert order == [1, 0]  # rank 1 holds a quarter of the first half, rank 0 one of the second
+    a = dispatch(sched, "a", order, 0.5)
+    assert a.task == Task("a", D, 3, 4) and a.reshard.elements_kept == n // 2
     sched.on_task_done(a.task, a.ranks, TaskTimings(0.5, 0.6))
-    a = dispatch(sched, "a", (1, 0), 0.6)  # DECODE on 2 ranks in the other order
+    a = dispatch(sched, "a", (0, 1), 0.6)  # DECODE on the same 2 ranks in the other order
     assert a.task.kind is TaskKind.DECODE and a.reshard.elements_moved == n
     sched.on_task_done(a.task, a.ranks, TaskTimings(0.6, 0.7))
-    assert rec.layout == Layout.owner(1, 1)
-    a = dispatch(sched, "a", (1,), 0.7)
+    assert rec.layout == Layout.owner(0, 1)
+    a = dispatch(sched, "a", (0,), 0.7)
     assert a.task.kind is TaskKind.FINALIZE and a.reshard.is_noop
     sched.on_task_done(a.task, a.ranks, TaskTimings(0.7, 0.8))
     assert rec.state is RequestState.DONE and rec.layout is None and rec.latency_s == pytest.approx(0.8)
@@ -201,6 +215,8 @@ def test_submit_cancel_fail_and_retry():
         sched.submit(Request("a", "flux-dev"))
     with pytest.raises(ValueError, match="unknown model"):
         sched.submit(Request("b", "sd3"))
+    with pytest.raises(ValueError, match="image model"):
+        sched.submit(Request("b", "flux-dev", num_frames=9))
     # Cancel while waiting: ends at once.
     sched.submit(Request("w", "flux-dev"))
     assert sched.cancel("w", 0.0) and sched.record("w").state is RequestState.CANCELLED
@@ -266,6 +282,17 @@ def test_every_policy_completes_a_mixed_batch(spec):
     assert result.throughput_rps > 0 and result.latency_percentile(99) >= result.mean_latency_s > 0
     if spec.startswith("static"):
         assert all(o.num_reshards == 0 and o.num_preemptions == 0 for o in result.outcomes.values())
+    if spec != "static:sp=4":  # disjoint groups run at the same time
+        assert max_concurrency(result.trace) >= 2
+
+
+def max_concurrency(trace) -> int:
+    events = sorted([(e.start_s, 1) for e in trace] + [(e.end_s, -1) for e in trace])
+    level = best = 0
+    for _, delta in events:
+        level += delta
+        best = max(best, level)
+    return best
 
 
 def test_edf_best_fit_meets_more_deadlines_than_static():

@@ -1,0 +1,398 @@
+"""Cost models: how long a task takes on a group of a given sequence-parallel (SP) degree.
+
+Note [Cost model]
+~~~~~~~~~~~~~~~~~
+The scheduler, the policies and the simulator ask a `CostModel` for estimates; workers report what
+tasks really took and the scheduler feeds it back through `observe`. `AnalyticCostModel` is the default:
+
+  step(d) = c0 + (a*N + b*N^2) / d + comm(d)          (seconds per denoising step, N tokens, degree d)
+  comm(d) = 4 * layers * (lat0 + lat1*(d-1) + (N/d) * hidden * 2 B * (d-1)/d / bw)   d > 1, else 0
+
+N is the self-attention sequence (latent patches, plus the text tokens for MMDiT models); c0 is the
+per-step cost that does not shrink with more ranks (kernel launches, small ops); a*N is the linear
+part (projections, MLPs), b*N^2 attention; comm is Ulysses' four all-to-alls per attention layer
+(q, k, v in, output back) of bf16 activations, whose latency term grows with the degree.
+The per-model c0, a, b of the full-size presets are fitted at import from the one-H100 per-step
+measurements in `MEASURED_STEP_S` (DESIGN.md section 2): an exact 3x3 solve for flux-dev (3 sizes);
+for Wan (2 sizes each) c0 is fixed to flux-dev's launch cost per transformer block times the block
+count and a, b are solved exactly. The tiny presets, the stage costs (encode, VAE decode, finalize)
+and the communication constants are assumptions, not measurements: the online correction fixes them.
+
+Online correction: `observe` keeps, per (kind, model, width, height, frames, degree), an exponential
+moving average (EMA) of the observed seconds (per step for DENOISE) and, per (kind, model), an EMA of
+observed / analytic. An estimate is the EMA for that exact key when there is one, else the analytic
+estimate scaled by the per-model factor.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass, replace
+
+from gfdit.request import Request
+from gfdit.tasks import Task, TaskKind
+
+__all__ = [
+    "ModelProfile",
+    "MODEL_PROFILES",
+    "MEASURED_STEP_S",
+    "register_model",
+    "get_profile",
+    "state_dim_size",
+    "state_bytes_per_index",
+    "valid_sp_degrees",
+    "CostModel",
+    "AnalyticCostModel",
+]
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """Shape and cost constants of one model preset (what the scheduler needs, no weights)."""
+
+    name: str  # preset name, e.g. "flux-dev"
+    video: bool  # True for video models (Wan): requests may give num_frames
+    num_heads: int  # attention heads; a Ulysses SP degree must divide it
+    num_layers: int  # transformer blocks with one self-attention each
+    hidden: int  # model width: bf16 elements per token in Ulysses' all-to-alls
+    text_tokens: int  # text tokens joined into the self-attention sequence (MMDiT); 0: cross-attention
+    vae_spatial: int = 8  # pixels per latent pixel along height and width
+    vae_temporal: int = 4  # video: latent frames = (frames - 1) // vae_temporal + 1
+    patch: int = 2  # latent pixels per token along height and width
+    latent_channels: int = 16  # channels of the VAE latent
+    step_fixed_s: float = 0.0  # c0: per-step seconds that do not shrink with the SP degree
+    step_linear_s: float = 0.0  # a: seconds per token per step at degree 1
+    step_quadratic_s: float = 0.0  # b: seconds per token^2 per step at degree 1 (attention)
+    encode_s: float = 0.0  # ENCODE seconds (text encoders + initial noise), any size
+    decode_s_per_mpx: float = 0.0  # DECODE seconds per million output pixels (all frames), one rank
+    decode_serial_fraction: float = 0.1  # part of DECODE that does not shrink with more ranks
+    finalize_s_per_mpx: float = 0.0  # FINALIZE seconds per million output pixels (image/video encode)
+
+    def latent_frames(self, frames: int | None) -> int:
+        if frames is None or not self.video:
+            return 1
+        return (frames - 1) // self.vae_temporal + 1
+
+    def image_tokens(self, width: int, height: int, frames: int | None) -> int:
+        """Latent patches: the tokens of the state that SP shards (text tokens excluded)."""
+        step = self.vae_spatial * self.patch
+        return (height // step) * (width // step) * self.latent_frames(frames)
+
+    def seq_len(self, width: int, height: int, frames: int | None) -> int:
+        """The self-attention sequence length."""
+        return self.image_tokens(width, height, frames) + self.text_tokens
+
+    @property
+    def state_bytes_per_token(self) -> int:
+        """Bytes of the fp32 latent per token (the state carried between DENOISE chunks)."""
+        return self.latent_channels * self.patch * self.patch * 4
+
+
+# One H100, diffusers 0.42.1, torch 2.11, bf16 eager, random weights (DESIGN.md section 2):
+# (width, height, frames) -> seconds per denoising step.
+MEASURED_STEP_S: dict[str, dict[tuple[int, int, int | None], float]] = {
+    "flux-dev": {(512, 512, None): 0.087, (1024, 1024, None): 0.185, (2048, 2048, None): 0.882},
+    "wan2.1-1.3b": {(832, 480, 81): 0.653, (1280, 720, 81): 2.53},
+    "wan2.1-14b": {(832, 480, 81): 3.40, (1280, 720, 81): 12.7},
+}
+
+
+def _solve(rows: list[list[float]], rhs: list[float]) -> list[float]:
+    """Gaussian elimination with partial pivoting for a small dense system."""
+    n = len(rows)
+    aug = [list(r) + [y] for r, y in zip(rows, rhs, strict=True)]
+    for col in range(n):
+        piv = max(range(col, n), key=lambda r: abs(aug[r][col]))
+        aug[col], aug[piv] = aug[piv], aug[col]
+        for r in range(n):
+            if r != col:
+                f = aug[r][col] / aug[col][col]
+                aug[r] = [x - f * y for x, y in zip(aug[r], aug[col], strict=True)]
+    return [aug[i][n] / aug[i][i] for i in range(n)]
+
+
+def _fit_step(profile: ModelProfile, fixed_s: float | None = None) -> ModelProfile:
+    """Fit c0, a, b of `profile` exactly through its MEASURED_STEP_S points (see Note [Cost model])."""
+    points = [(profile.seq_len(w, h, f), t) for (w, h, f), t in MEASURED_STEP_S[profile.name].items()]
+    if fixed_s is None:
+        c0, a, b = _solve([[1.0, n, n * n] for n, _ in points], [t for _, t in points])
+    else:
+        c0 = fixed_s
+        a, b = _solve([[n, n * n] for n, _ in points], [t - c0 for _, t in points])
+    if min(c0, a, b) < 0:
+        raise AssertionError(f"step fit of {profile.name} is not physical: c0={c0} a={a} b={b}")
+    return replace(profile, step_fixed_s=c0, step_linear_s=a, step_quadratic_s=b)
+
+
+def _builtin_profiles() -> dict[str, ModelProfile]:
+    # Stage constants are assumptions (not measured): T5-XXL-class text encoding ~30 ms on an H100;
+    # Flux VAE decode ~0.1 s per megapixel; Wan's 3D VAE ~0.15 s per megapixel-frame; PNG/MP4 encode
+    # ~50 megapixels/s on one CPU core.
+    flux = _fit_step(
+        ModelProfile(
+            "flux-dev", video=False, num_heads=24, num_layers=57, hidden=3072, text_tokens=512,
+            encode_s=0.03, decode_s_per_mpx=0.1, finalize_s_per_mpx=0.02,
+        )
+    )  # fmt: skip
+    launch_per_layer = flux.step_fixed_s / flux.num_layers
+
+    def wan(name: str, heads: int, layers: int, hidden: int) -> ModelProfile:
+        base = ModelProfile(
+            name, video=True, num_heads=heads, num_layers=layers, hidden=hidden, text_tokens=0,
+            encode_s=0.03, decode_s_per_mpx=0.15, finalize_s_per_mpx=0.02,
+        )  # fmt: skip
+        return _fit_step(base, fixed_s=launch_per_layer * layers)
+
+    # Tiny presets run on CPU; their constants are rough guesses for a few-millisecond step.
+    tiny_flux = ModelProfile(
+        "tiny-flux", video=False, num_heads=4, num_layers=4, hidden=256, text_tokens=64,
+        step_fixed_s=0.005, step_linear_s=4e-5, step_quadratic_s=1e-8,
+        encode_s=0.005, decode_s_per_mpx=0.5, finalize_s_per_mpx=0.05,
+    )  # fmt: skip
+    tiny_wan = ModelProfile(
+        "tiny-wan", video=True, num_heads=4, num_layers=2, hidden=128, text_tokens=0,
+        step_fixed_s=0.005, step_linear_s=3e-5, step_quadratic_s=1e-8,
+        encode_s=0.005, decode_s_per_mpx=0.5, finalize_s_per_mpx=0.05,
+    )  # fmt: skip
+    profiles = [
+        tiny_flux,
+        tiny_wan,
+        flux,
+        wan("wan2.1-1.3b", heads=12, layers=30, hidden=1536),
+        wan("wan2.1-14b", heads=40, layers=40, hidden=5120),
+    ]
+    return {p.name: p for p in profiles}
+
+
+MODEL_PROFILES: dict[str, ModelProfile] = _builtin_profiles()
+
+
+def register_model(profile: ModelProfile) -> None:
+    """Add or replace a model profile (e.g. from `gfdit profile` or a model loaded from disk)."""
+    MODEL_PROFILES[profile.name] = profile
+
+
+def get_profile(model: str) -> ModelProfile:
+    """The profile of `model`; ValueError naming the known presets if there is none."""
+    try:
+        return MODEL_PROFILES[model]
+    except KeyError:
+        raise ValueError(f"unknown model {model!r}; known: {', '.join(sorted(MODEL_PROFILES))}") from None
+
+
+def state_dim_size(request: Request) -> int:
+    """Size of the split dimension of the request's state: its latent tokens."""
+    return get_profile(request.model).image_tokens(request.width, request.height, request.num_frames)
+
+
+def state_bytes_per_index(request: Request, kind: TaskKind) -> float:
+    """Bytes per index of the split dimension of the state a task of `kind` starts from: the fp32
+    latent before DECODE; for FINALIZE the decoded uint8 RGB pixels (spread over the same indices)."""
+    profile = get_profile(request.model)
+    if kind is TaskKind.FINALIZE:
+        return 3 * request.num_pixels / max(1, state_dim_size(request))
+    return float(profile.state_bytes_per_token)
+
+
+def valid_sp_degrees(request: Request, max_degree: int) -> tuple[int, ...]:
+    """SP degrees in [1, max_degree] that divide the heads, the latent tokens and the text tokens."""
+    p = get_profile(request.model)
+    tokens = p.image_tokens(request.width, request.height, request.num_frames)
+    return tuple(
+        d
+        for d in range(1, max_degree + 1)
+        if p.num_heads % d == 0 and tokens % d == 0 and p.text_tokens % d == 0
+    )
+
+
+class CostModel(abc.ABC):
+    """Estimates of task durations in seconds. Implementations must be pure Python and cheap: policies
+    call them many times per scheduling decision. `frames` is None for images."""
+
+    @abc.abstractmethod
+    def step_time(self, model: str, width: int, height: int, frames: int | None, sp_degree: int) -> float:
+        """Seconds of one denoising step on a group of `sp_degree` ranks."""
+
+    @abc.abstractmethod
+    def stage_time(
+        self, kind: TaskKind, model: str, width: int, height: int, frames: int | None, sp_degree: int
+    ) -> float:
+        """Seconds of an ENCODE, DECODE or FINALIZE task on `sp_degree` ranks (DENOISE: one step)."""
+
+    @abc.abstractmethod
+    def reshard_time(self, num_bytes: int) -> float:
+        """Seconds to move `num_bytes` of state between ranks (0 for 0 bytes)."""
+
+    @abc.abstractmethod
+    def observe(
+        self,
+        kind: TaskKind,
+        model: str,
+        width: int,
+        height: int,
+        frames: int | None,
+        sp_degree: int,
+        seconds: float,
+        num_steps: int = 1,
+    ) -> None:
+        """Learn from a measured task: `seconds` for the whole task, `num_steps` steps if DENOISE."""
+
+    # Derived estimates, written once against the abstract methods.
+
+    def task_time(self, task: Task, request: Request, sp_degree: int, num_steps: int | None = None) -> float:
+        """Seconds of `task` (DENOISE: `num_steps` steps, default the task's own) on `sp_degree` ranks."""
+        r = request
+        if task.kind is TaskKind.DENOISE:
+            steps = task.num_steps if num_steps is None else num_steps
+            return steps * self.step_time(r.model, r.width, r.height, r.num_frames, sp_degree)
+        return self.stage_time(task.kind, r.model, r.width, r.height, r.num_frames, sp_degree)
+
+    def remaining_time(
+        self, request: Request, head: Task, sp_degree: int, remaining_steps: int, stage_degree: int = 1
+    ) -> float:
+        """Seconds from `head` to the end of the trajectory with DENOISE at `sp_degree` and the other
+        stages at `stage_degree`; `remaining_steps` denoising steps are still to run."""
+        r = request
+        order = [TaskKind.ENCODE, TaskKind.DENOISE, TaskKind.DECODE, TaskKind.FINALIZE]
+        total = 0.0
+        for kind in order[order.index(head.kind) :]:
+            if kind is TaskKind.DENOISE:
+                total += remaining_steps * self.step_time(r.model, r.width, r.height, r.num_frames, sp_degree)
+            else:
+                total += self.stage_time(kind, r.model, r.width, r.height, r.num_frames, stage_degree)
+        return total
+
+    def standalone_time(self, request: Request, sp_degree: int = 1) -> float:
+        """Seconds of the whole request alone on `sp_degree` ranks (stages on one rank)."""
+        head = Task(request.request_id, TaskKind.ENCODE)
+        return self.remaining_time(request, head, sp_degree, request.num_inference_steps)
+
+
+_Key = tuple[TaskKind, str, int, int, "int | None", int]
+
+
+class AnalyticCostModel(CostModel):
+    """The analytic model of Note [Cost model], corrected online by `observe`.
+
+    Communication constants are assumptions (not measured): an all-to-all over d ranks costs
+    `a2a_latency_s + a2a_latency_per_peer_s * (d - 1)` plus its bytes at `a2a_bandwidth` bytes/s per
+    rank (Ulysses); a reshard costs `p2p_latency_s` plus its bytes at `p2p_bandwidth`.
+    `ema` is the weight of a new observation.
+    """
+
+    def __init__(
+        self,
+        profiles: dict[str, ModelProfile] | None = None,
+        *,
+        ema: float = 0.3,
+        a2a_latency_s: float = 20e-6,
+        a2a_latency_per_peer_s: float = 5e-6,
+        a2a_bandwidth: float = 150e9,
+        p2p_latency_s: float = 20e-6,
+        p2p_bandwidth: float = 100e9,
+    ) -> None:
+        if not 0.0 < ema <= 1.0:
+            raise ValueError(f"ema must be in (0, 1], got {ema}")
+        self._profiles = profiles
+        self.ema = ema
+        self.a2a_latency_s = a2a_latency_s
+        self.a2a_latency_per_peer_s = a2a_latency_per_peer_s
+        self.a2a_bandwidth = a2a_bandwidth
+        self.p2p_latency_s = p2p_latency_s
+        self.p2p_bandwidth = p2p_bandwidth
+        self._observed: dict[_Key, float] = {}
+        self._factor: dict[tuple[TaskKind, str], float] = {}
+
+    def profile(self, model: str) -> ModelProfile:
+        if self._profiles is not None:
+            if model not in self._profiles:
+                raise ValueError(f"unknown model {model!r}; known: {', '.join(sorted(self._profiles))}")
+            return self._profiles[model]
+        return get_profile(model)
+
+    @staticmethod
+    def _check_degree(sp_degree: int) -> None:
+        if not isinstance(sp_degree, int) or sp_degree < 1:
+            raise ValueError(f"sp_degree must be a positive integer, got {sp_degree!r}")
+
+    def analytic_step_time(self, model: str, width: int, height: int, frames: int | None, d: int) -> float:
+        """The uncorrected formula of Note [Cost model]."""
+        self._check_degree(d)
+        p = self.profile(model)
+        n = p.seq_len(width, height, frames)
+        compute = p.step_fixed_s + (p.step_linear_s * n + p.step_quadratic_s * n * n) / d
+        if d == 1:
+            return compute
+        a2a_bytes = (n / d) * p.hidden * 2 * (d - 1) / d
+        latency = self.a2a_latency_s + self.a2a_latency_per_peer_s * (d - 1)
+        comm = 4 * p.num_layers * (latency + a2a_bytes / self.a2a_bandwidth)
+        return compute + comm
+
+    def analytic_stage_time(
+        self, kind: TaskKind, model: str, width: int, height: int, frames: int | None, d: int
+    ) -> float:
+        self._check_degree(d)
+        if kind is TaskKind.DENOISE:
+            return self.analytic_step_time(model, width, height, frames, d)
+        p = self.profile(model)
+        mpx = width * height * (frames or 1) / 1e6
+        if kind is TaskKind.ENCODE:
+            return p.encode_s
+        if kind is TaskKind.DECODE:
+            serial = p.decode_serial_fraction
+            return p.decode_s_per_mpx * mpx * (serial + (1.0 - serial) / d)
+        return p.finalize_s_per_mpx * mpx
+
+    def _estimate(
+        self, kind: TaskKind, model: str, width: int, height: int, frames: int | None, d: int
+    ) -> float:
+        seen = self._observed.get((kind, model, width, height, frames, d))
+        if seen is not None:
+            return seen
+        analytic = self.analytic_stage_time(kind, model, width, height, frames, d)
+        return analytic * self._factor.get((kind, model), 1.0)
+
+    def step_time(self, model: str, width: int, height: int, frames: int | None, sp_degree: int) -> float:
+        return self._estimate(TaskKind.DENOISE, model, width, height, frames, sp_degree)
+
+    def stage_time(
+        self, kind: TaskKind, model: str, width: int, height: int, frames: int | None, sp_degree: int
+    ) -> float:
+        return self._estimate(kind, model, width, height, frames, sp_degree)
+
+    def reshard_time(self, num_bytes: int) -> float:
+        if num_bytes < 0:
+            raise ValueError(f"num_bytes must be >= 0, got {num_bytes}")
+        return 0.0 if num_bytes == 0 else self.p2p_latency_s + num_bytes / self.p2p_bandwidth
+
+    def observe(
+        self,
+        kind: TaskKind,
+        model: str,
+        width: int,
+        height: int,
+        frames: int | None,
+        sp_degree: int,
+        seconds: float,
+        num_steps: int = 1,
+    ) -> None:
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"observed seconds must be finite and >= 0, got {seconds}")
+        if kind is TaskKind.DENOISE:
+            if num_steps < 1:
+                raise ValueError(f"a DENOISE observation needs num_steps >= 1, got {num_steps}")
+            seconds = seconds / num_steps
+        key = (kind, model, width, height, frames, sp_degree)
+        old = self._observed.get(key)
+        self._observed[key] = seconds if old is None else (1 - self.ema) * old + self.ema * seconds
+        analytic = self.analytic_stage_time(kind, model, width, height, frames, sp_degree)
+        if analytic > 0:
+            ratio = seconds / analytic
+            fkey = (kind, model)
+            f = self._factor.get(fkey)
+            self._factor[fkey] = ratio if f is None else (1 - self.ema) * f + self.ema * ratio
+
+    def factor(self, kind: TaskKind, model: str) -> float:
+        """The learned observed/analytic factor of (kind, model) (1.0 before any observation)."""
+        return self._factor.get((kind, model), 1.0)

@@ -1,0 +1,426 @@
+"""The central, event-driven scheduler (rank 0). Pure Python: it never touches tensors or CUDA.
+
+Events in: `submit`, `on_task_done`, `on_task_failed`, `cancel`. Decisions out: `schedule(now)` asks the
+policy for assignments at the current rescheduling points, validates them (PolicyError on a bad one)
+and returns them with the task actually run and its reshard plan. The caller (the engine, or
+`gfdit.sim`) dispatches them to workers and later reports their end. Not thread-safe: one caller.
+
+Note [State layout between tasks]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+The scheduler tracks one Layout per request (its latent; conditioning such as text embeddings is
+small, replicated by the worker over the group and not tracked), split along `state_dim`:
+  - ENCODE on group G leaves the state SHARDED over G (even split; the initial noise is drawn there);
+  - DENOISE and DECODE on G need it SHARDED over G first (a reshard from wherever it is);
+    DENOISE leaves it SHARDED over G; DECODE leaves the pixels on G[0] (OWNER);
+  - FINALIZE on rank r needs the pixels on r (OWNER) and releases the state.
+A request not given ranks at a rescheduling point waits; its state stays on its last group.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import NoReturn
+
+from gfdit.cost import (
+    AnalyticCostModel,
+    CostModel,
+    get_profile,
+    state_bytes_per_index,
+    state_dim_size,
+    valid_sp_degrees,
+)
+from gfdit.layout import Layout, plan_reshard
+from gfdit.policy import Assignment, Policy, RunnableTask, RunningTask, SchedulerView
+from gfdit.request import Request, RequestState
+from gfdit.tasks import Task, TaskKind, TaskTimings, Trajectory
+
+__all__ = ["PolicyError", "TaskRecord", "RequestRecord", "Scheduler"]
+
+logger = logging.getLogger(__name__)
+
+
+class PolicyError(RuntimeError):
+    """A policy returned an assignment that breaks the Policy contract (see gfdit.policy)."""
+
+
+@dataclass
+class TaskRecord:
+    """One executed (or executing) task of a request."""
+
+    task: Task  # the task as run
+    ranks: tuple[int, ...]  # its ordered group
+    start_s: float  # dispatch time
+    end_s: float | None = None  # completion time (None while running)
+    elements_moved: int = 0  # state indices its reshard sent between ranks
+    outcome: str = "running"  # "running", "done" or "failed: <reason>"
+
+
+@dataclass
+class RequestRecord:
+    """Everything the scheduler knows about one request. Owned by the Scheduler: read, don't write."""
+
+    request: Request  # the request as submitted
+    trajectory: Trajectory  # its remaining tasks
+    dim_size: int  # size of the split dimension of its state
+    valid_degrees: tuple[int, ...]  # allowed group sizes, ascending, includes 1
+    state: RequestState = RequestState.QUEUED  # lifecycle state
+    layout: Layout | None = None  # where its state lives (see Note [State layout between tasks])
+    last_ranks: tuple[int, ...] = ()  # group of its last dispatched task
+    running: Task | None = None  # the task in flight, if any
+    running_ranks: tuple[int, ...] = ()  # its group
+    expected_end_s: float | None = None  # estimated end of the task in flight
+    runnable_since_s: float = 0.0  # when it last reached a rescheduling point
+    num_tasks: int = 0  # tasks dispatched
+    num_reshards: int = 0  # tasks that first had to move state between ranks
+    elements_moved: int = 0  # state indices moved by those reshards, in total
+    bytes_moved: int = 0  # the same in bytes (estimated from the state's bytes per index)
+    num_group_changes: int = 0  # tasks whose group differed from the previous task's
+    num_preemptions: int = 0  # times its last group's ranks went to another request while it waited
+    num_retries: int = 0  # failed tasks that were retried
+    first_start_s: float | None = None  # dispatch of its first task
+    finish_s: float | None = None  # when it reached a terminal state
+    error: str | None = None  # why it failed
+    cancel_requested: bool = False  # cancelled while a task was in flight; ends when it reports
+    history: list[TaskRecord] = field(default_factory=list)  # its tasks, in order
+    preempted: bool = False  # True while it waits after a preemption (counted once per wait)
+
+    @property
+    def latency_s(self) -> float | None:
+        """Arrival to terminal state, or None while active."""
+        return None if self.finish_s is None else self.finish_s - self.request.arrival_s
+
+    @property
+    def met_deadline(self) -> bool | None:
+        """None without a deadline; False for any end other than DONE in time."""
+        if self.request.deadline_s is None:
+            return None
+        return self.state is RequestState.DONE and self.finish_s <= self.request.deadline_s + 1e-9
+
+
+ValidDegrees = Callable[[Request, int], Iterable[int]]
+
+
+class Scheduler:
+    """Event-driven scheduler over `world_size` ranks with a pluggable `policy`.
+
+    `cost_model` (default AnalyticCostModel) gives the estimates policies see and learns from reported
+    timings when `learn`. `chunk_steps` is the default DENOISE chunk listed to policies (they may run
+    more or fewer steps). `valid_degrees(request, world_size)` gives allowed group sizes (default:
+    those dividing the heads and tokens, `gfdit.cost.valid_sp_degrees`). `state_dim` is the tensor
+    dimension of the layouts. A failed task is retried (on the policy's next choice of ranks, from the
+    state where it was) at most `max_retries` times when the worker says it can be.
+    """
+
+    def __init__(
+        self,
+        world_size: int,
+        policy: Policy,
+        cost_model: CostModel | None = None,
+        *,
+        chunk_steps: int = 2,
+        valid_degrees: ValidDegrees | None = None,
+        state_dim: int = 1,
+        max_retries: int = 0,
+        learn: bool = True,
+    ) -> None:
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        if chunk_steps < 1:
+            raise ValueError(f"chunk_steps must be >= 1, got {chunk_steps}")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        self.world_size = world_size
+        self.policy = policy
+        self.cost_model = cost_model if cost_model is not None else AnalyticCostModel()
+        self.chunk_steps = chunk_steps
+        self.state_dim = state_dim
+        self.max_retries = max_retries
+        self.learn = learn
+        self._valid_degrees = valid_degrees or valid_sp_degrees
+        self._records: dict[str, RequestRecord] = {}
+        self._busy: dict[int, str] = {}  # rank -> request id of the task running there
+
+    # Queries.
+
+    @property
+    def records(self) -> Mapping[str, RequestRecord]:
+        """Every request ever submitted, by id, in submission order (read-only view)."""
+        return MappingProxyType(self._records)
+
+    def record(self, request_id: str) -> RequestRecord:
+        try:
+            return self._records[request_id]
+        except KeyError:
+            raise KeyError(f"unknown request {request_id!r}") from None
+
+    @property
+    def free_ranks(self) -> tuple[int, ...]:
+        return tuple(r for r in range(self.world_size) if r not in self._busy)
+
+    @property
+    def num_active(self) -> int:
+        """Requests not yet in a terminal state."""
+        return sum(not rec.state.is_terminal for rec in self._records.values())
+
+    # Events.
+
+    def submit(self, request: Request) -> RequestRecord:
+        """Accept `request` (it becomes runnable at request.arrival_s). ValueError for a duplicate id,
+        an unknown model, frames for an image model, or a request no group size is valid for."""
+        if request.request_id in self._records:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        if request.num_frames is not None and not get_profile(request.model).video:
+            raise ValueError(
+                f"request {request.request_id!r}: {request.model} is an image model (num_frames given)"
+            )
+        dim_size = state_dim_size(request)
+        if dim_size < 1:
+            raise ValueError(f"request {request.request_id!r}: {request.width}x{request.height} is too small")
+        degrees = tuple(
+            sorted({d for d in self._valid_degrees(request, self.world_size) if 1 <= d <= self.world_size})
+        )
+        if 1 not in degrees:
+            raise ValueError(f"request {request.request_id!r}: valid degrees {degrees} do not include 1")
+        rec = RequestRecord(
+            request=request,
+            trajectory=Trajectory(request.request_id, request.num_inference_steps, self.chunk_steps),
+            dim_size=dim_size,
+            valid_degrees=degrees,
+            runnable_since_s=request.arrival_s,
+        )
+        self._records[request.request_id] = rec
+        return rec
+
+    def cancel(self, request_id: str, now: float) -> bool:
+        """Cancel a request. Waiting: it ends now; the caller drops its state on `record.last_ranks`.
+        Running: it ends when its task reports. Returns False if it had already ended."""
+        rec = self.record(request_id)
+        if rec.state.is_terminal:
+            return False
+        if rec.running is not None:
+            rec.cancel_requested = True
+        else:
+            self._finish(rec, RequestState.CANCELLED, now)
+        return True
+
+    def on_task_done(self, task: Task, ranks: Sequence[int], timings: TaskTimings) -> None:
+        """A dispatched task finished on `ranks` (as dispatched). Frees the ranks, updates the request's
+        layout and progress, and feeds the cost model."""
+        rec = self._running_record(task, ranks)
+        self._release(rec, timings.end_s, "done")
+        if self.learn:
+            r = rec.request
+            self.cost_model.observe(
+                task.kind, r.model, r.width, r.height, r.num_frames, len(rec.last_ranks),
+                timings.compute_s, max(1, task.num_steps),
+            )  # fmt: skip
+        rec.trajectory.advance(task)
+        group = rec.last_ranks
+        if task.kind in (TaskKind.ENCODE, TaskKind.DENOISE):
+            rec.layout = Layout.sharded(group, self.state_dim)
+        elif task.kind is TaskKind.DECODE:
+            rec.layout = Layout.owner(group[0], self.state_dim)
+        if rec.cancel_requested:
+            self._finish(rec, RequestState.CANCELLED, timings.end_s)
+        elif task.kind is TaskKind.FINALIZE:
+            self._finish(rec, RequestState.DONE, timings.end_s)
+        else:
+            rec.state = RequestState.WAITING
+            rec.runnable_since_s = timings.end_s
+
+    def on_task_failed(
+        self, task: Task, ranks: Sequence[int], reason: str, now: float, retry: bool = False
+    ) -> None:
+        """A dispatched task failed. With `retry` (the worker vouches that the request's state is intact
+        where it was before the task) and retries left, the task becomes runnable again; otherwise the
+        request fails with `reason`."""
+        rec = self._running_record(task, ranks)
+        self._release(rec, now, f"failed: {reason}")
+        if rec.cancel_requested:
+            self._finish(rec, RequestState.CANCELLED, now)
+        elif retry and rec.num_retries < self.max_retries:
+            rec.num_retries += 1
+            rec.state = RequestState.WAITING
+            rec.runnable_since_s = now
+            logger.warning("retrying %s after failure: %s", task, reason)
+        else:
+            rec.error = reason
+            self._finish(rec, RequestState.FAILED, now)
+            logger.warning("request %s failed in %s: %s", task.request_id, task, reason)
+
+    # Decisions.
+
+    def view(self, now: float) -> SchedulerView:
+        """The read-only view the policy gets at time `now`."""
+        runnable = []
+        for rec in self._records.values():
+            if rec.state not in (RequestState.QUEUED, RequestState.WAITING) or rec.request.arrival_s > now:
+                continue
+            runnable.append(self._runnable(rec))
+        runnable.sort(key=lambda rt: (rt.request.arrival_s, -rt.request.priority))
+        running = tuple(
+            RunningTask(rec.running, rec.running_ranks, rec.history[-1].start_s, rec.expected_end_s)
+            for rec in self._records.values()
+            if rec.running is not None
+        )
+        return SchedulerView(now, self.world_size, self.free_ranks, tuple(runnable), running, self.cost_model)
+
+    def schedule(self, now: float) -> list[Assignment]:
+        """Ask the policy what to start at `now` and commit it. Returns the assignments to dispatch,
+        each with the task actually run (DENOISE with the chosen steps), `num_steps` set for DENOISE,
+        and the reshard plan (None for ENCODE). Raises PolicyError, committing nothing, if the policy's
+        output breaks the contract."""
+        view = self.view(now)
+        if not view.runnable or not view.free_ranks:
+            return []
+        proposed = self.policy.schedule(view)
+        self._validate(view, proposed)
+        committed = [self._commit(a, now) for a in proposed]
+        taken = {r for a in committed for r in a.ranks}
+        for rt in view.runnable:
+            rec = self._records[rt.request_id]
+            if rec.running is None and rt.started and not rec.preempted and taken & set(rt.last_ranks):
+                rec.preempted = True
+                rec.num_preemptions += 1
+        return committed
+
+    # Internals.
+
+    def _runnable(self, rec: RequestRecord) -> RunnableTask:
+        head = rec.trajectory.head()
+        assert head is not None
+        r, cost = rec.request, self.cost_model
+        remaining = rec.trajectory.remaining_steps
+        step_s, task_s, remaining_s = {}, {}, {}
+        for d in rec.valid_degrees:
+            step_s[d] = cost.step_time(r.model, r.width, r.height, r.num_frames, d)
+            task_s[d] = cost.task_time(head, r, d)
+            remaining_s[d] = cost.remaining_time(r, head, d, remaining)
+        return RunnableTask(
+            task=head,
+            request=r,
+            started=rec.num_tasks > 0,
+            remaining_steps=remaining,
+            layout=rec.layout,
+            dim_size=rec.dim_size,
+            valid_degrees=rec.valid_degrees,
+            last_ranks=rec.last_ranks,
+            runnable_since_s=rec.runnable_since_s,
+            task_s=MappingProxyType(task_s),
+            step_s=MappingProxyType(step_s),
+            remaining_s=MappingProxyType(remaining_s),
+        )
+
+    def _validate(self, view: SchedulerView, proposed: object) -> None:
+        name = getattr(self.policy, "name", type(self.policy).__name__)
+
+        def fail(message: str) -> NoReturn:
+            raise PolicyError(f"policy {name!r} at t={view.now_s:.6f}: {message}")
+
+        if not isinstance(proposed, (list, tuple)):
+            fail(f"schedule() must return a list of Assignment, got {type(proposed).__name__}")
+        by_id = {rt.request_id: rt for rt in view.runnable}
+        free = set(view.free_ranks)
+        seen_requests: set[str] = set()
+        taken: set[int] = set()
+        for a in proposed:
+            if not isinstance(a, Assignment):
+                fail(f"expected Assignment, got {type(a).__name__}")
+            if not isinstance(a.task, Task):
+                fail(f"Assignment.task must be a Task, got {type(a.task).__name__}")
+            rt = by_id.get(a.task.request_id)
+            if rt is None:
+                fail(f"{a.task}: request {a.task.request_id!r} has no runnable task")
+            if a.task != rt.task:
+                fail(f"{a.task} is not the runnable task of its request ({rt.task})")
+            if a.task.request_id in seen_requests:
+                fail(f"request {a.task.request_id!r} assigned twice")
+            seen_requests.add(a.task.request_id)
+            if a.reshard is not None:
+                fail(f"{a.task}: policies must leave `reshard` None (the scheduler fills it)")
+            ranks = a.ranks
+            if not ranks:
+                fail(f"{a.task}: empty group")
+            for r in ranks:
+                if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < view.world_size:
+                    fail(f"{a.task}: rank {r!r} is not in [0, {view.world_size})")
+            if len(set(ranks)) != len(ranks):
+                fail(f"{a.task}: duplicate ranks in {ranks}")
+            if not set(ranks) <= free:
+                fail(f"{a.task}: ranks {sorted(set(ranks) - free)} are busy")
+            if taken & set(ranks):
+                fail(f"{a.task}: ranks {sorted(taken & set(ranks))} already assigned in this decision")
+            taken |= set(ranks)
+            if a.task.kind is TaskKind.FINALIZE:
+                if len(ranks) != 1:
+                    fail(f"{a.task}: FINALIZE runs on exactly one rank, got {ranks}")
+            elif len(ranks) not in rt.valid_degrees:
+                fail(f"{a.task}: group size {len(ranks)} is not a valid degree {rt.valid_degrees}")
+            n = a.num_steps
+            if a.task.kind is TaskKind.DENOISE:
+                if n is not None and (not isinstance(n, int) or not 1 <= n <= rt.remaining_steps):
+                    fail(f"{a.task}: num_steps {n!r} not in [1, {rt.remaining_steps}]")
+            elif n not in (None, 0):
+                fail(f"{a.task}: num_steps {n!r} given for a {a.task.kind.name} task")
+
+    def _commit(self, a: Assignment, now: float) -> Assignment:
+        rec = self._records[a.task.request_id]
+        task = a.task
+        if task.kind is TaskKind.DENOISE and a.num_steps is not None:
+            task = Task(task.request_id, TaskKind.DENOISE, task.start, task.start + a.num_steps)
+        ranks, r = a.ranks, rec.request
+        needed = None
+        if task.kind in (TaskKind.DENOISE, TaskKind.DECODE):
+            needed = Layout.sharded(ranks, self.state_dim)
+        elif task.kind is TaskKind.FINALIZE:
+            needed = Layout.owner(ranks[0], self.state_dim)
+        plan = None
+        num_bytes = 0
+        if needed is not None and rec.layout is not None:
+            plan = plan_reshard(rec.layout, needed, rec.dim_size)
+            if not plan.is_noop:
+                num_bytes = plan.bytes_moved(state_bytes_per_index(r, task.kind))
+                rec.num_reshards += 1
+                rec.elements_moved += plan.elements_moved
+                rec.bytes_moved += num_bytes
+        if rec.last_ranks and ranks != rec.last_ranks:
+            rec.num_group_changes += 1
+        estimate = self.cost_model.reshard_time(num_bytes) + self.cost_model.task_time(task, r, len(ranks))
+        rec.state = RequestState.RUNNING
+        rec.running, rec.running_ranks = task, ranks
+        rec.expected_end_s = now + estimate
+        rec.last_ranks = ranks
+        rec.num_tasks += 1
+        rec.preempted = False
+        if rec.first_start_s is None:
+            rec.first_start_s = now
+        rec.history.append(TaskRecord(task, ranks, now, elements_moved=plan.elements_moved if plan else 0))
+        for rank in ranks:
+            self._busy[rank] = task.request_id
+        logger.debug("t=%.6f dispatch %s on %s (moves %d bytes)", now, task, list(ranks), num_bytes)
+        num_steps = task.num_steps if task.kind is TaskKind.DENOISE else None
+        return Assignment(task, ranks, num_steps, plan)
+
+    def _running_record(self, task: Task, ranks: Sequence[int]) -> RequestRecord:
+        rec = self.record(task.request_id)
+        if rec.running != task:
+            raise ValueError(f"{task} is not running (running: {rec.running})")
+        if tuple(ranks) != rec.running_ranks:
+            raise ValueError(f"{task} runs on {list(rec.running_ranks)}, not {list(ranks)}")
+        return rec
+
+    def _release(self, rec: RequestRecord, end_s: float, outcome: str) -> None:
+        for rank in rec.running_ranks:
+            del self._busy[rank]
+        last = rec.history[-1]
+        last.end_s, last.outcome = end_s, outcome
+        rec.running, rec.running_ranks, rec.expected_end_s = None, (), None
+
+    def _finish(self, rec: RequestRecord, state: RequestState, now: float) -> None:
+        rec.state = state
+        rec.finish_s = now
+        rec.layout = None
+        logger.debug("request %s %s at t=%.6f", rec.request.request_id, state.value, now)
