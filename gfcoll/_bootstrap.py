@@ -20,6 +20,9 @@ from .world import World
 log = logging.getLogger("gfcoll")
 
 _init_count = 0  # per process: namespaces the store keys of successive worlds
+# Stores this process made. Rank 0's TCPStore object owns the server that every other rank talks
+# to: dropping it when init returns would cut off ranks still bootstrapping, so it lives until exit.
+_stores: list = []
 
 
 def _env_int(name: str, given):
@@ -61,9 +64,10 @@ def _make_store(rank, size, addr, port, timeout_s):
 
 def _wait(store, keys, timeout_s, what):
     try:
-        store.wait(keys, timedelta(seconds=timeout_s))
-    except Exception as e:  # torch raises DistStoreError / RuntimeError on timeout
-        raise GfcollError(f"gfcoll.init: timed out after {timeout_s} s waiting for {what}: {e}") from e
+        for key in keys:
+            store.get(key)
+    except Exception as e:  # torch raises DistStoreError / DistNetworkError / RuntimeError
+        raise GfcollError(f"gfcoll.init: gave up after waiting for {what} ({key}): {e}") from e
 
 
 @functools.cache
@@ -142,7 +146,11 @@ def init(
 
     from torch.distributed import PrefixStore  # noqa: PLC0415
 
-    base = store if store is not None else _make_store(rank, size, master_addr, master_port, timeout_s)
+    if store is not None:
+        base = store
+    else:
+        base = _make_store(rank, size, master_addr, master_port, timeout_s)
+        _stores.append(base)
     store = PrefixStore(f"gfcoll/{_init_count}/", base)
     _init_count += 1
 
