@@ -33,10 +33,15 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
     for n in 2 4; do
       [ "$ngpu" -ge "$n" ] || continue
       d="$OUT/bench$n"; mkdir -p "$d"
-      step "bench_$n" env CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((n - 1))) torchrun --nproc-per-node "$n" -m gfcoll.bench \
-        -b 1K -e 256M -f 4 --iters 20 --warmup 5 --check --json "$d/results.json" --plot "$d"
+      step "bench_$n" timeout 300 env CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((n - 1))) torchrun --nproc-per-node "$n" \
+        -m gfcoll.bench -b 1K -e 256M -f 4 --iters 20 --warmup 5 --check --json "$d/results.json" --plot "$d"
     done
-    (cd "$OUT" && tar czf bench.tar.gz bench* && rm -rf bench2 bench4) >>"$log" 2>&1
+    if [ "$ngpu" -ge 4 ]; then
+      d="$OUT/bench4graph"; mkdir -p "$d"
+      step bench_4_graph timeout 200 torchrun --nproc-per-node 4 -m gfcoll.bench --ops all_reduce,all_gather,all_to_all \
+        -b 1K -e 4M -f 4 --graph --no-formation --check --json "$d/results.json" --plot "$d"
+    fi
+    (cd "$OUT" && tar czf bench.tar.gz bench2 bench4 bench4graph && rm -rf bench2 bench4 bench4graph) >>"$log" 2>&1
   fi
 fi
 echo "=== summary" | tee -a "$log"
