@@ -309,6 +309,12 @@ void NcclTransport::all_reduce(const std::vector<int>& members, int me, const vo
   g.end();
 }
 
+// At and above this size (and with more than two members) a broadcast is a scatter from the root
+// followed by an all-gather, so the root's link carries each byte once instead of n - 1 times.
+// From the 4 x H100 sweep (bench/results/2026-11-27-h100): direct sends from the root matched
+// NCCL up to 4 MiB and fell to 0.47x of it at 16 MiB.
+constexpr uint64_t kScatterBroadcastBytes = 4ull << 20;
+
 void NcclTransport::broadcast(const std::vector<int>& members, int me, int root_index, void* buf, uint64_t bytes,
                               uintptr_t stream_) {
   check_members(members, me, "broadcast");
@@ -319,13 +325,45 @@ void NcclTransport::broadcast(const std::vector<int>& members, int me, int root_
   GF_CHECK_CUDA(cudaSetDevice(device_));
   auto stream = as_stream(stream_);
   auto comm = static_cast<ncclComm_t>(comm_);
-  GroupGuard g(*lib_);
-  if (me == root_index) {
-    for (int j = 0; j < n; ++j) {
-      if (j != me) GF_CHECK_NCCL(*lib_, lib_->Send(buf, bytes, ncclUint8, members[j], comm, stream));
+  char* data = static_cast<char*>(buf);
+  if (n == 2 || bytes < kScatterBroadcastBytes) {
+    GroupGuard g(*lib_);
+    if (me == root_index) {
+      for (int j = 0; j < n; ++j) {
+        if (j != me) GF_CHECK_NCCL(*lib_, lib_->Send(data, bytes, ncclUint8, members[j], comm, stream));
+      }
+    } else {
+      GF_CHECK_NCCL(*lib_, lib_->Recv(data, bytes, ncclUint8, members[root_index], comm, stream));
     }
-  } else {
-    GF_CHECK_NCCL(*lib_, lib_->Recv(buf, bytes, ncclUint8, members[root_index], comm, stream));
+    g.end();
+    return;
+  }
+  // Piece j, [first(j), first(j + 1)), is scattered to member j, then every member forwards its
+  // piece to the other non-roots.
+  const uint64_t per = (bytes + n - 1) / n;
+  auto first = [&](int j) { return std::min<uint64_t>(bytes, per * j); };
+  auto len = [&](int j) { return first(j + 1) - first(j); };
+  {
+    GroupGuard g(*lib_);
+    if (me == root_index) {
+      for (int j = 0; j < n; ++j) {
+        if (j != me && len(j) > 0) GF_CHECK_NCCL(*lib_, lib_->Send(data + first(j), len(j), ncclUint8, members[j], comm, stream));
+      }
+    } else if (len(me) > 0) {
+      GF_CHECK_NCCL(*lib_, lib_->Recv(data + first(me), len(me), ncclUint8, members[root_index], comm, stream));
+    }
+    g.end();
+  }
+  GroupGuard g(*lib_);
+  for (int j = 0; j < n; ++j) {
+    if (j == me || j == root_index) continue;
+    if (len(me) > 0) GF_CHECK_NCCL(*lib_, lib_->Send(data + first(me), len(me), ncclUint8, members[j], comm, stream));
+    if (me != root_index && len(j) > 0) {
+      GF_CHECK_NCCL(*lib_, lib_->Recv(data + first(j), len(j), ncclUint8, members[j], comm, stream));
+    }
+  }
+  if (me != root_index && len(root_index) > 0) {
+    GF_CHECK_NCCL(*lib_, lib_->Recv(data + first(root_index), len(root_index), ncclUint8, members[root_index], comm, stream));
   }
   g.end();
 }

@@ -127,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--no-baseline", action="store_true", help="skip the torch.distributed baseline in the sweeps")
     a("--no-formation", action="store_true", help="skip the group-formation measurements")
     a("-v", "--verbose", action="store_true", help="log progress (INFO) on every rank")
+    a(
+        "--split-group",
+        action="store_true",
+        help="also time dist.split_group (opt-in: it hung on 4 H100s with torch 2.11 after the other methods)",
+    )
     return p
 
 
@@ -229,6 +234,7 @@ def parse_options(argv: Sequence[str] | None, environ: Mapping[str, str]):
         rank=rank,
         argv=list(sys.argv[1:] if argv is None else argv),
         verbose=args.verbose,
+        split_group=args.split_group,
     )
 
 

@@ -74,6 +74,7 @@ class Options:
     rank: int
     argv: list[str] = field(default_factory=list)
     verbose: bool = False
+    split_group: bool = False  # also measure dist.split_group (opt-in, see formation.py)
 
 
 @dataclass

@@ -93,6 +93,7 @@ def _sample(
     """Runs ``once(member)`` on every rank ``reps`` (+1 untimed if warm) times; returns, per
     output, the per-repetition maximum over members (µs), or the first error of any rank."""
     member = b.rank in ranks
+    log.info("formation: %s on %s (%d reps)", getattr(once, "__name__", "?"), list(ranks), reps)
     local: list[list[float]] = [[] for _ in range(outputs)]
     error = None
     for rep in range(reps + (1 if warm else 0)):
@@ -217,12 +218,16 @@ def measure(b: Bench, groups: list[tuple[int, ...]]) -> list[dict]:
 
     split = getattr(dist, "split_group", None)
     for i, ranks in enumerate(sets):
-        if split is None or bind_err:
-            reason = (
-                "this torch has no dist.split_group"
-                if split is None
-                else f"default group not bound: {bind_err}"
-            )
+        if split is None or bind_err or not b.opts.split_group:
+            if not b.opts.split_group:
+                # Seen on 4 x H100, torch 2.11: the first split_group of the world after the rows
+                # above never returned (2 GPUs were fine). Opt in with --split-group.
+                reason = "not measured (opt in with --split-group)"
+            elif split is None:
+                reason = "this torch has no dist.split_group"
+            else:
+                reason = f"default group not bound: {bind_err}"
+
             rows.append(_row("split_group", ranks, None, reason))
             continue
         # Split only the NCCL backend: the child gets a group name hashed from its ranks, reused by
