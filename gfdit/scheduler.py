@@ -109,8 +109,9 @@ class Scheduler:
     `cost_model` (default AnalyticCostModel) gives the estimates policies see and learns from reported
     timings when `learn`. `chunk_steps` is the default DENOISE chunk listed to policies (they may run
     more or fewer steps). `valid_degrees(request, world_size)` gives allowed group sizes (default:
-    those dividing the heads and tokens, `gfdit.cost.valid_sp_degrees`). `state_dim` is the tensor
-    dimension of the layouts. A failed task is retried (on the policy's next choice of ranks, from the
+    those dividing the heads and tokens, `gfdit.cost.valid_sp_degrees`). `dim_size(request)` is the
+    size of the split dimension (default `gfdit.cost.state_dim_size`; the engine passes the model's
+    token count). `state_dim` is the tensor dimension of the layouts. A failed task is retried (on the policy's next choice of ranks, from the
     state where it was) at most `max_retries` times when the worker says it can be.
     """
 
@@ -122,6 +123,7 @@ class Scheduler:
         *,
         chunk_steps: int = 2,
         valid_degrees: ValidDegrees | None = None,
+        dim_size: Callable[[Request], int] | None = None,
         state_dim: int = 1,
         max_retries: int = 0,
         learn: bool = True,
@@ -140,6 +142,7 @@ class Scheduler:
         self.max_retries = max_retries
         self.learn = learn
         self._valid_degrees = valid_degrees or valid_sp_degrees
+        self._dim_size = dim_size or state_dim_size
         self._records: dict[str, RequestRecord] = {}
         self._busy: dict[int, str] = {}  # rank -> request id of the task running there
 
@@ -176,7 +179,7 @@ class Scheduler:
             raise ValueError(
                 f"request {request.request_id!r}: {request.model} is an image model (num_frames given)"
             )
-        dim_size = state_dim_size(request)
+        dim_size = self._dim_size(request)
         if dim_size < 1:
             raise ValueError(f"request {request.request_id!r}: {request.width}x{request.height} is too small")
         degrees = tuple(

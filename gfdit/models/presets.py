@@ -1,0 +1,458 @@
+"""Model presets: the diffusers / transformers configurations of each servable model, and its request limits.
+
+Pure Python (no torch, no diffusers): the server can validate requests and the scheduler can read shapes
+without importing a model. `gfdit.models.load_model` builds the modules from these configurations.
+
+Note [Packed tokens]
+~~~~~~~~~~~~~~~~~~~~
+Both families keep the latent state in packed token form [B, S, C_tok]: the VAE latent
+[B, C, F, H, W] (images: F = 1) is cut into patches of (pt, ph, pw) latent pixels; token s enumerates the
+patch grid in (frame, row, column) order and its C_tok = C * pt * ph * pw channels are ordered
+(c, pt, ph, pw). This is FluxPipeline._pack_latents for images, and for Wan the flattening that the
+transformer's Conv3d patch embedding (kernel == stride) reads, so that the embedding is a Linear over
+the packed channels. The token dimension (dim 1) is what sequence parallelism shards between ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+__all__ = [
+    "MIN_DIFFUSERS_VERSION",
+    "TextEncoderSpec",
+    "ModelPreset",
+    "PRESETS",
+    "get_preset",
+    "check_request",
+]
+
+# The oldest diffusers release with everything gfdit.models uses: FluxTransformer2DModel,
+# WanTransformer3DModel, AutoencoderKLWan, and the attention refactor (FluxAttention / WanAttention with
+# AttentionModuleMixin processors, dispatch_attention_fn) that the sequence-parallel processors subclass.
+# Tested with 0.42.1. The lead mirrors this pin in pyproject.toml.
+MIN_DIFFUSERS_VERSION = "0.35.0"
+
+
+def _frozen(d: Mapping[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType(dict(d))
+
+
+@dataclass(frozen=True)
+class TextEncoderSpec:
+    """One text encoder of a preset and the tokenizer that feeds it."""
+
+    subfolder: str  # diffusers-layout folder of the weights: "text_encoder", "text_encoder_2"
+    model_class: str  # transformers class: "CLIPTextModel", "T5EncoderModel", "UMT5EncoderModel"
+    config: Mapping[str, Any]  # keyword arguments of the class's config (random initialisation)
+    tokenizer_subfolder: str  # "tokenizer", "tokenizer_2"
+    tokenizer_class: str  # transformers class used with weights=DIR: "CLIPTokenizer", "T5TokenizerFast", ...
+    token_style: str  # offline hash tokenizer layout of special tokens: "clip" or "t5"
+    max_length: int  # tokens per prompt (padding and truncation length)
+    role: str  # "pooled": pooled embedding (Flux CLIP); "sequence": per-token embeddings (T5 / UMT5)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config["vocab_size"])
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """Everything needed to build one model and to check requests against it (immutable)."""
+
+    name: str  # preset name, e.g. "flux-dev"; requests name it in Request.model
+    family: str  # "flux" (MMDiT images) or "wan" (video)
+    is_video: bool  # True: requests must give num_frames
+    transformer_config: Mapping[str, Any]  # FluxTransformer2DModel / WanTransformer3DModel config
+    vae_config: Mapping[str, Any]  # AutoencoderKL / AutoencoderKLWan config
+    text_encoders: tuple[TextEncoderSpec, ...]  # in pipeline order
+    latent_channels: int  # channels C of the VAE latent
+    vae_scale_factor: int  # pixels per latent pixel along height and width
+    patch_size: tuple[int, int, int]  # (pt, ph, pw) latent pixels per token (Note [Packed tokens])
+    min_width: int
+    max_width: int
+    min_height: int
+    max_height: int
+    size_multiple: int  # width and height must be multiples of this (vae_scale_factor * patch)
+    default_steps: int  # num_inference_steps when the client gives none
+    default_guidance: float  # guidance_scale when the client gives none
+    default_dtype: str  # "float32" or "bfloat16": weights and activations of the transformer and encoders
+    scheduler_config: Mapping[str, Any]  # FlowMatchEulerDiscreteScheduler config
+    vae_temporal_factor: int = 1  # video: latent frames = (frames - 1) // vae_temporal_factor + 1
+    max_frames: int = 0  # video: most frames per request (0 for images)
+    frame_step: int = 1  # video: frames must be frame_step * k + 1 (Wan: 4k + 1)
+    vae_dtype: str | None = None  # dtype of the VAE; None: default_dtype
+    uses_cfg: bool = False  # classifier-free guidance with a negative prompt when guidance_scale > 1
+    hd_flow_shift: float | None = None  # video: scheduler shift for >= hd_min_pixels per frame (else config)
+    hd_min_pixels: int = 1280 * 720
+
+    @property
+    def token_dim(self) -> int:
+        """C_tok: channels of one packed token."""
+        return self.latent_channels * math.prod(self.patch_size)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.transformer_config["num_attention_heads"])
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.transformer_config["attention_head_dim"])
+
+    @property
+    def sequence_encoder(self) -> TextEncoderSpec:
+        """The encoder whose per-token embeddings condition the transformer (its length limits prompts)."""
+        return next(e for e in self.text_encoders if e.role == "sequence")
+
+    def latent_frames(self, num_frames: int | None) -> int:
+        if not self.is_video or num_frames is None:
+            return 1
+        return (num_frames - 1) // self.vae_temporal_factor + 1
+
+    def token_grid(self, width: int, height: int, num_frames: int | None) -> tuple[int, int, int]:
+        """(frames, rows, columns) of the packed token grid for a request of this size."""
+        pt, ph, pw = self.patch_size
+        s = self.vae_scale_factor
+        return (self.latent_frames(num_frames) // pt, height // (s * ph), width // (s * pw))
+
+
+def check_request(
+    preset: ModelPreset, request: Any, count_tokens: Callable[[str], int] | None = None
+) -> None:
+    """Raise ValueError, naming the field, if `request` (a gfdit.request.Request or any object with its
+    fields) cannot run on `preset`. `count_tokens(text)` gives the prompt's tokens for the sequence
+    encoder (specials included); None skips the prompt-length check."""
+    name = preset.name
+    if request.model != name:
+        raise ValueError(f"model: request is for {request.model!r} but this model is {name!r}")
+    m = preset.size_multiple
+    for fld, lo, hi in (
+        ("width", preset.min_width, preset.max_width),
+        ("height", preset.min_height, preset.max_height),
+    ):
+        v = getattr(request, fld)
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ValueError(f"{fld} must be an integer, got {v!r}")
+        if v % m:
+            raise ValueError(
+                f"{fld} must be a multiple of {m} (VAE x{preset.vae_scale_factor} times patch "
+                f"{preset.patch_size[1]}) for {name}, got {v}"
+            )
+        if not lo <= v <= hi:
+            raise ValueError(f"{fld} must be in [{lo}, {hi}] for {name}, got {v}")
+    steps = request.num_inference_steps
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
+        raise ValueError(f"num_inference_steps must be a positive integer, got {steps!r}")
+    frames = request.num_frames
+    if preset.is_video:
+        if frames is None:
+            raise ValueError(f"num_frames is required for the video model {name}")
+        if not isinstance(frames, int) or isinstance(frames, bool) or frames < 1:
+            raise ValueError(f"num_frames must be a positive integer, got {frames!r}")
+        if (frames - 1) % preset.frame_step:
+            raise ValueError(f"num_frames must be {preset.frame_step}k+1 for {name}, got {frames}")
+        if frames > preset.max_frames:
+            raise ValueError(f"num_frames must be at most {preset.max_frames} for {name}, got {frames}")
+    elif frames is not None:
+        raise ValueError(f"num_frames must be None for the image model {name}, got {frames!r}")
+    g = request.guidance_scale
+    if not isinstance(g, (int, float)) or isinstance(g, bool) or not math.isfinite(g) or g < 0:
+        raise ValueError(f"guidance_scale must be a finite number >= 0, got {g!r}")
+    prompts = [("prompt", request.prompt)]
+    if preset.uses_cfg:
+        prompts.append(("negative_prompt", request.negative_prompt))
+    for fld, text in prompts:
+        if text is None and fld == "negative_prompt":
+            continue
+        if not isinstance(text, str):
+            raise ValueError(f"{fld} must be a string, got {type(text).__name__}")
+        if count_tokens is not None:
+            n, limit = count_tokens(text), preset.sequence_encoder.max_length
+            if n > limit:
+                raise ValueError(f"{fld} is too long for {name}: {n} tokens, at most {limit}")
+
+
+# -- configurations ----------------------------------------------------------------------------------------
+
+_FLOW_FLUX = _frozen(
+    # FLUX.1-dev scheduler/scheduler_config.json: resolution-dependent (dynamic) shifting.
+    dict(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+)
+# Wan pipelines use a fixed flow shift: 3.0 for 480p, 5.0 for 720p (WanPipeline's docstring).
+_FLOW_WAN = _frozen(dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False))
+
+_WAN_LATENTS_MEAN = (
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+)  # fmt: skip
+_WAN_LATENTS_STD = (
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+)  # fmt: skip
+
+
+def _clip(config: dict[str, Any], max_length: int) -> TextEncoderSpec:
+    return TextEncoderSpec(
+        subfolder="text_encoder",
+        model_class="CLIPTextModel",
+        config=_frozen(config),
+        tokenizer_subfolder="tokenizer",
+        tokenizer_class="CLIPTokenizer",
+        token_style="clip",
+        max_length=max_length,
+        role="pooled",
+    )
+
+
+def _t5(config: dict[str, Any], max_length: int, *, umt5: bool) -> TextEncoderSpec:
+    return TextEncoderSpec(
+        subfolder="text_encoder" if umt5 else "text_encoder_2",
+        model_class="UMT5EncoderModel" if umt5 else "T5EncoderModel",
+        config=_frozen(config),
+        tokenizer_subfolder="tokenizer" if umt5 else "tokenizer_2",
+        tokenizer_class="AutoTokenizer" if umt5 else "T5TokenizerFast",
+        token_style="t5",
+        max_length=max_length,
+        role="sequence",
+    )
+
+
+def _flux_vae(block_out_channels, layers_per_block: int, norm_num_groups: int) -> Mapping[str, Any]:
+    n = len(block_out_channels)
+    return _frozen(
+        dict(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * n,
+            up_block_types=("UpDecoderBlock2D",) * n,
+            block_out_channels=tuple(block_out_channels),
+            layers_per_block=layers_per_block,
+            act_fn="silu",
+            latent_channels=16,
+            norm_num_groups=norm_num_groups,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            mid_block_add_attention=True,
+            force_upcast=True,
+        )
+    )
+
+
+def _wan_vae(base_dim: int, dim_mult, num_res_blocks: int) -> Mapping[str, Any]:
+    return _frozen(
+        dict(
+            base_dim=base_dim,
+            z_dim=16,
+            dim_mult=tuple(dim_mult),
+            num_res_blocks=num_res_blocks,
+            attn_scales=(),
+            temperal_downsample=(False, True, True),
+            dropout=0.0,
+            latents_mean=_WAN_LATENTS_MEAN,
+            latents_std=_WAN_LATENTS_STD,
+        )
+    )
+
+
+def _wan_transformer(heads: int, layers: int, ffn_dim: int, head_dim: int, text_dim: int, freq_dim: int):
+    return _frozen(
+        dict(
+            patch_size=(1, 2, 2),
+            num_attention_heads=heads,
+            attention_head_dim=head_dim,
+            in_channels=16,
+            out_channels=16,
+            text_dim=text_dim,
+            freq_dim=freq_dim,
+            ffn_dim=ffn_dim,
+            num_layers=layers,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            eps=1e-6,
+            rope_max_seq_len=1024,
+        )
+    )
+
+
+# CLIP-L/14 text tower and T5-v1.1-XXL encoder as FLUX.1-dev ships them (eos_token_id 2 is the legacy
+# value of that config: the pooled token is the argmax id, i.e. <|endoftext|>).
+_CLIP_L = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, layer_norm_eps=1e-5,
+    bos_token_id=0, eos_token_id=2, pad_token_id=1,
+)  # fmt: skip
+_T5_XXL = dict(
+    vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24,
+    feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, relative_attention_max_distance=128,
+    layer_norm_epsilon=1e-6, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
+)  # fmt: skip
+_UMT5_XXL = dict(
+    vocab_size=256384, d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24,
+    feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, relative_attention_max_distance=128,
+    layer_norm_epsilon=1e-6, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
+)  # fmt: skip
+# Tiny encoders for CPU tests: one layer, width 32.
+_TINY_CLIP = dict(
+    vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+    max_position_embeddings=16, hidden_act="quick_gelu", projection_dim=32,
+    bos_token_id=998, eos_token_id=999, pad_token_id=999,
+)  # fmt: skip
+_TINY_T5 = dict(
+    vocab_size=1000, d_model=32, d_ff=64, d_kv=16, num_heads=2, num_layers=1, feed_forward_proj="gated-gelu",
+    relative_attention_num_buckets=8, relative_attention_max_distance=32, tie_word_embeddings=False,
+    pad_token_id=0, eos_token_id=1,
+)  # fmt: skip
+
+
+def _flux(name: str, transformer: dict[str, Any], text_encoders, vae, limits, default_steps, dtype):
+    lo, hi = limits
+    return ModelPreset(
+        name=name,
+        family="flux",
+        is_video=False,
+        transformer_config=_frozen(transformer),
+        vae_config=vae,
+        text_encoders=tuple(text_encoders),
+        latent_channels=16,
+        vae_scale_factor=8,
+        patch_size=(1, 2, 2),
+        min_width=lo,
+        max_width=hi,
+        min_height=lo,
+        max_height=hi,
+        size_multiple=16,
+        default_steps=default_steps,
+        default_guidance=3.5,
+        default_dtype=dtype,
+        scheduler_config=_FLOW_FLUX,
+    )
+
+
+def _wan(name: str, transformer, text_encoder, vae, limits, max_frames, default_steps, dtype):
+    lo, hi = limits
+    return ModelPreset(
+        name=name,
+        family="wan",
+        is_video=True,
+        transformer_config=transformer,
+        vae_config=vae,
+        text_encoders=(text_encoder,),
+        latent_channels=16,
+        vae_scale_factor=8,
+        patch_size=(1, 2, 2),
+        min_width=lo,
+        max_width=hi,
+        min_height=lo,
+        max_height=hi,
+        size_multiple=16,
+        default_steps=default_steps,
+        default_guidance=5.0,
+        default_dtype=dtype,
+        scheduler_config=_FLOW_WAN,
+        vae_temporal_factor=4,
+        max_frames=max_frames,
+        frame_step=4,
+        vae_dtype="float32",  # as WanPipeline's examples load it
+        uses_cfg=True,
+        hd_flow_shift=5.0,
+    )
+
+
+def _builtin() -> dict[str, ModelPreset]:
+    tiny_flux = _flux(
+        "tiny-flux",
+        dict(
+            patch_size=1,
+            in_channels=64,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=4,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            guidance_embeds=True,
+            axes_dims_rope=(4, 6, 6),
+        ),  # fmt: skip
+        [_clip(_TINY_CLIP, 16), _t5(_TINY_T5, 64, umt5=False)],
+        _flux_vae((8, 8, 8, 8), layers_per_block=1, norm_num_groups=4),
+        limits=(32, 256),
+        default_steps=4,
+        dtype="float32",
+    )
+    flux_dev = _flux(
+        "flux-dev",
+        dict(
+            patch_size=1,
+            in_channels=64,
+            num_layers=19,
+            num_single_layers=38,
+            attention_head_dim=128,
+            num_attention_heads=24,
+            joint_attention_dim=4096,
+            pooled_projection_dim=768,
+            guidance_embeds=True,
+            axes_dims_rope=(16, 56, 56),
+        ),  # fmt: skip
+        [_clip(_CLIP_L, 77), _t5(_T5_XXL, 512, umt5=False)],
+        _flux_vae((128, 256, 512, 512), layers_per_block=2, norm_num_groups=32),
+        limits=(256, 2048),
+        default_steps=28,
+        dtype="bfloat16",
+    )
+    tiny_wan = _wan(
+        "tiny-wan",
+        _wan_transformer(heads=4, layers=2, ffn_dim=64, head_dim=16, text_dim=32, freq_dim=32),
+        _t5(dict(_TINY_T5), 32, umt5=True),
+        _wan_vae(base_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1),
+        limits=(32, 128),
+        max_frames=17,
+        default_steps=4,
+        dtype="float32",
+    )
+    wan_vae = _wan_vae(base_dim=96, dim_mult=(1, 2, 4, 4), num_res_blocks=2)
+    umt5 = _t5(_UMT5_XXL, 512, umt5=True)
+    wan_13 = _wan(
+        "wan2.1-1.3b",
+        _wan_transformer(heads=12, layers=30, ffn_dim=8960, head_dim=128, text_dim=4096, freq_dim=256),
+        umt5,
+        wan_vae,
+        limits=(256, 1280),
+        max_frames=81,
+        default_steps=50,
+        dtype="bfloat16",
+    )
+    wan_14 = _wan(
+        "wan2.1-14b",
+        _wan_transformer(heads=40, layers=40, ffn_dim=13824, head_dim=128, text_dim=4096, freq_dim=256),
+        umt5,
+        wan_vae,
+        limits=(256, 1280),
+        max_frames=81,
+        default_steps=50,
+        dtype="bfloat16",
+    )
+    return {p.name: p for p in (tiny_flux, tiny_wan, flux_dev, wan_13, wan_14)}
+
+
+PRESETS: Mapping[str, ModelPreset] = MappingProxyType(_builtin())
+
+
+def get_preset(name: str) -> ModelPreset:
+    """The preset called `name`; ValueError naming the known presets if there is none."""
+    try:
+        return PRESETS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None

@@ -1,0 +1,474 @@
+"""gfdit.Engine: elastic DiT serving as a library, under torchrun.
+
+    world = gfcoll.init()
+    engine = gfdit.Engine(world, "tiny-flux", policy="edf-best-fit")   # every rank
+    if world.rank == 0:
+        handle = engine.submit(Request("r1", "tiny-flux", "a cat", width=64, height=64))
+        images = handle.result(timeout=60).images
+    engine.close()                                                      # every rank
+
+Every rank runs a Worker (gfdit.runtime.worker) in a thread of its own; rank 0 also runs the
+control loop: the Scheduler with its Policy (pure Python), fed by submissions and by the workers'
+events, dispatching assignments over ZeroMQ (one ROUTER on rank 0, one DEALER per worker).
+Tensors never travel over ZeroMQ, except the finished images on their way to the caller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+import pickle
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import zmq
+
+import gfcoll
+from gfdit.policy import Policy, make_policy
+from gfdit.request import Request, RequestState
+from gfdit.scheduler import Scheduler
+from gfdit.tasks import TaskKind, TaskTimings
+
+from .worker import Worker
+
+log = logging.getLogger("gfdit.engine")
+
+
+@dataclass
+class Result:
+    """A finished request."""
+
+    images: np.ndarray  # uint8, [N, H, W, 3] (images) or [N, F, H, W, 3] (video frames)
+    latency_s: float  # submit to result
+    queue_s: float  # submit to first task start
+    reshard_s: float  # time the request's tasks spent moving state between ranks (max over members)
+    bytes_moved: int  # bytes its reshards received, over all ranks
+    num_reshards: int  # tasks that first moved state
+    groups: list[tuple[str, tuple[int, ...]]]  # (task, ranks) of every task, in order
+    latents: np.ndarray | None = None  # the final latent [1, S, C] (float32), with keep_latents
+
+
+@dataclass
+class Progress:
+    """One progress event (also kept as the handle's latest)."""
+
+    state: str  # queued | in_progress | completed | failed | cancelled
+    step: int  # denoising steps done
+    num_steps: int  # total denoising steps
+    degree: int  # size of the group of the last task
+    task: str = ""  # the last task that finished or started
+
+
+class RequestHandle:
+    """Returned by Engine.submit (rank 0): progress, result, cancel."""
+
+    def __init__(self, engine: Engine, request: Request):
+        self.engine = engine
+        self.request = request
+        self.request_id = request.request_id
+        self._done = threading.Event()
+        self._result: Result | None = None
+        self._error: str | None = None
+        self._progress = Progress("queued", 0, request.num_inference_steps, 0)
+        self._listeners: list[queue.Queue] = []
+        self._lock = threading.Lock()
+
+    def progress(self) -> Progress:
+        return self._progress
+
+    def subscribe(self) -> queue.Queue:
+        """A queue that receives every later Progress event; the last one has a terminal state."""
+        q: queue.Queue = queue.Queue()
+        with self._lock:
+            self._listeners.append(q)
+            if self._done.is_set():
+                q.put(self._progress)
+        return q
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self, timeout: float | None = None) -> Result:
+        """Blocks until the request ends. Raises RuntimeError with the reason if it failed or was
+        cancelled, TimeoutError if `timeout` passes first."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.request_id} not finished after {timeout} s")
+        if self._error is not None:
+            raise RuntimeError(f"request {self.request_id} {self._progress.state}: {self._error}")
+        return self._result
+
+    def cancel(self) -> None:
+        """Asks to cancel; the ranks are freed at the next rescheduling point."""
+        self.engine._post(("cancel", self.request_id))
+
+    @property
+    def error(self) -> str | None:
+        return self._error
+
+    def _emit(self, p: Progress) -> None:
+        with self._lock:
+            self._progress = p
+            for q in self._listeners:
+                q.put(p)
+
+    def _finish(self, result: Result | None, error: str | None, state: str) -> None:
+        self._result, self._error = result, error
+        self._emit(dataclasses.replace(self._progress, state=state))
+        self._done.set()
+
+
+@dataclass
+class _Inflight:
+    assignment: object  # the scheduler's Assignment
+    start_s: float
+    waiting: set[int]  # members that have not reported yet
+    events: list[dict] = field(default_factory=list)
+
+
+def _broadcast_int(world: gfcoll.World, value: int) -> int:
+    dev = "cpu" if world.device.type == "cpu" else world.device
+    t = torch.tensor([value], dtype=torch.int64, device=dev)
+    world.group(list(range(world.size))).broadcast(t, root=0)
+    return int(t.item())
+
+
+class Engine:
+    """Collective: every rank constructs it with the same arguments and calls close()."""
+
+    def __init__(
+        self,
+        world: gfcoll.World,
+        model: str = "tiny-flux",
+        policy: str | Policy = "fcfs-elastic",
+        *,
+        weights: str | None = None,
+        chunk_steps: int = 2,
+        max_queue: int = 1024,
+        dtype: torch.dtype | None = None,
+        model_obj=None,
+        keep_latents: bool = False,
+    ):
+        from gfdit.models import load_model  # noqa: PLC0415 - heavy (diffusers)
+
+        self.world = world
+        self.model_name = model
+        self.model = model_obj if model_obj is not None else load_model(
+            model, device=world.device, dtype=dtype, weights=weights
+        )
+        self.max_queue = max_queue
+        self.keep_latents = keep_latents  # return each request's final latent too (tests, debugging)
+        self._closed = False
+        self._ctx = zmq.Context()
+        self._worker = Worker(world, self.model)
+        port = 0
+        if world.rank == 0:
+            self.policy = make_policy(policy) if isinstance(policy, str) else policy
+            self.scheduler = Scheduler(
+                world.size,
+                self.policy,
+                chunk_steps=chunk_steps,
+                valid_degrees=lambda r, n: self.model.valid_sp_degrees(r, n),
+                dim_size=self.model.seq_len,
+            )
+            self._router = self._ctx.socket(zmq.ROUTER)
+            self._router.setsockopt(zmq.LINGER, 0)
+            port = self._router.bind_to_random_port("tcp://*")
+            self._inbox: queue.Queue = queue.Queue()
+            self._lock = threading.Lock()
+            self._handles: dict[str, RequestHandle] = {}
+            self._inflight: dict[int, _Inflight] = {}
+            self._task_ids = itertools.count()
+            self._cond_holders: dict[str, set[int]] = {}
+            self._cond_meta: dict[str, list] = {}
+            self._pixel_meta: dict[str, tuple] = {}
+            self._touched: dict[str, set[int]] = {}  # ranks that may hold some of a request's state
+            self._stats: dict[str, dict] = {}  # per request: reshard seconds and bytes so far
+            self._ready: set[int] = set()
+            self._dead: dict[int, str] = {}
+            self._t0 = time.monotonic()
+        port = _broadcast_int(world, port)
+        addr = os.environ.get("MASTER_ADDR", "127.0.0.1") if world.rank != 0 else "127.0.0.1"
+        self._endpoint = f"tcp://{addr}:{port}"
+        self._worker_thread = threading.Thread(target=self._worker_loop, name="gfdit-worker", daemon=True)
+        self._worker_thread.start()
+        if world.rank == 0:
+            self._control_thread = threading.Thread(target=self._control_loop, name="gfdit-control", daemon=True)
+            self._control_thread.start()
+            deadline = time.monotonic() + 120
+            while len(self._ready) < world.size:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"workers {sorted(set(range(world.size)) - self._ready)} never became ready")
+                time.sleep(0.01)
+
+    # -- public API (rank 0) ---------------------------------------------------------------------
+    def now(self) -> float:
+        """The engine clock (seconds since start): arrival and deadline times use it."""
+        return time.monotonic() - self._t0
+
+    def submit(self, request: Request) -> RequestHandle:
+        """Validates and queues a request. Raises ValueError (before any rank does work) for an
+        invalid request, RuntimeError when the engine is closed or the queue is full."""
+        self._require_rank0("submit")
+        if self._closed:
+            raise RuntimeError("the engine is closed")
+        if request.model != self.model_name:
+            raise ValueError(f"model: this engine serves {self.model_name!r}, not {request.model!r}")
+        self.model.validate(request)
+        # Every rank draws the same noise from the seed: pick one now if the caller did not.
+        seed = request.seed if request.seed is not None else random.randrange(2**31)
+        request = dataclasses.replace(request, arrival_s=self.now(), seed=seed)
+        with self._lock:
+            if self.num_queued() >= self.max_queue:
+                raise OverflowError(f"queue full ({self.max_queue} requests waiting)")
+            self.scheduler.submit(request)
+            handle = RequestHandle(self, request)
+            self._handles[request.request_id] = handle
+        self._post(("wake", None))
+        return handle
+
+    def num_queued(self) -> int:
+        return sum(
+            1 for rec in self.scheduler.records.values() if rec.state in (RequestState.QUEUED,)
+        )
+
+    def num_running(self) -> int:
+        return sum(1 for rec in self.scheduler.records.values() if rec.state is RequestState.RUNNING)
+
+    def healthy(self) -> tuple[bool, str]:
+        if self._dead:
+            return False, "; ".join(f"rank {r}: {why}" for r, why in sorted(self._dead.items()))
+        if len(self._ready) < self.world.size:
+            return False, f"{len(self._ready)} of {self.world.size} workers ready"
+        return True, "ok"
+
+    def close(self, timeout: float = 300.0) -> None:
+        """Collective teardown. Rank 0 waits for the running tasks to end, then stops every worker."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.world.rank == 0:
+            self._post(("shutdown", None))
+            self._control_thread.join(timeout)
+        self._worker_thread.join(timeout)
+        if self.world.rank == 0:
+            self._router.close(0)
+        self._ctx.term()
+
+    # -- internals -------------------------------------------------------------------------------
+    def _require_rank0(self, what: str) -> None:
+        if self.world.rank != 0:
+            raise RuntimeError(f"{what} is called on rank 0 only (this is rank {self.world.rank})")
+
+    def _post(self, item) -> None:
+        self._inbox.put(item)
+
+    def _worker_loop(self) -> None:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, str(self.world.rank).encode())
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.connect(self._endpoint)
+        sock.send_pyobj({"op": "ready", "rank": self.world.rank})
+        try:
+            while True:
+                cmd = sock.recv_pyobj()
+                if cmd["op"] == "shutdown":
+                    break
+                for event in self._worker.handle(cmd):
+                    sock.send_pyobj(event)
+        finally:
+            sock.close()
+
+    def _control_loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        stopping = False
+        while True:
+            try:
+                while True:
+                    kind, arg = self._inbox.get_nowait()
+                    if kind == "shutdown":
+                        stopping = True
+                    elif kind == "cancel":
+                        self._cancel(arg)
+            except queue.Empty:
+                pass
+            try:
+                for sock, _ in poller.poll(5):
+                    _ident, payload = sock.recv_multipart()
+                    self._on_event(pickle.loads(payload))
+                if self._step(stopping):
+                    return
+            except Exception as e:  # a bug or a PolicyError: fail what waits, keep serving
+                log.exception("control loop: %s", e)
+                with self._lock:
+                    for rid, rec in list(self.scheduler.records.items()):
+                        if not rec.state.is_terminal and rec.running is None:
+                            self.scheduler.cancel(rid, self.now())
+                            self._fail_request(rid, f"engine error: {type(e).__name__}: {e}")
+
+    def _step(self, stopping: bool) -> bool:
+        """Dispatches what the policy decides; on shutdown, once nothing runs, fails what is left
+        and stops the workers. True once shut down."""
+        with self._lock:
+            if not stopping:
+                self._dispatch()
+                return False
+            if self._inflight:
+                return False
+            for rid, rec in self.scheduler.records.items():
+                if not rec.state.is_terminal:
+                    self._fail_request(rid, "engine shut down before the request finished")
+            for r in range(self.world.size):
+                self._send(r, {"op": "shutdown"})
+            return True
+
+    def _send(self, rank: int, cmd: dict) -> None:
+        self._router.send_multipart([str(rank).encode(), pickle.dumps(cmd, protocol=pickle.HIGHEST_PROTOCOL)])
+
+    def _dispatch(self) -> None:
+        now = self.now()
+        for a in self.scheduler.schedule(now):
+            self._start(a, now)
+
+    def _start(self, a, now: float) -> None:
+        task, ranks, plan = a.task, tuple(a.ranks), a.reshard
+        rid = task.request_id
+        req = self.scheduler.record(rid).request
+        tid = next(self._task_ids)
+        cmd = {
+            "op": "task",
+            "task_id": tid,
+            "request": req,
+            "kind": task.kind.name,
+            "start": task.start,
+            "end": task.end,
+            "ranks": ranks,
+            "dim_size": self.scheduler.record(rid).dim_size,
+            "token_dim": self.model.token_dim,
+            "latent_dtype": str(self.model.dtype).removeprefix("torch."),
+            "keep_latents": self.keep_latents,
+        }
+        involved = set(ranks)
+        if plan is not None and not plan.is_noop and task.kind is not TaskKind.FINALIZE:
+            cmd["transfers"] = [(t.src_rank, t.dst_rank, t.start, t.stop) for t in plan.transfers]
+            cmd["local"] = [(t.src_rank, t.dst_rank, t.start, t.stop) for t in plan.local]
+            involved |= {t.src_rank for t in plan.transfers}
+        if task.kind is TaskKind.FINALIZE and plan is not None and not plan.is_noop:
+            src = plan.src.ranks[0]
+            cmd["pixels_from"] = src
+            cmd["pixels_meta"] = self._pixel_meta[rid]
+            involved.add(src)
+        if task.kind in (TaskKind.DENOISE, TaskKind.DECODE):
+            holders = self._cond_holders.get(rid, set())
+            lacking = [m for m in ranks if m not in holders]
+            if lacking and holders:
+                inside = [h for h in ranks if h in holders]
+                pool = inside or sorted(holders)
+                cmd["cond_sends"] = [(pool[i % len(pool)], m) for i, m in enumerate(lacking)]
+                cmd["cond_meta"] = self._cond_meta[rid]
+                involved |= {s for s, _ in cmd["cond_sends"]}
+                holders |= set(lacking)
+        self._touched.setdefault(rid, set()).update(involved)
+        self._inflight[tid] = _Inflight(a, now, set(ranks))
+        for r in sorted(involved):
+            self._send(r, cmd)
+        handle = self._handles.get(rid)
+        if handle is not None:
+            p = handle.progress()
+            handle._emit(dataclasses.replace(p, state="in_progress", degree=len(ranks), task=str(task)))
+
+    def _on_event(self, ev: dict) -> None:
+        op = ev["op"]
+        with self._lock:
+            if op == "ready":
+                self._ready.add(ev["rank"])
+                return
+            inf = self._inflight.get(ev["task_id"])
+            if inf is None:
+                return  # a late report of a task that already failed
+            inf.events.append(ev)
+            if op == "failed":
+                del self._inflight[ev["task_id"]]
+                a = inf.assignment
+                log.warning("task %s failed: %s\n%s", a.task, ev["reason"], ev.get("trace", ""))
+                self.scheduler.on_task_failed(a.task, a.ranks, ev["reason"], self.now())
+                self._fail_request(a.task.request_id, ev["reason"])
+                return
+            inf.waiting.discard(ev["rank"])
+            if inf.waiting:
+                return
+            del self._inflight[ev["task_id"]]
+            self._complete(inf)
+
+    def _complete(self, inf: _Inflight) -> None:
+        a = inf.assignment
+        task, rid = a.task, a.task.request_id
+        now = self.now()
+        reshard_s = max(e.get("reshard_s", 0.0) for e in inf.events)
+        reshard_s = min(reshard_s, now - inf.start_s)
+        self.scheduler.on_task_done(task, a.ranks, TaskTimings(inf.start_s, now, reshard_s))
+        rec = self.scheduler.record(rid)
+        stats = self._stats.setdefault(rid, {"reshard_s": 0.0, "bytes": 0})
+        stats["reshard_s"] += reshard_s
+        stats["bytes"] += sum(e.get("bytes_moved", 0) for e in inf.events)
+        if task.kind is TaskKind.ENCODE:
+            self._cond_holders[rid] = set(a.ranks)
+            self._cond_meta[rid] = next(e["cond_meta"] for e in inf.events if "cond_meta" in e)
+        if task.kind is TaskKind.DECODE:
+            r = rec.request
+            h, w = r.height, r.width
+            shape = (1, r.num_frames, h, w, 3) if r.num_frames is not None else (1, h, w, 3)
+            self._pixel_meta[rid] = (shape, "uint8")
+        handle = self._handles.get(rid)
+        if handle is None:
+            return
+        step = task.end if task.kind is TaskKind.DENOISE else handle.progress().step
+        handle._emit(Progress("in_progress", step, rec.request.num_inference_steps, len(a.ranks), str(task)))
+        if rec.state is RequestState.DONE:
+            images = next(e["result"] for e in inf.events if "result" in e)
+            result = Result(
+                images=images,
+                latency_s=now - rec.request.arrival_s,
+                queue_s=(rec.first_start_s or now) - rec.request.arrival_s,
+                reshard_s=stats["reshard_s"],
+                bytes_moved=stats["bytes"],
+                num_reshards=rec.num_reshards,
+                groups=[(str(t.task), t.ranks) for t in rec.history],
+                latents=next((e["latents"] for e in inf.events if "latents" in e), None),
+            )
+            self._release(rid)
+            handle._finish(result, None, "completed")
+        elif rec.state is RequestState.CANCELLED:
+            self._release(rid)
+            handle._finish(None, "cancelled", "cancelled")
+
+    def _cancel(self, rid: str) -> None:
+        with self._lock:
+            rec = self.scheduler.record(rid)
+            if rec.state.is_terminal:
+                return
+            self.scheduler.cancel(rid, self.now())
+            if rec.state is RequestState.CANCELLED:
+                self._release(rid)
+                self._handles[rid]._finish(None, "cancelled", "cancelled")
+
+    def _fail_request(self, rid: str, reason: str) -> None:
+        self._release(rid)
+        handle = self._handles.get(rid)
+        if handle is not None and not handle.done():
+            handle._finish(None, reason, "failed")
+
+    def _release(self, rid: str) -> None:
+        for r in sorted(self._touched.pop(rid, set())):
+            self._send(r, {"op": "release", "request_id": rid})
+        self._stats.pop(rid, None)
+        self._cond_holders.pop(rid, None)
+        self._cond_meta.pop(rid, None)
+        self._pixel_meta.pop(rid, None)

@@ -1,0 +1,214 @@
+"""The elastic runtime end to end on 4 CPU ranks (host transport, tiny presets): a request whose
+group changes at every chunk (1 -> 2 -> 4 -> 1, shuffled rank orders) equals the same request on
+one rank; every policy completes a mixed batch; bad requests fail at submit; a failing request
+does not take the engine down."""
+
+import pytest
+
+from tests.launch import run_ranks
+
+
+class ScriptedPolicy:
+    """Test policy: every task of a request runs on the ranks its script names (by task kind, and
+    by first step for DENOISE), one step per chunk, when those ranks are free."""
+
+    name = "scripted"
+
+    def __init__(self, scripts):
+        self.scripts = scripts  # request id -> {"ENCODE": ranks, 0: ranks, 1: ..., "DECODE": ...}
+
+    def spec(self):
+        return "scripted"
+
+    def schedule(self, view):
+        from gfdit.policy import Assignment
+        from gfdit.tasks import TaskKind
+
+        free, out = set(view.free_ranks), []
+        for rt in view.runnable:
+            script = self.scripts[rt.request_id]
+            key = rt.task.start if rt.kind is TaskKind.DENOISE else rt.kind.name
+            ranks = tuple(script[key])
+            if set(ranks) <= free:
+                free -= set(ranks)
+                steps = 1 if rt.kind is TaskKind.DENOISE else None
+                out.append(Assignment(rt.task, ranks, steps))
+        return out
+
+
+ELASTIC = {"ENCODE": [1], 0: [2], 1: [3, 1], 2: [2, 0, 3, 1], 3: [0], "DECODE": [0], "FINALIZE": [0]}
+ELASTIC_B = {"ENCODE": [3], 0: [1, 2], 1: [0], 2: [3, 2, 1, 0], 3: [2, 0], "DECODE": [2], "FINALIZE": [1]}
+SINGLE = {"ENCODE": [0], 0: [0], 1: [0], 2: [0], 3: [0], "DECODE": [0], "FINALIZE": [0]}
+
+
+def _elastic_equals_single(world, model, kwargs):
+
+    scripts = {"single": SINGLE, "elastic": ELASTIC, "elastic-b": ELASTIC_B}
+    return _with_engine(
+        world, model, ScriptedPolicy(scripts), lambda e: _compare(e, model, kwargs, scripts),
+        chunk_steps=1, keep_latents=True,
+    )  # fmt: skip
+
+
+def _compare(engine, model, kwargs, scripts):
+    import numpy as np
+
+    from gfdit.request import Request
+
+    results = {}
+    for rid in scripts:
+        req = Request(rid, model, "a red fox in the snow", num_inference_steps=4, seed=7, **kwargs)
+        results[rid] = engine.submit(req).result(timeout=240)
+    ref = results["single"]
+    out = {"shape": ref.images.shape}
+    for rid in ("elastic", "elastic-b"):
+        r = results[rid]
+        out[rid] = (
+            float(np.abs(r.latents - ref.latents).max()),
+            int(np.abs(r.images.astype(int) - ref.images.astype(int)).max()),
+            r.num_reshards,
+            r.bytes_moved,
+            [g for _, g in r.groups],
+        )
+    return out
+
+
+@pytest.mark.parametrize(
+    "model,kwargs",
+    [("tiny-flux", {"width": 64, "height": 64}), ("tiny-wan", {"width": 64, "height": 64, "num_frames": 5})],
+)
+def test_elastic_sp_matches_single_rank(model, kwargs):
+    out = run_ranks(_elastic_equals_single, 4, model, kwargs)[0]
+    for rid in ("elastic", "elastic-b"):
+        latent_diff, pixel_diff, reshards, moved, groups = out[rid]
+        assert latent_diff <= 1e-5, (rid, latent_diff)
+        assert pixel_diff <= 1, (rid, pixel_diff)
+        assert reshards >= 4 and moved > 0, (rid, reshards, moved)
+    assert out["elastic"][4][1:5] == [(2,), (3, 1), (2, 0, 3, 1), (0,)]
+    if model == "tiny-wan":
+        assert out["shape"][1] == 5  # frames
+
+
+def _with_engine(world, model, policy, body, **kwargs):
+    """Runs body(engine) on rank 0 between a collective Engine() and close() on every rank."""
+    from gfdit.runtime import Engine
+
+    engine = Engine(world, model, policy, **kwargs)
+    try:
+        return body(engine) if world.rank == 0 else None
+    finally:
+        engine.close()
+
+
+def _run_batch(engine):
+    import random
+
+    from gfdit.request import Request
+
+    rng = random.Random(3)
+    handles = []
+    for i in range(20):
+        side = rng.choice([32, 64, 96])
+        steps = rng.choice([2, 3, 5])
+        deadline = engine.now() + rng.choice([2.0, 5.0, 30.0])
+        req = Request(
+            f"q{i}", "tiny-flux", f"prompt {i}", width=side, height=side,
+            num_inference_steps=steps, seed=i, deadline_s=deadline,
+        )  # fmt: skip
+        handles.append(engine.submit(req))
+    results = [h.result(timeout=300) for h in handles]
+    return {
+        "shapes": sorted({r.images.shape for r in results}),
+        "degrees": sorted({len(g) for r in results for _, g in r.groups}),
+        "states": [h.progress().state for h in handles],
+    }
+
+
+def _mixed_batch(world, policy):
+    return _with_engine(world, "tiny-flux", policy, _run_batch, chunk_steps=2)
+
+
+@pytest.mark.parametrize(
+    "policy", ["static:sp=2", "fcfs-elastic:max_sp=4", "edf-best-fit:max_sp=4", "srtf:max_sp=4"]
+)
+def test_every_policy_completes_a_mixed_batch(policy):
+    out = run_ranks(_mixed_batch, 4, policy, timeout=400)[0]
+    assert out["states"] == ["completed"] * 20
+    assert (1, 32, 32, 3) in out["shapes"] and (1, 96, 96, 3) in out["shapes"]
+
+
+def _bad_requests_and_failures(world):
+    from gfdit.models import load_model
+
+    class Faulty:
+        """The real model, except that denoising a prompt containing FAIL raises."""
+
+        def __init__(self, inner):
+            self._inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self._inner, name)
+
+        def denoise(self, latents, token_range, cond, start, end, request, group=None):
+            if "FAIL" in request.prompt:
+                raise RuntimeError("injected fault")
+            return self._inner.denoise(latents, token_range, cond, start, end, request, group=group)
+
+    model = Faulty(load_model("tiny-flux", device=world.device))
+    return _with_engine(world, "tiny-flux", "fcfs-elastic:max_sp=1", _bad_body, model_obj=model)
+
+
+def _bad_body(engine):
+    from gfdit.request import Request
+
+    errors = []
+    bad = [
+        dict(width=63, height=64),  # not a multiple of the patch size
+        dict(width=64, height=64, num_inference_steps=0),
+        dict(width=64, height=64, num_frames=5),  # frames for an image model
+        dict(width=100000, height=64),
+    ]
+    for i, kw in enumerate(bad):
+        kw.setdefault("num_inference_steps", 2)
+        try:
+            engine.submit(Request(f"bad{i}", "tiny-flux", "x", **kw))
+            errors.append(None)
+        except ValueError as e:
+            errors.append(str(e))
+    try:
+        engine.submit(Request("other", "tiny-wan", "x", width=64, height=64, num_inference_steps=2))
+        errors.append(None)
+    except ValueError as e:
+        errors.append(str(e))
+    faulty = engine.submit(Request("f", "tiny-flux", "FAIL now", width=64, height=64, num_inference_steps=2))
+    good = [
+        engine.submit(Request(f"g{i}", "tiny-flux", "fine", width=64, height=64, num_inference_steps=2))
+        for i in range(3)
+    ]
+    try:
+        faulty.result(timeout=120)
+        failure = None
+    except RuntimeError as e:
+        failure = str(e)
+    states = [h.result(timeout=120) is not None for h in good]
+    # Cancel a long request while it waits or runs: it ends cancelled, ranks freed.
+    long = engine.submit(Request("long", "tiny-flux", "slow", width=96, height=96, num_inference_steps=40))
+    long.cancel()
+    try:
+        long.result(timeout=120)
+        cancelled = None
+    except RuntimeError as e:
+        cancelled = str(e)
+    after = engine.submit(Request("after", "tiny-flux", "ok", width=64, height=64, num_inference_steps=2))
+    return (errors, failure, states, cancelled, after.result(timeout=120).images.shape)
+
+
+def test_bad_requests_rejected_and_failures_contained():
+    errors, failure, states, cancelled, shape = run_ranks(_bad_requests_and_failures, 2)[0]
+    assert all(e is not None for e in errors), errors
+    assert "width" in errors[0] and "steps" in errors[1] and "frames" in errors[2] and "width" in errors[3]
+    assert "tiny-wan" in errors[4]
+    assert failure is not None and "injected fault" in failure
+    assert states == [True, True, True]
+    assert cancelled is not None and "cancelled" in cancelled
+    assert shape == (1, 64, 64, 3)
