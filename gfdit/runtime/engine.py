@@ -352,7 +352,7 @@ class Engine:
             "ranks": ranks,
             "dim_size": self.scheduler.record(rid).dim_size,
             "token_dim": self.model.token_dim,
-            "latent_dtype": str(self.model.dtype).removeprefix("torch."),
+            "latent_dtype": "float32",  # the latent state is fp32 whatever the model's dtype
             "keep_latents": self.keep_latents,
         }
         involved = set(ranks)
