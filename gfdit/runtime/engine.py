@@ -11,6 +11,18 @@ Every rank runs a Worker (gfdit.runtime.worker) in a thread of its own; rank 0 a
 control loop: the Scheduler with its Policy (pure Python), fed by submissions and by the workers'
 events, dispatching assignments over ZeroMQ (one ROUTER on rank 0, one DEALER per worker).
 Tensors never travel over ZeroMQ, except the finished images on their way to the caller.
+
+Note [Worker liveness]
+~~~~~~~~~~~~~~~~~~~~~~
+Besides its DEALER, every rank opens one plain TCP connection to a listener on rank 0 and sends its
+rank over it; the connection stays open, silent, for as long as the rank's worker loop runs. When a
+worker process dies (or its worker loop ends) the kernel closes the connection, and rank 0's
+control loop, which polls these sockets with the ROUTER, sees end-of-file at once: no heartbeat
+timing to tune and nothing for a busy worker to send. (ZeroMQ's ROUTER_NOTIFY would say the same,
+but it is a draft API that the libzmq bundled with pyzmq leaves out.) A dead rank ends the engine's
+service: the gfcoll world has lost a member, so every request not yet finished fails with the
+reason, `healthy()` reports the rank, and `submit` refuses new work. A hung (not dead) worker is not
+detected here: its gfcoll peers time out (GFCOLL_TIMEOUT_S) and fail their task.
 """
 
 from __future__ import annotations
@@ -22,6 +34,8 @@ import os
 import pickle
 import queue
 import random
+import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -83,9 +97,12 @@ class RequestHandle:
     def progress(self) -> Progress:
         return self._progress
 
-    def subscribe(self) -> queue.Queue:
-        """A queue that receives every later Progress event; the last one has a terminal state."""
-        q: queue.Queue = queue.Queue()
+    def subscribe(self, sink=None) -> queue.Queue:
+        """A queue that receives every later Progress event; the last one has a terminal state, and
+        once it is there, result() returns without waiting. `sink`: use this object instead of a new
+        queue.Queue: anything with a put(progress) that never blocks (e.g. an adapter into an
+        asyncio loop); it is called on the engine's control thread, and returned."""
+        q = sink if sink is not None else queue.Queue()
         with self._lock:
             self._listeners.append(q)
             if self._done.is_set():
@@ -119,9 +136,13 @@ class RequestHandle:
                 q.put(p)
 
     def _finish(self, result: Result | None, error: str | None, state: str) -> None:
-        self._result, self._error = result, error
-        self._emit(dataclasses.replace(self._progress, state=state))
-        self._done.set()
+        # Done before the terminal event goes out: a listener that gets it can call result() at once.
+        with self._lock:
+            self._result, self._error = result, error
+            self._progress = p = dataclasses.replace(self._progress, state=state)
+            self._done.set()
+            for q in self._listeners:
+                q.put(p)
 
 
 @dataclass
@@ -193,9 +214,15 @@ class Engine:
             self._ready: set[int] = set()
             self._dead: dict[int, str] = {}
             self._t0 = time.monotonic()
+            # Note [Worker liveness]: fd of an accepted connection -> [socket, bytes so far, rank or None].
+            self._live_listener = socket.create_server(("", 0))
+            self._live_conns: dict[int, list] = {}
         port = _broadcast_int(world, port)
+        live_port = _broadcast_int(world, self._live_listener.getsockname()[1] if world.rank == 0 else 0)
         addr = os.environ.get("MASTER_ADDR", "127.0.0.1") if world.rank != 0 else "127.0.0.1"
         self._endpoint = f"tcp://{addr}:{port}"
+        self._live = socket.create_connection((addr, live_port), timeout=120)
+        self._live.sendall(struct.pack("!q", world.rank))
         self._worker_thread = threading.Thread(target=self._worker_loop, name="gfdit-worker", daemon=True)
         self._worker_thread.start()
         if world.rank == 0:
@@ -218,6 +245,8 @@ class Engine:
         self._require_rank0("submit")
         if self._closed:
             raise RuntimeError("the engine is closed")
+        if self._dead:
+            raise RuntimeError(f"the engine lost a worker: {self.healthy()[1]}")
         if request.model != self.model_name:
             raise ValueError(f"model: this engine serves {self.model_name!r}, not {request.model!r}")
         self.model.validate(request)
@@ -234,12 +263,19 @@ class Engine:
         return handle
 
     def num_queued(self) -> int:
-        return sum(
-            1 for rec in self.scheduler.records.values() if rec.state in (RequestState.QUEUED,)
-        )
+        # A snapshot (one C-level copy): other threads may submit while this counts.
+        return sum(1 for rec in tuple(self.scheduler.records.values()) if rec.state is RequestState.QUEUED)
 
     def num_running(self) -> int:
-        return sum(1 for rec in self.scheduler.records.values() if rec.state is RequestState.RUNNING)
+        return sum(1 for rec in tuple(self.scheduler.records.values()) if rec.state is RequestState.RUNNING)
+
+    def forget(self, request_id: str) -> None:
+        """Drops the engine's reference to a finished request's handle, and so to its images: a
+        long-running front end calls it once it holds the result. No-op while the request runs."""
+        with self._lock:
+            handle = self._handles.get(request_id)
+            if handle is not None and handle.done():
+                del self._handles[request_id]
 
     def healthy(self) -> tuple[bool, str]:
         if self._dead:
@@ -257,8 +293,11 @@ class Engine:
             self._post(("shutdown", None))
             self._control_thread.join(timeout)
         self._worker_thread.join(timeout)
+        self._live.close()
         if self.world.rank == 0:
             self._router.close(0)
+            for conn in [self._live_listener, *(c[0] for c in self._live_conns.values())]:
+                conn.close()
         self._ctx.term()
 
     # -- internals -------------------------------------------------------------------------------
@@ -284,10 +323,12 @@ class Engine:
                     sock.send_pyobj(event)
         finally:
             sock.close()
+            self._live.close()  # Note [Worker liveness]: rank 0 sees this loop end
 
     def _control_loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
+        poller.register(self._live_listener.fileno(), zmq.POLLIN)
         stopping = False
         while True:
             try:
@@ -301,8 +342,11 @@ class Engine:
                 pass
             try:
                 for sock, _ in poller.poll(5):
-                    _ident, payload = sock.recv_multipart()
-                    self._on_event(pickle.loads(payload))
+                    if sock is self._router:
+                        _ident, payload = sock.recv_multipart()
+                        self._on_event(pickle.loads(payload))
+                    else:
+                        self._on_liveness(sock, poller)
                 if self._step(stopping):
                     return
             except Exception as e:  # a bug or a PolicyError: fail what waits, keep serving
@@ -318,7 +362,8 @@ class Engine:
         and stops the workers. True once shut down."""
         with self._lock:
             if not stopping:
-                self._dispatch()
+                if not self._dead:
+                    self._dispatch()
                 return False
             if self._inflight:
                 return False
@@ -328,6 +373,49 @@ class Engine:
             for r in range(self.world.size):
                 self._send(r, {"op": "shutdown"})
             return True
+
+    def _on_liveness(self, fd: int, poller: zmq.Poller) -> None:
+        """A liveness socket is readable (Note [Worker liveness]); the poller names it by its fd."""
+        if fd == self._live_listener.fileno():
+            conn, _ = self._live_listener.accept()
+            conn.setblocking(False)
+            self._live_conns[conn.fileno()] = [conn, b"", None]
+            poller.register(conn.fileno(), zmq.POLLIN)
+            return
+        entry = self._live_conns[fd]
+        try:
+            data = entry[0].recv(64)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data:
+            entry[1] += data
+            if entry[2] is None and len(entry[1]) >= 8:
+                entry[2] = struct.unpack("!q", entry[1][:8])[0]
+            return
+        poller.unregister(fd)
+        del self._live_conns[fd]
+        entry[0].close()
+        if entry[2] is not None:
+            self._on_rank_lost(entry[2], "its worker process exited (liveness connection closed)")
+
+    def _on_rank_lost(self, rank: int, reason: str) -> None:
+        """Fails every unfinished request: the world has lost a member (Note [Worker liveness])."""
+        with self._lock:
+            if rank in self._dead:
+                return
+            self._dead[rank] = reason
+            log.error("rank %d lost: %s; failing every unfinished request", rank, reason)
+            why = f"rank {rank} died: {reason}"
+            for tid, inf in list(self._inflight.items()):
+                del self._inflight[tid]
+                self.scheduler.on_task_failed(inf.assignment.task, inf.assignment.ranks, why, self.now())
+                self._fail_request(inf.assignment.task.request_id, why)
+            for rid, rec in list(self.scheduler.records.items()):
+                if not rec.state.is_terminal:
+                    self.scheduler.cancel(rid, self.now())
+                    self._fail_request(rid, why)
 
     def _send(self, rank: int, cmd: dict) -> None:
         self._router.send_multipart([str(rank).encode(), pickle.dumps(cmd, protocol=pickle.HIGHEST_PROTOCOL)])

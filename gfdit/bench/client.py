@@ -1,0 +1,219 @@
+"""The replay client of `gfdit bench run`: sends a trace's requests to a running server at their
+arrival times (asyncio + httpx, as many in flight as the trace makes), and writes what happened.
+
+Latency is measured by the client, from sending a request to having its result (images: the
+response; video: the poll that sees the job completed, the poll period being `poll_s`). A request
+meets its SLO when it completed within the trace's `slo_s`; one that failed, was refused or timed
+out misses it. The server also gets the deadline (`slo_ms`), so deadline-aware policies can use it.
+
+Output directory: results.jsonl (one line per request) and run.json (the server's model, policy and
+ranks from /health, the trace, timings, and how late the client sent, which should stay near 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import httpx
+
+from .workload import RequestClass, TraceRecord
+
+__all__ = ["RequestOutcome", "replay", "run_trace", "calibrate"]
+
+kPollS = 0.1  # video: seconds between status polls
+kTerminalVideo = ("completed", "failed")
+
+
+@dataclass
+class RequestOutcome:
+    """What happened to one trace request (a line of results.jsonl)."""
+
+    request_id: str  # the trace's id
+    cls: str  # its class
+    kind: str  # "image" or "video"
+    arrival_s: float  # scheduled send time, from the start of the replay
+    sent_s: float  # actual send time, from the start of the replay
+    status: str  # "completed", "failed", "rejected" (4xx), "error" (transport, 5xx, timeout)
+    http_status: int | None  # the status of the generation call
+    latency_s: float | None  # send to result, when completed
+    slo_s: float  # the trace's latency target
+    met_slo: bool  # completed within slo_s
+    server_latency_s: float | None  # the server's acceptance-to-result latency (gfdit.latency_ms)
+    reshards: int | None  # reshards the request's tasks made
+    error: str | None  # why it did not complete
+
+
+def _body(rec: TraceRecord) -> dict:
+    body = {
+        "prompt": rec.prompt,
+        "model": rec.model,
+        "size": f"{rec.width}x{rec.height}",
+        "num_inference_steps": rec.num_inference_steps,
+        "seed": rec.seed,
+        "slo_ms": max(1e-3, rec.slo_s * 1000.0),
+    }
+    if rec.kind == "video":
+        body["num_frames"] = rec.num_frames
+    else:
+        body["n"] = 1
+        body["response_format"] = "b64_json"
+    return body
+
+
+def _error_text(r: httpx.Response) -> str:
+    try:
+        return r.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return r.text[:500]
+
+
+async def _one(client: httpx.AsyncClient, rec: TraceRecord, start: float, timeout_s: float) -> RequestOutcome:
+    loop = asyncio.get_running_loop()
+    sent = loop.time()
+    out = RequestOutcome(
+        rec.request_id, rec.cls, rec.kind, rec.arrival_s, sent - start, "error", None, None,
+        rec.slo_s, False, None, None, None,
+    )  # fmt: skip
+    try:
+        await asyncio.wait_for(_send(client, rec, out), timeout_s)
+    except (asyncio.TimeoutError, TimeoutError):
+        out.status, out.error = "error", f"no result within {timeout_s} s"
+    except httpx.HTTPError as e:
+        out.status, out.error = "error", f"{type(e).__name__}: {e}"
+    if out.status == "completed":
+        out.latency_s = loop.time() - sent
+        out.met_slo = out.latency_s <= rec.slo_s
+    return out
+
+
+async def _send(client: httpx.AsyncClient, rec: TraceRecord, out: RequestOutcome) -> None:
+    if rec.kind == "video":
+        return await _video(client, rec, out)
+    r = await client.post("/v1/images/generations", json=_body(rec))
+    out.http_status = r.status_code
+    if r.status_code == 200:
+        info = r.json()["gfdit"]
+        out.status = "completed"
+        out.server_latency_s = info["latency_ms"] / 1000.0
+        out.reshards = info["reshards"]
+    else:
+        out.status = "rejected" if r.status_code < 500 else "failed"
+        out.error = _error_text(r)
+
+
+async def _video(client: httpx.AsyncClient, rec: TraceRecord, out: RequestOutcome) -> None:
+    r = await client.post("/v1/videos", json=_body(rec))
+    out.http_status = r.status_code
+    if r.status_code != 200:
+        out.status = "rejected" if r.status_code < 500 else "failed"
+        out.error = _error_text(r)
+        return
+    job = r.json()
+    while job["status"] not in kTerminalVideo:
+        await asyncio.sleep(kPollS)
+        r = await client.get(f"/v1/videos/{job['id']}")
+        r.raise_for_status()
+        job = r.json()
+    if job["status"] == "completed":
+        out.status = "completed"
+        out.server_latency_s = job["gfdit"]["latency_ms"] / 1000.0
+        out.reshards = job["gfdit"]["reshards"]
+    else:
+        out.status, out.error = "failed", (job.get("error") or {}).get("message", "failed")
+
+
+async def replay(
+    url: str, records: Sequence[TraceRecord], *, time_scale: float = 1.0, timeout_s: float = 600.0
+) -> tuple[dict, list[RequestOutcome]]:
+    """Sends every record at start + arrival_s * time_scale; returns (server info, outcomes in
+    trace order). The server must answer /health with 200."""
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(timeout_s), limits=limits) as client:
+        health = await client.get("/health")
+        if health.status_code != 200:
+            raise RuntimeError(f"{url}/health answered {health.status_code}: {health.text[:300]}")
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        tasks = []
+        for rec in records:
+            delay = start + rec.arrival_s * time_scale - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(_one(client, rec, start, timeout_s)))
+        outcomes = await asyncio.gather(*tasks)
+        return health.json(), list(outcomes)
+
+
+def run_trace(
+    url: str, trace_path: str, out_dir: str, *, label: str | None = None, time_scale: float = 1.0,
+    timeout_s: float = 600.0, command: str | None = None,
+) -> dict:  # fmt: skip
+    """Replays a trace file against `url` and writes results.jsonl and run.json under out_dir.
+    Returns run.json's content."""
+    from .workload import read_trace
+
+    meta, records = read_trace(trace_path)
+    t0 = time.time()
+    server, outcomes = asyncio.run(replay(url, records, time_scale=time_scale, timeout_s=timeout_s))
+    wall = time.time() - t0
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.jsonl"), "w") as f:
+        for o in outcomes:
+            f.write(json.dumps(asdict(o)) + "\n")
+    lag = [o.sent_s - o.arrival_s * time_scale for o in outcomes]
+    run = {
+        "label": label or server.get("policy", "run"),
+        "url": url,
+        "model": server.get("model"),
+        "policy": server.get("policy"),
+        "policy_spec": server.get("policy_spec"),
+        "world_size": server.get("world_size"),
+        "trace": os.path.abspath(trace_path),
+        "trace_meta": meta,
+        "num_requests": len(records),
+        "time_scale": time_scale,
+        "started_at": t0,
+        "wall_s": wall,
+        "max_send_lag_s": max(lag, default=0.0),
+        "command": command or " ".join(sys.argv),
+        "client_host": platform.node(),
+    }
+    with open(os.path.join(out_dir, "run.json"), "w") as f:
+        json.dump(run, f, indent=2)
+    return run
+
+
+async def _calibrate(url: str, model: str, classes: Sequence[RequestClass], repeats: int, timeout_s: float):
+    out = {}
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(timeout_s)) as client:
+        for c in classes:
+            best = None
+            for i in range(repeats + 1):  # the first is a warm-up
+                rec = TraceRecord(
+                    f"calib-{c.name}-{i}", 0.0, c.name, "video" if c.num_frames else "image", model,
+                    "calibration", c.width, c.height, c.num_frames, c.num_inference_steps, i,
+                    0.0, 3600.0, 3600.0,
+                )  # fmt: skip
+                o = await _one(client, rec, asyncio.get_running_loop().time(), timeout_s)
+                if o.status != "completed":
+                    raise RuntimeError(f"calibration request of class {c.name} did not complete: {o.error}")
+                if i > 0:
+                    best = o.latency_s if best is None else min(best, o.latency_s)
+            out[c.name] = best
+    return out
+
+
+def calibrate(
+    url: str, model: str, classes: Sequence[RequestClass], repeats: int = 2, timeout_s: float = 600.0
+) -> dict[str, float]:
+    """class name -> the fastest of `repeats` latencies of one request of that class sent alone
+    (after a warm-up), to an otherwise idle server: a measured standalone latency (alone on the
+    server, at whatever degree its policy gives a lone request)."""
+    return asyncio.run(_calibrate(url, model, classes, repeats, timeout_s))

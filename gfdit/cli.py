@@ -1,0 +1,174 @@
+"""The `gfdit` command.
+
+    gfdit serve --nproc 4 --model tiny-flux --policy edf-best-fit --port 8000
+        torchrun for one node: python -m torch.distributed.run --standalone --nproc-per-node 4
+        -m gfdit.serve ... (the other options are gfdit.serve's)
+    gfdit bench gen --model tiny-flux --rate 2 --duration 60 --alpha 3 --seed 0 --out trace.jsonl
+    gfdit bench run --url http://127.0.0.1:8000 --trace trace.jsonl --out runs/edf
+    gfdit bench report runs/edf runs/static --out report/
+
+Usage errors exit with status 2 (argparse), before anything starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+__all__ = ["main", "build_parser", "serve_command"]
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gfdit", description="gf-dit: elastic serving of diffusion transformers")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser(
+        "serve",
+        help="serve a model over HTTP on N ranks of this node (torchrun)",
+        description="Starts torchrun for one node running gfdit.serve; options other than --nproc "
+        "are gfdit.serve's (python -m gfdit.serve --help).",
+    )
+    s.add_argument("--nproc", type=int, default=1, help="ranks (processes) on this node (default 1)")
+
+    b = sub.add_parser("bench", help="serving benchmarks: gen, run, report")
+    bsub = b.add_subparsers(dest="bench_command", required=True)
+
+    g = bsub.add_parser("gen", help="generate a workload trace (JSON lines)")
+    g.add_argument("--model", required=True, help="model preset the server serves")
+    g.add_argument("--duration", type=float, required=True, help="seconds of arrivals")
+    rate = g.add_mutually_exclusive_group(required=True)
+    rate.add_argument("--rate", type=float, help="Poisson arrival rate, requests/s")
+    rate.add_argument("--phases", help="piecewise-Poisson: START:RATE,START:RATE,... (the first START 0)")
+    g.add_argument(
+        "--class",
+        dest="classes",
+        action="append",
+        help="NAME:size=WxH,steps=N,weight=W[,frames=F]; repeat (default: S/M/L from the model's limits)",
+    )
+    g.add_argument(
+        "--alpha", type=float, default=3.0, help="deadline = arrival + alpha * standalone (default 3)"
+    )
+    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    g.add_argument(
+        "--calibrate-url",
+        default=None,
+        help="measure each class's standalone latency on this idle server instead of the analytic cost model",
+    )
+    g.add_argument("--out", required=True, help="trace file to write")
+
+    r = bsub.add_parser("run", help="replay a trace against a running server")
+    r.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
+    r.add_argument("--trace", required=True, help="trace file from `gfdit bench gen`")
+    r.add_argument("--out", required=True, help="directory for results.jsonl and run.json")
+    r.add_argument("--label", default=None, help="name of the run in reports (default: the server's policy)")
+    r.add_argument("--time-scale", type=float, default=1.0, help="multiply arrival times (default 1)")
+    r.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds per request before it counts as failed"
+    )
+
+    rep = bsub.add_parser("report", help="summarize runs side by side (JSON, markdown, PNG)")
+    rep.add_argument("runs", nargs="+", help="directories written by `gfdit bench run`")
+    rep.add_argument("--out", required=True, help="directory for report.json, report.md and plots")
+    rep.add_argument("--label", action="append", default=None, help="a label per run, in order")
+    return p
+
+
+def serve_command(nproc: int, serve_args: list[str]) -> list[str]:
+    """The torchrun command line `gfdit serve` runs."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+        "-m", "gfdit.serve", *serve_args,
+    ]  # fmt: skip
+
+
+def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> int:
+    from gfdit import serve
+
+    if args.nproc < 1:
+        parser.error(f"--nproc must be >= 1, got {args.nproc}")
+    # Check gfdit.serve's options here, so that a mistake exits 2 before torchrun starts any rank.
+    serve_parser = serve.build_parser(prog="gfdit serve")
+    serve.check_args(serve_parser, serve_parser.parse_args(rest))
+    cmd = serve_command(args.nproc, rest)
+    _out("+ " + shlex.join(cmd))
+    sys.stdout.flush()
+    os.execv(cmd[0], cmd)
+    return 0  # not reached
+
+
+def _gen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from gfdit.bench import workload
+
+    try:
+        phases = workload.parse_phases(args.phases) if args.phases else (workload.Phase(0.0, args.rate),)
+        if args.classes:
+            classes = tuple(workload.parse_class(c) for c in args.classes)
+        else:
+            classes = workload.default_classes(args.model)
+        standalone, source = None, "analytic"
+        if args.calibrate_url:
+            from gfdit.bench.client import calibrate
+
+            standalone, source = calibrate(args.calibrate_url, args.model, classes), "calibrated"
+        spec = workload.WorkloadSpec(
+            args.model, args.duration, phases, classes, args.alpha, args.seed, standalone, source
+        )
+        records = workload.generate(spec)
+    except ValueError as e:
+        parser.error(str(e))
+    workload.write_trace(args.out, spec, records)
+    counts = {c.name: sum(r.cls == c.name for r in records) for c in classes}
+    _out(f"wrote {len(records)} requests to {args.out} ({counts}, SLOs from {source})")
+    return 0
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from gfdit.bench.client import run_trace
+
+    if not os.path.isfile(args.trace):
+        parser.error(f"--trace: {args.trace!r} does not exist")
+    if not (args.time_scale > 0 and args.timeout > 0):
+        parser.error("--time-scale and --timeout must be > 0")
+    run = run_trace(
+        args.url, args.trace, args.out, label=args.label, time_scale=args.time_scale, timeout_s=args.timeout,
+        command=shlex.join(["gfdit", *sys.argv[1:]]),
+    )  # fmt: skip
+    what = f"{run['num_requests']} requests against {args.url} ({run['policy']})"
+    _out(f"{what} in {run['wall_s']:.1f} s -> {args.out}")
+    return 0
+
+
+def _report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from gfdit.bench.report import build_report
+
+    for d in args.runs:
+        if not os.path.isfile(os.path.join(d, "run.json")):
+            parser.error(f"{d!r} is not a `gfdit bench run` directory (no run.json)")
+    try:
+        build_report(args.runs, args.out, args.label)
+    except ValueError as e:
+        parser.error(str(e))
+    with open(os.path.join(args.out, "report.md")) as f:
+        _out(f.read())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "serve":
+        return _serve(parser, args, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    handler = {"gen": _gen, "run": _run, "report": _report}[args.bench_command]
+    return handler(parser, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

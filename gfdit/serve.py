@@ -1,0 +1,211 @@
+"""Serve a model over HTTP on N ranks: every rank runs the engine, rank 0 also the HTTP server.
+
+    torchrun --nproc-per-node 4 -m gfdit.serve --model tiny-flux --policy edf-best-fit --port 8000
+    gfdit serve --nproc 4 --model tiny-flux --policy edf-best-fit --port 8000      # the same
+
+Every rank: gfcoll.init(device=...), then Engine(world, model, policy, ...). Rank 0 runs uvicorn in
+its main thread; the other ranks wait for rank 0 to close the engine. Without torchrun's
+environment it runs as a single rank.
+
+Shutdown: SIGTERM or SIGINT on rank 0 (torchrun forwards the one it gets) drains the server (Note
+[Accepted requests end] in gfdit.server.state): admission stops (503), accepted requests get
+--drain-timeout seconds to finish, then the engine closes, failing the rest with a reason, and every
+rank exits. The other ranks ignore those signals: rank 0 ends them once their work is done (torchrun
+kills them after its own shutdown timeout, 30 s by default, if rank 0 never does). A second signal
+on rank 0 stops without waiting for the drain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+
+import uvicorn
+
+__all__ = ["build_parser", "check_args", "main"]
+
+log = logging.getLogger("gfdit.serve")
+
+
+def build_parser(prog: str = "python -m gfdit.serve") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, description="Serve a DiT model over HTTP on every rank of torchrun."
+    )
+    p.add_argument("--model", required=True, help="model preset, e.g. tiny-flux, tiny-wan, flux-dev")
+    p.add_argument(
+        "--policy",
+        default="fcfs-elastic",
+        help="scheduling policy NAME[:key=value,...], e.g. edf-best-fit:max_sp=4 (default fcfs-elastic)",
+    )
+    p.add_argument("--port", type=int, required=True, help="HTTP port of rank 0")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP address of rank 0 (default 127.0.0.1)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    p.add_argument("--weights", default=None, help="local diffusers-layout directory (default: random init)")
+    p.add_argument("--max-queue", type=int, default=1024, help="waiting requests before 429 (default 1024)")
+    p.add_argument("--chunk-steps", type=int, default=2, help="denoising steps per task (default 2)")
+    p.add_argument(
+        "--max-steps", type=int, default=100, help="most num_inference_steps per request (default 100)"
+    )
+    p.add_argument(
+        "--max-body-bytes", type=int, default=1 << 20, help="larger bodies get 413 (default 1 MiB)"
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=20.0,
+        help="seconds accepted requests get to finish on SIGTERM (default 20; torchrun kills at 30)",
+    )
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return p
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Everything that can be checked before any collective setup; every rank checks the same
+    arguments, so on a bad one they all stop (argparse: message, exit status 2)."""
+    from gfdit.models.presets import get_preset
+    from gfdit.policy import PolicySpecError, make_policy
+
+    try:
+        make_policy(args.policy)
+    except PolicySpecError as e:
+        parser.error(f"--policy: {e}")
+    try:
+        get_preset(args.model)
+    except ValueError as e:
+        parser.error(f"--model: {e}")
+    if args.weights is not None and not os.path.isdir(args.weights):
+        parser.error(f"--weights: {args.weights!r} is not a directory")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be in [0, 65535], got {args.port}")
+    for name in ("max_queue", "chunk_steps", "max_steps", "max_body_bytes"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.drain_timeout < 0:
+        parser.error(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init_world(device: str | None):
+    import gfcoll
+
+    if "RANK" in os.environ:
+        return gfcoll.init(device=device)
+    # Not under torchrun: a world of one rank.
+    return gfcoll.init(
+        rank=0, world_size=1, local_rank=0, local_world_size=1,
+        master_addr="127.0.0.1", master_port=_free_port(), device=device,
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=args.log_level.upper(), format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"
+    )
+    world = _init_world(args.device)
+    try:
+        from gfdit.runtime import Engine
+
+        engine = Engine(
+            world,
+            args.model,
+            args.policy,
+            weights=args.weights,
+            chunk_steps=args.chunk_steps,
+            max_queue=args.max_queue,
+        )
+        if world.rank == 0:
+            _serve(engine, args)
+        else:
+            _follow(engine)
+    finally:
+        world.close()
+    return 0
+
+
+def _follow(engine) -> None:
+    """Ranks other than 0: run tasks until rank 0 shuts the engine down."""
+
+    def ignore(sig, _frame):
+        log.info("signal %d ignored: rank 0 ends this rank once its requests are done", sig)
+
+    signal.signal(signal.SIGTERM, ignore)
+    signal.signal(signal.SIGINT, ignore)
+    engine.close(timeout=None)
+
+
+def _serve(engine, args: argparse.Namespace) -> None:
+    from gfdit.server import ServerConfig, create_app
+
+    config = ServerConfig(
+        policy=args.policy,
+        max_steps=args.max_steps,
+        max_body_bytes=args.max_body_bytes,
+        drain_s=args.drain_timeout,
+    )
+    app = create_app(engine, config)
+    uv_config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=10,
+        access_log=args.log_level == "debug",
+    )
+    server = _DrainingServer(uv_config, app.state.gfdit)
+    # uvicorn restores the handlers it found and re-raises a signal it stopped for: let that be a no-op.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        log.info(
+            "serving %s on http://%s:%d with %d ranks, policy %s",
+            args.model, args.host, args.port, engine.world.size, engine.policy.spec(),
+        )  # fmt: skip
+        server.run()
+    finally:
+        server.join_drain()
+        engine.close()
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server, except that its first SIGTERM/SIGINT drains (ServerState.drain, in a
+    thread: the event loop keeps delivering results) before it stops; a second one stops at once."""
+
+    def __init__(self, config: uvicorn.Config, state):
+        super().__init__(config)
+        self.state = state
+        self._drainer: threading.Thread | None = None
+
+    def handle_exit(self, sig, frame) -> None:
+        if self._drainer is None:
+            log.info("signal %d: draining for up to %.1f s, then stopping", sig, self.state.config.drain_s)
+            self._drainer = threading.Thread(target=self._drain, name="gfdit-drain", daemon=True)
+            self._drainer.start()
+        else:
+            super().handle_exit(sig, frame)
+
+    def _drain(self) -> None:
+        try:
+            self.state.drain()
+        finally:
+            self.should_exit = True
+
+    def join_drain(self) -> None:
+        if self._drainer is not None:
+            self._drainer.join()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

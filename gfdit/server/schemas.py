@@ -1,0 +1,188 @@
+"""Request and response bodies of the HTTP API (pydantic), OpenAI-compatible where OpenAI defines them.
+
+Request models forbid unknown fields and use strict JSON types (a string is not a number), so a
+typo or a wrong type is a 400 naming the field rather than a silently ignored option. Limits that
+depend on the served model (sizes, frames, prompt tokens) are checked later, against the model
+(gfdit.models.presets.check_request); the ones here only bound the work a request may ask for.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "kMaxPromptChars",
+    "kMaxSeed",
+    "ErrorBody",
+    "ErrorResponse",
+    "ImageGenerationRequest",
+    "ImageData",
+    "GenerationInfo",
+    "TaskGroup",
+    "ImagesResponse",
+    "VideoCreateRequest",
+    "VideoError",
+    "VideoJob",
+    "VideoList",
+    "VideoDeleted",
+    "ModelCard",
+    "ModelList",
+    "Health",
+]
+
+kMaxPromptChars = 4000  # characters; the model's tokenizer then bounds the tokens (presets' max_length)
+kMaxSeed = 2**32 - 1  # seeds are uint32 like most pipelines'; n images use seed, seed + 1, ...
+kSizePattern = r"^(auto|[0-9]{1,5}x[0-9]{1,5})$"
+
+_REQUEST = ConfigDict(extra="forbid", strict=True)
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error object."""
+
+    message: str  # what is wrong, naming the field when a field is
+    type: str  # "invalid_request_error", "not_found_error", "rate_limit_error", "server_error", ...
+    param: str | None = None  # the offending request field, if one is
+    code: str | None = None  # machine-readable reason: "invalid_value", "queue_full", "shutting_down", ...
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx and 5xx body."""
+
+    error: ErrorBody
+
+
+class ImageGenerationRequest(BaseModel):
+    """POST /v1/images/generations (OpenAI's fields, then gf-dit's)."""
+
+    model_config = _REQUEST
+
+    prompt: str = Field(min_length=1, max_length=kMaxPromptChars)  # text prompt
+    model: str | None = None  # must name the served model when given
+    n: int = Field(1, ge=1, le=4)  # images: n requests with seeds seed, seed + 1, ...
+    size: str | None = Field(None, pattern=kSizePattern)  # "WIDTHxHEIGHT" or "auto" (None: model default)
+    response_format: Literal["b64_json", "url"] = "b64_json"  # only b64_json (PNG) is served; "url" is a 400
+    user: str | None = Field(None, max_length=256)  # OpenAI's end-user id: accepted, ignored
+    stream: bool = False  # server-sent events: progress, then the result, then [DONE]
+    num_inference_steps: int | None = Field(None, ge=1, le=10_000)  # None: the model default; see --max-steps
+    guidance_scale: float | None = Field(None, ge=0.0, le=100.0, allow_inf_nan=False)  # None: model default
+    seed: int | None = Field(None, ge=0, le=kMaxSeed)  # initial-noise seed; None: the server picks one
+    negative_prompt: str | None = Field(None, max_length=kMaxPromptChars)  # for models with CFG (Wan)
+    priority: int = Field(0, ge=-1000, le=1000)  # larger is more important (policies may use it)
+    slo_ms: float | None = Field(None, gt=0.0, le=8.64e7, allow_inf_nan=False)  # deadline: accept + slo
+
+
+class ImageData(BaseModel):
+    """One generated image."""
+
+    b64_json: str  # PNG, base64
+    seed: int  # the seed that produced it
+    revised_prompt: str | None = None  # OpenAI's field; gf-dit does not rewrite prompts
+
+
+class TaskGroup(BaseModel):
+    """One trajectory task of a request and the ordered ranks it ran on."""
+
+    task: str  # e.g. "img-...-0:denoise[0,2)"
+    ranks: list[int]  # its group, in order
+
+
+class GenerationInfo(BaseModel):
+    """How the requests behind one response ran (gf-dit's addition to OpenAI's body)."""
+
+    latency_ms: float  # acceptance to result, the slowest of the requests
+    queue_ms: float  # acceptance to first task, the slowest of the requests
+    reshards: int  # tasks that first moved state between ranks, over all requests
+    bytes_moved: int  # bytes those reshards moved, over all requests
+    request_ids: list[str]  # engine request ids, one per image or video
+    groups: list[list[TaskGroup]]  # per request, every task and its ranks
+
+
+class ImagesResponse(BaseModel):
+    """Response of POST /v1/images/generations (and the final event of a stream)."""
+
+    created: int  # Unix seconds
+    data: list[ImageData]  # n images, in seed order
+    gfdit: GenerationInfo  # latency, reshards, groups
+
+
+class VideoCreateRequest(BaseModel):
+    """POST /v1/videos: an asynchronous video job."""
+
+    model_config = _REQUEST
+
+    prompt: str = Field(min_length=1, max_length=kMaxPromptChars)  # text prompt
+    model: str | None = None  # must name the served model when given
+    size: str | None = Field(None, pattern=kSizePattern)  # "WIDTHxHEIGHT" or "auto"
+    seconds: float | str | None = None  # duration (OpenAI sends "4"): frames = step*round(s*fps/step) + 1
+    num_frames: int | None = Field(None, ge=1, le=10_000)  # exact frame count instead of seconds
+    fps: int = Field(16, ge=1, le=120)  # frames per second of the mp4 (Wan: 16)
+    num_inference_steps: int | None = Field(None, ge=1, le=10_000)  # None: the model default; see --max-steps
+    guidance_scale: float | None = Field(None, ge=0.0, le=100.0, allow_inf_nan=False)  # None: model default
+    seed: int | None = Field(None, ge=0, le=kMaxSeed)  # None: the server picks one
+    negative_prompt: str | None = Field(None, max_length=kMaxPromptChars)  # classifier-free guidance
+    priority: int = Field(0, ge=-1000, le=1000)  # larger is more important
+    slo_ms: float | None = Field(None, gt=0.0, le=8.64e7, allow_inf_nan=False)  # deadline: accept + slo
+    user: str | None = Field(None, max_length=256)  # accepted, ignored
+
+
+class VideoError(BaseModel):
+    code: str  # "cancelled", "generation_failed", "unavailable"
+    message: str  # the reason
+
+
+class VideoJob(BaseModel):
+    """A video job (OpenAI's video object, plus gf-dit's fields)."""
+
+    id: str  # "video_..."
+    object: Literal["video"] = "video"
+    model: str  # the served model
+    status: Literal["queued", "in_progress", "completed", "failed"]  # "failed" includes cancelled
+    progress: int  # 0-100: denoising steps done (100 once the mp4 is ready)
+    created_at: int  # Unix seconds
+    completed_at: int | None = None  # Unix seconds, once completed or failed
+    size: str  # "WIDTHxHEIGHT"
+    seconds: str  # duration of the mp4, num_frames / fps
+    num_frames: int  # frames
+    fps: int  # frames per second
+    seed: int  # the seed used
+    error: VideoError | None = None  # why it failed
+    gfdit: GenerationInfo | None = None  # how it ran, once completed
+
+
+class VideoList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[VideoJob]  # newest first
+
+
+class VideoDeleted(BaseModel):
+    id: str  # the job
+    object: Literal["video.deleted"] = "video.deleted"
+    deleted: bool  # True: cancelled (if it still ran) and its content dropped
+
+
+class ModelCard(BaseModel):
+    id: str  # the preset name
+    object: Literal["model"] = "model"
+    created: int  # server start, Unix seconds
+    owned_by: str = "gfdit"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    """GET /health (200 and 503)."""
+
+    status: Literal["ok", "unavailable"]  # ok only when every worker is up and the server admits work
+    reason: str  # "ok" or why not
+    model: str  # the served model
+    policy: str  # the scheduling policy as the operator named it (--policy)
+    policy_spec: str  # its full spec, every parameter included (gfdit.policy.make_policy builds it back)
+    world_size: int  # ranks
+    queued: int  # requests waiting for their first task
+    running: int  # requests with a task in flight
