@@ -51,7 +51,9 @@ def _run(engine: Engine, args) -> None:
         )  # fmt: skip
         handles.append(engine.submit(req))
     os.makedirs(args.out, exist_ok=True)
-    print(f"gfdit demo: {args.model}, policy {engine.policy.spec()}, {engine.world.size} ranks on {engine.world.device}")
+    print(
+        f"gfdit demo: {args.model}, policy {engine.policy.spec()}, {engine.world.size} ranks on {engine.world.device}"
+    )
     for h in handles:
         r = h.result(timeout=600)
         req = h.request

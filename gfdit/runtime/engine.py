@@ -180,8 +180,10 @@ class Engine:
 
         self.world = world
         self.model_name = model
-        self.model = model_obj if model_obj is not None else load_model(
-            model, device=world.device, dtype=dtype, weights=weights
+        self.model = (
+            model_obj
+            if model_obj is not None
+            else load_model(model, device=world.device, dtype=dtype, weights=weights)
         )
         self.max_queue = max_queue
         self.keep_latents = keep_latents  # return each request's final latent too (tests, debugging)
@@ -226,12 +228,16 @@ class Engine:
         self._worker_thread = threading.Thread(target=self._worker_loop, name="gfdit-worker", daemon=True)
         self._worker_thread.start()
         if world.rank == 0:
-            self._control_thread = threading.Thread(target=self._control_loop, name="gfdit-control", daemon=True)
+            self._control_thread = threading.Thread(
+                target=self._control_loop, name="gfdit-control", daemon=True
+            )
             self._control_thread.start()
             deadline = time.monotonic() + 120
             while len(self._ready) < world.size:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"workers {sorted(set(range(world.size)) - self._ready)} never became ready")
+                    raise RuntimeError(
+                        f"workers {sorted(set(range(world.size)) - self._ready)} never became ready"
+                    )
                 time.sleep(0.01)
 
     # -- public API (rank 0) ---------------------------------------------------------------------

@@ -112,7 +112,9 @@ class Worker:
         elif kind == "DECODE":
             if group is not None:
                 full = torch.empty(
-                    (1, cmd["dim_size"], held.latents.shape[2]), dtype=held.latents.dtype, device=held.latents.device
+                    (1, cmd["dim_size"], held.latents.shape[2]),
+                    dtype=held.latents.dtype,
+                    device=held.latents.device,
                 )
                 group.all_gather(full, held.latents.contiguous())
             else:
@@ -148,8 +150,10 @@ class Worker:
             # The latent moves onto an even split over `ranks`.
             if member:
                 lo, hi = even_slices(cmd["dim_size"], len(ranks))[ranks.index(me)]
-                if held.latents is not None and (held.lo, held.hi) == (lo, hi) and not any(
-                    t[1] == me for t in transfers
+                if (
+                    held.latents is not None
+                    and (held.lo, held.hi) == (lo, hi)
+                    and not any(t[1] == me for t in transfers)
                 ):
                     new = held.latents
                 else:
@@ -172,7 +176,9 @@ class Worker:
                 if src == me:
                     ops.append(gfcoll.P2P("send", held.cond[name].contiguous(), dst))
                 elif dst == me:
-                    t = torch.empty(shape, dtype=getattr(torch, dtype.removeprefix("torch.")), device=self.world.device)
+                    t = torch.empty(
+                        shape, dtype=getattr(torch, dtype.removeprefix("torch.")), device=self.world.device
+                    )
                     held.cond[name] = t
                     ops.append(gfcoll.P2P("recv", t, src))
                     received += t.numel() * t.element_size()
@@ -190,13 +196,18 @@ class Worker:
                 ops.append(gfcoll.P2P("recv", held.pixels, pix))
                 received += held.pixels.numel()
                 if keep:
-                    held.final_latents = torch.empty((1, cmd["dim_size"], cmd["token_dim"]), dtype=torch.float32)
+                    held.final_latents = torch.empty(
+                        (1, cmd["dim_size"], cmd["token_dim"]), dtype=torch.float32
+                    )
                     ops.append(gfcoll.P2P("recv", held.final_latents, pix))
         if ops:
             self.world.batch_p2p(ops)
         if kind in ("DENOISE", "DECODE") and (transfers or cmd.get("local")):
             if member:
-                held.latents, held.lo, held.hi = new, *even_slices(cmd["dim_size"], len(ranks))[ranks.index(me)]
+                held.latents, held.lo, held.hi = (
+                    new,
+                    *even_slices(cmd["dim_size"], len(ranks))[ranks.index(me)],
+                )
             else:
                 held.latents = None
         if pix is not None and pix != ranks[0] and me == pix:
