@@ -190,9 +190,10 @@ class Engine:
         self._closed = False
         self._ctx = zmq.Context()
         self._worker = Worker(world, self.model)
+        # Every rank parses the policy, so a bad spec fails everywhere before any collective.
+        self.policy = make_policy(policy) if isinstance(policy, str) else policy
         port = 0
         if world.rank == 0:
-            self.policy = make_policy(policy) if isinstance(policy, str) else policy
             self.scheduler = Scheduler(
                 world.size,
                 self.policy,

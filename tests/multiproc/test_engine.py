@@ -212,3 +212,19 @@ def test_bad_requests_rejected_and_failures_contained():
     assert states == [True, True, True]
     assert cancelled is not None and "cancelled" in cancelled
     assert shape == (1, 64, 64, 3)
+
+
+def _bad_policy(world):
+    from gfdit.policy import PolicySpecError
+    from gfdit.runtime import Engine
+
+    try:
+        Engine(world, "tiny-flux", "no-such-policy:x=1")
+    except PolicySpecError as e:
+        return str(e)
+    return None
+
+
+def test_bad_policy_fails_on_every_rank_without_hanging():
+    messages = run_ranks(_bad_policy, 2, timeout=120)
+    assert all(m is not None and "no-such-policy" in m for m in messages), messages
