@@ -6,6 +6,7 @@
 # Report afterwards anywhere: gfdit bench report DIR... --out REPORT.
 #   usage: bash bench/serving_gpu.sh TRACE LABEL=POLICY [LABEL=POLICY ...]
 #   env: MODEL (flux-dev), NPROC (all GPUs), PORT (8321), SERVE_ARGS (more gfdit.serve options),
+#        HEALTH_TIMEOUT (600 s to become healthy; every 90 s of waiting the ranks' stacks go to server.log),
 #        WARMUP (1: one short request per class alone, then one per class all at once; 0: none)
 set -uo pipefail
 [ $# -ge 2 ] || { sed -n 2,10p "$0"; exit 2; }
@@ -17,6 +18,7 @@ MODEL=${MODEL:-flux-dev}
 PORT=${PORT:-8321}
 NPROC=${NPROC:-$(nvidia-smi -L | wc -l)}
 WARMUP=${WARMUP:-1}
+HEALTH_TIMEOUT=${HEALTH_TIMEOUT:-600}
 url="http://127.0.0.1:$PORT"
 mkdir -p "$OUT"
 log="$OUT/serving.log"
@@ -65,11 +67,17 @@ for spec in "$@"; do
     --port "$PORT" ${SERVE_ARGS:-} >"$dir/server.log" 2>&1 &
   pid=$!
   ready=0
-  for _ in $(seq 1 600); do
+  while [ $((SECONDS - t0)) -lt "$HEALTH_TIMEOUT" ]; do
     if python3 -c "import httpx,sys; sys.exit(httpx.get('$url/health', timeout=2).status_code != 200)" 2>/dev/null; then
       ready=1; break
     fi
     kill -0 $pid 2>/dev/null || break
+    if [ $(((SECONDS - t0) % 90)) -lt 2 ] && [ $((SECONDS - t0)) -gt 2 ]; then  # still loading: stacks to server.log
+      for p in $(pgrep -f "gfdit.serve"); do
+        grep -q torch.distributed.run "/proc/$p/cmdline" 2>/dev/null || kill -USR1 "$p" 2>/dev/null
+      done
+      sleep 2
+    fi
     sleep 1
   done
   if [ $ready = 0 ]; then

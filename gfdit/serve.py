@@ -18,6 +18,7 @@ on rank 0 stops without waiting for the drain.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import signal
@@ -115,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"
     )
+    # `kill -USR1 PID` prints every thread's stack of that rank to stderr (a stuck server, a slow load).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     world = _init_world(args.device)
+    log.info("loading %s on %s", args.model, world.device)
     try:
         from gfdit.runtime import Engine
 

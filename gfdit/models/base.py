@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import time
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -183,15 +184,21 @@ class DiTModel(abc.ABC):
                 spec.tokenizer_class, spec.token_style, spec.vocab_size, spec.max_length, tok_dir
             )
             if "text" in components:
+                t0 = time.perf_counter()
                 encoders[spec.subfolder] = _load_text_encoder(spec, device, dtype, weights)
+                _log_loaded(spec.subfolder, encoders[spec.subfolder], device, t0)
         transformer = vae = None
         if "transformer" in components:
+            t0 = time.perf_counter()
             transformer = _load_diffusers(
                 cls.transformer_class, preset.transformer_config, "transformer", device, dtype, weights
             )
+            _log_loaded("transformer", transformer, device, t0)
         if "vae" in components:
+            t0 = time.perf_counter()
             vae_dtype = _dtype(preset.vae_dtype) if preset.vae_dtype else dtype
             vae = _load_diffusers(cls.vae_class, preset.vae_config, "vae", device, vae_dtype, weights)
+            _log_loaded("vae", vae, device, t0)
         return cls(
             preset,
             device=device,
@@ -390,6 +397,13 @@ class DiTModel(abc.ABC):
 
     def _vae_dtype(self) -> torch.dtype:
         return next(self.vae.parameters()).dtype
+
+
+def _log_loaded(name: str, module: torch.nn.Module, device: torch.device, t0: float) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    n = sum(p.numel() for p in module.parameters())
+    log.info("%s: %.1fM parameters on %s in %.1f s", name, n / 1e6, device, time.perf_counter() - t0)
 
 
 def _load_diffusers(model_cls, config: Mapping[str, Any], subfolder: str, device, dtype, weights):
