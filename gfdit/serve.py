@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
             _serve(engine, args)
         else:
             _follow(engine)
+    except Exception:
+        log.exception("rank %d stopped on an error", world.rank)  # before world.close() waits for the others
+        raise
     finally:
         world.close()
     return 0
@@ -152,34 +155,38 @@ def _follow(engine) -> None:
 
 
 def _serve(engine, args: argparse.Namespace) -> None:
-    from gfdit.server import ServerConfig, create_app
-
-    config = ServerConfig(
-        policy=args.policy,
-        max_steps=args.max_steps,
-        max_body_bytes=args.max_body_bytes,
-        drain_s=args.drain_timeout,
-    )
-    app = create_app(engine, config)
-    uv_config = uvicorn.Config(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=10,
-        access_log=args.log_level == "debug",
-    )
-    server = _DrainingServer(uv_config, app.state.gfdit)
-    # uvicorn restores the handlers it found and re-raises a signal it stopped for: let that be a no-op.
-    signal.signal(signal.SIGTERM, lambda *_: None)
+    """Rank 0: HTTP until a signal. Whatever ends it (an error building the app included), the engine
+    closes, which ends the other ranks."""
+    server = None
     try:
+        from gfdit.server import ServerConfig, create_app
+
+        config = ServerConfig(
+            policy=args.policy,
+            max_steps=args.max_steps,
+            max_body_bytes=args.max_body_bytes,
+            drain_s=args.drain_timeout,
+        )
+        app = create_app(engine, config)
+        uv_config = uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=10,
+            access_log=args.log_level == "debug",
+        )
+        server = _DrainingServer(uv_config, app.state.gfdit)
+        # uvicorn restores the handlers it found and re-raises a signal it stopped for: let that be a no-op.
+        signal.signal(signal.SIGTERM, lambda *_: None)
         log.info(
             "serving %s on http://%s:%d with %d ranks, policy %s",
             args.model, args.host, args.port, engine.world.size, engine.policy.spec(),
         )  # fmt: skip
         server.run()
     finally:
-        server.join_drain()
+        if server is not None:
+            server.join_drain()
         engine.close()
 
 
