@@ -18,6 +18,7 @@ A request not given ranks at a rescheduling point waits; its state stays on its 
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -111,8 +112,11 @@ class Scheduler:
     more or fewer steps). `valid_degrees(request, world_size)` gives allowed group sizes (default:
     those dividing the heads and tokens, `gfdit.cost.valid_sp_degrees`). `dim_size(request)` is the
     size of the split dimension (default `gfdit.cost.state_dim_size`; the engine passes the model's
-    token count). `state_dim` is the tensor dimension of the layouts. A failed task is retried (on the policy's next choice of ranks, from the
-    state where it was) at most `max_retries` times when the worker says it can be.
+    token count). `state_dim` is the tensor dimension of the layouts. A failed task is retried (on
+    the policy's next choice of ranks, from the state where it was) at most `max_retries` times when
+    the worker says it can be. `keep_finished`: how many finished requests' records stay queryable
+    (the newest ones; None: all, as the simulator needs); a long-running server bounds it, and every
+    decision looks at unfinished requests only, so its cost does not grow with the requests served.
     """
 
     def __init__(
@@ -127,6 +131,7 @@ class Scheduler:
         state_dim: int = 1,
         max_retries: int = 0,
         learn: bool = True,
+        keep_finished: int | None = None,
     ) -> None:
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -134,6 +139,8 @@ class Scheduler:
             raise ValueError(f"chunk_steps must be >= 1, got {chunk_steps}")
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        if keep_finished is not None and keep_finished < 0:
+            raise ValueError(f"keep_finished must be >= 0 or None, got {keep_finished}")
         self.world_size = world_size
         self.policy = policy
         self.cost_model = cost_model if cost_model is not None else AnalyticCostModel()
@@ -143,15 +150,24 @@ class Scheduler:
         self.learn = learn
         self._valid_degrees = valid_degrees or valid_sp_degrees
         self._dim_size = dim_size or state_dim_size
-        self._records: dict[str, RequestRecord] = {}
+        self.keep_finished = keep_finished
+        self._records: dict[str, RequestRecord] = {}  # kept records, in submission order
+        self._active: dict[str, RequestRecord] = {}  # the unfinished ones among them
+        self._finished: collections.deque[str] = collections.deque()  # ids of kept finished, oldest first
         self._busy: dict[int, str] = {}  # rank -> request id of the task running there
 
     # Queries.
 
     @property
     def records(self) -> Mapping[str, RequestRecord]:
-        """Every request ever submitted, by id, in submission order (read-only view)."""
+        """Submitted requests by id, in submission order (read-only view): every unfinished one and the
+        newest `keep_finished` finished ones."""
         return MappingProxyType(self._records)
+
+    @property
+    def active(self) -> Mapping[str, RequestRecord]:
+        """Requests not yet in a terminal state, by id, in submission order (read-only view)."""
+        return MappingProxyType(self._active)
 
     def record(self, request_id: str) -> RequestRecord:
         try:
@@ -166,7 +182,7 @@ class Scheduler:
     @property
     def num_active(self) -> int:
         """Requests not yet in a terminal state."""
-        return sum(not rec.state.is_terminal for rec in self._records.values())
+        return len(self._active)
 
     # Events.
 
@@ -195,6 +211,7 @@ class Scheduler:
             runnable_since_s=request.arrival_s,
         )
         self._records[request.request_id] = rec
+        self._active[request.request_id] = rec
         return rec
 
     def cancel(self, request_id: str, now: float) -> bool:
@@ -259,14 +276,14 @@ class Scheduler:
     def view(self, now: float) -> SchedulerView:
         """The read-only view the policy gets at time `now`."""
         runnable = []
-        for rec in self._records.values():
+        for rec in self._active.values():
             if rec.state not in (RequestState.QUEUED, RequestState.WAITING) or rec.request.arrival_s > now:
                 continue
             runnable.append(self._runnable(rec))
         runnable.sort(key=lambda rt: (rt.request.arrival_s, -rt.request.priority))
         running = tuple(
             RunningTask(rec.running, rec.running_ranks, rec.history[-1].start_s, rec.expected_end_s)
-            for rec in self._records.values()
+            for rec in self._active.values()
             if rec.running is not None
         )
         return SchedulerView(now, self.world_size, self.free_ranks, tuple(runnable), running, self.cost_model)
@@ -426,4 +443,9 @@ class Scheduler:
         rec.state = state
         rec.finish_s = now
         rec.layout = None
+        rid = rec.request.request_id
+        self._active.pop(rid, None)
+        self._finished.append(rid)
+        while self.keep_finished is not None and len(self._finished) > self.keep_finished:
+            del self._records[self._finished.popleft()]
         logger.debug("request %s %s at t=%.6f", rec.request.request_id, state.value, now)

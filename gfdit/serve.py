@@ -135,8 +135,11 @@ def main(argv: list[str] | None = None) -> int:
             _serve(engine, args)
         else:
             _follow(engine)
-    except Exception:
-        log.exception("rank %d stopped on an error", world.rank)  # before world.close() waits for the others
+    except BaseException as e:  # logged before world.close(), which may wait for the other ranks
+        if not (isinstance(e, SystemExit) and e.code in (0, None)):
+            log.error(
+                "rank %d stopped on an error: %r", world.rank, e, exc_info=not isinstance(e, SystemExit)
+            )
         raise
     finally:
         world.close()
@@ -152,6 +155,7 @@ def _follow(engine) -> None:
     signal.signal(signal.SIGTERM, ignore)
     signal.signal(signal.SIGINT, ignore)
     engine.close(timeout=None)
+    log.info("rank %d: rank 0 closed the engine; leaving", engine.world.rank)
 
 
 def _serve(engine, args: argparse.Namespace) -> None:

@@ -161,7 +161,11 @@ def _broadcast_int(world: gfcoll.World, value: int) -> int:
 
 
 class Engine:
-    """Collective: every rank constructs it with the same arguments and calls close()."""
+    """Collective: every rank constructs it with the same arguments and calls close().
+
+    `keep_finished`: how many finished requests the scheduler keeps queryable (the newest; None: all).
+    A server runs for days: the bound keeps its memory and each scheduling decision independent of
+    the number of requests served. Results live in the RequestHandle, not there."""
 
     def __init__(
         self,
@@ -175,6 +179,7 @@ class Engine:
         dtype: torch.dtype | None = None,
         model_obj=None,
         keep_latents: bool = False,
+        keep_finished: int | None = 4096,
     ):
         from gfdit.models import load_model  # noqa: PLC0415 - heavy (diffusers)
 
@@ -200,6 +205,7 @@ class Engine:
                 chunk_steps=chunk_steps,
                 valid_degrees=lambda r, n: self.model.valid_sp_degrees(r, n),
                 dim_size=self.model.seq_len,
+                keep_finished=keep_finished,
             )
             self._router = self._ctx.socket(zmq.ROUTER)
             self._router.setsockopt(zmq.LINGER, 0)
@@ -271,10 +277,10 @@ class Engine:
 
     def num_queued(self) -> int:
         # A snapshot (one C-level copy): other threads may submit while this counts.
-        return sum(1 for rec in tuple(self.scheduler.records.values()) if rec.state is RequestState.QUEUED)
+        return sum(1 for rec in tuple(self.scheduler.active.values()) if rec.state is RequestState.QUEUED)
 
     def num_running(self) -> int:
-        return sum(1 for rec in tuple(self.scheduler.records.values()) if rec.state is RequestState.RUNNING)
+        return sum(1 for rec in tuple(self.scheduler.active.values()) if rec.state is RequestState.RUNNING)
 
     def forget(self, request_id: str) -> None:
         """Drops the engine's reference to a finished request's handle, and so to its images: a
@@ -359,8 +365,8 @@ class Engine:
             except Exception as e:  # a bug or a PolicyError: fail what waits, keep serving
                 log.exception("control loop: %s", e)
                 with self._lock:
-                    for rid, rec in list(self.scheduler.records.items()):
-                        if not rec.state.is_terminal and rec.running is None:
+                    for rid, rec in list(self.scheduler.active.items()):
+                        if rec.running is None:
                             self.scheduler.cancel(rid, self.now())
                             self._fail_request(rid, f"engine error: {type(e).__name__}: {e}")
 
@@ -374,9 +380,8 @@ class Engine:
                 return False
             if self._inflight:
                 return False
-            for rid, rec in self.scheduler.records.items():
-                if not rec.state.is_terminal:
-                    self._fail_request(rid, "engine shut down before the request finished")
+            for rid in list(self.scheduler.active):
+                self._fail_request(rid, "engine shut down before the request finished")
             for r in range(self.world.size):
                 self._send(r, {"op": "shutdown"})
             return True
@@ -419,10 +424,9 @@ class Engine:
                 del self._inflight[tid]
                 self.scheduler.on_task_failed(inf.assignment.task, inf.assignment.ranks, why, self.now())
                 self._fail_request(inf.assignment.task.request_id, why)
-            for rid, rec in list(self.scheduler.records.items()):
-                if not rec.state.is_terminal:
-                    self.scheduler.cancel(rid, self.now())
-                    self._fail_request(rid, why)
+            for rid in list(self.scheduler.active):
+                self.scheduler.cancel(rid, self.now())
+                self._fail_request(rid, why)
 
     def _send(self, rank: int, cmd: dict) -> None:
         self._router.send_multipart([str(rank).encode(), pickle.dumps(cmd, protocol=pickle.HIGHEST_PROTOCOL)])

@@ -121,11 +121,13 @@ def _run_batch(engine):
         "shapes": sorted({r.images.shape for r in results}),
         "degrees": sorted({len(g) for r in results for _, g in r.groups}),
         "states": [h.progress().state for h in handles],
+        "kept": len(engine.scheduler.records),
+        "active": len(engine.scheduler.active),
     }
 
 
 def _mixed_batch(world, policy):
-    return _with_engine(world, "tiny-flux", policy, _run_batch, chunk_steps=2)
+    return _with_engine(world, "tiny-flux", policy, _run_batch, chunk_steps=2, keep_finished=5)
 
 
 @pytest.mark.parametrize(
@@ -135,6 +137,7 @@ def test_every_policy_completes_a_mixed_batch(policy):
     out = run_ranks(_mixed_batch, 4, policy, timeout=400)[0]
     assert out["states"] == ["completed"] * 20
     assert (1, 32, 32, 3) in out["shapes"] and (1, 96, 96, 3) in out["shapes"]
+    assert out["kept"] == 5 and out["active"] == 0  # keep_finished=5 of the 20
 
 
 def _bad_requests_and_failures(world):

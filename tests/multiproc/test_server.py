@@ -663,6 +663,49 @@ def test_bad_policy_exits_2():
         assert "error:" in out.stderr and ("policy" in out.stderr or "model" in out.stderr)
 
 
+@pytest.mark.parametrize("failure", ["port_in_use", "broken_dependency"])
+def test_rank0_failure_after_the_engine_starts_ends_every_rank(failure, tmp_path):
+    """Rank 0 fails after the engine is up (its HTTP port is taken; the web framework cannot be
+    imported): the job exits non-zero with the reason in its log, and no rank is left waiting."""
+    import socket
+
+    env = _env()
+    if failure == "broken_dependency":
+        fake = tmp_path / "site" / "fastapi"
+        fake.mkdir(parents=True)
+        (fake / "__init__.py").write_text("raise ImportError('fastapi test double: cannot import')\n")
+        env["PYTHONPATH"] = str(tmp_path / "site") + os.pathsep + env["PYTHONPATH"]
+        reason = "fastapi test double: cannot import"
+    else:
+        reason = "address already in use"
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1] if failure == "port_in_use" else free_port()
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "gfdit.serve", "--model", "tiny-flux", "--device", "cpu", "--port", str(port)]  # fmt: skip
+        log_path = tmp_path / "job.log"
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        try:
+            code = proc.wait(kStartTimeoutS)
+        except subprocess.TimeoutExpired:
+            code = None
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # no rank may outlive the test
+            except ProcessLookupError:
+                pass
+    text = log_path.read_text(errors="replace")
+    assert code is not None, f"the job was still running after {kStartTimeoutS} s:\n{text[-3000:]}"
+    assert code != 0
+    assert reason in text.lower(), text[-3000:]
+    assert "rank 0 stopped on an error" in text, text[-3000:]  # logged before anything can block
+    assert "rank 1: rank 0 closed the engine; leaving" in text, text[-3000:]  # not killed by torchrun
+
+
 # -- shutdown ---------------------------------------------------------------------------------------------
 
 

@@ -242,6 +242,31 @@ def test_submit_cancel_fail_and_retry():
     assert sched.record("c").state is RequestState.CANCELLED and sched.free_ranks == (0, 1)
 
 
+def test_keep_finished_bounds_the_records_and_decisions_see_unfinished_only():
+    sched = Scheduler(2, make_policy("fcfs-elastic"), keep_finished=2)
+    with pytest.raises(ValueError, match="keep_finished"):
+        Scheduler(2, make_policy("fcfs-elastic"), keep_finished=-1)
+    ids = [f"r{i}" for i in range(6)]
+    for rid in ids[:5]:
+        sched.submit(Request(rid, "flux-dev", width=512, height=512, num_inference_steps=2))
+    assert sched.cancel("r4", 0.0)  # ends while waiting: the first finished record
+    t = 0.0
+    while sched.num_active:
+        for a in sched.schedule(t):
+            sched.on_task_done(a.task, a.ranks, TaskTimings(t, t + 0.1))
+        t += 0.1
+        kept_finished = [r for r in sched.records.values() if r.state.is_terminal]
+        assert len(kept_finished) <= 2
+        assert set(sched.active) == {rid for rid, r in sched.records.items() if not r.state.is_terminal}
+    assert list(sched.active) == [] and len(sched.records) == 2
+    done = sorted(sched.records.values(), key=lambda r: r.finish_s)
+    assert all(r.state is RequestState.DONE for r in done)
+    with pytest.raises(KeyError, match="unknown request 'r4'"):
+        sched.record("r4")  # forgotten: the oldest finished
+    sched.submit(Request(ids[5], "flux-dev"))  # the scheduler keeps working after forgetting
+    assert list(sched.active) == ["r5"] and sched.view(t).runnable[0].request_id == "r5"
+
+
 # Whole runs in the simulator.
 
 
