@@ -5,7 +5,7 @@
 
 Endpoints (bodies in gfdit.server.schemas; errors are OpenAI-shaped, see gfdit.server.errors):
   POST   /v1/images/generations      n images (n engine requests); `stream: true` for server-sent events
-  POST   /v1/videos                  an asynchronous video job
+  POST   /v1/videos                  an asynchronous video job (JSON, or form fields as OpenAI's SDKs send)
   GET    /v1/videos                  the jobs kept, newest first
   GET    /v1/videos/{id}             status queued | in_progress | completed | failed, progress 0-100
   GET    /v1/videos/{id}/content     the mp4: 404 until completed, 409 if failed
@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import logging
 import time
 from typing import Literal
 
 from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
 
 from .errors import ApiError, BodySizeLimit, error_body, install_error_handlers
 from .media import png_b64
@@ -62,6 +65,66 @@ _ERRORS = {
         (503, "shutting down, or a worker is down"),
     )
 }
+
+
+# POST /v1/videos takes JSON or form fields (OpenAI's SDKs send multipart/form-data there): one schema,
+# validated strictly from JSON and with string-to-number conversion from a form.
+kFormTypes = ("multipart/form-data", "application/x-www-form-urlencoded")
+kMaxFormFields = 64
+
+
+def _video_body_docs() -> dict:
+    schema = VideoCreateRequest.model_json_schema()
+    form = {
+        **schema,
+        "properties": {**schema["properties"], "input_reference": {"type": "string", "format": "binary"}},
+    }
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": schema}, **{t: {"schema": form} for t in kFormTypes}},
+        }
+    }
+
+
+async def _video_body(request: Request, model_name: str) -> VideoCreateRequest:
+    """The body of POST /v1/videos from JSON or form fields; 4xx naming the field otherwise."""
+    ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    try:
+        if ctype in kFormTypes:
+            if importlib.util.find_spec("python_multipart") is None:
+                raise ApiError(415, f"{ctype} needs the python-multipart package on the server: send JSON")
+            try:
+                form = await request.form(max_files=4, max_fields=kMaxFormFields)
+            except Exception as e:  # malformed multipart / urlencoded data, too many parts
+                raise ApiError(400, f"the body is not valid {ctype}: {e}") from None
+            fields: dict[str, str] = {}
+            try:
+                for key, value in form.multi_items():
+                    if key == "input_reference":
+                        raise ApiError(
+                            400,
+                            f"input_reference: {model_name} generates video from text only (no image-to-video)",
+                            param="input_reference",
+                            code="unsupported_value",
+                        )
+                    if not isinstance(value, str):
+                        raise ApiError(400, f"{key}: a file where a value was expected", param=key)
+                    if key in fields:
+                        raise ApiError(400, f"{key}: given more than once", param=key)
+                    fields[key] = value
+            finally:
+                await form.close()
+            return VideoCreateRequest.model_validate(fields, strict=False)
+        if ctype in ("application/json", "") or ctype.endswith("+json"):
+            return VideoCreateRequest.model_validate_json(await request.body())
+    except ValidationError as e:
+        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
+    raise ApiError(
+        415,
+        f"Content-Type {ctype!r}: send application/json or multipart/form-data",
+        code="unsupported_media_type",
+    )
 
 
 def _sse(obj) -> str:
@@ -123,9 +186,16 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
         return JSONResponse(await _images_body(state, tracked))
 
     # -- videos --------------------------------------------------------------------------------
-    @app.post("/v1/videos", response_model=VideoJob, responses=_ERRORS)
-    async def create_video(body: VideoCreateRequest):
-        """Queues a video job; poll GET /v1/videos/{id}, then fetch /content."""
+    @app.post(
+        "/v1/videos",
+        response_model=VideoJob,
+        responses={**_ERRORS, 415: {"model": ErrorResponse, "description": "not JSON nor form data"}},
+        openapi_extra=_video_body_docs(),
+    )
+    async def create_video(http_request: Request):
+        """Queues a video job; poll GET /v1/videos/{id}, then fetch /content. The body is JSON, or
+        form fields (multipart/form-data or urlencoded, as OpenAI's SDKs send): the same fields."""
+        body = await _video_body(http_request, state.model_name)
         request = state.video_request(body)
         events: asyncio.Queue = asyncio.Queue()
         (tracked,) = state.submit([request], "video", events)

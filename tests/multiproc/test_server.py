@@ -526,6 +526,57 @@ def test_video_job_end_to_end(wan):
     assert httpx.get(f"{wan.url}/v1/videos/{job['id']}").status_code == 404
 
 
+def test_video_job_from_form_fields_as_openai_sdks_send(wan):
+    """OpenAI's SDKs send POST /v1/videos as multipart/form-data (all values strings)."""
+    form = {"model": "tiny-wan", "prompt": "waves", "seconds": "0.5", "size": "64x48",
+            "num_inference_steps": "3", "seed": "4"}  # fmt: skip
+    r = httpx.post(wan.url + "/v1/videos", files={k: (None, v) for k, v in form.items()}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.request.headers["content-type"].startswith("multipart/form-data")
+    job = r.json()
+    assert job["num_frames"] == 9 and job["size"] == "64x48" and job["seed"] == 4, job
+    job = _video_end(wan.url, job["id"], 120)
+    assert job["status"] == "completed", job
+    # The same fields urlencoded; then cancelled, to keep the test short.
+    r = httpx.post(
+        wan.url + "/v1/videos", data={"prompt": "waves", "num_frames": "5", "size": "64x48"}, timeout=30
+    )
+    assert r.status_code == 200 and r.json()["num_frames"] == 5, r.text
+    assert httpx.delete(f"{wan.url}/v1/videos/{r.json()['id']}").status_code == 200
+
+
+BAD_VIDEO_FORMS = [
+    # (files for httpx: multipart), param, words in the message
+    ([("prompt", (None, "x")), ("input_reference", ("ref.png", b"\x89PNG", "image/png"))],
+     "input_reference", "text only"),
+    ([("prompt", (None, "x")), ("num_inference_steps", (None, "many"))], "num_inference_steps", "integer"),
+    ([("prompt", (None, "x")), ("prompt", (None, "y"))], "prompt", "more than once"),
+    ([("prompt", (None, "x")), ("colour", (None, "red"))], "colour", "xtra"),
+    ([("prompt", (None, "x")), ("seed", ("seed.txt", b"3", "text/plain"))], "seed", "a file"),
+    ([("size", (None, "64x48"))], "prompt", "required"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("files,param,words", BAD_VIDEO_FORMS, ids=range(len(BAD_VIDEO_FORMS)))
+def test_bad_video_forms(wan, files, param, words):
+    r = httpx.post(wan.url + "/v1/videos", files=files, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and words in err["message"], err
+
+
+def test_video_body_of_another_type_or_broken_form(wan):
+    r = httpx.post(wan.url + "/v1/videos", content=b"prompt=x", headers={"content-type": "text/plain"})
+    assert r.status_code == 415 and "multipart/form-data" in r.json()["error"]["message"], r.text
+    r = httpx.post(
+        wan.url + "/v1/videos", content=b"--x\r\nbroken", headers={"content-type": "multipart/form-data"}
+    )
+    assert r.status_code == 400 and "not valid multipart/form-data" in r.json()["error"]["message"], r.text
+    r = httpx.post(wan.url + "/v1/videos", json={"prompt": "x", "num_frames": "5"})  # JSON stays strict
+    assert r.status_code == 400 and r.json()["error"]["param"] == "num_frames", r.text
+    assert httpx.get(wan.url + "/health").status_code == 200
+
+
 def test_video_delete_cancels_a_running_job(wan):
     long = {"prompt": "slow", "size": "128x128", "num_frames": 17, "num_inference_steps": 150}
     job = httpx.post(wan.url + "/v1/videos", json=long).json()
