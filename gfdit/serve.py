@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import logging
+import math
 import os
 import signal
 import socket
@@ -61,6 +62,19 @@ def build_parser(prog: str = "python -m gfdit.serve") -> argparse.ArgumentParser
         default=20.0,
         help="seconds accepted requests get to finish on SIGTERM (default 20; torchrun kills at 30)",
     )
+    p.add_argument(
+        "--task-timeout-factor",
+        type=float,
+        default=20.0,
+        help="a task running longer than this many times its estimate (and the floor) is hung: /health "
+        "fails naming the rank and its requests fail (default 20)",
+    )
+    p.add_argument(
+        "--task-timeout-floor",
+        type=float,
+        default=300.0,
+        help="seconds a task may always run before it counts as hung; 0 disables the check (default 300)",
+    )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
 
@@ -88,6 +102,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.drain_timeout < 0:
         parser.error(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
+    if not (math.isfinite(args.task_timeout_factor) and args.task_timeout_factor > 0):
+        parser.error(f"--task-timeout-factor must be > 0, got {args.task_timeout_factor}")
+    if not (math.isfinite(args.task_timeout_floor) and args.task_timeout_floor >= 0):
+        parser.error(f"--task-timeout-floor must be >= 0 (0: no check), got {args.task_timeout_floor}")
 
 
 def _free_port() -> int:
@@ -130,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             weights=args.weights,
             chunk_steps=args.chunk_steps,
             max_queue=args.max_queue,
+            task_timeout_factor=args.task_timeout_factor,
+            task_timeout_floor_s=args.task_timeout_floor or None,
         )
         if world.rank == 0:
             _serve(engine, args)

@@ -21,8 +21,14 @@ control loop, which polls these sockets with the ROUTER, sees end-of-file at onc
 timing to tune and nothing for a busy worker to send. (ZeroMQ's ROUTER_NOTIFY would say the same,
 but it is a draft API that the libzmq bundled with pyzmq leaves out.) A dead rank ends the engine's
 service: the gfcoll world has lost a member, so every request not yet finished fails with the
-reason, `healthy()` reports the rank, and `submit` refuses new work. A hung (not dead) worker is not
-detected here: its gfcoll peers time out (GFCOLL_TIMEOUT_S) and fail their task.
+reason, `healthy()` reports the rank, and `submit` refuses new work.
+
+A hung (not dead) worker keeps its connection open, so rank 0 also watches the clock: a task that
+runs past max(task_timeout_floor_s, task_timeout_factor x the cost model's estimate) marks the members
+that have not reported as lost, with the same consequences. Their threads cannot be stopped from
+here, and their gfcoll peers may be stuck in a collective with them, so the engine stops serving
+rather than guess which ranks are still sound; /health then tells the orchestrator to restart the
+job. (A member stuck in a collective is also ended by gfcoll's GFCOLL_TIMEOUT_S on its peers.)
 """
 
 from __future__ import annotations
@@ -150,6 +156,7 @@ class _Inflight:
     assignment: object  # the scheduler's Assignment
     start_s: float
     waiting: set[int]  # members that have not reported yet
+    limit_s: float  # running longer than this: the members still waiting are hung
     events: list[dict] = field(default_factory=list)
 
 
@@ -165,7 +172,9 @@ class Engine:
 
     `keep_finished`: how many finished requests the scheduler keeps queryable (the newest; None: all).
     A server runs for days: the bound keeps its memory and each scheduling decision independent of
-    the number of requests served. Results live in the RequestHandle, not there."""
+    the number of requests served. Results live in the RequestHandle, not there.
+    `task_timeout_factor`, `task_timeout_floor_s`: a task running longer than the larger of the floor
+    and factor x its estimated time is hung (Note [Worker liveness]); a floor of None disables it."""
 
     def __init__(
         self,
@@ -180,9 +189,15 @@ class Engine:
         model_obj=None,
         keep_latents: bool = False,
         keep_finished: int | None = 4096,
+        task_timeout_factor: float = 20.0,
+        task_timeout_floor_s: float | None = 300.0,
     ):
         from gfdit.models import load_model  # noqa: PLC0415 - heavy (diffusers)
 
+        if not task_timeout_factor > 0 or (task_timeout_floor_s is not None and not task_timeout_floor_s > 0):
+            raise ValueError(
+                f"task timeout: factor and floor must be > 0, got {task_timeout_factor}, {task_timeout_floor_s}"
+            )
         self.world = world
         self.model_name = model
         self.model = (
@@ -191,6 +206,8 @@ class Engine:
             else load_model(model, device=world.device, dtype=dtype, weights=weights)
         )
         self.max_queue = max_queue
+        self.task_timeout_factor = float(task_timeout_factor)
+        self.task_timeout_floor_s = task_timeout_floor_s
         self.keep_latents = keep_latents  # return each request's final latent too (tests, debugging)
         self._closed = False
         self._ctx = zmq.Context()
@@ -360,6 +377,7 @@ class Engine:
                         self._on_event(pickle.loads(payload))
                     else:
                         self._on_liveness(sock, poller)
+                self._check_hung()
                 if self._step(stopping):
                     return
             except Exception as e:  # a bug or a PolicyError: fail what waits, keep serving
@@ -412,6 +430,20 @@ class Engine:
         if entry[2] is not None:
             self._on_rank_lost(entry[2], "its worker process exited (liveness connection closed)")
 
+    def _check_hung(self) -> None:
+        """Marks the unreported members of a task past its time limit as lost (Note [Worker liveness])."""
+        if self.task_timeout_floor_s is None:
+            return
+        now = self.now()
+        with self._lock:
+            late = [inf for inf in self._inflight.values() if now - inf.start_s > inf.limit_s]
+            hung = [(r, inf) for inf in late for r in sorted(inf.waiting)]
+        for rank, inf in hung:
+            self._on_rank_lost(
+                rank,
+                f"hung: task {inf.assignment.task} ran past its {inf.limit_s:.1f} s limit without reporting",
+            )
+
     def _on_rank_lost(self, rank: int, reason: str) -> None:
         """Fails every unfinished request: the world has lost a member (Note [Worker liveness])."""
         with self._lock:
@@ -419,7 +451,7 @@ class Engine:
                 return
             self._dead[rank] = reason
             log.error("rank %d lost: %s; failing every unfinished request", rank, reason)
-            why = f"rank {rank} died: {reason}"
+            why = f"rank {rank} lost: {reason}"
             for tid, inf in list(self._inflight.items()):
                 del self._inflight[tid]
                 self.scheduler.on_task_failed(inf.assignment.task, inf.assignment.ranks, why, self.now())
@@ -475,7 +507,9 @@ class Engine:
                 involved |= {s for s, _ in cmd["cond_sends"]}
                 holders |= set(lacking)
         self._touched.setdefault(rid, set()).update(involved)
-        self._inflight[tid] = _Inflight(a, now, set(ranks))
+        expected_s = max(0.0, (self.scheduler.record(rid).expected_end_s or now) - now)
+        limit_s = max(self.task_timeout_floor_s or 0.0, self.task_timeout_factor * expected_s)
+        self._inflight[tid] = _Inflight(a, now, set(ranks), limit_s)
         for r in sorted(involved):
             self._send(r, cmd)
         handle = self._handles.get(rid)

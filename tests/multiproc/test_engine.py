@@ -231,3 +231,83 @@ def _bad_policy(world):
 def test_bad_policy_fails_on_every_rank_without_hanging():
     messages = run_ranks(_bad_policy, 2, timeout=120)
     assert all(m is not None and "no-such-policy" in m for m in messages), messages
+
+
+kHangS = 8.0  # how long the injected hang lasts (bounded, so the process can still exit)
+
+
+def _hung_worker(world):
+    import time
+
+    from gfdit.models import load_model
+    from gfdit.request import Request
+
+    class Hanging:
+        """The real model, except that denoising a prompt containing HANG blocks for kHangS."""
+
+        def __init__(self, inner):
+            self._inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self._inner, name)
+
+        def denoise(self, latents, token_range, cond, start, end, request, group=None):
+            if "HANG" in request.prompt:
+                time.sleep(kHangS)
+            return self._inner.denoise(latents, token_range, cond, start, end, request, group=group)
+
+    def body(engine):
+        ok = engine.submit(Request("ok", "tiny-flux", "fine", width=64, height=64, num_inference_steps=2))
+        ok_shape = ok.result(timeout=120).images.shape  # normal tasks are not mistaken for hung ones
+        t0 = time.monotonic()
+        stuck = engine.submit(
+            Request("stuck", "tiny-flux", "HANG", width=64, height=64, num_inference_steps=2)
+        )
+        try:
+            stuck.result(timeout=60)
+            failure = None
+        except RuntimeError as e:
+            failure = str(e)
+        detected_s = time.monotonic() - t0
+        healthy = engine.healthy()
+        try:
+            engine.submit(Request("late", "tiny-flux", "x", width=64, height=64, num_inference_steps=2))
+            refused = None
+        except RuntimeError as e:
+            refused = str(e)
+        return ok_shape, failure, detected_s, healthy, refused
+
+    model = Hanging(load_model("tiny-flux", device=world.device))
+    return _with_engine(
+        world,
+        "tiny-flux",
+        "static:sp=1",
+        body,
+        model_obj=model,
+        task_timeout_factor=1.0,
+        task_timeout_floor_s=2.0,
+    )
+
+
+def test_hung_task_fails_its_request_and_health_without_waiting_for_it():
+    ok_shape, failure, detected_s, (healthy, reason), refused = run_ranks(_hung_worker, 2, timeout=180)[0]
+    assert ok_shape == (1, 64, 64, 3)
+    assert failure is not None and "hung" in failure and "2.0 s limit" in failure, failure
+    assert 2.0 <= detected_s < kHangS, detected_s  # found by the watchdog, not by the task ending
+    assert not healthy and "hung" in reason, reason
+    assert refused is not None and "lost a worker" in refused, refused
+
+
+def _bad_task_timeout(world):
+    from gfdit.runtime import Engine
+
+    try:
+        Engine(world, "tiny-flux", "static", task_timeout_factor=0.0)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_bad_task_timeout_is_refused():
+    messages = run_ranks(_bad_task_timeout, 1, timeout=120)
+    assert messages[0] is not None and "task timeout" in messages[0], messages
