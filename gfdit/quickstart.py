@@ -78,7 +78,8 @@ def main(argv=None) -> int:
                 d = r.json()
                 g = d["gfdit"]
                 png = base64.b64decode(d["data"][0]["b64_json"])
-                groups = " ".join(f"{x['task'].split(':')[-1]}@{list(x['ranks'])}" for x in g["groups"])
+                (history,) = g["groups"]  # one image (n=1): its tasks and their ranks
+                groups = " ".join(f"{x['task'].split(':')[-1]}@{list(x['ranks'])}" for x in history)
                 _say(f"  {body['size']:>7} seed {body['seed']}: {g['latency_ms']:.0f} ms, {len(png)} B PNG, "
                      f"{g['reshards']} reshards, {g['bytes_moved']} B moved; groups {groups}")  # fmt: skip
 

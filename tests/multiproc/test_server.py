@@ -759,6 +759,17 @@ def test_rank0_failure_after_the_engine_starts_ends_every_rank(failure, tmp_path
     assert "rank 1: rank 0 closed the engine; leaving" in text, text[-3000:]  # not killed by torchrun
 
 
+def test_readme_main_job_runs():
+    """The README's main command ends with `python3 -m gfdit.quickstart`: it must keep working."""
+    out = subprocess.run(
+        [sys.executable, "-m", "gfdit.quickstart"], cwd=ROOT, env=_env(), capture_output=True, text=True,
+        timeout=kStartTimeoutS + 120,
+    )  # fmt: skip
+    assert out.returncode == 0, f"{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    assert "server healthy" in out.stdout and "streamed request" in out.stdout, out.stdout
+    assert out.stdout.count(" reshards, ") == 6, out.stdout  # the six requests of the batch
+
+
 # -- shutdown ---------------------------------------------------------------------------------------------
 
 
