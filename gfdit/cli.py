@@ -6,6 +6,7 @@
     gfdit bench gen --model tiny-flux --rate 2 --duration 60 --alpha 3 --seed 0 --out trace.jsonl
     gfdit bench run --url http://127.0.0.1:8000 --trace trace.jsonl --out runs/edf
     gfdit bench report runs/edf runs/static --out report/
+    gfdit tune --trace trace.jsonl --world-size 4 --search "edf-best-fit:chunk=1|2|4" --out tune/
 
 Usage errors exit with status 2 (argparse), before anything starts.
 """
@@ -76,6 +77,27 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("runs", nargs="+", help="directories written by `gfdit bench run`")
     rep.add_argument("--out", required=True, help="directory for report.json, report.md and plots")
     rep.add_argument("--label", action="append", default=None, help="a label per run, in order")
+
+    t = sub.add_parser(
+        "tune",
+        help="search policy parameters on a trace in the simulator (gfdit.tune)",
+        description="Rank policy specs on a trace by simulating them with the server's Scheduler and "
+        "policies against the analytic cost model; the best spec goes to `gfdit serve --policy`.",
+    )
+    t.add_argument("--trace", required=True, help="trace file from `gfdit bench gen`")
+    t.add_argument("--world-size", type=int, required=True, help="ranks of the server to tune for")
+    t.add_argument(
+        "--search",
+        action="append",
+        default=[],
+        help='NAME:key=v1|v2,key=...: every combination is a candidate, e.g. "edf-best-fit:chunk=1|2|4"; repeat',
+    )
+    t.add_argument("--baseline", action="append", default=[], help="a fixed policy spec to compare; repeat")
+    t.add_argument("--objective", default="slo", choices=("slo", "mean", "p99", "throughput"))
+    t.add_argument("--chunk-steps", type=int, default=2, help="the server's --chunk-steps (default 2)")
+    t.add_argument("--noise", type=float, default=0.0, help="log-normal sigma on task times (default 0)")
+    t.add_argument("--seeds", type=int, default=1, help="simulations per candidate with noise (default 1)")
+    t.add_argument("--out", default=None, help="directory for results.json and results.md")
     return p
 
 
@@ -159,6 +181,36 @@ def _report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from gfdit import tune
+    from gfdit.bench.workload import read_trace
+    from gfdit.policy import PolicySpecError
+
+    if not os.path.isfile(args.trace):
+        parser.error(f"--trace: {args.trace!r} does not exist")
+    if args.chunk_steps < 1 or args.seeds < 1 or not args.noise >= 0:
+        parser.error("--chunk-steps and --seeds must be >= 1, --noise >= 0")
+    try:
+        meta, records = read_trace(args.trace)
+        seeds = tuple(range(args.seeds))
+        ranked = tune.tune(
+            records, world_size=args.world_size, searches=args.search, baselines=args.baseline,
+            objective=args.objective, chunk_steps=args.chunk_steps, noise=args.noise, seeds=seeds,
+        )  # fmt: skip
+    except (ValueError, PolicySpecError) as e:
+        parser.error(str(e))
+    info = {
+        "trace": os.path.basename(args.trace), "num_requests": len(records), "world_size": args.world_size,
+        "objective": args.objective, "noise": args.noise, "seeds": list(seeds), "chunk_steps": args.chunk_steps,
+        "command": shlex.join(["gfdit", *sys.argv[1:]]), "trace_meta": meta,
+    }  # fmt: skip
+    _out(tune.write_results(args.out, ranked, info) if args.out else tune.render(ranked, info))
+    best = next((c for c in ranked if c.error is None and not c.baseline), None)
+    if best is not None:
+        _out(f"best: {best.spec}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
@@ -166,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(parser, args, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "tune":
+        return _tune(parser, args)
     handler = {"gen": _gen, "run": _run, "report": _report}[args.bench_command]
     return handler(parser, args)
 

@@ -1,0 +1,129 @@
+"""gfdit.tune: search expansion, ranking by objective, stalled candidates, and the `gfdit tune` CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+from typing import ClassVar
+
+import pytest
+
+from gfdit.bench.workload import Phase, RequestClass, WorkloadSpec, generate, write_trace
+from gfdit.policy import Policy, PolicySpecError, register_policy
+from gfdit.tune import expand_search, render, tune
+
+
+@register_policy
+@dataclasses.dataclass
+class _IdlePolicy(Policy):
+    """Never starts anything: the simulator reports it stalled."""
+
+    name: ClassVar[str] = "test-idle"
+
+    def schedule(self, view):
+        return []
+
+
+def _records(rate: float = 0.3, duration: float = 60.0, alpha: float = 2.0):
+    classes = (
+        RequestClass("S", 512, 512, None, 28, 0.5),
+        RequestClass("M", 1024, 1024, None, 28, 0.3),
+        RequestClass("L", 2048, 2048, None, 28, 0.2),
+    )
+    spec = WorkloadSpec("flux-dev", duration, (Phase(0.0, rate),), classes, alpha, 0)
+    return spec, generate(spec)
+
+
+def test_expand_search_is_the_cartesian_product_and_checks_every_value():
+    assert expand_search("srtf") == ["srtf"]
+    got = expand_search("edf-best-fit:chunk=1|2,tol=0.05|0.1")
+    assert got == [
+        "edf-best-fit:chunk=1,tol=0.05", "edf-best-fit:chunk=1,tol=0.1",
+        "edf-best-fit:chunk=2,tol=0.05", "edf-best-fit:chunk=2,tol=0.1",
+    ]  # fmt: skip
+    for bad, words in [
+        ("edf-best-fit:chunk=1|x", "expects int"),
+        ("edf-best-fit:chunk=1|", "key=v1|v2"),
+        ("edf-best-fit:chunk=2|2", "twice"),
+        ("edf-best-fit:nope=1", "no parameter"),
+        ("no-such-policy:chunk=1", "unknown policy"),
+    ]:
+        with pytest.raises(PolicySpecError, match=words):
+            expand_search(bad)
+
+
+def test_tune_ranks_by_the_objective_with_baselines_and_stalled_candidates_last():
+    _, records = _records()
+    ranked = tune(
+        records, world_size=4, searches=["edf-best-fit:chunk=1|4", "test-idle"], baselines=["static:sp=4"],
+        objective="mean",
+    )  # fmt: skip
+    specs = [c.spec for c in ranked]
+    assert sorted(specs) == sorted(
+        ["edf-best-fit:chunk=1", "edf-best-fit:chunk=4", "static:sp=4", "test-idle"]
+    )
+    assert (
+        specs[-1] == "test-idle" and ranked[-1].error is not None and "left them waiting" in ranked[-1].error
+    )
+    means = [c.mean_latency_s for c in ranked[:-1]]
+    assert means == sorted(means)
+    assert [c.baseline for c in ranked if c.spec == "static:sp=4"] == [True]
+    done = [c for c in ranked if c.error is None]
+    assert all(c.completed == len(records) for c in done)
+    # On this mixed load the elastic policy beats the static baseline (the case gf-dit is built for).
+    by_spec = {c.spec: c for c in ranked}
+    assert by_spec["edf-best-fit:chunk=1"].mean_latency_s < by_spec["static:sp=4"].mean_latency_s
+    slo_first = tune(records, world_size=4, searches=["edf-best-fit:chunk=1|4"], baselines=["static:sp=4"])
+    attain = [c.slo_attainment for c in slo_first]
+    assert attain == sorted(attain, reverse=True)
+    text = render(ranked, {"trace": "t", "num_requests": len(records), "world_size": 4, "objective": "mean",
+                           "noise": 0.0, "seeds": [0]})  # fmt: skip
+    assert "(baseline)" in text and "stalled" in text and text.count("\n| ") == 2 + 4  # header, rule, rows
+
+
+def test_noise_and_seeds_average_several_simulations():
+    _, records = _records(rate=0.2, duration=40.0)
+    one = tune(records, world_size=4, searches=["fcfs-elastic"], noise=0.3, seeds=(0,))[0]
+    same = tune(records, world_size=4, searches=["fcfs-elastic"], noise=0.3, seeds=(0,))[0]
+    three = tune(records, world_size=4, searches=["fcfs-elastic"], noise=0.3, seeds=(0, 1, 2))[0]
+    assert one == same  # deterministic per seed
+    assert three.mean_latency_s != one.mean_latency_s and math.isfinite(three.mean_latency_s)
+
+
+def test_tune_refuses_bad_input():
+    _, records = _records(duration=20.0)
+    with pytest.raises(ValueError, match="objective"):
+        tune(records, world_size=4, searches=["srtf"], objective="fast")
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        tune(records, world_size=4, searches=[])
+    with pytest.raises(ValueError, match="no requests"):
+        tune([], world_size=4, searches=["srtf"])
+    with pytest.raises(ValueError, match="exceed the limit"):
+        tune(records, world_size=4, searches=["edf-best-fit:chunk=1|2|3,tol=0.1|0.2"], max_candidates=5)
+    with pytest.raises(PolicySpecError):
+        tune(records, world_size=4, searches=[], baselines=["static:sp=zero"])
+
+
+def test_cli_writes_results_and_names_the_best(tmp_path):
+    spec, records = _records(duration=30.0)
+    trace = tmp_path / "trace.jsonl"
+    write_trace(str(trace), spec, records)
+    out = subprocess.run(
+        [sys.executable, "-m", "gfdit.cli", "tune", "--trace", str(trace), "--world-size", "4",
+         "--search", "edf-best-fit:chunk=1|2", "--baseline", "static:sp=4", "--out", str(tmp_path / "t")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    best = out.stdout.strip().splitlines()[-1]
+    assert best.startswith("best: edf-best-fit:chunk="), out.stdout
+    data = json.loads((tmp_path / "t" / "results.json").read_text())
+    assert len(data["candidates"]) == 3 and data["meta"]["world_size"] == 4
+    assert (tmp_path / "t" / "results.md").read_text().count("\n| ") == 2 + 3
+    bad = subprocess.run(
+        [sys.executable, "-m", "gfdit.cli", "tune", "--trace", str(trace), "--world-size", "4",
+         "--search", "edf-best-fit:chunk=x"], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "expects int" in bad.stderr
