@@ -172,8 +172,14 @@ def tune(
         raise ValueError(f"{len(specs)} candidates exceed the limit of {max_candidates}: narrow the search")
     requests = _requests(records)
     kw = dict(world_size=world_size, chunk_steps=chunk_steps, noise=noise, seeds=tuple(seeds))
-    out = [evaluate(s, requests, **kw, baseline=True) for s in dict.fromkeys(baselines)]
-    out += [evaluate(s, requests, **kw) for s in dict.fromkeys(specs) if s not in baselines]
+    # One evaluation per distinct configuration: "edf-best-fit" and "edf-best-fit:chunk=2" are the same.
+    seen: set[str] = set()
+    out = []
+    for s, is_baseline in [*((b, True) for b in baselines), *((c, False) for c in specs)]:
+        canonical = make_policy(s).spec()
+        if canonical not in seen:
+            seen.add(canonical)
+            out.append(evaluate(s, requests, **kw, baseline=is_baseline))
     return sorted(out, key=_rank_key(objective))
 
 
