@@ -14,11 +14,14 @@ Usage errors exit with status 2 (argparse), before anything starts.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import sys
 
-__all__ = ["main", "build_parser", "serve_command"]
+__all__ = ["main", "build_parser", "serve_command", "serve_env"]
+
+kShutdownMarginS = 15.0  # after the drain: the engine closes, every rank leaves
 
 
 def _out(text: str) -> None:
@@ -109,6 +112,16 @@ def serve_command(nproc: int, serve_args: list[str]) -> list[str]:
     ]  # fmt: skip
 
 
+def serve_env(environ: dict[str, str], drain_timeout_s: float) -> dict[str, str]:
+    """The environment `gfdit serve` runs torchrun in. torchrun SIGKILLs the ranks a fixed time after
+    forwarding SIGTERM (30 s unless TORCH_ELASTIC_SHUTDOWN_TIMEOUT or --shutdown-timeout says
+    otherwise), which would cut a longer --drain-timeout short: give it the drain plus a margin,
+    unless the caller chose a value."""
+    env = dict(environ)
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(math.ceil(drain_timeout_s + kShutdownMarginS)))
+    return env
+
+
 def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> int:
     from gfdit import serve
 
@@ -116,11 +129,13 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list
         parser.error(f"--nproc must be >= 1, got {args.nproc}")
     # Check gfdit.serve's options here, so that a mistake exits 2 before torchrun starts any rank.
     serve_parser = serve.build_parser(prog="gfdit serve")
-    serve.check_args(serve_parser, serve_parser.parse_args(rest))
+    serve_args = serve_parser.parse_args(rest)
+    serve.check_args(serve_parser, serve_args)
     cmd = serve_command(args.nproc, rest)
-    _out("+ " + shlex.join(cmd))
+    env = serve_env(os.environ, serve_args.drain_timeout)
+    _out(f"+ TORCH_ELASTIC_SHUTDOWN_TIMEOUT={env['TORCH_ELASTIC_SHUTDOWN_TIMEOUT']} " + shlex.join(cmd))
     sys.stdout.flush()
-    os.execv(cmd[0], cmd)
+    os.execve(cmd[0], cmd, env)
     return 0  # not reached
 
 

@@ -11,8 +11,9 @@ Shutdown: SIGTERM or SIGINT on rank 0 (torchrun forwards the one it gets) drains
 [Accepted requests end] in gfdit.server.state): admission stops (503), accepted requests get
 --drain-timeout seconds to finish, then the engine closes, failing the rest with a reason, and every
 rank exits. The other ranks ignore those signals: rank 0 ends them once their work is done (torchrun
-kills them after its own shutdown timeout, 30 s by default, if rank 0 never does). A second signal
-on rank 0 stops without waiting for the drain.
+kills them after its own shutdown timeout, 30 s by default, if rank 0 never does; `gfdit serve` sets
+it to the drain + 15 s). A second signal on rank 0 stops without waiting for the drain. torchrun
+itself exits with status 1 after a signal, also when every rank drained and left cleanly.
 """
 
 from __future__ import annotations
@@ -60,7 +61,9 @@ def build_parser(prog: str = "python -m gfdit.serve") -> argparse.ArgumentParser
         "--drain-timeout",
         type=float,
         default=20.0,
-        help="seconds accepted requests get to finish on SIGTERM (default 20; torchrun kills at 30)",
+        help="seconds accepted requests get to finish on SIGTERM (default 20). torchrun SIGKILLs the ranks "
+        "30 s after forwarding SIGTERM unless told otherwise: `gfdit serve` gives it the drain + 15 s "
+        "(TORCH_ELASTIC_SHUTDOWN_TIMEOUT); with torchrun directly, pass --shutdown-timeout",
     )
     p.add_argument(
         "--task-timeout-factor",
