@@ -23,50 +23,9 @@ import torch
 import gfcoll
 from gfdit.layout import Layout, plan_reshard
 from gfdit.models import load_model
+from gfdit.profile import _cuda_sync, _max_over_world, _sync, step_times
 from gfdit.request import Request
 from gfdit.runtime.worker import Held, Worker
-
-
-def _max_over_world(world, value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float32, device=world.device)
-    world.group(list(range(world.size))).all_reduce(t, op="max")
-    return float(t.item())
-
-
-def _cuda_sync(world):
-    if world.device.type == "cuda":
-        torch.cuda.synchronize(world.device)
-
-
-def _sync(world):
-    _cuda_sync(world)
-    world.group(list(range(world.size))).barrier()
-
-
-def step_times(world, model, size: int, degree: int, steps: int) -> dict:
-    req = Request(f"b{size}-{degree}", model.preset.name, "a photo of a lighthouse at dusk",
-                  width=size, height=size, num_inference_steps=steps + 1, seed=1)  # fmt: skip
-    ranks = list(range(degree))
-    member = world.rank in ranks
-    cond = model.encode(req) if member else None
-    full = model.init_latents(req).to(world.device)
-    seq = full.shape[1]
-    per = []
-    if member:
-        idx = ranks.index(world.rank)
-        lo, hi = idx * seq // degree, (idx + 1) * seq // degree
-        x = full[:, lo:hi].contiguous()
-        group = world.group(ranks) if degree > 1 else None
-    for step in range(steps + 1):
-        _sync(world)
-        t0 = time.perf_counter()
-        if member:
-            x = model.denoise(x, (lo, hi), cond, step, step + 1, req, group=group)
-            _cuda_sync(world)
-        dt = _max_over_world(world, time.perf_counter() - t0 if member else 0.0)
-        if step > 0:
-            per.append(dt)
-    return {"size": size, "degree": degree, "tokens": seq, "step_s": statistics.median(per), "samples_s": per}
 
 
 def migrations(world, model, size: int, reps: int) -> list[dict]:
@@ -127,7 +86,7 @@ def main() -> None:
     for size in (int(s) for s in args.sizes.split(",")):
         for d in (int(x) for x in args.degrees.split(",")):
             if d <= world.size:
-                rows.append(step_times(world, model, size, d, args.steps))
+                rows.append({"size": size, **step_times(world, model, size, size, d, args.steps)})
                 if world.rank == 0:
                     r = rows[-1]
                     print(

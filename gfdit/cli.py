@@ -7,6 +7,7 @@
     gfdit bench run --url http://127.0.0.1:8000 --trace trace.jsonl --out runs/edf
     gfdit bench report runs/edf runs/static --out report/
     gfdit tune --trace trace.jsonl --world-size 4 --search "edf-best-fit:chunk=1|2|4" --out tune/
+    gfdit profile --nproc 4 --model flux-dev --sizes 512,1024 --out flux.json   (torchrun, like serve)
 
 Usage errors exit with status 2 (argparse), before anything starts.
 """
@@ -101,14 +102,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--noise", type=float, default=0.0, help="log-normal sigma on task times (default 0)")
     t.add_argument("--seeds", type=int, default=1, help="simulations per candidate with noise (default 1)")
     t.add_argument("--out", default=None, help="directory for results.json and results.md")
+    t.add_argument(
+        "--cost-profile", default=None, help="calibrate the simulation with `gfdit profile`'s output"
+    )
+
+    pr = sub.add_parser(
+        "profile",
+        help="measure the model's task times on this node and write a cost profile (torchrun)",
+        description="Starts torchrun for one node running gfdit.profile; options other than --nproc "
+        "are gfdit.profile's (python -m gfdit.profile --help).",
+    )
+    pr.add_argument("--nproc", type=int, default=1, help="ranks (processes) on this node (default 1)")
     return p
 
 
-def serve_command(nproc: int, serve_args: list[str]) -> list[str]:
-    """The torchrun command line `gfdit serve` runs."""
+def serve_command(nproc: int, serve_args: list[str], module: str = "gfdit.serve") -> list[str]:
+    """The torchrun command line `gfdit serve` (or `gfdit profile`: module gfdit.profile) runs."""
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-        "-m", "gfdit.serve", *serve_args,
+        "-m", module, *serve_args,
     ]  # fmt: skip
 
 
@@ -196,6 +208,19 @@ def _report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> int:
+    from gfdit import profile
+
+    if args.nproc < 1:
+        parser.error(f"--nproc must be >= 1, got {args.nproc}")
+    profile.build_parser(prog="gfdit profile").parse_args(rest)  # usage errors exit 2 before torchrun
+    cmd = serve_command(args.nproc, rest, module="gfdit.profile")
+    _out("+ " + shlex.join(cmd))
+    sys.stdout.flush()
+    os.execv(cmd[0], cmd)
+    return 0  # not reached
+
+
 def _tune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from gfdit import tune
     from gfdit.bench.workload import read_trace
@@ -207,17 +232,23 @@ def _tune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error("--chunk-steps and --seeds must be >= 1, --noise >= 0")
     try:
         meta, records = read_trace(args.trace)
+        cost_profile = None
+        if args.cost_profile is not None:
+            from gfdit.profile import read_profile
+
+            cost_profile = read_profile(args.cost_profile, model=meta.get("spec", {}).get("model"))
         seeds = tuple(range(args.seeds))
         ranked = tune.tune(
             records, world_size=args.world_size, searches=args.search, baselines=args.baseline,
             objective=args.objective, chunk_steps=args.chunk_steps, noise=args.noise, seeds=seeds,
+            cost_profile=cost_profile,
         )  # fmt: skip
     except (ValueError, PolicySpecError) as e:
         parser.error(str(e))
     info = {
         "trace": os.path.basename(args.trace), "num_requests": len(records), "world_size": args.world_size,
         "objective": args.objective, "noise": args.noise, "seeds": list(seeds), "chunk_steps": args.chunk_steps,
-        "command": shlex.join(["gfdit", *sys.argv[1:]]), "trace_meta": meta,
+        "command": shlex.join(["gfdit", *sys.argv[1:]]), "trace_meta": meta, "cost_profile": args.cost_profile,
     }  # fmt: skip
     _out(tune.write_results(args.out, ranked, info) if args.out else tune.render(ranked, info))
     best = next((c for c in ranked if c.error is None and not c.baseline), None)
@@ -231,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.command == "serve":
         return _serve(parser, args, rest)
+    if args.command == "profile":
+        return _profile(parser, args, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "tune":

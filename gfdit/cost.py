@@ -303,6 +303,7 @@ class AnalyticCostModel(CostModel):
         self.p2p_bandwidth = p2p_bandwidth
         self._observed: dict[_Key, float] = {}
         self._factor: dict[tuple[TaskKind, str], float] = {}
+        self._profiled: dict[tuple[TaskKind, str], tuple[int, float]] = {}  # count, sum of ratios
 
     def profile(self, model: str) -> ModelProfile:
         if self._profiles is not None:
@@ -392,6 +393,30 @@ class AnalyticCostModel(CostModel):
             fkey = (kind, model)
             f = self._factor.get(fkey)
             self._factor[fkey] = ratio if f is None else (1 - self.ema) * f + self.ema * ratio
+
+    def set_observed(
+        self,
+        kind: TaskKind,
+        model: str,
+        width: int,
+        height: int,
+        frames: int | None,
+        sp_degree: int,
+        seconds: float,
+    ) -> None:
+        """Take `seconds` (per step for DENOISE) as the estimate of exactly this key: a profiled
+        measurement (gfdit.profile). Its measured/analytic ratio joins the running mean that is the
+        kind's factor for keys not measured. Online observations (`observe`) refine both later."""
+        self._check_degree(sp_degree)
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"profiled seconds must be finite and >= 0, got {seconds}")
+        self._observed[(kind, model, width, height, frames, sp_degree)] = seconds
+        analytic = self.analytic_stage_time(kind, model, width, height, frames, sp_degree)
+        if analytic > 0:
+            fkey = (kind, model)
+            n, total = self._profiled.get(fkey, (0, 0.0))
+            self._profiled[fkey] = (n + 1, total + seconds / analytic)
+            self._factor[fkey] = (total + seconds / analytic) / (n + 1)
 
     def factor(self, kind: TaskKind, model: str) -> float:
         """The learned observed/analytic factor of (kind, model) (1.0 before any observation)."""

@@ -78,6 +78,11 @@ def build_parser(prog: str = "python -m gfdit.serve") -> argparse.ArgumentParser
         default=300.0,
         help="seconds a task may always run before it counts as hung; 0 disables the check (default 300)",
     )
+    p.add_argument(
+        "--cost-profile",
+        default=None,
+        help="a profile of this model on this machine from `gfdit profile`: the scheduler's estimates start from it",
+    )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
 
@@ -105,6 +110,13 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.drain_timeout < 0:
         parser.error(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
+    if args.cost_profile is not None:
+        from gfdit.profile import read_profile
+
+        try:
+            read_profile(args.cost_profile, model=args.model)
+        except ValueError as e:
+            parser.error(f"--cost-profile: {e}")
     if not (math.isfinite(args.task_timeout_factor) and args.task_timeout_factor > 0):
         parser.error(f"--task-timeout-factor must be > 0, got {args.task_timeout_factor}")
     if not (math.isfinite(args.task_timeout_floor) and args.task_timeout_floor >= 0):
@@ -153,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             max_queue=args.max_queue,
             task_timeout_factor=args.task_timeout_factor,
             task_timeout_floor_s=args.task_timeout_floor or None,
+            cost_profile=args.cost_profile,
         )
         if world.rank == 0:
             _serve(engine, args)

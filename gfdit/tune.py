@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 
 from gfdit.cost import AnalyticCostModel, CostModel
 from gfdit.policy import PolicySpecError, make_policy
+from gfdit.profile import apply_profile
 from gfdit.request import Request
 from gfdit.scheduler import Scheduler
 from gfdit.sim import SimulationStalled, simulate
@@ -155,8 +156,10 @@ def tune(
     noise: float = 0.0,
     seeds: Sequence[int] = (0,),
     max_candidates: int = 1000,
+    cost_profile: dict | None = None,
 ) -> list[Candidate]:
-    """Every candidate of `searches` and every baseline on the trace `records`, best first."""
+    """Every candidate of `searches` and every baseline on the trace `records`, best first.
+    `cost_profile` (gfdit.profile.read_profile) calibrates the cost model the simulation runs on."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, got {objective!r}")
     if world_size < 1:
@@ -171,7 +174,16 @@ def tune(
     if len(specs) > max_candidates:
         raise ValueError(f"{len(specs)} candidates exceed the limit of {max_candidates}: narrow the search")
     requests = _requests(records)
-    kw = dict(world_size=world_size, chunk_steps=chunk_steps, noise=noise, seeds=tuple(seeds))
+    factory = AnalyticCostModel
+    if cost_profile is not None:
+
+        def factory() -> AnalyticCostModel:
+            cost = AnalyticCostModel()
+            apply_profile(cost, cost_profile)
+            return cost
+
+    kw = dict(world_size=world_size, chunk_steps=chunk_steps, noise=noise, seeds=tuple(seeds),
+              cost_model_factory=factory)  # fmt: skip
     # One evaluation per distinct configuration: "edf-best-fit" and "edf-best-fit:chunk=2" are the same.
     seen: set[str] = set()
     out = []
@@ -192,7 +204,8 @@ def render(candidates: Sequence[Candidate], meta: dict) -> str:
     lines = [
         f"# gfdit tune: {meta['trace']} ({meta['num_requests']} requests, {meta['world_size']} ranks)",
         "",
-        f"Objective: {meta['objective']}; simulated with the analytic cost model, noise {meta['noise']}, "
+        f"Objective: {meta['objective']}; simulated with the analytic cost model"
+        f"{' calibrated by ' + meta['cost_profile'] if meta.get('cost_profile') else ''}, noise {meta['noise']}, "
         f"seeds {meta['seeds']}. Best first; baselines marked.",
         "",
         "| rank | policy | SLO attainment | mean latency (s) | P99 (s) | throughput (req/s) | reshards |",

@@ -51,7 +51,9 @@ import torch
 import zmq
 
 import gfcoll
+from gfdit.cost import AnalyticCostModel
 from gfdit.policy import Policy, make_policy
+from gfdit.profile import apply_profile, read_profile
 from gfdit.request import Request, RequestState
 from gfdit.scheduler import Scheduler
 from gfdit.tasks import TaskKind, TaskTimings
@@ -174,7 +176,9 @@ class Engine:
     A server runs for days: the bound keeps its memory and each scheduling decision independent of
     the number of requests served. Results live in the RequestHandle, not there.
     `task_timeout_factor`, `task_timeout_floor_s`: a task running longer than the larger of the floor
-    and factor x its estimated time is hung (Note [Worker liveness]); a floor of None disables it."""
+    and factor x its estimated time is hung (Note [Worker liveness]); a floor of None disables it.
+    `cost_profile`: a file written by `gfdit profile` for this model, loaded into the scheduler's cost
+    model (rank 0) so that its estimates start from this machine's measurements."""
 
     def __init__(
         self,
@@ -191,8 +195,12 @@ class Engine:
         keep_finished: int | None = 4096,
         task_timeout_factor: float = 20.0,
         task_timeout_floor_s: float | None = 300.0,
+        cost_profile: str | None = None,
     ):
         from gfdit.models import load_model  # noqa: PLC0415 - heavy (diffusers)
+
+        # Every rank reads the profile, so a bad file fails everywhere before any collective.
+        profile = read_profile(cost_profile, model=model) if cost_profile is not None else None
 
         if not task_timeout_factor > 0 or (task_timeout_floor_s is not None and not task_timeout_floor_s > 0):
             raise ValueError(
@@ -216,9 +224,13 @@ class Engine:
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
         port = 0
         if world.rank == 0:
+            cost = AnalyticCostModel()
+            if profile is not None:
+                apply_profile(cost, profile)
             self.scheduler = Scheduler(
                 world.size,
                 self.policy,
+                cost,
                 chunk_steps=chunk_steps,
                 valid_degrees=lambda r, n: self.model.valid_sp_degrees(r, n),
                 dim_size=self.model.seq_len,

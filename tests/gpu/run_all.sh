@@ -2,7 +2,7 @@
 # On the device machine, from the repository root: build, run tests/gpu on 2 and 4 GPUs, run the
 # benchmarks. Logs and results go under $OUT (default ./gpu-out); a short summary is printed last.
 #   usage: bash tests/gpu/run_all.sh [tests|bench|all|collectives]   (default all: tests, then the
-#   DiT step and migration bench, 4-GPU formation and broadcast; collectives: the full gfcoll-bench sweeps)
+#   DiT step and migration bench, a flux-dev cost profile (gfdit profile), 4-GPU formation and broadcast; collectives: the full gfcoll-bench sweeps)
 set -uo pipefail
 what=${1:-all}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -33,6 +33,8 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
   if [ "$ngpu" -ge 4 ]; then
     step dit_steps timeout 300 torchrun --nproc-per-node 4 bench/dit_steps.py --model flux-dev \
       --sizes 512,1024,2048 --degrees 1,2,4 --json "$OUT/dit_steps.json"
+    step profile_flux timeout 300 python3 -m gfdit.cli profile --nproc 4 --model flux-dev \
+      --sizes 512,1024,2048 --out "$OUT/flux-dev-profile.json"
     mkdir -p "$OUT/formation4" "$OUT/bcast4"
     step formation_4 timeout 150 torchrun --nproc-per-node 4 -m gfcoll.bench --ops all_reduce -b 1K -e 1K \
       --formation-reps 5 --json "$OUT/formation4/results.json"

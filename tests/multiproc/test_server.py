@@ -709,11 +709,14 @@ def test_bad_policy_exits_2():
          "--policy", "edf-best-fit:nope=1", "--port", "1"],
         [sys.executable, "-m", "gfdit.serve", "--model", "no-such-model", "--port", "1"],
         [sys.executable, "-m", "gfdit.serve", "--model", "tiny-flux", "--port", "1", "--task-timeout-factor", "0"],
+        [sys.executable, "-m", "gfdit.serve", "--model", "tiny-flux", "--port", "1", "--cost-profile", "/nonexistent.json"],
     ):  # fmt: skip
         out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
         assert out.returncode == 2, out.stderr
         assert "error:" in out.stderr
-        assert any(w in out.stderr for w in ("policy", "model", "task-timeout-factor")), out.stderr
+        assert any(w in out.stderr for w in ("policy", "model", "task-timeout-factor", "cost-profile")), (
+            out.stderr
+        )
 
 
 @pytest.mark.parametrize("failure", ["port_in_use", "broken_dependency"])

@@ -129,3 +129,55 @@ def test_cli_writes_results_and_names_the_best(tmp_path):
          "--search", "edf-best-fit:chunk=x"], capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert bad.returncode == 2 and "expects int" in bad.stderr
+
+
+def _profile_file(tmp_path, **over):
+    data = {
+        "format": "gfdit-profile/1", "model": "flux-dev",
+        "observations": [
+            {"kind": "DENOISE", "width": 512, "height": 512, "frames": None, "degree": 1, "seconds": 0.2},
+            {"kind": "DENOISE", "width": 512, "height": 512, "frames": None, "degree": 4, "seconds": 0.3},
+            {"kind": "ENCODE", "width": 512, "height": 512, "frames": None, "degree": 1, "seconds": 0.5},
+        ],
+    }  # fmt: skip
+    data.update(over)
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_cost_profile_read_apply_and_tune(tmp_path):
+    from gfdit.cost import AnalyticCostModel
+    from gfdit.profile import apply_profile, read_profile
+    from gfdit.tasks import TaskKind
+
+    prof = read_profile(_profile_file(tmp_path), model="flux-dev")
+    cost = AnalyticCostModel()
+    apply_profile(cost, prof)
+    assert cost.step_time("flux-dev", 512, 512, None, 4) == 0.3
+    assert cost.stage_time(TaskKind.ENCODE, "flux-dev", 2048, 2048, None, 1) == pytest.approx(0.5)  # any size
+    ratios = [0.2 / cost.analytic_step_time("flux-dev", 512, 512, None, 1),
+              0.3 / cost.analytic_step_time("flux-dev", 512, 512, None, 4)]  # fmt: skip
+    assert cost.factor(TaskKind.DENOISE, "flux-dev") == pytest.approx(sum(ratios) / 2)
+    _, records = _records(duration=30.0)
+    plain = tune(records, world_size=4, searches=[], baselines=["static:sp=4"])[0]
+    slow = tune(records, world_size=4, searches=[], baselines=["static:sp=4"], cost_profile=prof)[0]
+    assert slow.mean_latency_s != plain.mean_latency_s  # the simulation runs on the profiled costs
+    for over, words in [
+        ({"format": "x"}, "expected format"),
+        ({"model": "wan2.1-1.3b"}, "is for model"),
+        ({"observations": []}, "no observations"),
+        (
+            {
+                "observations": [
+                    {"kind": "DENOISE", "width": 0, "height": 8, "frames": None, "degree": 1, "seconds": 1.0}
+                ]
+            },
+            "malformed",
+        ),  # fmt: skip
+    ]:
+        with pytest.raises(ValueError, match=words):
+            read_profile(_profile_file(tmp_path, **over), model="flux-dev")
+    with pytest.raises(ValueError, match="not JSON"):
+        (tmp_path / "bad.json").write_text("{")
+        read_profile(str(tmp_path / "bad.json"))

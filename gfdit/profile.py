@@ -1,0 +1,275 @@
+"""Measure a model's task times on this machine and write them as a cost profile.
+
+    gfdit profile --nproc 4 --model flux-dev --sizes 512,1024,2048 --degrees 1,2,4 --out flux-h100.json
+    torchrun --nproc-per-node 4 -m gfdit.profile --model flux-dev ... --out flux-h100.json   # the same
+
+Every rank loads the model. Rank 0 times ENCODE (text encoders and initial noise) and DECODE (VAE,
+one rank) per size; for each size and degree d the group [0..d-1] denoises `--steps` steps after a
+warm-up step (a step's time is the slowest member's; the median is kept). The profile is a list of
+observations in the cost model's terms (Note [Cost model] in gfdit.cost):
+
+    {"format": "gfdit-profile/1", "model": ..., "card": ..., "world_size": ..., "observations": [
+        {"kind": "DENOISE", "width": 1024, "height": 1024, "frames": null, "degree": 2, "seconds": 0.157},
+        ...]}    (DENOISE: seconds per step; other kinds: seconds per task)
+
+`gfdit serve --cost-profile FILE` and `gfdit tune --cost-profile FILE` load it into the analytic cost
+model (`apply_profile`): measured keys are estimated from the measurement, others from the analytic
+formula scaled by the measured/analytic factor of their kind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+
+import torch
+
+__all__ = ["kFormat", "step_times", "stage_times", "read_profile", "apply_profile", "main"]
+
+kFormat = "gfdit-profile/1"
+kKinds = ("ENCODE", "DENOISE", "DECODE", "FINALIZE")
+
+
+def _cuda_sync(world) -> None:
+    if world.device.type == "cuda":
+        torch.cuda.synchronize(world.device)
+
+
+def _sync(world) -> None:
+    _cuda_sync(world)
+    world.group(list(range(world.size))).barrier()
+
+
+def _max_over_world(world, value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float32, device=world.device)
+    world.group(list(range(world.size))).all_reduce(t, op="max")
+    return float(t.item())
+
+
+def _request(model, width: int, height: int, frames: int | None, steps: int, rid: str):
+    from gfdit.request import Request
+
+    return Request(rid, model.preset.name, "a photo of a lighthouse at dusk", width=width, height=height,
+                   num_frames=frames, num_inference_steps=steps, seed=1)  # fmt: skip
+
+
+def step_times(
+    world, model, width: int, height: int, degree: int, steps: int, frames: int | None = None
+) -> dict:
+    """Collective: seconds per denoising step on the group [0..degree-1] (median over `steps` steps
+    after one warm-up; each step's time the slowest member's). The other ranks wait."""
+    req = _request(model, width, height, frames, steps + 1, f"p{width}x{height}-{degree}")
+    ranks = list(range(degree))
+    member = world.rank in ranks
+    cond = model.encode(req) if member else None
+    full = model.init_latents(req).to(world.device)
+    seq = full.shape[1]
+    per = []
+    if member:
+        idx = ranks.index(world.rank)
+        lo, hi = idx * seq // degree, (idx + 1) * seq // degree
+        x = full[:, lo:hi].contiguous()
+        group = world.group(ranks) if degree > 1 else None
+    for step in range(steps + 1):
+        _sync(world)
+        t0 = time.perf_counter()
+        if member:
+            x = model.denoise(x, (lo, hi), cond, step, step + 1, req, group=group)
+            _cuda_sync(world)
+        dt = _max_over_world(world, time.perf_counter() - t0 if member else 0.0)
+        if step > 0:
+            per.append(dt)
+    return {"width": width, "height": height, "frames": frames, "degree": degree, "tokens": seq,
+            "step_s": statistics.median(per), "samples_s": per}  # fmt: skip
+
+
+def stage_times(model, width: int, height: int, frames: int | None, reps: int) -> dict:
+    """This rank alone: median seconds of ENCODE (text + initial noise) and DECODE (VAE) after a warm-up."""
+    req = _request(model, width, height, frames, 2, f"s{width}x{height}")
+    device = model.device
+
+    def timed(fn) -> float:
+        fn()  # warm-up
+        out = []
+        for _ in range(reps):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            out.append(time.perf_counter() - t0)
+        return statistics.median(out)
+
+    latents = model.init_latents(req)
+    encode_s = timed(lambda: (model.encode(req), model.init_latents(req)))
+    decode_s = timed(lambda: model.decode(latents, req))
+    return {"width": width, "height": height, "frames": frames, "encode_s": encode_s, "decode_s": decode_s}
+
+
+# -- reading and applying ----------------------------------------------------------------------------
+
+
+def read_profile(path: str, model: str | None = None) -> dict:
+    """The profile at `path`, checked; ValueError naming the problem (wrong format or model, bad rows)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as e:
+        raise ValueError(f"cost profile {path!r}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"cost profile {path!r} is not JSON: {e}") from None
+    if not isinstance(data, dict) or data.get("format") != kFormat:
+        raise ValueError(f"cost profile {path!r}: expected format {kFormat!r} (written by `gfdit profile`)")
+    if model is not None and data.get("model") != model:
+        raise ValueError(f"cost profile {path!r} is for model {data.get('model')!r}, not {model!r}")
+    rows = data.get("observations")
+    if not isinstance(rows, list) or not rows:
+        raise ValueError(f"cost profile {path!r} has no observations")
+    for i, r in enumerate(rows):
+        ok = (
+            isinstance(r, dict) and r.get("kind") in kKinds
+            and all(isinstance(r.get(k), int) and r[k] > 0 for k in ("width", "height", "degree"))
+            and (r.get("frames") is None or (isinstance(r["frames"], int) and r["frames"] > 0))
+            and isinstance(r.get("seconds"), int | float) and r["seconds"] >= 0
+        )  # fmt: skip
+        if not ok:
+            raise ValueError(f"cost profile {path!r}: observation {i} is malformed: {r!r}")
+    return data
+
+
+def apply_profile(cost_model, profile: dict) -> None:
+    """Load a profile's observations into `cost_model` (an AnalyticCostModel): each measured key
+    becomes exactly the measurement, and each kind's measured/analytic factor their mean."""
+    from gfdit.tasks import TaskKind
+
+    model = profile["model"]
+    for r in profile["observations"]:
+        kind = TaskKind[r["kind"]]
+        args = (kind, model, r["width"], r["height"], r["frames"], r["degree"])
+        cost_model.set_observed(*args, float(r["seconds"]))
+
+
+# -- the command ----------------------------------------------------------------------------------------
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{what}: expected integers separated by commas, got {text!r}"
+        ) from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"{what}: expected positive integers, got {text!r}")
+    return out
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="model preset, e.g. flux-dev")
+    p.add_argument("--sizes", type=lambda t: _ints(t, "--sizes"), default=[512, 1024],
+                   help="square sizes in pixels (default 512,1024)")  # fmt: skip
+    p.add_argument("--frames", type=int, default=None, help="video frames (video models)")
+    p.add_argument("--degrees", type=lambda t: _ints(t, "--degrees"), default=None,
+                   help="SP degrees to time (default 1, 2, 4, ... up to the world size)")  # fmt: skip
+    p.add_argument("--steps", type=int, default=3, help="timed steps per size and degree (default 3)")
+    p.add_argument("--reps", type=int, default=3, help="timed ENCODE/DECODE repetitions (default 3)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    p.add_argument("--weights", default=None, help="local diffusers-layout directory (default: random)")
+    p.add_argument("--out", required=True, help="profile JSON to write")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from gfdit.models.presets import get_preset
+
+    try:
+        preset = get_preset(args.model)
+    except ValueError as e:
+        parser.error(f"--model: {e}")
+    if args.steps < 1 or args.reps < 1:
+        parser.error("--steps and --reps must be >= 1")
+    if args.frames is not None and not preset.is_video:
+        parser.error(f"--frames: {args.model} is an image model")
+    from gfdit.models import load_model
+
+    world = _init_world(args.device)
+    try:
+        model = load_model(args.model, device=world.device, weights=args.weights)
+        degrees = args.degrees or [d for d in (1, 2, 4, 8, 16) if d <= world.size]
+        rows: list[dict] = []
+        for size in args.sizes:
+            req = _request(model, size, size, args.frames, 2, "check")
+            valid = set(model.valid_sp_degrees(req, world.size))
+            if world.rank == 0:
+                st = stage_times(model, size, size, args.frames, args.reps)
+                rows += [_obs("ENCODE", size, args.frames, 1, st["encode_s"]),
+                         _obs("DECODE", size, args.frames, 1, st["decode_s"])]  # fmt: skip
+                _say(f"{args.model} {size}x{size}: encode {st['encode_s'] * 1e3:.1f} ms, "
+                     f"decode {st['decode_s'] * 1e3:.1f} ms")  # fmt: skip
+            for d in degrees:
+                if d > world.size or d not in valid:
+                    continue
+                r = step_times(world, model, size, size, d, args.steps, args.frames)
+                rows.append(_obs("DENOISE", size, args.frames, d, r["step_s"]))
+                if world.rank == 0:
+                    _say(
+                        f"{args.model} {size}x{size} ({r['tokens']} tokens) SP{d}: {r['step_s'] * 1e3:.1f} ms/step"
+                    )
+        if world.rank == 0:
+            device = world.device
+            data = {
+                "format": kFormat,
+                "model": args.model,
+                "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                "world_size": world.size,
+                "dtype": str(model.dtype),
+                "torch": torch.__version__,
+                "gfcoll_transports": world.transports(),
+                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "command": " ".join(["gfdit profile", *(argv if argv is not None else sys.argv[1:])]),
+                "observations": rows,
+            }
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump(data, f, indent=2)
+            _say(f"wrote {len(rows)} observations to {args.out}")
+        _sync(world)
+    finally:
+        world.close()
+    return 0
+
+
+def _obs(kind: str, size: int, frames: int | None, degree: int, seconds: float) -> dict:
+    return {
+        "kind": kind,
+        "width": size,
+        "height": size,
+        "frames": frames,
+        "degree": degree,
+        "seconds": seconds,
+    }
+
+
+def _say(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _init_world(device: str | None):
+    from gfdit.serve import _init_world as init
+
+    return init(device)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
