@@ -9,12 +9,12 @@ Policy classes the server uses, in the discrete-event simulator (gfdit.sim) agai
 model; with `noise` > 0, task times are perturbed log-normally and each candidate runs once per seed.
 Candidates are ranked by the objective; the best spec string goes straight to `gfdit serve --policy`.
 
-What the ranking is worth: it is as good as the cost model. The simulator reproduced the measured
-mean latency of edf-best-fit on the committed 4 x H100 flux-dev trace within 10 % (5.1 s simulated,
-5.7 s measured) but not that of static SP 4 (7.4 s simulated, 22.8 s measured): that run was
-loaded to about 100 % under static, where a few percent of error in task times becomes a large
-error in queueing (bench/results/2026-11-27-h100/serving/README.md). Prefer a trace whose load is
-where the server will run, and confirm the winner with `gfdit bench run` against a real server.
+What the ranking is worth: it is as good as the cost model, so calibrate it with `gfdit profile`
+(`--cost-profile`). On the committed 4 x H100 flux-dev trace (bench/results/2026-11-27-h100/serving),
+measured mean latency 22.8 s under static SP 4 and 5.7 s under edf-best-fit: the analytic model
+simulated 7.4 s and 5.1 s (it misses that small steps are bound by the host, and that run loaded
+static to ~100 %, where small errors in task times become large errors in queueing); with the
+machine's profile, 25.4 s and 6.7 s. Confirm the winner with `gfdit bench run` on a real server.
 """
 
 from __future__ import annotations
