@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="measure each class's standalone latency on this idle server instead of the analytic cost model",
     )
+    g.add_argument(
+        "--cost-profile",
+        default=None,
+        help="take standalone latencies from the cost model calibrated by `gfdit profile`'s output",
+    )
     g.add_argument("--out", required=True, help="trace file to write")
 
     r = bsub.add_parser("run", help="replay a trace against a running server")
@@ -161,6 +166,16 @@ def _gen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         else:
             classes = workload.default_classes(args.model)
         standalone, source = None, "analytic"
+        if args.calibrate_url and args.cost_profile:
+            parser.error("give --calibrate-url or --cost-profile, not both")
+        if args.cost_profile:
+            from gfdit.cost import AnalyticCostModel
+            from gfdit.profile import apply_profile, read_profile
+
+            cost = AnalyticCostModel()
+            apply_profile(cost, read_profile(args.cost_profile, model=args.model))
+            standalone = workload.analytic_standalone(args.model, classes, cost)
+            source = "profiled"
         if args.calibrate_url:
             from gfdit.bench.client import calibrate
 

@@ -94,7 +94,7 @@ class WorkloadSpec:
     alpha: float  # deadline = arrival + alpha * standalone latency of the request's class
     seed: int  # seed of every random draw
     standalone_s: Mapping[str, float] | None = None  # class -> measured standalone seconds; None: analytic
-    slo_source: str = "analytic"  # "analytic" (AnalyticCostModel) or "calibrated" (standalone_s)
+    slo_source: str = "analytic"  # "analytic" (AnalyticCostModel), "profiled" or "calibrated" (standalone_s)
 
     def __post_init__(self) -> None:
         if not (self.duration_s > 0 and math.isfinite(self.duration_s)):

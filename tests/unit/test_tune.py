@@ -181,3 +181,24 @@ def test_cost_profile_read_apply_and_tune(tmp_path):
     with pytest.raises(ValueError, match="not JSON"):
         (tmp_path / "bad.json").write_text("{")
         read_profile(str(tmp_path / "bad.json"))
+
+
+def test_bench_gen_takes_standalone_latencies_from_a_profile(tmp_path):
+    from gfdit.bench.workload import read_trace
+
+    prof = _profile_file(tmp_path)
+    out = str(tmp_path / "trace.jsonl")
+    cmd = [sys.executable, "-m", "gfdit.cli", "bench", "gen", "--model", "flux-dev", "--duration", "20",
+           "--rate", "0.5", "--class", "S:size=512x512,steps=10,weight=1", "--alpha", "2", "--out", out]  # fmt: skip
+    run = subprocess.run([*cmd, "--cost-profile", prof], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    meta, records = read_trace(out)
+    assert meta["spec"]["slo_source"] == "profiled"
+    # The profile's ENCODE (0.5 s) and SP1 step (0.2 s) are in the one-rank standalone latency.
+    assert meta["spec"]["standalone_s"]["S"] > 0.5 + 10 * 0.2
+    assert all(r.slo_s == pytest.approx(2 * meta["spec"]["standalone_s"]["S"]) for r in records)
+    plain = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 0 and read_trace(out)[0]["spec"]["slo_source"] == "analytic"
+    bad = subprocess.run([*cmd, "--cost-profile", prof, "--calibrate-url", "http://127.0.0.1:1"],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert bad.returncode == 2 and "not both" in bad.stderr
