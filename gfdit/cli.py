@@ -139,6 +139,13 @@ def serve_env(environ: dict[str, str], drain_timeout_s: float) -> dict[str, str]
     return env
 
 
+def _exec(cmd: list[str], env: dict[str, str], shown_env: str = "") -> None:
+    """Print the command, then become it (torchrun gets the signals sent to this process)."""
+    _out("+ " + shown_env + shlex.join(cmd))
+    sys.stdout.flush()
+    os.execve(cmd[0], cmd, env)
+
+
 def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> int:
     from gfdit import serve
 
@@ -150,9 +157,7 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list
     serve.check_args(serve_parser, serve_args)
     cmd = serve_command(args.nproc, rest)
     env = serve_env(os.environ, serve_args.drain_timeout)
-    _out(f"+ TORCH_ELASTIC_SHUTDOWN_TIMEOUT={env['TORCH_ELASTIC_SHUTDOWN_TIMEOUT']} " + shlex.join(cmd))
-    sys.stdout.flush()
-    os.execve(cmd[0], cmd, env)
+    _exec(cmd, env, f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={env['TORCH_ELASTIC_SHUTDOWN_TIMEOUT']} ")
     return 0  # not reached
 
 
@@ -229,10 +234,7 @@ def _profile(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: li
     if args.nproc < 1:
         parser.error(f"--nproc must be >= 1, got {args.nproc}")
     profile.build_parser(prog="gfdit profile").parse_args(rest)  # usage errors exit 2 before torchrun
-    cmd = serve_command(args.nproc, rest, module="gfdit.profile")
-    _out("+ " + shlex.join(cmd))
-    sys.stdout.flush()
-    os.execv(cmd[0], cmd)
+    _exec(serve_command(args.nproc, rest, module="gfdit.profile"), dict(os.environ))
     return 0  # not reached
 
 

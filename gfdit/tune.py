@@ -80,24 +80,6 @@ def expand_search(spec: str) -> list[str]:
     return out
 
 
-def _requests(records) -> list[Request]:
-    return [
-        Request(
-            r.request_id,
-            r.model,
-            r.prompt,
-            width=r.width,
-            height=r.height,
-            num_frames=r.num_frames,
-            num_inference_steps=r.num_inference_steps,
-            seed=r.seed,
-            arrival_s=r.arrival_s,
-            deadline_s=r.deadline_s,
-        )  # fmt: skip
-        for r in records
-    ]
-
-
 def evaluate(
     spec: str,
     requests: Sequence[Request],
@@ -173,7 +155,7 @@ def tune(
         raise ValueError("nothing to evaluate: give a search or a baseline")
     if len(specs) > max_candidates:
         raise ValueError(f"{len(specs)} candidates exceed the limit of {max_candidates}: narrow the search")
-    requests = _requests(records)
+    requests = [r.to_request() for r in records]
     factory = AnalyticCostModel
     if cost_profile is not None:
 

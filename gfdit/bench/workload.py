@@ -138,6 +138,14 @@ class TraceRecord:
     slo_s: float  # alpha * standalone_s: latency target
     deadline_s: float  # arrival_s + slo_s
 
+    def to_request(self) -> Request:
+        """The engine request this line stands for (arrival and deadline on the trace's clock)."""
+        return Request(
+            self.request_id, self.model, self.prompt, width=self.width, height=self.height,
+            num_frames=self.num_frames, num_inference_steps=self.num_inference_steps, seed=self.seed,
+            arrival_s=self.arrival_s, deadline_s=self.deadline_s,
+        )  # fmt: skip
+
 
 def default_classes(model: str) -> tuple[RequestClass, ...]:
     """S / M / L for `model` (weights 0.5 / 0.3 / 0.2): images at the smallest size, a middle one and
