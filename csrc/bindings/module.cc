@@ -13,6 +13,9 @@
 #ifdef GFCOLL_WITH_CUDA
 #include <cuda_runtime.h>
 #endif
+#ifdef GFCOLL_WITH_IPC
+#include "gfcoll/ipc_transport.h"
+#endif
 #ifdef GFCOLL_WITH_NCCL
 #include <nccl.h>
 
@@ -76,7 +79,7 @@ class CudaEvent {
 }  // namespace
 
 PYBIND11_MODULE(_gfcoll, m) {
-  m.doc() = "gfcoll native core (host and nccl transports)";
+  m.doc() = "gfcoll native core (host, ipc and nccl transports)";
 
   py::register_exception_translator([](std::exception_ptr p) {
     try {
@@ -91,6 +94,9 @@ PYBIND11_MODULE(_gfcoll, m) {
     py::dict d;
     py::list transports;
     transports.append("host");
+#ifdef GFCOLL_WITH_IPC
+    transports.append("ipc");
+#endif
 #ifdef GFCOLL_WITH_NCCL
     transports.append("nccl");
 #endif
@@ -195,6 +201,67 @@ PYBIND11_MODULE(_gfcoll, m) {
     if (cudaGetDeviceCount(&n) != cudaSuccess) return 0;
     return n;
   });
+#endif
+
+
+#ifdef GFCOLL_WITH_IPC
+  py::class_<gfcoll::IpcOptions>(m, "IpcOptions")
+      .def(py::init<>())
+      .def_readwrite("workspace_bytes", &gfcoll::IpcOptions::workspace_bytes)
+      .def_readwrite("timeout_s", &gfcoll::IpcOptions::timeout_s)
+      .def_readwrite("one_shot_bytes", &gfcoll::IpcOptions::one_shot_bytes);
+  using IT = gfcoll::IpcTransport;
+  // The collectives hold the GIL: they only enqueue work (tens of microseconds), and releasing and
+  // re-taking it would cost more than it frees.
+  py::class_<IT>(m, "IpcTransport")
+      .def(py::init<int, int, int, gfcoll::IpcOptions>())
+      .def("handle", [](IT& t) { return py::bytes(t.handle()); })
+      .def("attach",
+           [](IT& t, const std::vector<int>& ranks, const std::vector<py::bytes>& handles,
+              const std::vector<int64_t>& pids) {
+             std::vector<std::string> hs(handles.begin(), handles.end());
+             py::gil_scoped_release release;
+             t.attach(ranks, hs, pids);
+           })
+      .def("close", &IT::close, nogil)
+      .def("is_local", &IT::is_local)
+      .def("staging_bytes", &IT::staging_bytes)
+      .def("check", &IT::check)
+      .def("graph_slot", &IT::graph_slot)
+      .def("bind", [](IT& t, int slot, const std::vector<int>& members, int me, int epoch,
+                      uintptr_t stream) { t.bind(slot, members, me, epoch, stream); })
+      .def("all_gather",
+           [](IT& t, const std::vector<int>& members, int me, uintptr_t in, uintptr_t out, uint64_t bytes,
+              uintptr_t stream, int slot) { t.all_gather(members, me, ptr<void>(in), ptr<void>(out), bytes, stream, slot); })
+      .def("all_to_all",
+           [](IT& t, const std::vector<int>& members, int me, uintptr_t in, uintptr_t out,
+              const std::vector<uint64_t>& in_off, const std::vector<uint64_t>& in_sz,
+              const std::vector<uint64_t>& out_off, const std::vector<uint64_t>& out_sz, uintptr_t stream, int slot) {
+             t.all_to_all(members, me, ptr<void>(in), ptr<void>(out), in_off, in_sz, out_off, out_sz, stream, slot);
+           })
+      .def("reduce_scatter",
+           [](IT& t, const std::vector<int>& members, int me, uintptr_t in, uintptr_t out, uint64_t count, int dtype,
+              int op, uintptr_t stream, int slot) {
+             t.reduce_scatter(members, me, ptr<void>(in), ptr<void>(out), count, DType(dtype), RedOp(op), stream, slot);
+           })
+      .def("all_reduce",
+           [](IT& t, const std::vector<int>& members, int me, uintptr_t in, uintptr_t out, uint64_t count, int dtype,
+              int op, uintptr_t stream, int slot) {
+             t.all_reduce(members, me, ptr<void>(in), ptr<void>(out), count, DType(dtype), RedOp(op), stream, slot);
+           })
+      .def("broadcast",
+           [](IT& t, const std::vector<int>& members, int me, int root, uintptr_t buf, uint64_t bytes,
+              uintptr_t stream, int slot) { t.broadcast(members, me, root, ptr<void>(buf), bytes, stream, slot); })
+      .def("barrier", [](IT& t, const std::vector<int>& members, int me, uintptr_t stream,
+                         int slot) { t.barrier(members, me, stream, slot); })
+      .def("batch_p2p",
+           // ops: (is_send, peer, ptr, bytes)
+           [](IT& t, const std::vector<std::tuple<bool, int, uintptr_t, uint64_t>>& ops, uintptr_t stream) {
+             std::vector<gfcoll::IpcP2P> v;
+             v.reserve(ops.size());
+             for (const auto& [is_send, peer, p, bytes] : ops) v.push_back({is_send, peer, ptr<void>(p), bytes});
+             t.batch_p2p(v, stream);
+           });
 #endif
 
 #ifdef GFCOLL_WITH_NCCL

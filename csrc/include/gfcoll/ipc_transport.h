@@ -1,0 +1,212 @@
+// ipc transport: group-free collectives on CUDA memory of the ranks of one node, through CUDA IPC.
+//
+// Note [ipc signalling]
+// Every rank allocates one workspace (cudaMalloc, GFCOLL_IPC_BYTES) at init; its IPC handle goes
+// through the bootstrap store and every local peer opens it once (never on the hot path). A
+// workspace holds a control block (kernels/ipc.h: Control), the signal area, per-channel records
+// and a staging area. Layouts are identical on every rank, so an offset names the same word in
+// every workspace.
+//
+// Channels. Every ordered group of local ranks owns one channel, indexed without collisions (the
+// rank of the ordered tuple among all ordered subsets of the node's ranks), and every graph slot
+// owns one more. A channel is this rank's arrival counters, one per phase (0 staged, 1 reduced,
+// 2 done), its last-block counters and the offsets it publishes (its staging, per-member aux).
+//
+// An operation on a group of n members is a sequence of phases on the group's channel, all
+// enqueued on the caller's stream:
+//   stage kernel   copies this rank's input into its staging (user tensors are never registered:
+//                  the extra copy costs one pass over the input; the staging offset is published in
+//                  the channel), resets counter 2 of the previous operation, and its last block adds
+//                  one to counter 0 of every peer (atomicAdd_system after __threadfence_system);
+//   wait           cuStreamWaitValue32(counter 0 >= n - 1) on this rank's own memory: a
+//                  front-end wait of the stream, no kernel spins, so ranks time-sharing one GPU
+//                  do not steal each other's time slices (a spinning kernel costs ~4.5 ms per round
+//                  trip there, a stream wait ~9.6 us);
+//   data kernel    reads the peers' staging (peer workspace + the staging offset they published),
+//                  writes the output, resets counter 0 and signals counter 2 (or 1, then a second
+//                  data kernel for the two-shot all_reduce resets 1 and signals 2);
+//   wait           counter 2 >= n - 1: no peer still reads this rank's staging.
+// Keying by (group, epoch): the group is the channel; the epoch is the position of an operation
+// in the group's sequence (rule 1), and no explicit number is needed because a counter is reset
+// by the kernel after its wait and before this rank's next signal on the channel, and a peer can
+// only add to it again after it saw that signal (a full round trip). Counters therefore always
+// hold arrivals of the current epoch only, which is also what lets a CUDA graph replay the same
+// wait values forever. Operations of one group issued on two streams are ordered by an event
+// (the second stream waits for the first's last operation on that channel); operations on
+// different groups never wait for each other, whatever the streams (rule 3 does not apply).
+//
+// Point to point uses per ordered pair a ring of kP2PDepth message slots keyed by (pair, seq)
+// (rule 4): the sender stages message seq, publishes its offset in mbox[dst][seq % depth] and
+// writes seq + 1 into the receiver's ready word; the receiver waits for it, copies, and writes
+// seq + 1 into the sender's done word; the sender waits for that before the staging is reused.
+//
+// Group-agnostic graphs: the kernels find n, this rank's index and the members in a Ctx that is
+// either launch arguments (eager groups) or, for a graph slot, a device-side Table that
+// bind() rewrites on the stream before a replay. Waits are on this rank's own counters with
+// values that depend on n only, signals are written by kernels that read the table, and staging
+// captured in a graph comes from a separate arena that is never reused, so one graph replays for
+// any group of the slot's size.
+//
+// Bounded waits: stream waits have no timeout, so a host watchdog thread watches every operation
+// in flight (a CUDA event per operation) and the liveness of its peers (their pids). When one
+// passes GFCOLL_TIMEOUT_S or a peer died, it records the error, sets the abort word and fills the
+// signal area with kAbortByte (which satisfies every wait), again while operations remain in
+// flight; kernels that see the abort word return without touching anything. The transport is
+// then unusable: every later call raises the recorded GfcollTimeoutError/GfcollPeerDiedError.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "gfcoll/types.h"
+
+namespace gfcoll {
+
+struct IpcOptions {
+  uint64_t workspace_bytes = 256ull << 20;
+  double timeout_s = 300.0;
+  // all_reduce: at most this many bytes use the one-shot algorithm (every member reduces all of
+  // it), larger ones the two-shot (reduce a part each, then gather). Not tuned on several GPUs yet.
+  uint64_t one_shot_bytes = 256ull << 10;
+};
+
+struct IpcP2P {
+  bool is_send = false;
+  int peer = -1;  // global rank
+  void* ptr = nullptr;
+  uint64_t bytes = 0;
+};
+
+class IpcTransport {
+ public:
+  // Allocates this rank's workspace on `device` for `num_local` ranks on this node.
+  IpcTransport(int rank, int device, int num_local, IpcOptions options);
+  ~IpcTransport();
+  IpcTransport(const IpcTransport&) = delete;
+  IpcTransport& operator=(const IpcTransport&) = delete;
+
+  // Bootstrap (Python, through the store): handle() on every rank; attach() with the node's ranks
+  // in local order (global ranks), their handles and pids; this rank must be among them.
+  std::string handle() const;
+  void attach(const std::vector<int>& local_ranks, const std::vector<std::string>& handles,
+              const std::vector<int64_t>& pids);
+  // Local teardown: stops the watchdog, closes peers' handles, frees the workspace. Idempotent.
+  void close();
+  bool is_local(int rank) const;
+  uint64_t staging_bytes() const { return chunk_cap_; }
+
+  // Collectives on CUDA memory. `members`: the group's ordered global ranks (all local), `me` this
+  // rank's index; `slot` >= 0 issues the operation on a graph slot instead (members ignored, the
+  // device table decides). All enqueued on `stream`; they return at once.
+  void all_gather(const std::vector<int>& members, int me, const void* in, void* out, uint64_t bytes,
+                  uintptr_t stream, int slot = -1);
+  void all_to_all(const std::vector<int>& members, int me, const void* in, void* out,
+                  const std::vector<uint64_t>& in_offsets, const std::vector<uint64_t>& in_sizes,
+                  const std::vector<uint64_t>& out_offsets, const std::vector<uint64_t>& out_sizes,
+                  uintptr_t stream, int slot = -1);
+  void reduce_scatter(const std::vector<int>& members, int me, const void* in, void* out, uint64_t count,
+                      DType dtype, RedOp op, uintptr_t stream, int slot = -1);
+  void all_reduce(const std::vector<int>& members, int me, const void* in, void* out, uint64_t count,
+                  DType dtype, RedOp op, uintptr_t stream, int slot = -1);
+  void broadcast(const std::vector<int>& members, int me, int root_index, void* buf, uint64_t bytes,
+                 uintptr_t stream, int slot = -1);
+  // Enqueues a barrier: later work on the stream starts once every member reached it.
+  void barrier(const std::vector<int>& members, int me, uintptr_t stream, int slot = -1);
+  void batch_p2p(const std::vector<IpcP2P>& ops, uintptr_t stream);
+
+  // Graph slots (group-agnostic graphs): a new slot of `size` members; every rank creates its
+  // slots in the same order. bind() rewrites the slot's table on `stream`.
+  int graph_slot(int size);
+  void bind(int slot, const std::vector<int>& members, int me, int epoch, uintptr_t stream);
+
+  // Raises the error the watchdog recorded, if any.
+  void check() const;
+
+ private:
+  struct Group {
+    int n = 0;
+    int me = 0;
+    int channel = 0;
+    int slot = -1;
+    int32_t members[8] = {};    // local indices
+    std::vector<int> ranks;     // global ranks (for messages and liveness)
+  };
+  struct Record {
+    uint64_t id;
+    cudaEvent_t event;
+    cudaStream_t stream;
+    uint64_t begin, end;  // staging region [begin, end) (end == begin: none)
+    std::chrono::steady_clock::time_point deadline;
+    std::vector<int> peers;  // local indices of the peers it waits for
+    const char* what;
+    std::vector<int> ranks;
+  };
+  struct Issue {
+    cudaStream_t stream;
+    bool capturing;
+    uint64_t staging;
+    uint64_t bytes;
+  };
+
+  Group resolve(const std::vector<int>& members, int me, int slot, const char* what) const;
+  Issue begin(const Group& g, uint64_t bytes, uintptr_t stream, const char* what);
+  void end(const Group& g, const Issue& is, const char* what);
+  void wait_counter(const Group& g, const Issue& is, int phase);
+  void wait_word(cudaStream_t stream, uint64_t offset, uint32_t value);
+  void fill_ctx(const Group& g, void* ctx) const;
+  void check_usable() const;
+  uint64_t channel_of(const int32_t* locals, int n) const;
+  void prune_locked();
+  bool record_done_locked(uint64_t id);
+  void watchdog();
+  void fail(ErrorCode code, const std::string& message);
+
+  int rank_;
+  int device_;
+  IpcOptions options_;
+  char* ws_ = nullptr;
+  uint64_t ws_bytes_ = 0;
+  int num_local_ = 0;
+  int my_local_ = -1;
+  std::vector<int> local_of_;          // global rank -> local index (-1: not local)
+  std::vector<int> global_of_;         // local index -> global rank
+  std::vector<char*> peer_bases_;      // local index -> mapped workspace (own included)
+  std::vector<int64_t> pids_;
+  std::vector<uint64_t> channel_base_;  // ordered subsets of size k start at channel_base_[k]
+  uint64_t num_group_channels_ = 0;
+  uint64_t num_channels_ = 0;
+  uint64_t counters_ = 0, infos_ = 0, signal_begin_ = 0, signal_end_ = 0;
+  uint64_t ring_begin_ = 0, ring_end_ = 0, ring_head_ = 0, chunk_cap_ = 0;
+  uint64_t arena_begin_ = 0, arena_head_ = 0, arena_end_ = 0;
+  std::vector<int> slot_sizes_;
+  std::vector<std::vector<int>> slot_ranks_;
+  std::vector<uint32_t> send_seq_, recv_seq_;  // per local peer
+  std::vector<std::pair<cudaStream_t, uint64_t>> channel_last_;  // last (stream, record id) per channel
+  std::vector<std::pair<cudaStream_t, uint64_t>> pair_last_;
+
+  mutable std::mutex mu_;  // everything below, and the members above on the issuing path
+  std::deque<Record> pending_;
+  std::vector<cudaEvent_t> event_pool_;
+  uint64_t next_id_ = 1;
+  bool attached_ = false;
+  std::atomic<bool> closed_{false};
+  std::atomic<bool> failed_{false};
+  ErrorCode error_code_ = ErrorCode::kTimeout;
+  std::string error_;
+
+  std::thread watchdog_;
+  std::condition_variable cv_;
+  bool stop_ = false;
+  cudaStream_t wd_stream_ = nullptr;
+};
+
+}  // namespace gfcoll
