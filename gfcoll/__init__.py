@@ -15,7 +15,7 @@ from .errors import (
     GfcollUnsupportedError,
     GfcollValueError,
 )
-from .world import P2P, Group, Work, World
+from .world import P2P, GraphSlot, Group, Work, World
 
 __version__ = "0.1.0"
 
@@ -24,6 +24,7 @@ __all__ = [
     "build_info",
     "World",
     "Group",
+    "GraphSlot",
     "P2P",
     "Work",
     "GfcollError",

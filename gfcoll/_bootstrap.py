@@ -103,6 +103,7 @@ def init(
     device: str | torch.device | None = None,
     store=None,
     timeout_s: float | None = None,
+    ipc_bytes: int | None = None,
 ) -> World:
     """Creates this rank's World. Collective: every rank of the job calls it once.
 
@@ -110,7 +111,10 @@ def init(
     MASTER_ADDR, MASTER_PORT). ``device``: "cuda", "cpu" or None (CUDA when a GPU and the nccl
     transport are available). ``store``: a torch.distributed Store to bootstrap through (default:
     torch.distributed's if initialised, else a TCPStore at MASTER_ADDR:MASTER_PORT). All setup
-    (shared-memory segments, the NCCL communicator and its peer connections) happens here, once.
+    (shared-memory segments, ipc workspaces and their handles, the NCCL communicator and its peer
+    connections) happens here, once. ``ipc_bytes``: the ipc workspace per rank (default
+    GFCOLL_IPC_BYTES). With CUDA, ranks are placed round-robin on the visible GPUs; where two ranks
+    share a GPU no NCCL communicator is created (NCCL refuses it) and ipc serves CUDA operations.
     """
     global _init_count
     rank = _env_int("RANK", rank)
@@ -130,12 +134,18 @@ def init(
         raise GfcollValueError(f"gfcoll.init: timeout must be positive, got {timeout_s}")
 
     info = _native.lib().build_info()
+    cuda_built = "nccl" in info["transports"] or "ipc" in info["transports"]
+    force = _env.get_str(_env.TRANSPORT).strip().lower() or "auto"
+    if force not in ("auto", "host", "ipc", "nccl"):
+        raise GfcollValueError(f"GFCOLL_TRANSPORT={force!r}: expected auto, host, ipc or nccl")
+    if force in ("ipc", "nccl") and force not in info["transports"]:
+        raise GfcollValueError(f"GFCOLL_TRANSPORT={force}: this build has only {info['transports']}")
     if device is None:
-        device = "cuda" if ("nccl" in info["transports"] and torch.cuda.is_available()) else "cpu"
+        device = "cuda" if (cuda_built and torch.cuda.is_available() and force != "host") else "cpu"
     device = torch.device(device)
     if device.type == "cuda":
-        if "nccl" not in info["transports"]:
-            raise GfcollValueError("gfcoll.init: device cuda needs a build with the nccl transport")
+        if not cuda_built:
+            raise GfcollValueError("gfcoll.init: device cuda needs a build with the ipc or nccl transport")
         if not torch.cuda.is_available():
             raise GfcollValueError("gfcoll.init: device cuda requested but no GPU is visible")
         index = device.index if device.index is not None else local_rank % torch.cuda.device_count()
@@ -156,10 +166,25 @@ def init(
 
     world = World(rank, size, local_rank, local_size, device)
     world._async_threads = _env.get_int(_env.HOST_ASYNC_THREADS)
+    world._force = force
+    if ipc_bytes is None:
+        ipc_bytes = _env.get_int(_env.IPC_BYTES)
     try:
-        _setup_host(world, store, timeout_s)
+        local = _setup_host(world, store, timeout_s)
         if device.type == "cuda":
-            _setup_nccl(world, store, timeout_s)
+            shared = _placement(world, store, timeout_s)
+            if "ipc" in info["transports"] and force in ("auto", "ipc"):
+                _setup_ipc(world, store, timeout_s, local, int(ipc_bytes))
+            if shared:
+                if force == "nccl":
+                    raise GfcollValueError(
+                        "gfcoll.init: GFCOLL_TRANSPORT=nccl, but ranks share a GPU and NCCL refuses that"
+                    )
+                log.info("gfcoll: %d ranks share %s GPUs: no NCCL communicator, ipc only", size, shared)
+            elif "nccl" in info["transports"] and force in ("auto", "nccl"):
+                _setup_nccl(world, store, timeout_s)
+            if world._ipc is None and world._nccl is None:
+                raise GfcollValueError("gfcoll.init: no CUDA transport could be set up (see the log)")
     except BaseException:
         world.close()
         raise
@@ -199,6 +224,63 @@ def _setup_host(world: World, store, timeout_s: float) -> None:
     finally:
         # Mapped by every peer (or failed): the name is no longer needed, and no file outlives us.
         host.unlink_own()
+    return local
+
+
+def _placement(world: World, store, timeout_s: float) -> str:
+    """Publishes this rank's (node, GPU); returns "" if every rank has a GPU of its own, else a
+    description of the sharing (then NCCL, which refuses two ranks on one GPU, is not created)."""
+    dev = world.device
+    try:
+        uuid_ = str(torch.cuda.get_device_properties(dev).uuid)
+    except Exception:  # older torch: fall back to the ordinal
+        uuid_ = str(dev.index)
+    store.set(f"gpu/{world.rank}", f"{socket.gethostname()}|{uuid_}")
+    _wait(store, [f"gpu/{r}" for r in range(world.size)], timeout_s, "every rank's GPU")
+    seen = [store.get(f"gpu/{r}").decode() for r in range(world.size)]
+    distinct = len(set(seen))
+    return "" if distinct == world.size else f"{distinct}"
+
+
+def _setup_ipc(world: World, store, timeout_s: float, local: list[int], ipc_bytes: int) -> None:
+    """One workspace per rank, its IPC handle opened once by every local peer. Every local rank
+    publishes whether it succeeded; ipc is used only if all did (the same verdict everywhere)."""
+    rank = world.rank
+    lib = _native.lib()
+    ipc = None
+    handle = b""
+    try:
+        opts = lib.IpcOptions()
+        opts.workspace_bytes = ipc_bytes
+        opts.timeout_s = timeout_s
+        ipc = lib.IpcTransport(rank, world.device.index, len(local), opts)
+        handle = ipc.handle()
+    except GfcollError as e:
+        log.warning("gfcoll: ipc transport unavailable on rank %d: %s", rank, e)
+        if ipc is not None:
+            ipc.close()
+        ipc = None
+    store.set(f"ipc/{rank}", handle)
+    store.set(f"ipcpid/{rank}", str(os.getpid()))
+    _wait(store, [f"ipc/{r}" for r in local] + [f"ipcpid/{r}" for r in local], timeout_s, "local ipc handles")
+    handles = [store.get(f"ipc/{r}") for r in local]
+    ok = ipc is not None and all(handles)
+    if ok:
+        try:
+            ipc.attach(local, handles, [int(store.get(f"ipcpid/{r}")) for r in local])
+        except GfcollError as e:
+            log.warning("gfcoll: rank %d cannot map its peers' ipc workspaces: %s", rank, e)
+            ok = False
+    store.set(f"ipcok/{rank}", "1" if ok else "0")
+    _wait(store, [f"ipcok/{r}" for r in local], timeout_s, "local peers to map ipc workspaces")
+    if ok and all(store.get(f"ipcok/{r}") == b"1" for r in local):
+        world._ipc = ipc
+        world._ipc_ranks = frozenset(local)
+        world._ipc_ring = ipc.staging_bytes() * 4
+        return
+    if ipc is not None:
+        ipc.close()
+    log.warning("gfcoll: ipc transport off on this node (a local rank could not set it up)")
 
 
 def _setup_nccl(world: World, store, timeout_s: float) -> None:

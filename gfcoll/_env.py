@@ -15,6 +15,13 @@ HOST_SLOTS = "GFCOLL_HOST_SLOTS"
 HOST_CHUNK_BYTES = "GFCOLL_HOST_CHUNK_BYTES"
 # Threads that run asynchronous host-transport operations.
 HOST_ASYNC_THREADS = "GFCOLL_HOST_ASYNC_THREADS"
+# ipc transport: bytes of the CUDA workspace of each rank (control block, staging ring, and a
+# quarter reserved for operations captured in CUDA graphs). Staging for one eager operation is
+# chunked at a sixteenth of it; an all_to_all must fit its whole input in the ring.
+IPC_BYTES = "GFCOLL_IPC_BYTES"
+# Transport of CUDA operations: "auto" (ipc for groups of one node, else nccl), or force one of
+# "ipc", "nccl" ("host" forces nothing on CUDA: host is the transport of CPU tensors).
+TRANSPORT = "GFCOLL_TRANSPORT"
 
 _DEFAULTS = {
     TIMEOUT_S: "300",
@@ -22,6 +29,8 @@ _DEFAULTS = {
     HOST_SLOTS: "32",
     HOST_CHUNK_BYTES: str(512 * 1024),
     HOST_ASYNC_THREADS: "64",
+    IPC_BYTES: str(256 << 20),
+    TRANSPORT: "auto",
 }
 
 

@@ -12,8 +12,28 @@ Ordering rules (what callers must follow; tests/multiproc/test_concurrency.py ch
    on one stream (or one thread, for CPU tensors) must issue them in the same relative order.
    On the nccl transport (CUDA tensors) NCCL runs one communicator's work in issue order whatever
    the stream, so this rule applies to CUDA operations on every stream (Note [nccl masked
-   collectives] in csrc/include/gfcoll/nccl_transport.h).
+   collectives] in csrc/include/gfcoll/nccl_transport.h). On the ipc transport (CUDA tensors of
+   ranks on one node) it applies to one stream only: operations on different streams progress
+   independently (Note [ipc signalling] in csrc/include/gfcoll/ipc_transport.h). Operations of
+   one group issued on two streams run in issue order (the later stream waits for the earlier).
 4. Point-to-point messages between an ordered pair of ranks match in issue order, as in MPI.
+5. Graph slots (ipc only; ``slot = world.graph_slot(size)``): every rank creates its slots in the
+   same order (slot k is the same slot on every rank). Operations issued on a slot read the
+   group from a device-side table, so a CUDA graph captured with them replays for any group of
+   ``size`` members. Before a replay every member of the group calls ``slot.bind(group)`` on the
+   replay's stream (``group.size == size``); a slot serves one replay at a time per rank (bind,
+   replay, then bind again), and between two binds the members that took part replay the same
+   graph the same number of times (rule 1 for the slot). A slot is a group of its own: its
+   operations do not count as operations of the bound group. Captured operations keep their
+   staging for the life of the world (a quarter of GFCOLL_IPC_BYTES in all).
+
+Transports are chosen per operation by ``World._select`` (one function): CPU tensors use host;
+CUDA tensors use ipc when every member is on this node and attached (and the operation fits the
+workspace), else nccl; ``GFCOLL_TRANSPORT=ipc|nccl`` forces one. A fallback is logged once per
+reason. With fewer GPUs than ranks, NCCL is not created (it refuses two ranks on one GPU) and ipc
+serves every CUDA operation. ipc errors of an operation (a dead or silent peer) are raised by the
+next gfcoll call on that rank, by ``Work.wait``/``Work.synchronize``, ``barrier`` and
+``World.check``.
 
 Stream semantics follow torch.distributed: CUDA operations are enqueued on the current stream of
 the tensor's device and return at once; CPU operations complete before returning. With
@@ -52,17 +72,21 @@ def _pair_hash(src: int, dst: int) -> int:
 class Work:
     """Handle of an operation issued with ``async_op=True``."""
 
-    def __init__(self, future: Future | None = None, event=None, keep=None):
+    def __init__(self, future: Future | None = None, event=None, keep=None, check=None):
         self._future = future
         self._event = event
         self._keep = keep  # tensors that must outlive the operation
+        self._check = check  # raises an error the transport recorded (ipc watchdog), or None
 
     def wait(self) -> None:
-        """CPU: blocks until done and re-raises its error. CUDA: makes the current stream wait."""
+        """CPU: blocks until done and re-raises its error. CUDA: makes the current stream wait
+        (and raises an error the transport already recorded)."""
         if self._future is not None:
             self._future.result()
         elif self._event is not None:
             self._event.wait(torch.cuda.current_stream().cuda_stream)
+            if self._check is not None:
+                self._check()
 
     def is_completed(self) -> bool:
         if self._future is not None:
@@ -75,6 +99,8 @@ class Work:
             self._future.result()
         elif self._event is not None:
             self._event.synchronize()
+            if self._check is not None:
+                self._check()
 
 
 @dataclass
@@ -89,7 +115,7 @@ class P2P:
 class Group:
     """An ordered subset of the world's ranks. Made by ``World.group``; costs no communication."""
 
-    __slots__ = ("_world", "ranks", "size", "rank", "_key", "_hash")
+    __slots__ = ("_world", "ranks", "size", "rank", "_key", "_hash", "_ipc")
 
     def __init__(self, world: World, ranks: tuple[int, ...], rank: int):
         self._world = world
@@ -97,6 +123,7 @@ class Group:
         self.size = len(ranks)
         self.rank = rank  # this process's index in ranks, or -1
         self._hash = _group_hash(ranks)
+        self._ipc = None  # whether every member is reachable over ipc (computed once)
 
     def __repr__(self) -> str:
         return f"Group(ranks={list(self.ranks)}, rank={self.rank})"
@@ -110,20 +137,24 @@ class Group:
             )
         return self.rank
 
-    def _run(self, what: str, host_fn, nccl_fn, bufs: Sequence[Buf], async_op: bool):
-        """Issues one operation: assigns its epoch now (rule 1), then runs it on the transport
-        that the tensors' device selects."""
+    def _run(self, what: str, host_fn, nccl_fn, bufs: Sequence[Buf], async_op: bool, ipc_fn=None, nbytes=0):
+        """Issues one operation on the transport World._select picks. CPU operations get their
+        epoch now (rule 1); CUDA transports order a group's operations themselves."""
         w = self._world
-        is_cuda = bufs[0].is_cuda
-        epoch = w._next_epoch(self.ranks)
-        if is_cuda:
-            nccl = w._nccl_for(bufs, what)
-            nccl_fn(nccl, bufs[0].stream)
+        if bufs[0].is_cuda:
+            stream = bufs[0].stream
+            if w._select(what, self, bufs, nbytes) == "ipc":
+                ipc_fn(w._ipc, stream)
+                check = w._ipc.check
+            else:
+                nccl_fn(w._nccl, stream)
+                check = None
             if not async_op:
                 return None
             event = _native.lib().CudaEvent()
-            event.record(bufs[0].stream)
-            return Work(event=event, keep=[b.tensor for b in bufs])
+            event.record(stream)
+            return Work(event=event, keep=[b.tensor for b in bufs], check=check)
+        epoch = w._next_epoch(self.ranks)
         host = w._host_for(what)
         if not async_op:
             host_fn(host, epoch)
@@ -148,6 +179,7 @@ class Group:
             lambda n, s: n.all_gather(members, me, i.ptr, o.ptr, i.nbytes, s),
             [i, o],
             async_op,
+            lambda t, s: t.all_gather(members, me, i.ptr, o.ptr, i.nbytes, s, -1),
         )
 
     def reduce_scatter(self, out, inp, op: str = "sum", async_op: bool = False):
@@ -170,6 +202,7 @@ class Group:
             lambda n, s: n.reduce_scatter(members, me, i.ptr, o.ptr, o.numel, i.dtype_code, code, s),
             [i, o],
             async_op,
+            lambda t, s: t.reduce_scatter(members, me, i.ptr, o.ptr, o.numel, i.dtype_code, code, s, -1),
         )
 
     def all_reduce(self, t, op: str = "sum", async_op: bool = False):
@@ -185,6 +218,7 @@ class Group:
             lambda n, s: n.all_reduce(members, me, b.ptr, b.ptr, b.numel, b.dtype_code, code, s),
             [b],
             async_op,
+            lambda t, s: t.all_reduce(members, me, b.ptr, b.ptr, b.numel, b.dtype_code, code, s, -1),
         )
 
     def all_to_all(self, out, inp, out_splits=None, in_splits=None, async_op: bool = False):
@@ -209,6 +243,8 @@ class Group:
             lambda n, s: n.all_to_all(members, me, i.ptr, o.ptr, in_off, in_sz, out_off, out_sz, s),
             [i, o],
             async_op,
+            lambda t, s: t.all_to_all(members, me, i.ptr, o.ptr, in_off, in_sz, out_off, out_sz, s, -1),
+            i.nbytes,
         )
 
     def broadcast(self, t, root: int, async_op: bool = False):
@@ -225,6 +261,7 @@ class Group:
             lambda n, s: n.broadcast(members, me, root_index, b.ptr, b.nbytes, s),
             [b],
             async_op,
+            lambda t, s: t.broadcast(members, me, root_index, b.ptr, b.nbytes, s, -1),
         )
 
     def barrier(self) -> None:
@@ -234,6 +271,7 @@ class Group:
         w = self._world
         if w.device.type == "cuda":
             torch.cuda.current_stream(w.device).synchronize()
+            w.check()
         epoch = w._next_epoch(self.ranks)
         if w._host is not None and all(w._host.is_attached(r) or r == w.rank for r in self.ranks):
             w._host.barrier(self._hash, epoch, list(self.ranks), me)
@@ -280,6 +318,11 @@ class World:
         self.device = device
         self._host = None  # native HostTransport (ranks of this node), or None
         self._nccl = None  # native NcclTransport, or None
+        self._ipc = None  # native IpcTransport (CUDA ranks of this node), or None
+        self._ipc_ranks: frozenset[int] = frozenset()  # global ranks reachable over ipc
+        self._force = "auto"  # GFCOLL_TRANSPORT for CUDA operations
+        self._ipc_ring = 0  # bytes one ipc operation may stage at once
+        self._logged: set[str] = set()  # fallback reasons already logged
         self._epochs: dict[tuple[int, ...], int] = {}
         self._p2p_seq: dict[tuple[int, int], int] = {}
         self._lock = threading.Lock()
@@ -344,13 +387,20 @@ class World:
         if len({b.is_cuda for b in bufs}) != 1:
             raise GfcollValueError("batch_p2p: mix of CPU and CUDA tensors")
         if bufs[0].is_cuda:
-            nccl = self._nccl_for(bufs, "batch_p2p")
-            nccl.batch_p2p([(s, peer, b.ptr, b.nbytes) for s, peer, b in items], bufs[0].stream)
+            stream = bufs[0].stream
+            native_ops = [(s, peer, b.ptr, b.nbytes) for s, peer, b in items]
+            peers = tuple(sorted({peer for _, peer, _ in items} | {self.rank}))
+            if self._select("batch_p2p", peers, bufs, 0) == "ipc":
+                self._ipc.batch_p2p(native_ops, stream)
+                check = self._ipc.check
+            else:
+                self._nccl.batch_p2p(native_ops, stream)
+                check = None
             if not async_op:
                 return None
             event = _native.lib().CudaEvent()
-            event.record(bufs[0].stream)
-            return Work(event=event, keep=[b.tensor for b in bufs])
+            event.record(stream)
+            return Work(event=event, keep=[b.tensor for b in bufs], check=check)
         host = self._host_for("batch_p2p")
         native_ops = []
         with self._lock:
@@ -375,6 +425,8 @@ class World:
             self._host.close()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._ipc is not None:
+            self._ipc.close()
         if self._nccl is not None:
             self._nccl.close()
 
@@ -386,9 +438,28 @@ class World:
         out = []
         if self._host is not None:
             out.append("host")
+        if self._ipc is not None:
+            out.append("ipc")
         if self._nccl is not None:
             out.append("nccl")
         return out
+
+    def check(self) -> None:
+        """Raises the error an ipc operation of this rank ended with (GfcollTimeoutError or
+        GfcollPeerDiedError naming the peer), once its stream got there; else returns."""
+        if self._ipc is not None:
+            self._ipc.check()
+
+    # -- graph slots -----------------------------------------------------------------------------
+    def graph_slot(self, size: int) -> GraphSlot:
+        """A placeholder group of ``size`` members for group-agnostic CUDA graphs (ordering rule 5).
+        Every rank that will bind it calls graph_slot in the same order; no communication."""
+        self._check_open()
+        if self._ipc is None:
+            raise GfcollUnsupportedError("graph_slot: needs the ipc transport (CUDA ranks of one node)")
+        if not isinstance(size, int) or size < 1:
+            raise GfcollValueError(f"graph_slot: size must be a positive integer, got {size!r}")
+        return GraphSlot(self, self._ipc.graph_slot(size), size)
 
     # -- internals -------------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -414,6 +485,51 @@ class World:
             )
         return self._host
 
+    def _select(self, what: str, group, bufs: Sequence[Buf], nbytes: int) -> str:
+        """The one selection function of CUDA operations: "ipc" or "nccl" (CPU tensors always use
+        host). ``group`` is a Group or a tuple of global ranks; ``nbytes`` what must fit the ipc
+        staging at once (all_to_all), 0 when the transport chunks."""
+        dev = self.device
+        for b in bufs:
+            if b.tensor.device != dev:
+                raise GfcollValueError(
+                    f"{what}: tensor is on {b.tensor.device}, but this rank's device is {dev}"
+                )
+        ok = group._ipc if isinstance(group, Group) else None
+        if ok is None:
+            ranks = group.ranks if isinstance(group, Group) else group
+            ok = self._ipc is not None and all(r in self._ipc_ranks for r in ranks)
+            if isinstance(group, Group):
+                group._ipc = ok
+        force = self._force
+        if ok and (nbytes == 0 or nbytes <= self._ipc_ring):
+            if force != "nccl" or self._nccl is None:
+                return "ipc"
+        if self._nccl is not None:
+            if force != "nccl":
+                reason = (
+                    f"{what} needs {nbytes} bytes of ipc staging, more than GFCOLL_IPC_BYTES allows"
+                    if ok
+                    else "a member is not reachable over ipc (another node, or ipc is off)"
+                )
+                if force == "ipc":
+                    raise GfcollUnsupportedError(f"{what}: GFCOLL_TRANSPORT=ipc but {reason}")
+                self._log_once(f"{what}: nccl instead of ipc: {reason}")
+            return "nccl"
+        if ok:
+            raise GfcollUnsupportedError(
+                f"{what}: needs {nbytes} bytes of ipc staging; raise GFCOLL_IPC_BYTES (no nccl transport here)"
+            )
+        raise GfcollUnsupportedError(
+            f"{what}: CUDA tensors need the ipc transport (members on this node) or nccl; "
+            f"this world has {self.transports()} on {self.device}"
+        )
+
+    def _log_once(self, reason: str) -> None:
+        if reason not in self._logged:
+            self._logged.add(reason)
+            log.info("gfcoll fallback: %s", reason)
+
     def _nccl_for(self, bufs: Sequence[Buf], what: str):
         if self._nccl is None:
             raise GfcollUnsupportedError(
@@ -425,3 +541,93 @@ class World:
                     f"{what}: tensor is on {b.tensor.device}, but this rank's device is {self.device}"
                 )
         return self._nccl
+
+
+class GraphSlot:
+    """A placeholder group for group-agnostic CUDA graphs (ordering rule 5). Its operations read
+    the members, this rank's index and the epoch from a device-side table that ``bind`` sets, so a
+    graph captured once replays for any bound group of ``size`` members. Made by
+    ``World.graph_slot``. Only CUDA tensors on this rank's device, ipc transport."""
+
+    def __init__(self, world: World, slot: int, size: int):
+        self._world = world
+        self._slot = slot
+        self.size = size
+        self.group: Group | None = None  # the group bound last (host side), or None
+        self.rank = -1  # this rank's index in the bound group
+
+    def __repr__(self) -> str:
+        return f"GraphSlot(slot={self._slot}, size={self.size}, group={self.group})"
+
+    def bind(self, group: Group) -> None:
+        """Points the slot at ``group`` on the current stream. Every member of ``group`` calls it
+        before a replay on the replay's stream; ``group.size`` must equal the slot's size."""
+        w = self._world
+        w._check_open()
+        if not isinstance(group, Group):
+            raise GfcollValueError(f"bind: expected a gfcoll.Group, got {type(group).__name__}")
+        if group.size != self.size:
+            raise GfcollValueError(f"bind: the slot has {self.size} members, the group {group.size}")
+        if group.rank < 0:
+            raise GfcollValueError(f"bind: rank {w.rank} is not a member of group {list(group.ranks)}")
+        if not all(r in w._ipc_ranks for r in group.ranks):
+            raise GfcollUnsupportedError(f"bind: group {list(group.ranks)} is not reachable over ipc")
+        stream = torch.cuda.current_stream(w.device).cuda_stream
+        epoch = w._next_epoch(("slot", self._slot))
+        w._ipc.bind(self._slot, list(group.ranks), group.rank, epoch & 0x7FFFFFFF, stream)
+        self.group = group
+        self.rank = group.rank
+
+    def _bufs(self, what: str, *named):
+        self._world._check_open()
+        bufs = [as_buf(t, name) for t, name in named]
+        for b in bufs:
+            if not b.is_cuda or b.tensor.device != self._world.device:
+                raise GfcollValueError(f"{what}: graph slots take CUDA tensors on {self._world.device}")
+        return bufs
+
+    def all_gather(self, out, inp) -> None:
+        """As Group.all_gather, on the bound group."""
+        i, o = self._bufs("all_gather", (inp, "inp"), (out, "out"))
+        check_same(i, o, "all_gather")
+        if o.numel != i.numel * self.size:
+            raise GfcollValueError(
+                f"all_gather: out has {o.numel} elements, expected {self.size} x {i.numel}"
+            )
+        self._world._ipc.all_gather([], 0, i.ptr, o.ptr, i.nbytes, i.stream, self._slot)
+
+    def reduce_scatter(self, out, inp, op: str = "sum") -> None:
+        """As Group.reduce_scatter, on the bound group."""
+        i, o = self._bufs("reduce_scatter", (inp, "inp"), (out, "out"))
+        check_same(i, o, "reduce_scatter")
+        code = op_code(op, i.tensor.dtype, "reduce_scatter")
+        if i.numel != o.numel * self.size:
+            raise GfcollValueError(
+                f"reduce_scatter: inp has {i.numel} elements, expected {self.size} x {o.numel}"
+            )
+        self._world._ipc.reduce_scatter(
+            [], 0, i.ptr, o.ptr, o.numel, i.dtype_code, code, i.stream, self._slot
+        )
+
+    def all_reduce(self, t, op: str = "sum") -> None:
+        """As Group.all_reduce, on the bound group (in place)."""
+        (b,) = self._bufs("all_reduce", (t, "t"))
+        code = op_code(op, b.tensor.dtype, "all_reduce")
+        self._world._ipc.all_reduce([], 0, b.ptr, b.ptr, b.numel, b.dtype_code, code, b.stream, self._slot)
+
+    def all_to_all(self, out, inp, out_splits=None, in_splits=None) -> None:
+        """As Group.all_to_all, on the bound group. Splits are baked into a capture: a graph with
+        uneven splits replays for groups where this rank has the same index."""
+        i, o = self._bufs("all_to_all", (inp, "inp"), (out, "out"))
+        check_same(i, o, "all_to_all")
+        in_off, in_sz = _split_bytes(i, in_splits, self.size, "in_splits")
+        out_off, out_sz = _split_bytes(o, out_splits, self.size, "out_splits")
+        self._world._ipc.all_to_all([], 0, i.ptr, o.ptr, in_off, in_sz, out_off, out_sz, i.stream, self._slot)
+
+    def broadcast(self, t, root_index: int) -> None:
+        """In place: every member's t becomes that of member ``root_index`` (an INDEX in the bound
+        group, since the group is not known at capture)."""
+        (b,) = self._bufs("broadcast", (t, "t"))
+        if not isinstance(root_index, int) or not 0 <= root_index < self.size:
+            raise GfcollValueError(f"broadcast: root_index {root_index!r} is not in [0, {self.size})")
+        self._world._ipc.broadcast([], 0, root_index, b.ptr, b.nbytes, b.stream, self._slot)

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# On the device machine, from the repository root: build, then run the ipc transport's tests with 2
+# and 4 ranks on however many GPUs there are (one GPU suffices: ranks share it), then the host-time
+# benchmark. Logs go under $OUT (default ./gpu-out); a short summary is printed last.
+#   usage: bash tests/gpu/run_ipc.sh [tests|bench|all] [pytest -k expression]
+set -uo pipefail
+what=${1:-all}
+select=${2:-}
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+log="$OUT/ipc-gpu-tests.log"
+summary=()
+step() {  # step NAME COMMAND...: runs, logs, records pass/fail
+  local name=$1; shift
+  echo "=== $name: $*" | tee -a "$log"
+  local t0=$SECONDS
+  if "$@" >>"$log" 2>&1; then summary+=("PASS $name ($((SECONDS - t0)) s)"); else summary+=("FAIL $name ($((SECONDS - t0)) s)"); fi
+}
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown) (working tree as sent: $(git status --porcelain 2>/dev/null | wc -l) changed paths)"
+  nvidia-smi -L
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
+} >>"$log" 2>&1
+step build python3 -m pip install -q --no-build-isolation --no-deps -e .
+step build_info python3 -c 'import gfcoll, json; print(json.dumps(gfcoll.build_info()))'
+if [ "$what" = all ] || [ "$what" = tests ]; then
+  args=(-v -rs -p no:cacheprovider --timeout 400 tests/gpu/test_ipc_transport.py)
+  [ -n "$select" ] && args+=(-k "$select")
+  step ipc_tests timeout 560 python3 -m pytest "${args[@]}"
+fi
+if [ "$what" = all ] || [ "$what" = bench ]; then
+  for n in 2 4; do
+    step "host_time_$n" timeout 120 python3 -m torch.distributed.run --nproc-per-node "$n" -m gfcoll.bench \
+      --host-time --json "$OUT/host-time-$n.json"
+  done
+fi
+echo "=== summary" | tee -a "$log"
+printf '%s\n' "${summary[@]}" | tee -a "$log"
+grep -E "^(PASSED|FAILED|ERROR)|passed|failed" "$log" | tail -30
