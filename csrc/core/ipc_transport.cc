@@ -711,6 +711,9 @@ void IpcTransport::fail(ErrorCode code, const std::string& message) {
 
 void IpcTransport::watchdog() {
   cudaSetDevice(device_);
+  // Event queries from this thread must not invalidate a CUDA graph another thread is capturing.
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  cudaThreadExchangeStreamCaptureMode(&mode);
   std::unique_lock<std::mutex> lock(mu_);
   while (!stop_) {
     cv_.wait_for(lock, std::chrono::milliseconds(5));

@@ -121,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a("--graph", action="store_true", help="time CUDA-graph replays of `iters` captured operations")
     a("-c", "--check", action="store_true", help="verify every measurement's result against a reference")
+    a(
+        "--host-time",
+        action="store_true",
+        help="instead of the sweep: host time per call (Python call to return), eager, 1 KiB, every op "
+        "(own options: --bytes, -n, -w, --device, --json; see gfcoll.bench.host_time)",
+    )
     a("--json", metavar="PATH", help="write every row and the environment as JSON (and results.md beside it)")
     a("--plot", metavar="DIR", help="write PNG plots (needs matplotlib)")
     a("--formation-reps", type=int, default=5, help="repetitions of each group-formation method (default 5)")
@@ -240,6 +246,11 @@ def parse_options(argv: Sequence[str] | None, environ: Mapping[str, str]):
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     environ = os.environ if environ is None else environ
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--host-time" in args:
+        from .host_time import main as host_time  # noqa: PLC0415
+
+        return host_time(args)
     opts = parse_options(argv, environ)
     logging.basicConfig(
         level=logging.INFO if opts.verbose else logging.WARNING,

@@ -28,9 +28,9 @@ step() {  # step NAME COMMAND...: runs, logs, records pass/fail
 step build python3 -m pip install -q --no-build-isolation --no-deps -e .
 step build_info python3 -c 'import gfcoll, json; print(json.dumps(gfcoll.build_info()))'
 if [ "$what" = all ] || [ "$what" = tests ]; then
-  args=(-v -rs -p no:cacheprovider --timeout 400 tests/gpu/test_ipc_transport.py)
+  args=(-v -rs -p no:cacheprovider --timeout "${IPC_TEST_TIMEOUT:-400}" tests/gpu/test_ipc_transport.py)
   [ -n "$select" ] && args+=(-k "$select")
-  step ipc_tests timeout 560 python3 -m pytest "${args[@]}"
+  step ipc_tests timeout "${IPC_TOTAL_TIMEOUT:-560}" python3 -m pytest "${args[@]}"
 fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
   for n in 2 4; do
