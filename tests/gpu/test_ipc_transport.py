@@ -16,16 +16,6 @@ def _transports(world):
     return world.transports()
 
 
-@pytest.mark.parametrize("n", RANKS)
-def test_matrix_ipc(n):
-    """Every op x dtype x size (0, 1, odd, >= 8 MiB) x random ordered groups, bitwise against
-    tests/reference.py; send/recv and batch_p2p included."""
-    sizes = [0, 1, 37, 65_537, 2_100_001]
-    counts = run_ranks(run_matrix, n, "cuda", sizes, n + 20, 3, device="cuda", timeout=900, env=IPC)
-    assert all(c > 0 for c in counts)
-    assert all("ipc" in t for t in run_ranks(_transports, n, device="cuda", env=IPC))
-
-
 def _chunked_and_one_shot(world):
     """Sizes above the per-operation staging (chunked) and both all_reduce algorithms."""
     import torch
@@ -331,3 +321,13 @@ def test_nccl_refused_when_ranks_share_a_gpu():
     if torch.cuda.device_count() >= 2:
         pytest.skip("ranks share a GPU only when there are fewer GPUs than ranks")
     assert all(run_ranks(_forced_nccl_on_shared_gpu, 2, init=False, env={"GFCOLL_TRANSPORT": "nccl"}))
+
+
+@pytest.mark.parametrize("n", RANKS)
+def test_matrix_ipc(n):
+    """Every op x dtype x size (0, 1, odd, >= 8 MiB) x random ordered groups, bitwise against
+    tests/reference.py; send/recv and batch_p2p included."""
+    sizes = [0, 1, 37, 65_537, 2_100_001]
+    counts = run_ranks(run_matrix, n, "cuda", sizes, n + 20, 3, device="cuda", timeout=900, env=IPC)
+    assert all(c > 0 for c in counts)
+    assert all("ipc" in t for t in run_ranks(_transports, n, device="cuda", env=IPC))
