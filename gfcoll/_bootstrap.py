@@ -292,3 +292,4 @@ def _setup_nccl(world: World, store, timeout_s: float) -> None:
     nccl.init(world.rank, world.size, uid, world.device.index)
     world._nccl = nccl
     nccl.warmup()
+    nccl.start_watchdog(timeout_s)  # bounds every operation; aborts the communicator on failure

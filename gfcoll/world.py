@@ -148,7 +148,7 @@ class Group:
                 check = w._ipc.check
             else:
                 nccl_fn(w._nccl, stream)
-                check = None
+                check = w._nccl.check
             if not async_op:
                 return None
             event = _native.lib().CudaEvent()
@@ -395,7 +395,7 @@ class World:
                 check = self._ipc.check
             else:
                 self._nccl.batch_p2p(native_ops, stream)
-                check = None
+                check = self._nccl.check
             if not async_op:
                 return None
             event = _native.lib().CudaEvent()
@@ -445,10 +445,12 @@ class World:
         return out
 
     def check(self) -> None:
-        """Raises the error an ipc operation of this rank ended with (GfcollTimeoutError or
-        GfcollPeerDiedError naming the peer), once its stream got there; else returns."""
+        """Raises the error an ipc or nccl operation of this rank ended with (GfcollTimeoutError,
+        GfcollPeerDiedError naming the peer, GfcollNcclError), as the watchdogs recorded it."""
         if self._ipc is not None:
             self._ipc.check()
+        if self._nccl is not None:
+            self._nccl.check()
 
     # -- graph slots -----------------------------------------------------------------------------
     def graph_slot(self, size: int) -> GraphSlot:

@@ -281,6 +281,8 @@ PYBIND11_MODULE(_gfcoll, m) {
       .def("warmup", &NT::warmup, nogil)
       .def("device", &NT::device)
       .def("check_async_error", &NT::check_async_error)
+      .def("start_watchdog", &NT::start_watchdog)
+      .def("check", &NT::check)
       .def("close", &NT::close, py::arg("abort") = false, nogil)
       .def(
           "all_gather",

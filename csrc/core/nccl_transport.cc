@@ -90,6 +90,7 @@ NcclTransport::NcclTransport(const std::string& library) : lib_(std::make_unique
 }
 
 NcclTransport::~NcclTransport() {
+  stop_watchdog();
   // Freeing a communicator is collective work for NCCL's proxy threads; close() is the explicit
   // teardown. Here only the library reference is dropped (never dlclose a shared libnccl).
 }
@@ -129,6 +130,7 @@ void NcclTransport::init(int rank, int world_size, const std::string& id, int de
 }
 
 void NcclTransport::check_ready() const {
+  check();
   GF_ASSERT(!closed_, kClosed, "the gfcoll world was closed");
   GF_ASSERT(comm_ != nullptr, kInvalidArgument, "nccl transport not initialised");
 }
@@ -198,6 +200,7 @@ void NcclTransport::all_gather(const std::vector<int>& members, int me, const vo
     GF_CHECK_NCCL(*lib_, lib_->Recv(dst + j * bytes, bytes, ncclUint8, members[j], comm, stream));
   }
   g.end();
+  track(stream);
 }
 
 void NcclTransport::all_to_all(const std::vector<int>& members, int me, const void* in, void* out,
@@ -227,6 +230,7 @@ void NcclTransport::all_to_all(const std::vector<int>& members, int me, const vo
     if (out_sizes[j] > 0) GF_CHECK_NCCL(*lib_, lib_->Recv(dst + out_offsets[j], out_sizes[j], ncclUint8, members[j], comm, stream));
   }
   g.end();
+  track(stream);
 }
 
 void NcclTransport::reduce_scatter(const std::vector<int>& members, int me, const void* in, void* out,
@@ -259,6 +263,7 @@ void NcclTransport::reduce_scatter(const std::vector<int>& members, int me, cons
   for (int k = 0; k < n; ++k) srcs[k] = k == me ? src + block * me : slot(k);
   launch_reduce(dtype, op, out, srcs.data(), n, count, stream);
   if (scratch != nullptr) GF_CHECK_CUDA(cudaFreeAsync(scratch, stream));
+  track(stream);
 }
 
 void NcclTransport::all_reduce(const std::vector<int>& members, int me, const void* in, void* out,
@@ -307,6 +312,7 @@ void NcclTransport::all_reduce(const std::vector<int>& members, int me, const vo
     if (len(j) > 0) GF_CHECK_NCCL(*lib_, lib_->Recv(dst + first(j) * es, len(j) * es, ncclUint8, members[j], comm, stream));
   }
   g.end();
+  track(stream);
 }
 
 // At and above this size (and with more than two members) a broadcast is a scatter from the root
@@ -336,6 +342,7 @@ void NcclTransport::broadcast(const std::vector<int>& members, int me, int root_
       GF_CHECK_NCCL(*lib_, lib_->Recv(data, bytes, ncclUint8, members[root_index], comm, stream));
     }
     g.end();
+    track(stream);
     return;
   }
   // Piece j, [first(j), first(j + 1)), is scattered to member j, then every member forwards its
@@ -366,6 +373,7 @@ void NcclTransport::broadcast(const std::vector<int>& members, int me, int root_
     GF_CHECK_NCCL(*lib_, lib_->Recv(data + first(root_index), len(root_index), ncclUint8, members[root_index], comm, stream));
   }
   g.end();
+  track(stream);
 }
 
 void NcclTransport::batch_p2p(const std::vector<NcclP2P>& ops, uintptr_t stream_) {
@@ -388,6 +396,7 @@ void NcclTransport::batch_p2p(const std::vector<NcclP2P>& ops, uintptr_t stream_
     }
   }
   g.end();
+  track(stream);
 }
 
 void NcclTransport::check_async_error() {
@@ -398,7 +407,100 @@ void NcclTransport::check_async_error() {
             lib_->GetErrorString(res));
 }
 
+void NcclTransport::start_watchdog(double timeout_s) {
+  check_ready();
+  std::lock_guard<std::mutex> lock(wd_mu_);
+  if (wd_.joinable()) return;
+  timeout_s_ = timeout_s;
+  wd_ = std::thread([this] { watchdog(); });
+}
+
+void NcclTransport::check() const {
+  if (!failed_.load(std::memory_order_acquire)) return;
+  std::lock_guard<std::mutex> lock(wd_mu_);
+  throw Error(error_code_, "nccl watchdog", error_);
+}
+
+void NcclTransport::track(void* stream) {
+  // Called with mu_ held, after an operation was enqueued on `stream`.
+  {
+    std::lock_guard<std::mutex> lock(wd_mu_);
+    if (!wd_.joinable()) return;
+  }
+  cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+  GF_CHECK_CUDA(cudaStreamIsCapturing(static_cast<cudaStream_t>(stream), &cs));
+  if (cs != cudaStreamCaptureStatusNone) return;
+  std::lock_guard<std::mutex> lock(wd_mu_);
+  cudaEvent_t ev;
+  if (event_pool_.empty()) {
+    GF_CHECK_CUDA(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+  } else {
+    ev = static_cast<cudaEvent_t>(event_pool_.back());
+    event_pool_.pop_back();
+  }
+  GF_CHECK_CUDA(cudaEventRecord(ev, static_cast<cudaStream_t>(stream)));
+  inflight_.push_back({ev, std::chrono::steady_clock::now() +
+                               std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                                   std::chrono::duration<double>(timeout_s_))});
+}
+
+void NcclTransport::watchdog() {
+  cudaSetDevice(device_);
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;  // never invalidate another thread's capture
+  cudaThreadExchangeStreamCaptureMode(&mode);
+  std::unique_lock<std::mutex> lock(wd_mu_);
+  while (!wd_stop_) {
+    wd_cv_.wait_for(lock, std::chrono::milliseconds(20));
+    if (wd_stop_ || failed_.load()) continue;
+    while (!inflight_.empty() && cudaEventQuery(static_cast<cudaEvent_t>(inflight_.front().event)) == cudaSuccess) {
+      event_pool_.push_back(inflight_.front().event);
+      inflight_.pop_front();
+    }
+    cudaGetLastError();
+    ncclResult_t res = ncclSuccess;
+    std::string why;
+    ErrorCode code = ErrorCode::kNccl;
+    if (comm_ != nullptr && lib_->CommGetAsyncError(static_cast<ncclComm_t>(comm_), &res) == ncclSuccess &&
+        res != ncclSuccess && res != ncclInProgress) {
+      why = std::string("NCCL reported an asynchronous error: ") + lib_->GetErrorString(res);
+    } else if (!inflight_.empty() && std::chrono::steady_clock::now() > inflight_.front().deadline) {
+      code = ErrorCode::kTimeout;
+      why = detail::concat("an nccl operation of rank ", rank_, " did not complete within GFCOLL_TIMEOUT_S=",
+                           timeout_s_, " s (a peer is dead or did not take part)");
+    }
+    if (why.empty()) continue;
+    error_code_ = code;
+    error_ = why + "; the communicator was aborted";
+    failed_.store(true, std::memory_order_release);
+    lock.unlock();
+    {
+      // Aborting ends NCCL's kernels, so the streams waiting on them move on.
+      std::lock_guard<std::mutex> op_lock(mu_);
+      if (comm_ != nullptr) {
+        lib_->CommAbort(static_cast<ncclComm_t>(comm_));
+        comm_ = nullptr;
+      }
+    }
+    lock.lock();
+  }
+}
+
+void NcclTransport::stop_watchdog() {
+  {
+    std::lock_guard<std::mutex> lock(wd_mu_);
+    wd_stop_ = true;
+  }
+  wd_cv_.notify_all();
+  if (wd_.joinable()) wd_.join();
+  std::lock_guard<std::mutex> lock(wd_mu_);
+  for (auto& f : inflight_) event_pool_.push_back(f.event);
+  inflight_.clear();
+  for (void* e : event_pool_) cudaEventDestroy(static_cast<cudaEvent_t>(e));
+  event_pool_.clear();
+}
+
 void NcclTransport::close(bool abort) {
+  stop_watchdog();
   std::lock_guard<std::mutex> lock(mu_);
   if (closed_) return;
   closed_ = true;

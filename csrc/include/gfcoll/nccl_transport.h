@@ -13,12 +13,23 @@
 // must not be issued in a cyclic order (rank 0: A then B, rank 1: B then C, rank 2: C then A).
 // Operations on groups that share at most one rank, issued by at most one shared rank, are free.
 // NCCL communicators are not thread safe: calls are serialised by a mutex.
+//
+// Watchdog (start_watchdog): a thread polls ncclCommGetAsyncError and the completion event of
+// every operation in flight; on an asynchronous error, or an operation older than the timeout, it
+// aborts the communicator (ncclCommAbort ends NCCL's kernels and proxy) and records the error,
+// which every later call raises (GfcollNcclError / GfcollTimeoutError). Operations captured in a
+// CUDA graph are not watched (their replays are the graph's).
 #pragma once
 
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "gfcoll/types.h"
@@ -70,6 +81,10 @@ class NcclTransport {
 
   // Raises if NCCL reported an asynchronous error (a peer failure, a network error).
   void check_async_error();
+  // Starts the watchdog thread (see the note above); `timeout_s` bounds every operation.
+  void start_watchdog(double timeout_s);
+  // Raises the error the watchdog recorded, if any.
+  void check() const;
   // Aborts outstanding work and frees the communicator. Local; safe to call twice.
   void close(bool abort = false);
   int device() const { return device_; }
@@ -77,6 +92,9 @@ class NcclTransport {
  private:
   void check_ready() const;
   void check_members(const std::vector<int>& members, int me, const char* what) const;
+  void track(void* stream);  // records the completion event of the operation just enqueued
+  void watchdog();
+  void stop_watchdog();
 
   std::unique_ptr<NcclLib> lib_;
   void* comm_ = nullptr;
@@ -85,6 +103,21 @@ class NcclTransport {
   int device_ = -1;
   bool closed_ = false;
   std::mutex mu_;
+
+  struct InFlight {
+    void* event;  // cudaEvent_t
+    std::chrono::steady_clock::time_point deadline;
+  };
+  std::thread wd_;
+  mutable std::mutex wd_mu_;  // the members below
+  std::condition_variable wd_cv_;
+  bool wd_stop_ = false;
+  double timeout_s_ = 0;
+  std::deque<InFlight> inflight_;
+  std::vector<void*> event_pool_;
+  std::atomic<bool> failed_{false};
+  ErrorCode error_code_ = ErrorCode::kNccl;
+  std::string error_;
 };
 
 }  // namespace gfcoll
