@@ -23,8 +23,9 @@ Ordering rules (what callers must follow; tests/multiproc/test_concurrency.py ch
    ``size`` members. Before a replay every member of the group calls ``slot.bind(group)`` on the
    replay's stream (``group.size == size``); a slot serves one replay at a time per rank (bind,
    replay, then bind again), and between two binds the members that took part replay the same
-   graph the same number of times (rule 1 for the slot). A slot is a group of its own: its
-   operations do not count as operations of the bound group. Captured operations keep their
+   graph the same number of times (rule 1 for the slot). ``bind`` is an operation of the bound
+   group (it ends with a barrier of the group, enqueued on the stream), the slot's operations
+   are not: they belong to the slot. Captured operations keep their
    staging for the life of the world (a quarter of GFCOLL_IPC_BYTES in all).
 
 Transports are chosen per operation by ``World._select`` (one function): CPU tensors use host;
@@ -562,8 +563,10 @@ class GraphSlot:
         return f"GraphSlot(slot={self._slot}, size={self.size}, group={self.group})"
 
     def bind(self, group: Group) -> None:
-        """Points the slot at ``group`` on the current stream. Every member of ``group`` calls it
-        before a replay on the replay's stream; ``group.size`` must equal the slot's size."""
+        """Points the slot at ``group`` on the current stream, then enqueues a barrier of the
+        group (so no partner of an earlier binding is still using the slot). Every member of
+        ``group`` calls it before a replay on the replay's stream; ``group.size`` must equal the
+        slot's size. Counts as an operation of ``group`` (rule 1)."""
         w = self._world
         w._check_open()
         if not isinstance(group, Group):

@@ -7,7 +7,9 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
+#include <fstream>
 
 #include "../kernels/ipc.h"
 
@@ -43,7 +45,18 @@ const MemOps& memops() {
 
 bool pid_alive(int64_t pid) {
   if (pid <= 0) return true;
-  return !(kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH);
+  if (kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) return false;
+  // A process that died but was not reaped yet is a zombie: still signalable, but gone.
+  char path[64];
+  std::snprintf(path, sizeof(path), "/proc/%lld/stat", static_cast<long long>(pid));
+  std::ifstream f(path);
+  if (!f) return true;
+  std::string line;
+  std::getline(f, line);
+  const auto close_paren = line.rfind(')');
+  if (close_paren == std::string::npos || close_paren + 2 >= line.size()) return true;
+  const char state = line[close_paren + 2];
+  return state != 'Z' && state != 'X';
 }
 
 std::string ranks_text(const std::vector<int>& r) {
@@ -557,7 +570,10 @@ void IpcTransport::all_to_all(const std::vector<int>& members, int me, const voi
 }
 
 void IpcTransport::barrier(const std::vector<int>& members, int me, uintptr_t stream, int slot) {
-  Group g = resolve(members, me, slot, "barrier");
+  barrier_group(resolve(members, me, slot, "barrier"), stream);
+}
+
+void IpcTransport::barrier_group(const Group& g, uintptr_t stream) {
   if (g.n == 1) return;
   ipc::Ctx ctx;
   fill_ctx(g, &ctx);
@@ -692,8 +708,14 @@ void IpcTransport::bind(int slot, const std::vector<int>& members, int me, int e
   t.epoch = epoch;
   for (int j = 0; j < g.n; ++j) t.members[j] = g.members[j];
   ipc::launch_bind(ws_, slot, t, as_stream(stream));
-  std::lock_guard<std::mutex> lock(mu_);
-  slot_ranks_[slot] = members;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    slot_ranks_[slot] = members;
+  }
+  // A barrier of the new group on its own channel: once it passes, every new partner finished
+  // (in stream order) its earlier use of the slot, possibly with other partners, so no arrival of
+  // an old epoch can mix with the new group's in the slot's counters (Note [ipc signalling]).
+  barrier_group(g, stream);
 }
 
 void IpcTransport::fail(ErrorCode code, const std::string& message) {

@@ -10,6 +10,7 @@ def _gpus() -> int:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "ipc: runs on the ipc transport; any number of ranks on one GPU")
+    config.addinivalue_line("markers", "timeout(seconds): per-test bound (pytest-timeout, where installed)")
 
 
 def pytest_collection_modifyitems(config, items):

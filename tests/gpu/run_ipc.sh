@@ -28,14 +28,17 @@ step() {  # step NAME COMMAND...: runs, logs, records pass/fail
 step build python3 -m pip install -q --no-build-isolation --no-deps -e .
 step build_info python3 -c 'import gfcoll, json; print(json.dumps(gfcoll.build_info()))'
 if [ "$what" = all ] || [ "$what" = tests ]; then
-  args=(-v -rs -p no:cacheprovider --timeout "${IPC_TEST_TIMEOUT:-400}" tests/gpu/test_ipc_transport.py)
+  # Short per-test bounds and --maxfail, so that pytest's failure report is written before the
+  # outer timeout ends it.
+  args=(-v -rs --tb=short --maxfail="${IPC_MAXFAIL:-4}" -p no:cacheprovider --timeout "${IPC_TEST_TIMEOUT:-400}"
+    tests/gpu/test_ipc_transport.py)
   [ -n "$select" ] && args+=(-k "$select")
   step ipc_tests timeout "${IPC_TOTAL_TIMEOUT:-560}" python3 -m pytest "${args[@]}"
 fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
   for n in 2 4; do
     step "host_time_$n" timeout 120 python3 -m torch.distributed.run --nproc-per-node "$n" -m gfcoll.bench \
-      --host-time --json "$OUT/host-time-$n.json"
+      --host-time -n "${HOST_TIME_ITERS:-2000}" --json "$OUT/host-time-$n.json"
   done
 fi
 echo "=== summary" | tee -a "$log"

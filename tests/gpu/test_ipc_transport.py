@@ -58,8 +58,10 @@ def _opposite_orders(world):
     s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
     ok = 0
     for it in range(20):
-        ta = torch.full((1 << 16,), float(r + it), device="cuda")
-        tb = torch.full((1 << 10,), r * 3 + it, dtype=torch.int64, device="cuda")
+        with torch.cuda.stream(s1):  # made on the stream that uses them
+            ta = torch.full((1 << 16,), float(r + it), device="cuda")
+        with torch.cuda.stream(s2):
+            tb = torch.full((1 << 10,), r * 3 + it, dtype=torch.int64, device="cuda")
         order = [(a, s1, ta), (b, s2, tb)]
         if (r + it) % 2:
             order.reverse()
@@ -68,8 +70,8 @@ def _opposite_orders(world):
             with torch.cuda.stream(s):
                 if k == 0:
                     torch.cuda._sleep(200_000)  # delays the first-issued op on this rank's GPU stream
-                works.append((grp, t, grp.all_reduce(t, async_op=True)))
-        for _, _, w in works:
+                works.append(grp.all_reduce(t, async_op=True))
+        for w in works:
             w.synchronize()
         assert torch.all(ta == float(sum(range(n)) + n * it))
         assert torch.all(tb == 3 * sum(range(n)) + n * it)
@@ -94,6 +96,7 @@ def _stress(world, num_ops):
     rng = random.Random(1234)  # same sequence on every rank
     streams = [torch.cuda.Stream(), torch.cuda.Stream()]
     bads = [torch.zeros((), dtype=torch.int64, device="cuda") for _ in streams]  # one per stream
+    torch.cuda.synchronize()
     issued = 0
     keep = []
     for step in range(num_ops):
@@ -106,7 +109,8 @@ def _stress(world, num_ops):
         if g.rank < 0:
             continue
         me = g.rank
-        base = torch.arange(numel, device="cuda", dtype=torch.int64)
+        with torch.cuda.stream(streams[sidx]):  # every tensor is made on the stream that uses it
+            base = torch.arange(numel, device="cuda", dtype=torch.int64)
 
         def val(member, base=base, step=step, ranks=ranks):
             return (base * (member + 3) + step * 17 + ranks[member]) % 100_003
@@ -159,6 +163,7 @@ def _stress(world, num_ops):
     return issued, int(sum(int(b) for b in bads))
 
 
+@pytest.mark.timeout(240)
 def test_stress_10000_ops_random_overlapping_groups():
     n = 4
     results = run_ranks(_stress, n, 10_000, device="cuda", timeout=600, env=IPC)
@@ -261,6 +266,7 @@ def _killed_peer(world, timeout_s):
     torch.cuda.synchronize()  # returns once the watchdog released the stream waits
     with pytest.raises(gfcoll.GfcollPeerDiedError) as err:
         world.check()
+    torch.cuda.synchronize()  # the CUDA context of the survivor is intact
     elapsed = time.monotonic() - t0
     assert f"rank {n - 1}" in str(err.value), str(err.value)
     with pytest.raises(gfcoll.GfcollPeerDiedError):  # the transport stays failed
@@ -323,6 +329,7 @@ def test_nccl_refused_when_ranks_share_a_gpu():
     assert all(run_ranks(_forced_nccl_on_shared_gpu, 2, init=False, env={"GFCOLL_TRANSPORT": "nccl"}))
 
 
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("n", RANKS)
 def test_matrix_ipc(n):
     """Every op x dtype x size (0, 1, odd, >= 8 MiB) x random ordered groups, bitwise against

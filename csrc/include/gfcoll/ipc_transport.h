@@ -45,7 +45,11 @@
 // bind() rewrites on the stream before a replay. Waits are on this rank's own counters with
 // values that depend on n only, signals are written by kernels that read the table, and staging
 // captured in a graph comes from a separate arena that is never reused, so one graph replays for
-// any group of the slot's size.
+// any group of the slot's size. Counters count arrivals without naming the sender, which is safe
+// within one group (the round trip above) but not across a rebinding: a new partner could signal
+// while this rank still runs the slot with its old partners. So bind() ends with a barrier of the
+// new group on the group's own channel, enqueued on the stream: past it, every new partner has
+// finished its earlier use of the slot.
 //
 // Bounded waits: stream waits have no timeout, so a host watchdog thread watches every operation
 // in flight (a CUDA event per operation) and the liveness of its peers (their pids). When one
@@ -161,6 +165,7 @@ class IpcTransport {
   Issue begin(const Group& g, uint64_t bytes, uintptr_t stream, const char* what);
   void end(const Group& g, const Issue& is, const char* what);
   void wait_counter(const Group& g, const Issue& is, int phase);
+  void barrier_group(const Group& g, uintptr_t stream);
   void wait_word(cudaStream_t stream, uint64_t offset, uint32_t value);
   void fill_ctx(const Group& g, void* ctx) const;
   void check_usable() const;
