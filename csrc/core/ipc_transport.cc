@@ -202,7 +202,10 @@ void IpcTransport::close() {
   for (auto e : event_pool_) cudaEventDestroy(e);
   event_pool_.clear();
   for (size_t i = 0; i < peer_bases_.size(); ++i) {
-    if (static_cast<int>(i) != my_local_ && peer_bases_[i] != nullptr) cudaIpcCloseMemHandle(peer_bases_[i]);
+    // A dead peer's mapping is left to process exit: its exporter is gone.
+    if (static_cast<int>(i) != my_local_ && peer_bases_[i] != nullptr && pid_alive(pids_[i])) {
+      cudaIpcCloseMemHandle(peer_bases_[i]);
+    }
   }
   peer_bases_.clear();
   if (ws_ != nullptr) cudaFree(ws_);

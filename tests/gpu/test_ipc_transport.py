@@ -246,9 +246,16 @@ def test_graph_captured_once_replayed_on_several_groups(n):
 
 
 def _killed_peer(world, timeout_s):
+    import faulthandler
     import os
     import signal
+    import sys
     import time
+
+    faulthandler.enable()  # a crash of a survivor shows where it happened
+
+    def say(what):
+        print(f"[rank {world.rank}] {what}", file=sys.stderr, flush=True)
 
     import torch
 
@@ -263,11 +270,14 @@ def _killed_peer(world, timeout_s):
         os.kill(os.getpid(), signal.SIGKILL)
     t0 = time.monotonic()
     g.all_reduce(t)  # rank n - 1 never takes part
+    say("issued")
     torch.cuda.synchronize()  # returns once the watchdog released the stream waits
+    say("synchronized")
     with pytest.raises(gfcoll.GfcollPeerDiedError) as err:
         world.check()
     torch.cuda.synchronize()  # the CUDA context of the survivor is intact
     elapsed = time.monotonic() - t0
+    say(f"raised after {elapsed:.3f} s: {err.value}")
     assert f"rank {n - 1}" in str(err.value), str(err.value)
     with pytest.raises(gfcoll.GfcollPeerDiedError):  # the transport stays failed
         g.all_reduce(t)
