@@ -257,7 +257,18 @@ IpcTransport::Group IpcTransport::resolve(const std::vector<int>& members, int m
   }
   g.channel = static_cast<int>(channel_of(g.members, n));
   g.ranks = members;
+  check_alive(g.members, n, what, members);
   return g;
+}
+
+void IpcTransport::check_alive(const int32_t* locals, int n, const char* what, const std::vector<int>& ranks) const {
+  // Never enqueue work that would touch a dead peer's workspace: its exporter is gone.
+  const uint32_t dead = dead_mask_.load(std::memory_order_relaxed);
+  if (dead == 0) return;
+  for (int j = 0; j < n; ++j) {
+    GF_ASSERT(!((dead >> locals[j]) & 1u), kPeerDied, what, " on group ", ranks_text(ranks), ": rank ",
+              global_of_[locals[j]], " (pid ", pids_[locals[j]], ") died");
+  }
 }
 
 void IpcTransport::fill_ctx(const Group& g, void* out) const {
@@ -599,6 +610,15 @@ void IpcTransport::batch_p2p(const std::vector<IpcP2P>& ops, uintptr_t stream_) 
     GF_ASSERT(x.peer != rank_ && is_local(x.peer), kUnsupported, "p2p: rank ", x.peer,
               " is not a local peer of rank ", rank_, " (ipc needs both on this node)");
   }
+  {
+    std::vector<int32_t> locals;
+    std::vector<int> ranks;
+    for (const auto& x : ops) {
+      locals.push_back(local_of_[x.peer]);
+      ranks.push_back(x.peer);
+    }
+    check_alive(locals.data(), static_cast<int>(locals.size()), "batch_p2p", ranks);
+  }
   cudaStream_t stream = as_stream(stream_);
   cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
   GF_CHECK_CUDA(cudaStreamIsCapturing(stream, &cs));
@@ -753,6 +773,11 @@ void IpcTransport::watchdog() {
       }
     }
     cudaGetLastError();
+    uint32_t dead = 0;
+    for (int l = 0; l < num_local_; ++l) {
+      if (l != my_local_ && !pid_alive(pids_[l])) dead |= 1u << l;
+    }
+    dead_mask_.store(dead, std::memory_order_relaxed);
     if (pending_.empty()) continue;
     if (failed_.load()) {
       fail(error_code_, error_);  // keep releasing waits until nothing is in flight

@@ -266,10 +266,16 @@ def _killed_peer(world, timeout_s):
     t = torch.ones(1 << 12, device="cuda")
     g.all_reduce(t)
     g.barrier()
+    note = torch.zeros(1)
     if r == n - 1:
+        # Dies while the others wait in their next operation: each tells it (over the host
+        # transport) once that operation is issued.
+        for q in range(n - 1):
+            world.recv(note, q)
         os.kill(os.getpid(), signal.SIGKILL)
     t0 = time.monotonic()
     g.all_reduce(t)  # rank n - 1 never takes part
+    world.send(note, n - 1)
     say("issued")
     torch.cuda.synchronize()  # returns once the watchdog released the stream waits
     say("synchronized")

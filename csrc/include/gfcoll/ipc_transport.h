@@ -166,6 +166,7 @@ class IpcTransport {
   void end(const Group& g, const Issue& is, const char* what);
   void wait_counter(const Group& g, const Issue& is, int phase);
   void barrier_group(const Group& g, uintptr_t stream);
+  void check_alive(const int32_t* locals, int n, const char* what, const std::vector<int>& ranks) const;
   void wait_word(cudaStream_t stream, uint64_t offset, uint32_t value);
   void fill_ctx(const Group& g, void* ctx) const;
   void check_usable() const;
@@ -205,6 +206,7 @@ class IpcTransport {
   bool attached_ = false;
   std::atomic<bool> closed_{false};
   std::atomic<bool> failed_{false};
+  std::atomic<uint32_t> dead_mask_{0};  // local indices of peers the watchdog saw dead
   ErrorCode error_code_ = ErrorCode::kTimeout;
   std::string error_;
 
