@@ -13,9 +13,13 @@ Ordering rules (what callers must follow; tests/multiproc/test_concurrency.py ch
    On the nccl transport (CUDA tensors) NCCL runs one communicator's work in issue order whatever
    the stream, so this rule applies to CUDA operations on every stream (Note [nccl masked
    collectives] in csrc/include/gfcoll/nccl_transport.h). On the ipc transport (CUDA tensors of
-   ranks on one node) it applies to one stream only: operations on different streams progress
-   independently (Note [ipc signalling] in csrc/include/gfcoll/ipc_transport.h). Operations of
-   one group issued on two streams run in issue order (the later stream waits for the earlier).
+   ranks on one node) nothing in gfcoll couples two streams (Note [ipc signalling] in
+   csrc/include/gfcoll/ipc_transport.h), but on one H200 time-shared by 2 and 4 processes,
+   overlapping groups issued on two streams in opposite orders deadlocked (until the timeout):
+   the stream waits of one process did not progress independently across its streams there
+   (bench/results/2026-12-01-h200). Until shown otherwise on GPUs of their own, follow rule 3 on
+   ipc too. Operations of one group issued on two streams run in issue order (the later stream
+   waits for the earlier).
 4. Point-to-point messages between an ordered pair of ranks match in issue order, as in MPI.
 5. Graph slots (ipc only; ``slot = world.graph_slot(size)``): every rank creates its slots in the
    same order (slot k is the same slot on every rank). Operations issued on a slot read the
@@ -32,9 +36,11 @@ Transports are chosen per operation by ``World._select`` (one function): CPU ten
 CUDA tensors use ipc when every member is on this node and attached (and the operation fits the
 workspace), else nccl; ``GFCOLL_TRANSPORT=ipc|nccl`` forces one. A fallback is logged once per
 reason. With fewer GPUs than ranks, NCCL is not created (it refuses two ranks on one GPU) and ipc
-serves every CUDA operation. ipc errors of an operation (a dead or silent peer) are raised by the
-next gfcoll call on that rank, by ``Work.wait``/``Work.synchronize``, ``barrier`` and
-``World.check``.
+serves every CUDA operation. ipc and nccl errors of an operation (a dead or silent peer, an NCCL
+asynchronous error) are recorded by the transports' watchdogs and raised by the next gfcoll call
+on that rank, by ``Work.wait``/``Work.synchronize``, ``barrier`` and ``World.check``. Known issue:
+on the one-GPU H200, a survivor of a killed ipc peer crashed (SIGSEGV) in its next device
+synchronisation instead of raising (bench/results/2026-12-01-h200/README.md).
 
 Stream semantics follow torch.distributed: CUDA operations are enqueued on the current stream of
 the tensor's device and return at once; CPU operations complete before returning. With

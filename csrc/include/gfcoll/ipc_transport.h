@@ -32,8 +32,12 @@
 // only add to it again after it saw that signal (a full round trip). Counters therefore always
 // hold arrivals of the current epoch only, which is also what lets a CUDA graph replay the same
 // wait values forever. Operations of one group issued on two streams are ordered by an event
-// (the second stream waits for the first's last operation on that channel); operations on
-// different groups never wait for each other, whatever the streams (rule 3 does not apply).
+// (the second stream waits for the first's last operation on that channel); gfcoll adds no wait
+// between operations on different groups. Measured on one H200 time-shared by 2 and 4 processes
+// (bench/results/2026-12-01-h200): overlapping groups issued on two streams in opposite orders
+// still deadlocked until the watchdog's bound, so there the driver does not serve one process's
+// stream waits independently across its streams, and rule 3 stays in force for ipc until GPUs of
+// their own show otherwise.
 //
 // Point to point uses per ordered pair a ring of kP2PDepth message slots keyed by (pair, seq)
 // (rule 4): the sender stages message seq, publishes its offset in mbox[dst][seq % depth] and
@@ -57,6 +61,10 @@
 // signal area with kAbortByte (which satisfies every wait), again while operations remain in
 // flight; kernels that see the abort word return without touching anything. The transport is
 // then unusable: every later call raises the recorded GfcollTimeoutError/GfcollPeerDiedError.
+// The watchdog also keeps a mask of dead local peers, and no operation with a dead member is
+// enqueued (it raises GfcollPeerDiedError at once), so this rank's kernels do not touch the
+// workspace of a process known to be gone. Open problem: on the one-GPU H200 a survivor of a
+// killed peer crashed (SIGSEGV, not in a Python thread) in its next device synchronisation.
 #pragma once
 
 #include <cuda_runtime.h>
