@@ -638,7 +638,7 @@ class GraphSlot:
     def broadcast(self, t, root_index: int) -> None:
         """In place: every member's t becomes that of member ``root_index`` (an INDEX in the bound
         group, since the group is not known at capture)."""
-        (b,) = self._bufs("broadcast", (t, "t"))
         if not isinstance(root_index, int) or not 0 <= root_index < self.size:
             raise GfcollValueError(f"broadcast: root_index {root_index!r} is not in [0, {self.size})")
+        (b,) = self._bufs("broadcast", (t, "t"))
         self._world._ipc.broadcast([], 0, root_index, b.ptr, b.nbytes, b.stream, self._slot)
