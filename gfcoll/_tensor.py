@@ -67,30 +67,32 @@ def as_buf(obj, name: str) -> Buf:
             f"{name}: expected a torch tensor or an array with __dlpack__ or __cuda_array_interface__, "
             f"got {type(obj).__name__}"
         )
-    if t.dtype not in DTYPE_CODES:
+    # This runs on every call: each attribute is read once, and the cheap properties (is_cuda,
+    # is_cpu, nbytes) are used instead of t.device, which builds a new object per access.
+    dtype = t.dtype
+    code = DTYPE_CODES.get(dtype)
+    if code is None:
         names = ", ".join(str(d).removeprefix("torch.") for d in DTYPE_CODES)
-        raise GfcollUnsupportedError(f"{name}: dtype {t.dtype} is not supported (supported: {names})")
+        raise GfcollUnsupportedError(f"{name}: dtype {dtype} is not supported (supported: {names})")
     if not t.is_contiguous():
         raise GfcollValueError(
             f"{name}: tensor must be contiguous (shape {tuple(t.shape)}, strides {t.stride()})"
         )
-    is_cuda = t.device.type == "cuda"
-    if t.device.type not in ("cpu", "cuda"):
+    is_cuda = t.is_cuda
+    if not is_cuda and not t.is_cpu:
         raise GfcollValueError(f"{name}: tensors on {t.device} are not supported (cpu or cuda only)")
     if is_cuda and stream is None:
         if _raw_stream is not None:
             stream = _raw_stream(t.get_device())
         else:
             stream = torch.cuda.current_stream(t.device).cuda_stream
-    return Buf(
-        t, t.data_ptr(), t.numel(), t.numel() * t.element_size(), DTYPE_CODES[t.dtype], is_cuda, stream or 0
-    )
+    return Buf(t, t.data_ptr(), t.numel(), t.nbytes, code, is_cuda, stream or 0)
 
 
 def check_same(a: Buf, b: Buf, what: str) -> None:
     if a.tensor.dtype != b.tensor.dtype:
         raise GfcollValueError(f"{what}: dtypes differ ({a.tensor.dtype} vs {b.tensor.dtype})")
-    if a.tensor.device != b.tensor.device:
+    if a.is_cuda != b.is_cuda or (a.is_cuda and a.tensor.get_device() != b.tensor.get_device()):
         raise GfcollValueError(f"{what}: devices differ ({a.tensor.device} vs {b.tensor.device})")
 
 

@@ -499,8 +499,9 @@ class World:
         host). ``group`` is a Group or a tuple of global ranks; ``nbytes`` what must fit the ipc
         staging at once (all_to_all), 0 when the transport chunks."""
         dev = self.device
+        index = dev.index if dev.type == "cuda" and dev.index is not None else -1
         for b in bufs:
-            if b.tensor.device != dev:
+            if b.tensor.get_device() != index:  # an int compare: t.device builds an object
                 raise GfcollValueError(
                     f"{what}: tensor is on {b.tensor.device}, but this rank's device is {dev}"
                 )
