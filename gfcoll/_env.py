@@ -17,7 +17,8 @@ HOST_CHUNK_BYTES = "GFCOLL_HOST_CHUNK_BYTES"
 HOST_ASYNC_THREADS = "GFCOLL_HOST_ASYNC_THREADS"
 # ipc transport: bytes of the CUDA workspace of each rank (control block, staging ring, and a
 # quarter reserved for operations captured in CUDA graphs). Staging for one eager operation is
-# chunked at a sixteenth of it; an all_to_all must fit its whole input in the ring.
+# chunked at 3/16 of it (a quarter of the ring); an all_to_all must fit its whole input in the
+# ring (3/4 of it).
 IPC_BYTES = "GFCOLL_IPC_BYTES"
 # Transport of CUDA operations: "auto" (ipc for groups of one node, else nccl), or force one of
 # "ipc", "nccl" ("host" forces nothing on CUDA: host is the transport of CPU tensors).
