@@ -33,9 +33,10 @@ Ordering rules (what callers must follow; tests/multiproc/test_concurrency.py ch
    staging for the life of the world (a quarter of GFCOLL_IPC_BYTES in all).
 
 Transports are chosen per operation by ``World._select`` (one function): CPU tensors use host;
-CUDA tensors use ipc when every member is on this node and attached (and the operation fits the
-workspace), else nccl; ``GFCOLL_TRANSPORT=ipc|nccl`` forces one. A fallback is logged once per
-reason. With fewer GPUs than ranks, NCCL is not created (it refuses two ranks on one GPU) and ipc
+CUDA tensors use nccl where NCCL exists, and ipc where it does not (ranks sharing a GPU) or when
+``GFCOLL_TRANSPORT=ipc`` asks for it and every member is on this node (and the operation fits the
+workspace): ipc is verified on one shared GPU only so far. ``GFCOLL_TRANSPORT=ipc|nccl`` forces
+one. With fewer GPUs than ranks, NCCL is not created (it refuses two ranks on one GPU) and ipc
 serves every CUDA operation. ipc and nccl errors of an operation (a dead or silent peer, an NCCL
 asynchronous error) are recorded by the transports' watchdogs and raised by the next gfcoll call
 on that rank, by ``Work.wait``/``Work.synchronize``, ``barrier`` and ``World.check``. Known issue:
@@ -329,7 +330,6 @@ class World:
         self._ipc_ranks: frozenset[int] = frozenset()  # global ranks reachable over ipc
         self._force = "auto"  # GFCOLL_TRANSPORT for CUDA operations
         self._ipc_ring = 0  # bytes one ipc operation may stage at once
-        self._logged: set[str] = set()  # fallback reasons already logged
         self._epochs: dict[tuple[int, ...], int] = {}
         self._p2p_seq: dict[tuple[int, int], int] = {}
         self._lock = threading.Lock()
@@ -512,19 +512,19 @@ class World:
             if isinstance(group, Group):
                 group._ipc = ok
         force = self._force
-        if ok and (nbytes == 0 or nbytes <= self._ipc_ring):
-            if force != "nccl" or self._nccl is None:
-                return "ipc"
+        # auto prefers nccl where it exists: ipc is verified on one shared GPU only, not yet against
+        # NCCL on several GPUs (bench/results/2026-12-01-h200/README.md); GFCOLL_TRANSPORT=ipc opts in.
+        fits = nbytes == 0 or nbytes <= self._ipc_ring
+        if ok and fits and (force == "ipc" or self._nccl is None):
+            return "ipc"
         if self._nccl is not None:
-            if force != "nccl":
+            if force == "ipc":
                 reason = (
                     f"{what} needs {nbytes} bytes of ipc staging, more than GFCOLL_IPC_BYTES allows"
                     if ok
                     else "a member is not reachable over ipc (another node, or ipc is off)"
                 )
-                if force == "ipc":
-                    raise GfcollUnsupportedError(f"{what}: GFCOLL_TRANSPORT=ipc but {reason}")
-                self._log_once(f"{what}: nccl instead of ipc: {reason}")
+                raise GfcollUnsupportedError(f"{what}: GFCOLL_TRANSPORT=ipc but {reason}")
             return "nccl"
         if ok:
             raise GfcollUnsupportedError(
@@ -534,11 +534,6 @@ class World:
             f"{what}: CUDA tensors need the ipc transport (members on this node) or nccl; "
             f"this world has {self.transports()} on {self.device}"
         )
-
-    def _log_once(self, reason: str) -> None:
-        if reason not in self._logged:
-            self._logged.add(reason)
-            log.info("gfcoll fallback: %s", reason)
 
     def _nccl_for(self, bufs: Sequence[Buf], what: str):
         if self._nccl is None:
