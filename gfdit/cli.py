@@ -1,13 +1,13 @@
 """The `gfdit` command.
 
     gfdit serve --nproc 4 --model tiny-flux --policy edf-best-fit --port 8000
-        torchrun for one node: python -m torch.distributed.run --standalone --nproc-per-node 4
-        -m gfdit.serve ... (the other options are gfdit.serve's)
+        starts 4 ranks of gfdit.serve on this node and supervises them (gfdit.launch; the same
+        module runs under torchrun too); the options other than --nproc are gfdit.serve's
     gfdit bench gen --model tiny-flux --rate 2 --duration 60 --alpha 3 --seed 0 --out trace.jsonl
     gfdit bench run --url http://127.0.0.1:8000 --trace trace.jsonl --out runs/edf
     gfdit bench report runs/edf runs/static --out report/
     gfdit tune --trace trace.jsonl --world-size 4 --search "edf-best-fit:chunk=1|2|4" --out tune/
-    gfdit profile --nproc 4 --model flux-dev --sizes 512,1024 --out flux.json   (torchrun, like serve)
+    gfdit profile --nproc 4 --model flux-dev --sizes 512,1024 --out flux.json   (ranks, like serve)
 
 Usage errors exit with status 2 (argparse), before anything starts.
 """
@@ -15,14 +15,14 @@ Usage errors exit with status 2 (argparse), before anything starts.
 from __future__ import annotations
 
 import argparse
-import math
+import logging
 import os
 import shlex
 import sys
 
-__all__ = ["main", "build_parser", "serve_command", "serve_env"]
+__all__ = ["main", "build_parser"]
 
-kShutdownMarginS = 15.0  # after the drain: the engine closes, every rank leaves
+kShutdownMarginS = 15.0  # after the drain: the engine closes, every rank leaves; later ones are killed
 
 
 def _out(text: str) -> None:
@@ -33,13 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gfdit", description="gf-dit: elastic serving of diffusion transformers")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser(
-        "serve",
-        help="serve a model over HTTP on N ranks of this node (torchrun)",
-        description="Starts torchrun for one node running gfdit.serve; options other than --nproc "
-        "are gfdit.serve's (python -m gfdit.serve --help).",
-    )
-    s.add_argument("--nproc", type=int, default=1, help="ranks (processes) on this node (default 1)")
+    # serve and profile are parsed by their own modules' parsers (main): listed here for --help.
+    sub.add_parser("serve", help="serve a model over HTTP on N ranks of this node (gfdit serve --help)")
 
     b = sub.add_parser("bench", help="serving benchmarks: gen, run, report")
     bsub = b.add_subparsers(dest="bench_command", required=True)
@@ -111,54 +106,40 @@ def build_parser() -> argparse.ArgumentParser:
         "--cost-profile", default=None, help="calibrate the simulation with `gfdit profile`'s output"
     )
 
-    pr = sub.add_parser(
-        "profile",
-        help="measure the model's task times on this node and write a cost profile (torchrun)",
-        description="Starts torchrun for one node running gfdit.profile; options other than --nproc "
-        "are gfdit.profile's (python -m gfdit.profile --help).",
+    sub.add_parser(
+        "profile", help="measure the model's task times on N ranks of this node into a cost profile (gfdit profile --help)"
     )
-    pr.add_argument("--nproc", type=int, default=1, help="ranks (processes) on this node (default 1)")
     return p
 
 
-def serve_command(nproc: int, serve_args: list[str], module: str = "gfdit.serve") -> list[str]:
-    """The torchrun command line `gfdit serve` (or `gfdit profile`: module gfdit.profile) runs."""
-    return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-        "-m", module, *serve_args,
-    ]  # fmt: skip
+def _launch(nproc: int, module: str, rest: list[str], shutdown_timeout_s: float) -> int:
+    """Print what runs, then start and supervise the ranks (gfdit.launch)."""
+    from gfdit.launch import launch, rank_command
 
-
-def serve_env(environ: dict[str, str], drain_timeout_s: float) -> dict[str, str]:
-    """The environment `gfdit serve` runs torchrun in. torchrun SIGKILLs the ranks a fixed time after
-    forwarding SIGTERM (30 s unless TORCH_ELASTIC_SHUTDOWN_TIMEOUT or --shutdown-timeout says
-    otherwise), which would cut a longer --drain-timeout short: give it the drain plus a margin,
-    unless the caller chose a value."""
-    env = dict(environ)
-    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(math.ceil(drain_timeout_s + kShutdownMarginS)))
-    return env
-
-
-def _exec(cmd: list[str], env: dict[str, str], shown_env: str = "") -> None:
-    """Print the command, then become it (torchrun gets the signals sent to this process)."""
-    _out("+ " + shown_env + shlex.join(cmd))
+    _out(f"+ {nproc} x " + shlex.join(rank_command(module, rest)))
     sys.stdout.flush()
-    os.execve(cmd[0], cmd, env)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s [launcher] %(levelname)s %(name)s: %(message)s")
+    return launch(nproc, module, rest, shutdown_timeout_s=shutdown_timeout_s)
 
 
-def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> int:
-    from gfdit import serve
+def _ranks_command(name: str, argv: list[str]) -> int:
+    """`gfdit serve` / `gfdit profile`: the module's own options plus --nproc, checked here (a mistake
+    exits 2 before any rank starts), then --nproc ranks of the module with the other options."""
+    import importlib
 
+    module = importlib.import_module(f"gfdit.{name}")
+    parser = module.build_parser(prog=f"gfdit {name}")
+    parser.add_argument("--nproc", type=int, default=1, help="ranks (processes) on this node (default 1)")
+    args = parser.parse_args(argv)
     if args.nproc < 1:
         parser.error(f"--nproc must be >= 1, got {args.nproc}")
-    # Check gfdit.serve's options here, so that a mistake exits 2 before torchrun starts any rank.
-    serve_parser = serve.build_parser(prog="gfdit serve")
-    serve_args = serve_parser.parse_args(rest)
-    serve.check_args(serve_parser, serve_args)
-    cmd = serve_command(args.nproc, rest)
-    env = serve_env(os.environ, serve_args.drain_timeout)
-    _exec(cmd, env, f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={env['TORCH_ELASTIC_SHUTDOWN_TIMEOUT']} ")
-    return 0  # not reached
+    if name == "serve":
+        module.check_args(parser, args)
+    split = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    split.add_argument("--nproc", type=int)
+    rest = split.parse_known_args(argv)[1]
+    shutdown_s = getattr(args, "drain_timeout", 0.0) + kShutdownMarginS
+    return _launch(args.nproc, f"gfdit.{name}", rest, shutdown_s)
 
 
 def _gen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -228,16 +209,6 @@ def _report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 0
 
 
-def _profile(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> int:
-    from gfdit import profile
-
-    if args.nproc < 1:
-        parser.error(f"--nproc must be >= 1, got {args.nproc}")
-    profile.build_parser(prog="gfdit profile").parse_args(rest)  # usage errors exit 2 before torchrun
-    _exec(serve_command(args.nproc, rest, module="gfdit.profile"), dict(os.environ))
-    return 0  # not reached
-
-
 def _tune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from gfdit import tune
     from gfdit.bench.workload import read_trace
@@ -275,14 +246,11 @@ def _tune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("serve", "profile"):
+        return _ranks_command(argv[0], argv[1:])
     parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "serve":
-        return _serve(parser, args, rest)
-    if args.command == "profile":
-        return _profile(parser, args, rest)
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args = parser.parse_args(argv)
     if args.command == "tune":
         return _tune(parser, args)
     handler = {"gen": _gen, "run": _run, "report": _report}[args.bench_command]

@@ -1,7 +1,7 @@
 """Serve a model over HTTP on N ranks: every rank runs the engine, rank 0 also the HTTP server.
 
+    gfdit serve --nproc 4 --model tiny-flux --policy edf-best-fit --port 8000
     torchrun --nproc-per-node 4 -m gfdit.serve --model tiny-flux --policy edf-best-fit --port 8000
-    gfdit serve --nproc 4 --model tiny-flux --policy edf-best-fit --port 8000      # the same
 
 Every rank: gfcoll.init(device=...), then Engine(world, model, policy, ...). Rank 0 runs uvicorn in
 its main thread; the other ranks wait for rank 0 to close the engine. Without torchrun's
@@ -10,10 +10,15 @@ environment it runs as a single rank.
 Shutdown: SIGTERM or SIGINT on rank 0 (torchrun forwards the one it gets) drains the server (Note
 [Accepted requests end] in gfdit.server.state): admission stops (503), accepted requests get
 --drain-timeout seconds to finish, then the engine closes, failing the rest with a reason, and every
-rank exits. The other ranks ignore those signals: rank 0 ends them once their work is done (torchrun
-kills them after its own shutdown timeout, 30 s by default, if rank 0 never does; `gfdit serve` sets
-it to the drain + 15 s). A second signal on rank 0 stops without waiting for the drain. torchrun
-itself exits with status 1 after a signal, also when every rank drained and left cleanly.
+rank exits. The other ranks ignore those signals: rank 0 ends them once their work is done. A second
+signal on rank 0 stops without waiting for the drain. Rank 0 exits with status 0 when every accepted
+request completed (or was cancelled by its client), kExitDrainFailed when the drain had to fail some.
+
+`gfdit serve` starts and supervises the ranks itself (gfdit.launch): it forwards the signal to rank 0,
+kills ranks still running 15 s after the drain, and exits with rank 0's status. Under plain torchrun,
+the agent forwards the signal to every rank, SIGKILLs them after its shutdown timeout (30 s unless
+--shutdown-timeout says otherwise), and exits with status 1 and a SignalException traceback after any
+signal, however cleanly the ranks drained.
 """
 
 from __future__ import annotations
@@ -30,14 +35,17 @@ import threading
 
 import uvicorn
 
-__all__ = ["build_parser", "check_args", "main"]
+__all__ = ["build_parser", "check_args", "main", "kExitDrainFailed"]
 
 log = logging.getLogger("gfdit.serve")
+
+kExitDrainFailed = 3  # exit status of rank 0 when the drain had to fail accepted requests
 
 
 def build_parser(prog: str = "python -m gfdit.serve") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=prog, description="Serve a DiT model over HTTP on every rank of torchrun."
+        prog=prog,
+        description="Serve a DiT model over HTTP: every rank runs the engine, rank 0 also the HTTP server.",
     )
     p.add_argument("--model", required=True, help="model preset, e.g. tiny-flux, tiny-wan, flux-dev")
     p.add_argument(
@@ -61,9 +69,9 @@ def build_parser(prog: str = "python -m gfdit.serve") -> argparse.ArgumentParser
         "--drain-timeout",
         type=float,
         default=20.0,
-        help="seconds accepted requests get to finish on SIGTERM (default 20). torchrun SIGKILLs the ranks "
-        "30 s after forwarding SIGTERM unless told otherwise: `gfdit serve` gives it the drain + 15 s "
-        "(TORCH_ELASTIC_SHUTDOWN_TIMEOUT); with torchrun directly, pass --shutdown-timeout",
+        help="seconds accepted requests get to finish on SIGTERM (default 20); the exit status is "
+        f"{kExitDrainFailed} if the drain had to fail some. Under torchrun directly, its agent SIGKILLs the "
+        "ranks 30 s after a signal unless given --shutdown-timeout",
     )
     p.add_argument(
         "--task-timeout-factor",
@@ -153,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     world = _init_world(args.device)
     log.info("loading %s on %s", args.model, world.device)
+    status = 0
     try:
         from gfdit.runtime import Engine
 
@@ -168,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             cost_profile=args.cost_profile,
         )
         if world.rank == 0:
-            _serve(engine, args)
+            status = _serve(engine, args)
         else:
             _follow(engine)
     except BaseException as e:  # logged before world.close(), which may wait for the other ranks
@@ -179,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         world.close()
-    return 0
+    return status
 
 
 def _follow(engine) -> None:
@@ -194,10 +203,11 @@ def _follow(engine) -> None:
     log.info("rank %d: rank 0 closed the engine; leaving", engine.world.rank)
 
 
-def _serve(engine, args: argparse.Namespace) -> None:
-    """Rank 0: HTTP until a signal. Whatever ends it (an error building the app included), the engine
-    closes, which ends the other ranks."""
+def _serve(engine, args: argparse.Namespace) -> int:
+    """Rank 0: HTTP until a signal; returns the exit status. Whatever ends it (an error building the
+    app included), the engine closes, which ends the other ranks."""
     server = None
+    unfinished = 0
     try:
         from gfdit.server import ServerConfig, create_app
 
@@ -227,7 +237,13 @@ def _serve(engine, args: argparse.Namespace) -> None:
     finally:
         if server is not None:
             server.join_drain()
+            unfinished = server.state.num_active  # e.g. a second signal: stopped without a drain
         engine.close()
+    failed = max(server.state.drain_failed, unfinished)
+    if failed:
+        log.warning("the drain failed %d accepted requests; exit status %d", failed, kExitDrainFailed)
+        return kExitDrainFailed
+    return 0
 
 
 class _DrainingServer(uvicorn.Server):

@@ -33,7 +33,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from .errors import ApiError, BodySizeLimit, error_body, install_error_handlers
-from .media import png_b64
+from .media import image_b64
 from .schemas import (
     ErrorResponse,
     Health,
@@ -166,7 +166,7 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
         tracked = state.submit(state.image_requests(body), "image", events)
         if body.stream:
             return StreamingResponse(
-                _image_events(state, tracked, events),
+                _image_events(state, tracked, events, body),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -183,7 +183,7 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
         error = state.failure(tracked)
         if error is not None:
             raise error
-        return JSONResponse(await _images_body(state, tracked))
+        return JSONResponse(await _images_body(state, tracked, body))
 
     # -- videos --------------------------------------------------------------------------------
     @app.post(
@@ -297,17 +297,27 @@ def _cancel_unfinished(tracked: list[Tracked]) -> None:
             t.handle.cancel()
 
 
-async def _images_body(state: ServerState, tracked: list[Tracked]) -> dict:
+async def _images_body(state: ServerState, tracked: list[Tracked], body: ImageGenerationRequest) -> dict:
     results = [t.handle.result(timeout=0) for t in tracked]
-    images = await asyncio.to_thread(lambda: [png_b64(r.images[0]) for r in results])
+    fmt = body.output_format or "png"
+    images = await asyncio.to_thread(
+        lambda: [image_b64(r.images[0], fmt, body.output_compression) for r in results]
+    )
     data = [
         {"b64_json": b64, "seed": t.handle.request.seed, "revised_prompt": None}
         for b64, t in zip(images, tracked, strict=True)
     ]
-    return {"created": int(time.time()), "data": data, "gfdit": state.info(tracked)}
+    first = tracked[0].handle.request
+    return {
+        "created": int(time.time()), "data": data, "output_format": fmt,
+        "size": f"{first.width}x{first.height}", "quality": body.quality or "auto", "background": "opaque",
+        "gfdit": state.info(tracked),
+    }  # fmt: skip
 
 
-async def _image_events(state: ServerState, tracked: list[Tracked], events: asyncio.Queue):
+async def _image_events(
+    state: ServerState, tracked: list[Tracked], events: asyncio.Queue, body: ImageGenerationRequest
+):
     """The SSE body of a streamed image call. Closing it early (the client left) cancels the requests."""
     pending = {t.index for t in tracked}
     last: dict[int, tuple] = {}
@@ -339,7 +349,7 @@ async def _image_events(state: ServerState, tracked: list[Tracked], events: asyn
         if error is not None:
             yield _sse({"type": "error", **error_body(error.status, error.message, code=error.code)})
         else:
-            yield _sse({"type": "image_generation.completed", **(await _images_body(state, tracked))})
+            yield _sse({"type": "image_generation.completed", **(await _images_body(state, tracked, body))})
         yield "data: [DONE]\n\n"
     finally:
         _cancel_unfinished(tracked)

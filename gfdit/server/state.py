@@ -32,7 +32,7 @@ from gfdit.request import Request
 
 from .errors import ApiError, field_of_message
 from .metrics import ServerMetrics
-from .schemas import ImageGenerationRequest, VideoCreateRequest
+from .schemas import ImageGenerationRequest, VideoCreateRequest, kQualitySteps
 
 __all__ = ["ServerConfig", "ServerState", "Tracked", "VideoJobState", "kTerminal"]
 
@@ -117,6 +117,7 @@ class ServerState:
         self._latency_ema_s: float | None = None  # for Retry-After
         self._drain_lock = threading.Lock()
         self._drained = False  # drain() closed the engine
+        self.drain_failed = 0  # accepted requests still running when the drain closed the engine
 
     # -- health --------------------------------------------------------------------------------
     def health(self) -> tuple[bool, str]:
@@ -187,15 +188,12 @@ class ServerState:
                 param="model",
                 code="unsupported_model",
             )
-        if body.response_format != "b64_json":
-            raise ApiError(
-                400,
-                "response_format 'url' is not supported: gf-dit keeps no image store; use 'b64_json'",
-                param="response_format",
-                code="unsupported_value",
-            )
+        self._check_image_output(body)
         width, height = self._size(body.size)
-        steps = self._steps(body.num_inference_steps)
+        steps = body.num_inference_steps
+        if steps is None and body.quality in kQualitySteps:
+            steps = max(1, round(self.preset.default_steps * kQualitySteps[body.quality]))
+        steps = self._steps(steps)
         guidance = self.preset.default_guidance if body.guidance_scale is None else body.guidance_scale
         seed = random.randrange(2**31) if body.seed is None else body.seed
         deadline = self._deadline(body.slo_ms)
@@ -215,6 +213,28 @@ class ServerState:
             )
             for i in range(body.n)
         ]
+
+    @staticmethod
+    def _check_image_output(body: ImageGenerationRequest) -> None:
+        """OpenAI parameters gf-dit cannot honour: a 400 saying why (the README's table lists all)."""
+
+        def refuse(param: str, why: str) -> None:
+            raise ApiError(400, f"{param}: {why}", param=param, code="unsupported_value")
+
+        if body.response_format == "url":
+            refuse("response_format", "'url' is not supported: gf-dit keeps no image store; use 'b64_json'")
+        if body.output_format in ("gif", "svg"):
+            refuse("output_format", f"{body.output_format!r} is not produced; use png, jpeg or webp")
+        for name in ("frame_count", "frame_duration_ms", "svg"):
+            if getattr(body, name) is not None:
+                refuse(name, "only for GIF or SVG output, which gf-dit does not produce")
+        if body.background == "transparent":
+            refuse("background", "'transparent' is not supported: the models make opaque RGB images")
+        if body.partial_images:
+            refuse(
+                "partial_images",
+                "partial images are not produced; `stream: true` sends progress events per step instead",
+            )
 
     def video_request(self, body: VideoCreateRequest) -> Request:
         """The engine request of a video job; ApiError (4xx naming the field) if invalid."""
@@ -456,6 +476,7 @@ class ServerState:
                 log.warning(
                     "drain: %d requests still running; closing the engine fails them", len(self._active)
                 )
+            self.drain_failed = len(self._active)
             self.engine.close()
             self._drained = True
             deadline = time.monotonic() + 5.0  # the loop hands the ends to their clients
