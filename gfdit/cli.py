@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sub.add_parser(
-        "profile", help="measure the model's task times on N ranks of this node into a cost profile (gfdit profile --help)"
+        "profile",
+        help="measure the model's task times on N ranks of this node into a cost profile (gfdit profile --help)",
     )
     return p
 
@@ -118,7 +119,9 @@ def _launch(nproc: int, module: str, rest: list[str], shutdown_timeout_s: float)
 
     _out(f"+ {nproc} x " + shlex.join(rank_command(module, rest)))
     sys.stdout.flush()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s [launcher] %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s [launcher] %(levelname)s %(name)s: %(message)s"
+    )
     return launch(nproc, module, rest, shutdown_timeout_s=shutdown_timeout_s)
 
 

@@ -62,7 +62,9 @@ def _status(code: int) -> int:
     return 128 - code if code < 0 else code
 
 
-def launch(nproc: int, module: str, args: list[str], *, shutdown_timeout_s: float = 30.0, environ=None) -> int:
+def launch(
+    nproc: int, module: str, args: list[str], *, shutdown_timeout_s: float = 30.0, environ=None
+) -> int:
     """Runs `nproc` ranks of `module` on this node until rank 0 exits; returns the exit status
     (Note [Launcher signals and exit status]). Blocks; installs SIGTERM/SIGINT handlers."""
     if nproc < 1:
@@ -92,7 +94,9 @@ def launch(nproc: int, module: str, args: list[str], *, shutdown_timeout_s: floa
             for rank, code in enumerate(codes):
                 if rank > 0 and code not in (None, 0) and rank not in reported and codes[0] is None:
                     reported.add(rank)
-                    log.warning("rank %d (pid %d) exited with status %d", rank, procs[rank].pid, _status(code))
+                    log.warning(
+                        "rank %d (pid %d) exited with status %d", rank, procs[rank].pid, _status(code)
+                    )
             if all(c is not None for c in codes):
                 break
             now = time.monotonic()

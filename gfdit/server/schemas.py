@@ -68,11 +68,11 @@ class ImageGenerationRequest(BaseModel):
     size: str | None = Field(None, pattern=kSizePattern)  # "WIDTHxHEIGHT" or "auto" (None: model default)
     quality: Literal["auto", "low", "medium", "high", "xhigh", "max", "standard", "hd"] | None = None  # steps
     output_format: Literal["png", "jpeg", "webp", "gif", "svg"] | None = None  # None: png; gif/svg are a 400
-    output_compression: int | None = Field(None, ge=0, le=100)  # jpeg/webp quality (100: best); png ignores it
+    output_compression: int | None = Field(None, ge=0, le=100)  # jpeg/webp quality, 100 best; png: none
     background: Literal["auto", "opaque", "transparent"] | None = None  # images are opaque; transparent: 400
     style: Literal["vivid", "natural"] | None = None  # accepted, ignored (a legacy DALL-E parameter)
     moderation: Literal["low", "auto"] | None = None  # accepted, ignored: gf-dit does no moderation
-    complexity: Literal["low", "medium", "high"] | None = None  # accepted, ignored (GPT image planning effort)
+    complexity: Literal["low", "medium", "high"] | None = None  # accepted, ignored (GPT image planning)
     partial_images: int | None = Field(None, ge=0, le=3)  # 0 or None; > 0 is a 400 (progress events instead)
     frame_count: int | None = None  # GIF output only: a 400 when given
     frame_duration_ms: int | None = None  # GIF output only: a 400 when given

@@ -262,6 +262,56 @@ def test_images_end_to_end(elastic):
     assert isinstance(out["gfdit"]["reshards"], int) and isinstance(out["gfdit"]["bytes_moved"], int)
 
 
+def test_openai_image_parameters(elastic):
+    """Every images.generate parameter is taken: formats and compression honoured, quality maps to a
+    step count, the rest accepted (the README's table)."""
+    common = dict(prompt="a harbour", size="64x48", seed=3)
+    png = _generate(elastic.url, **common, quality="high", style="vivid", moderation="low", user="u1",
+                    safety_identifier="h1", complexity="low", background="auto", partial_images=0,
+                    response_format="b64_json")  # fmt: skip
+    assert png["output_format"] == "png" and png["size"] == "64x48" and png["quality"] == "high"
+    assert png["background"] == "opaque"
+    reference = _png(png["data"][0]["b64_json"]).astype(int)
+    from PIL import Image
+
+    sizes, errors = {}, {}
+    for fmt, magic in (("jpeg", b"\xff\xd8\xff"), ("webp", b"RIFF")):
+        for compression in (95, 10):
+            out = _generate(
+                elastic.url, **common, quality="high", output_format=fmt, output_compression=compression
+            )
+            raw = base64.b64decode(out["data"][0]["b64_json"])
+            assert raw.startswith(magic) and out["output_format"] == fmt
+            image = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB")).astype(int)
+            assert image.shape == reference.shape
+            sizes[fmt, compression] = len(raw)
+            errors[fmt, compression] = np.abs(image - reference).mean()
+        # output_compression is honoured: a lower value, a smaller file further from the PNG's pixels
+        assert sizes[fmt, 10] < sizes[fmt, 95] and errors[fmt, 95] < errors[fmt, 10], (sizes, errors)
+    # quality -> steps: tiny-flux's default is 4 steps; "low" is a quarter, "medium" a half
+    for quality, steps in (("low", 1), ("medium", 2), ("auto", 4)):
+        out = _generate(elastic.url, **common, quality=quality)
+        ends = [
+            int(g["task"].split(",")[1].rstrip(")"))
+            for g in out["gfdit"]["groups"][0]
+            if ":denoise" in g["task"]
+        ]
+        assert max(ends) == steps, (quality, ends)
+    explicit = _generate(elastic.url, **common, quality="low", num_inference_steps=3)  # steps win
+    assert max(int(g["task"].split(",")[1].rstrip(")")) for g in explicit["gfdit"]["groups"][0]
+               if ":denoise" in g["task"]) == 3  # fmt: skip
+
+
+def test_json_without_its_content_type_is_told_what_to_send(elastic):
+    r = httpx.post(elastic.url + "/v1/images/generations", content=json.dumps({"prompt": "x"}),
+                   headers={"content-type": "application/x-www-form-urlencoded"})  # fmt: skip
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]["message"]
+    assert "Content-Type: application/json" in message and "application/x-www-form-urlencoded" in message, (
+        message
+    )
+
+
 def test_models_and_health(elastic, wan):
     models = httpx.get(elastic.url + "/v1/models").json()
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny-flux"]
@@ -308,7 +358,7 @@ BAD_IMAGE_BODIES = [
     ({"prompt": "x", "size": "16x16"}, 400, "size", "[32, 256]"),
     ({"prompt": "x", "size": "512x512"}, 400, "size", "[32, 256]"),
     ({"prompt": "x", "n": 0}, 400, "n", "n"),
-    ({"prompt": "x", "n": 5}, 400, "n", "n"),
+    ({"prompt": "x", "n": 11}, 400, "n", "n"),
     ({"prompt": "x", "n": "2"}, 400, "n", "integer"),
     ({"prompt": "x", "num_inference_steps": 0}, 400, "num_inference_steps", "num_inference_steps"),
     ({"prompt": "x", "num_inference_steps": 201}, 400, "num_inference_steps", "at most 200"),
@@ -329,6 +379,17 @@ BAD_IMAGE_BODIES = [
     ({"prompt": "x", "stream": "yes"}, 400, "stream", "stream"),
     ({"prompt": "x", "negative_prompt": 123}, 400, "negative_prompt", "negative_prompt"),
     ([1, 2], 400, None, "JSON object"),
+    # OpenAI parameters gf-dit cannot honour: refused with the reason
+    ({"prompt": "x", "output_format": "gif"}, 400, "output_format", "png, jpeg or webp"),
+    ({"prompt": "x", "output_format": "svg"}, 400, "output_format", "not produced"),
+    ({"prompt": "x", "output_format": "bmp"}, 400, "output_format", "output_format"),
+    ({"prompt": "x", "output_compression": 101}, 400, "output_compression", "output_compression"),
+    ({"prompt": "x", "background": "transparent"}, 400, "background", "opaque"),
+    ({"prompt": "x", "partial_images": 2}, 400, "partial_images", "progress events"),
+    ({"prompt": "x", "frame_count": 4}, 400, "frame_count", "GIF"),
+    ({"prompt": "x", "svg": {"model": "m"}}, 400, "svg", "SVG"),
+    ({"prompt": "x", "quality": "ultra"}, 400, "quality", "quality"),
+    ({"prompt": "x", "style": "bold"}, 400, "style", "style"),
 ]
 
 
