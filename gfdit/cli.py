@@ -244,7 +244,15 @@ def _tune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     _out(tune.write_results(args.out, ranked, info) if args.out else tune.render(ranked, info))
     best = next((c for c in ranked if c.error is None and not c.baseline), None)
     if best is not None:
-        _out(f"best: {best.spec}")
+        tied = tune.tied_best(ranked, args.objective)
+        if len(tied) > 1 and best in tied:
+            _out(
+                f"best: {best.spec} (tied with {len(tied) - 1} other{'s' if len(tied) > 2 else ''}: see above)"
+            )
+        elif best is not ranked[0] and ranked[0].error is None:
+            _out(f"best: {best.spec} (the baseline {ranked[0].spec} ranks above it)")
+        else:
+            _out(f"best: {best.spec}")
     return 0
 
 
