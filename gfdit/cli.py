@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--timeout", type=float, default=600.0, help="seconds per request before it counts as failed"
     )
+    r.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a progress line on stderr: requests sent, done, failed, elapsed (default: when stderr is a terminal)",
+    )
 
     rep = bsub.add_parser("report", help="summarize runs side by side (JSON, markdown, PNG)")
     rep.add_argument("runs", nargs="+", help="directories written by `gfdit bench run`")
@@ -191,6 +197,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     run = run_trace(
         args.url, args.trace, args.out, label=args.label, time_scale=args.time_scale, timeout_s=args.timeout,
         command=shlex.join(["gfdit", *sys.argv[1:]]),
+        show_progress=sys.stderr.isatty() if args.progress is None else args.progress,
     )  # fmt: skip
     what = f"{run['num_requests']} requests against {args.url} ({run['policy']})"
     _out(f"{what} in {run['wall_s']:.1f} s -> {args.out}")

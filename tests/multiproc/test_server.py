@@ -753,7 +753,8 @@ def test_bench_gen_run_report(elastic, static, tmp_path):
     runs = []
     for server in (elastic, static):
         out_dir = str(tmp_path / server.name)
-        _cli("bench", "run", "--url", server.url, "--trace", trace, "--out", out_dir)
+        replay = _cli("bench", "run", "--url", server.url, "--trace", trace, "--out", out_dir, "--progress")
+        assert f"sent {n}/{n}, done {n} ({n} completed, 0 failed or refused)" in replay.stderr, replay.stderr
         runs.append(out_dir)
         rows = [json.loads(x) for x in open(os.path.join(out_dir, "results.jsonl"))]
         assert len(rows) == n and all(r["status"] == "completed" for r in rows), rows
