@@ -200,6 +200,7 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
         events: asyncio.Queue = asyncio.Queue()
         (tracked,) = state.submit([request], "video", events)
         job = VideoJobState(request.request_id, tracked, request, body.fps, int(time.time()))
+        job.requested_seconds = None if body.seconds is None else str(body.seconds)
         state.add_job(job)
         job.watcher = asyncio.create_task(state.watch_job(job), name=f"watch-{job.id}")
         return JSONResponse(state.job_view(job))

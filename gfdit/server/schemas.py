@@ -168,7 +168,9 @@ class VideoJob(BaseModel):
     created_at: int  # Unix seconds
     completed_at: int | None = None  # Unix seconds, once completed or failed
     size: str  # "WIDTHxHEIGHT"
-    seconds: str  # duration of the mp4, num_frames / fps
+    seconds: str  # duration of the mp4, num_frames / fps (see requested_seconds)
+    requested_seconds: str | None = None  # the seconds asked for; the frames are frame_step * k + 1, the
+    # multiple nearest to seconds * fps, so `seconds` may differ (tiny-wan, 16 fps: "1" -> 17 frames, 1.0625 s)
     num_frames: int  # frames
     fps: int  # frames per second
     seed: int  # the seed used

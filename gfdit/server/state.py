@@ -78,6 +78,7 @@ class VideoJobState:
     error: dict | None = None  # {"code", "message"} when failed
     content: bytes | None = None  # the mp4, once completed
     info: dict | None = None  # GenerationInfo fields, once completed
+    requested_seconds: str | None = None  # the body's `seconds`, when it gave one
     deleted: bool = False  # DELETE came: no content is kept; forgotten once finished, unless cancelled
     watcher: asyncio.Task | None = field(default=None, repr=False)  # consumes its events
 
@@ -451,6 +452,7 @@ class ServerState:
             "completed_at": job.completed_at,
             "size": f"{r.width}x{r.height}",
             "seconds": f"{r.num_frames / job.fps:g}",
+            "requested_seconds": job.requested_seconds,
             "num_frames": r.num_frames,
             "fps": job.fps,
             "seed": r.seed,

@@ -597,6 +597,8 @@ def test_video_job_from_form_fields_as_openai_sdks_send(wan):
     assert r.request.headers["content-type"].startswith("multipart/form-data")
     job = r.json()
     assert job["num_frames"] == 9 and job["size"] == "64x48" and job["seed"] == 4, job
+    # 0.5 s at 16 fps is 8 frames; the model takes 4k + 1: 9 frames, 0.5625 s, and the job says so.
+    assert job["seconds"] == "0.5625" and job["requested_seconds"] == "0.5", job
     job = _video_end(wan.url, job["id"], 120)
     assert job["status"] == "completed", job
     # The same fields urlencoded; then cancelled, to keep the test short.
