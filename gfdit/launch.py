@@ -3,10 +3,13 @@
     gfdit serve --nproc 4 --model tiny-flux ...    ->   launch(4, "gfdit.serve", [...])
 
 Every rank is `python -m MODULE ARGS` with torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
-LOCAL_WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT: a free port, where rank 0 hosts gfcoll's
-bootstrap store), so the same module also runs under torchrun. Why not torchrun itself: on a
-signal its agent raises SignalException (a traceback, exit status 1, however cleanly the ranks
-drained), and it stops every rank as soon as one fails.
+LOCAL_WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT, TORCHELASTIC_USE_AGENT_STORE=true), so the
+same module also runs under torchrun. Like torchrun's agent, the launcher hosts the key-value store
+the ranks bootstrap through (gfcoll.init), but on a socket bound to 127.0.0.1 only: torch's
+TCPStore listens on every interface whatever address it is given, unless handed a listening socket
+(master_listen_fd). Why not torchrun itself: on a signal its agent raises SignalException (a
+traceback, exit status 1, however cleanly the ranks drained), and it stops every rank as soon as
+one fails.
 
 Note [Launcher signals and exit status]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -29,17 +32,31 @@ import subprocess
 import sys
 import time
 
-__all__ = ["launch", "rank_command"]
+__all__ = ["launch", "loopback_store", "rank_command"]
 
 log = logging.getLogger("gfdit.launch")
 
 kPollS = 0.1  # how often the supervisor looks at its children
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+kStoreTimeoutS = 600.0  # how long a store client waits on a key (torchrun's static rendezvous default)
+
+
+def loopback_store(timeout_s: float = kStoreTimeoutS):
+    """A torch TCPStore server reachable from this machine only: (store, port)."""
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    port = listener.getsockname()[1]
+    store = TCPStore(
+        "127.0.0.1", port, None, True, timedelta(seconds=timeout_s), wait_for_workers=False,
+        multi_tenant=True, master_listen_fd=listener.detach(),  # the store owns the socket from here
+    )  # fmt: skip
+    return store, port
 
 
 def rank_command(module: str, args: list[str]) -> list[str]:
@@ -49,10 +66,10 @@ def rank_command(module: str, args: list[str]) -> list[str]:
 
 def _rank_env(environ: dict[str, str], rank: int, nproc: int, port: int) -> dict[str, str]:
     env = dict(environ)
-    env.pop("TORCHELASTIC_USE_AGENT_STORE", None)  # rank 0 hosts the store, not an agent
     env.update(
         RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc),
         GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        TORCHELASTIC_USE_AGENT_STORE="true",  # the launcher hosts the store, as torchrun's agent does
     )  # fmt: skip
     return env
 
@@ -70,7 +87,7 @@ def launch(
     if nproc < 1:
         raise ValueError(f"nproc must be >= 1, got {nproc}")
     environ = dict(os.environ if environ is None else environ)
-    port = _free_port()
+    store, port = loopback_store()
     cmd = rank_command(module, args)
     procs: list[subprocess.Popen] = []
     signalled_at: list[float] = []
@@ -121,3 +138,4 @@ def launch(
                 p.wait()
         for s, h in old.items():
             signal.signal(s, h)
+        del store  # the ranks are gone: nobody needs the store any more

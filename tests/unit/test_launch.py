@@ -105,3 +105,29 @@ def test_bad_nproc_is_refused():
 
     with pytest.raises(ValueError, match="nproc"):
         launch(0, "gfdit.serve", [])
+
+
+def _listening(port: int) -> list[str]:
+    """Local addresses (hex, as /proc/net/tcp{,6} write them) listening on `port`."""
+    found = []
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(path).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            addr, p = local.rsplit(":", 1)
+            if int(p, 16) == port and state == "0A":  # LISTEN
+                found.append(addr)
+    return found
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="needs Linux's /proc/net/tcp")
+def test_the_store_listens_on_loopback_only():
+    from gfdit.launch import loopback_store
+
+    store, port = loopback_store(timeout_s=10)
+    store.set("k", "v")
+    assert store.get("k") == b"v"
+    assert _listening(port) == ["0100007F"], _listening(port)  # 127.0.0.1, no wildcard
