@@ -1,12 +1,11 @@
-"""The HTTP server end to end on CPU: real `torchrun ... -m gfdit.serve` processes (2 ranks each,
-host transport, tiny presets), driven over HTTP with httpx.
+"""The HTTP server end to end on CPU: real `gfdit serve` / `torchrun ... -m gfdit.serve` processes
+(2 ranks each, host transport, tiny presets), driven over HTTP with httpx.
 
-Three servers start once for the module, concurrently: tiny-flux under fcfs-elastic ("elastic"),
-tiny-flux under static:sp=1 ("static", small limits: the property-based run and the SIGTERM test
-use it), and tiny-wan ("wan", a queue of 2 for the 429 test, started through `gfdit serve`). A
-dead worker is tested in-process (run_ranks, uvicorn in a thread), since torchrun stops the whole
-job when one rank dies. Tests run in file order; the SIGTERM test, which stops "static", is the
-last one that uses it. The module takes about 100 s on 2 cores.
+Three servers start once for the module, concurrently: tiny-flux under fcfs-elastic ("elastic",
+under plain torchrun), tiny-flux under static:sp=1 ("static", small limits: the property-based run
+uses it), and tiny-wan ("wan", a queue of 2 for the 429 test); the SIGTERM test starts a server of
+its own ("drain"), so no test depends on another's order. A dead worker is tested in-process
+(run_ranks, uvicorn in a thread). The module takes a few minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -41,6 +40,7 @@ SERVERS = {
     "static": ("tiny-flux", "static:sp=1", ["--max-steps", "8", "--drain-timeout", "0.5"]),
     "wan": ("tiny-wan", "fcfs-elastic", ["--max-steps", "200", "--max-queue", "2"]),
 }  # fmt: skip
+DRAIN_SERVER = ("tiny-flux", "static:sp=1", ["--max-steps", "8", "--drain-timeout", "0.5"])
 
 
 @dataclass
@@ -84,8 +84,8 @@ def _env() -> dict:
     return env
 
 
-def _start(name: str, tmp_dir: str) -> Server:
-    model, policy, extra = SERVERS[name]
+def _start(name: str, tmp_dir: str, config: tuple | None = None) -> Server:
+    model, policy, extra = config or SERVERS[name]
     port = free_port()
     args = [
         "--model",
@@ -99,7 +99,7 @@ def _start(name: str, tmp_dir: str) -> Server:
         "--log-level",
         "warning",
     ]
-    if name in ("wan", "static"):  # through `gfdit serve` (gfdit.launch); "elastic" under plain torchrun
+    if name != "elastic":  # through `gfdit serve` (gfdit.launch); "elastic" under plain torchrun
         launcher = [sys.executable, "-m", "gfdit.cli", "serve", "--nproc", "2"]
     else:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -857,16 +857,27 @@ def test_readme_main_job_runs():
 # -- shutdown ---------------------------------------------------------------------------------------------
 
 
-def test_sigterm_drains_then_fails_the_rest_with_a_reason(static):
+@pytest.fixture
+def drain_server(tmp_path):
+    server = _start("drain", str(tmp_path), DRAIN_SERVER)
+    try:
+        _wait_healthy(server, time.monotonic() + kStartTimeoutS)
+        yield server
+    finally:
+        server.stop()
+
+
+def test_sigterm_drains_then_fails_the_rest_with_a_reason(drain_server):
     """--drain-timeout 0.5: requests still queued after it fail with the engine's reason; every
-    stream ends with a result or an error, then [DONE]; the job exits."""
+    stream ends with a result or an error, then [DONE]; the job exits with status 3."""
+    server = drain_server
     body = {"prompt": "busy", "size": "256x256", "num_inference_steps": 8, "n": 4, "stream": True}
     results: list[list] = [[] for _ in range(4)]
     started = threading.Barrier(5, timeout=60)
 
     def stream(i: int) -> None:
         try:
-            with httpx.stream("POST", static.url + "/v1/images/generations", json=body, timeout=120) as r:
+            with httpx.stream("POST", server.url + "/v1/images/generations", json=body, timeout=120) as r:
                 seen = False
                 for line in r.iter_lines():
                     events = _sse_events([line])
@@ -881,10 +892,17 @@ def test_sigterm_drains_then_fails_the_rest_with_a_reason(static):
     for t in threads:
         t.start()
     started.wait()  # every stream has been accepted (its first event arrived)
-    static.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
+    server.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 30  # until the server says it is shutting down (or is gone)
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(server.url + "/health", timeout=5).status_code == 503:
+                break
+        except httpx.TransportError:
+            break
+        time.sleep(0.02)
     try:
-        r = httpx.post(static.url + "/v1/images/generations", json={"prompt": "late"}, timeout=10)
+        r = httpx.post(server.url + "/v1/images/generations", json={"prompt": "late"}, timeout=10)
         assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down", r.text
     except httpx.TransportError:
         pass  # already gone: also a refusal
@@ -902,9 +920,9 @@ def test_sigterm_drains_then_fails_the_rest_with_a_reason(static):
     assert failed >= 1  # 16 requests of 8 steps at 256x256 on 2 ranks outlast a 0.5 s drain
     from gfdit.serve import kExitDrainFailed
 
-    assert static.proc.wait(60) == kExitDrainFailed  # `gfdit serve`: rank 0's status, the drain failed some
-    assert "Traceback" not in static.log_tail(50000), static.log_tail()
-    errors = [line for line in static.log_tail(50000).splitlines() if "[rank" in line and " ERROR " in line]
+    assert server.proc.wait(60) == kExitDrainFailed  # `gfdit serve`: rank 0's status, the drain failed some
+    assert "Traceback" not in server.log_tail(50000), server.log_tail()
+    errors = [line for line in server.log_tail(50000).splitlines() if "[rank" in line and " ERROR " in line]
     assert not errors, errors
 
 
