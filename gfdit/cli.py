@@ -1,8 +1,9 @@
 """The `gfdit` command.
 
     gfdit serve --nproc 4 --model tiny-flux --policy edf-best-fit --port 8000
-        torchrun for one node: python -m torch.distributed.run --standalone --nproc-per-node 4
-        -m gfdit.serve ... (the other options are gfdit.serve's)
+        torchrun for one node with a loopback-only store: python -m gfdit.launch --nproc-per-node 4
+        -m gfdit.serve ... (the other options are gfdit.serve's); a fresh launch secret in
+        GFDIT_SECRET, and --api-key moved into GFDIT_API_KEY (never on a command line)
     gfdit bench gen --model tiny-flux --rate 2 --duration 60 --alpha 3 --seed 0 --out trace.jsonl
     gfdit bench run --url http://127.0.0.1:8000 --trace trace.jsonl --out runs/edf
     gfdit bench report runs/edf runs/static --out report/
@@ -81,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--timeout", type=float, default=600.0, help="seconds per request before it counts as failed"
     )
+    for sp in (g, r):
+        sp.add_argument(
+            "--api-key",
+            default=None,
+            help="the server's API key (gfdit serve --api-key), sent as 'Authorization: Bearer KEY'; "
+            "default: $GFDIT_API_KEY",
+        )
 
     rep = bsub.add_parser("report", help="summarize runs side by side (JSON, markdown, PNG)")
     rep.add_argument("runs", nargs="+", help="directories written by `gfdit bench run`")
@@ -123,20 +131,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 def serve_command(nproc: int, serve_args: list[str], module: str = "gfdit.serve") -> list[str]:
     """The torchrun command line `gfdit serve` (or `gfdit profile`: module gfdit.profile) runs."""
-    return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-        "-m", module, *serve_args,
-    ]  # fmt: skip
+    from gfdit.launch import launch_args
+
+    # torchrun with a loopback-only store (gfdit.launch), not --standalone's store on every interface.
+    return [sys.executable, "-m", "gfdit.launch", *launch_args(nproc), "-m", module, *serve_args]
 
 
 def serve_env(environ: dict[str, str], drain_timeout_s: float) -> dict[str, str]:
     """The environment `gfdit serve` runs torchrun in. torchrun SIGKILLs the ranks a fixed time after
     forwarding SIGTERM (30 s unless TORCH_ELASTIC_SHUTDOWN_TIMEOUT or --shutdown-timeout says
     otherwise), which would cut a longer --drain-timeout short: give it the drain plus a margin,
-    unless the caller chose a value."""
+    unless the caller chose a value. Also a fresh launch secret for the ranks (Note [Control-plane
+    authentication] in gfdit.runtime.auth), unless the caller gave one."""
+    from gfdit.runtime.auth import kSecretEnv, kSecretFileEnv, make_secret
+
     env = dict(environ)
     env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(math.ceil(drain_timeout_s + kShutdownMarginS)))
+    if not env.get(kSecretEnv) and not env.get(kSecretFileEnv):
+        env[kSecretEnv] = make_secret()
     return env
+
+
+def _without_api_key(args: list[str]) -> tuple[list[str], str | None]:
+    """`args` without `--api-key KEY` / `--api-key=KEY`, and the key (the last one given)."""
+    out, key, i = [], None, 0
+    while i < len(args):
+        a = args[i]
+        if a == "--api-key" and i + 1 < len(args):
+            key, i = args[i + 1], i + 2
+            continue
+        if a.startswith("--api-key="):
+            key, i = a.split("=", 1)[1], i + 1
+            continue
+        out.append(a)
+        i += 1
+    return out, key
 
 
 def _exec(cmd: list[str], env: dict[str, str], shown_env: str = "") -> None:
@@ -155,8 +184,13 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list
     serve_parser = serve.build_parser(prog="gfdit serve")
     serve_args = serve_parser.parse_args(rest)
     serve.check_args(serve_parser, serve_args)
+    rest, key = _without_api_key(rest)
+    if serve_parser.parse_args(rest).api_key is not None:  # an abbreviation of --api-key slipped by
+        parser.error("spell the option out as --api-key KEY (or set GFDIT_API_KEY)")
     cmd = serve_command(args.nproc, rest)
     env = serve_env(os.environ, serve_args.drain_timeout)
+    if key is not None:
+        env[serve.kApiKeyEnv] = key  # the ranks' environment: readable by this user only
     _exec(cmd, env, f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={env['TORCH_ELASTIC_SHUTDOWN_TIMEOUT']} ")
     return 0  # not reached
 
@@ -184,7 +218,8 @@ def _gen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if args.calibrate_url:
             from gfdit.bench.client import calibrate
 
-            standalone, source = calibrate(args.calibrate_url, args.model, classes), "calibrated"
+            key = _client_api_key(args)
+            standalone, source = calibrate(args.calibrate_url, args.model, classes, api_key=key), "calibrated"
         spec = workload.WorkloadSpec(
             args.model, args.duration, phases, classes, args.alpha, args.seed, standalone, source
         )
@@ -206,11 +241,26 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error("--time-scale and --timeout must be > 0")
     run = run_trace(
         args.url, args.trace, args.out, label=args.label, time_scale=args.time_scale, timeout_s=args.timeout,
-        command=shlex.join(["gfdit", *sys.argv[1:]]),
+        command=_redacted_command(), api_key=_client_api_key(args),
     )  # fmt: skip
     what = f"{run['num_requests']} requests against {args.url} ({run['policy']})"
     _out(f"{what} in {run['wall_s']:.1f} s -> {args.out}")
     return 0
+
+
+def _client_api_key(args: argparse.Namespace) -> str | None:
+    return args.api_key or os.environ.get("GFDIT_API_KEY") or None
+
+
+def _redacted_command() -> str:
+    """This command line for run.json, the API key replaced."""
+    argv, out = sys.argv[1:], []
+    for i, a in enumerate(argv):
+        if i > 0 and argv[i - 1] == "--api-key":
+            out.append("REDACTED")
+        else:
+            out.append("--api-key=REDACTED" if a.startswith("--api-key=") else a)
+    return shlex.join(["gfdit", *out])
 
 
 def _report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
