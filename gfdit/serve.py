@@ -175,10 +175,12 @@ def _init_world(device: str | None):
 
     if "RANK" in os.environ:
         return gfcoll.init(device=device)
-    # Not under torchrun: a world of one rank.
+    # Not under torchrun: a world of one rank, bootstrapped through an in-process store (no port).
+    from torch.distributed import HashStore
+
     return gfcoll.init(
         rank=0, world_size=1, local_rank=0, local_world_size=1,
-        master_addr="127.0.0.1", master_port=_free_port(), device=device,
+        master_addr="127.0.0.1", master_port=_free_port(), device=device, store=HashStore(),
     )  # fmt: skip
 
 
