@@ -21,13 +21,14 @@ Note [Worker liveness]
 Besides its DEALER, every rank opens one plain TCP connection to a listener on rank 0 and proves
 its rank over it (rank 0's nonce, answered with the rank and an HMAC of both under the launch
 secret's liveness key); a connection that has not proven a rank counts for nothing, and one that
-fails or takes longer than kLivenessAuthTimeoutS is closed and logged. The connection stays open, silent, for as long as the rank's worker loop runs. When a
-worker process dies (or its worker loop ends) the kernel closes the connection, and rank 0's
-control loop, which polls these sockets with the ROUTER, sees end-of-file at once: no heartbeat
-timing to tune and nothing for a busy worker to send. (ZeroMQ's ROUTER_NOTIFY would say the same,
-but it is a draft API that the libzmq bundled with pyzmq leaves out.) A dead rank ends the engine's
-service: the gfcoll world has lost a member, so every request not yet finished fails with the
-reason, `healthy()` reports the rank, and `submit` refuses new work.
+fails or takes longer than kLivenessAuthTimeoutS is closed and logged. A proven connection stays
+open, silent, for as long as the rank's worker loop runs. When a worker process dies (or its
+worker loop ends) the kernel closes the connection, and rank 0's control loop, which polls these
+sockets with the ROUTER, sees end-of-file at once: no heartbeat timing to tune and nothing for a
+busy worker to send. (ZeroMQ's ROUTER_NOTIFY would say the same, but it is a draft API that the
+libzmq bundled with pyzmq leaves out.) A dead rank ends the engine's service: the gfcoll world
+has lost a member, so every request not yet finished fails with the reason, `healthy()` reports
+the rank, and `submit` refuses new work.
 
 A hung (not dead) worker keeps its connection open, so rank 0 also watches the clock: a task that
 runs past max(task_timeout_floor_s, task_timeout_factor x the cost model's estimate) marks the members
