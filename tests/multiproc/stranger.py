@@ -57,17 +57,16 @@ def _zmtp_greeting() -> bytes:
     return b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\x00") + b"\x00" + b"\x00" * 31
 
 
-def _raw(host: str, port: int, payload: bytes, hold: bool = False) -> str:
+def _raw(host: str, port: int, payload: bytes) -> str:
     """Sends payload on a fresh TCP connection; returns how the server reacted (bounded waits)."""
     with socket.create_connection((host, port), timeout=5) as s:
         try:
             s.sendall(payload)
         except OSError as e:
             return f"send failed: {e.__class__.__name__}"
-        if not hold:
-            s.shutdown(socket.SHUT_WR)
         got, seen = b"", 0
         try:
+            s.shutdown(socket.SHUT_WR)
             while seen < 1 << 16:
                 chunk = s.recv(4096)
                 if not chunk:
