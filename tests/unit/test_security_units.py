@@ -237,3 +237,40 @@ def test_request_cost():
     assert request_cost([video]) == pytest.approx(64 * 48 * 9 * 3 / 1e6)
     for name, preset in PRESETS.items():
         assert default_max_request_cost(preset) == kDefaultMaxRequestCost[name] > 0
+
+
+# -- the launcher ----------------------------------------------------------------------------------
+def test_gfdit_serve_moves_the_key_off_the_command_line_and_makes_a_secret(monkeypatch):
+    from gfdit import cli
+
+    rest, key = cli._without_api_key(
+        ["--model", "tiny-flux", "--api-key", "k1", "--port", "1", "--api-key=k2"]
+    )
+    assert rest == ["--model", "tiny-flux", "--port", "1"] and key == "k2"
+    env = cli.serve_env({}, 1.0)
+    assert auth.load_secret(env) is not None and len(env["GFDIT_SECRET"]) == 64
+    assert cli.serve_env({}, 1.0)["GFDIT_SECRET"] != env["GFDIT_SECRET"]  # per launch
+    assert cli.serve_env({"GFDIT_SECRET_FILE": "/x"}, 1.0).get("GFDIT_SECRET") is None  # the caller's
+    cmd = cli.serve_command(2, rest)
+    assert "gfdit.launch" in cmd and "gfdit-local" in cmd and "--standalone" not in cmd
+    monkeypatch.setattr(
+        "sys.argv", ["gfdit", "bench", "run", "--api-key", "k3", "--url", "u", "--api-key=k4"]
+    )
+    redacted = cli._redacted_command()
+    assert "k3" not in redacted and "k4" not in redacted and "REDACTED" in redacted
+
+
+def test_local_rendezvous_store_listens_on_loopback_only():
+    import psutil
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
+
+    from gfdit.launch import create_handler
+
+    handler = create_handler(RendezvousParameters("gfdit-local", "127.0.0.1:0", "run-1", 1, 1))
+    info = handler.next_rendezvous()
+    port = info.bootstrap_store_info.master_port
+    info.store.set("k", "v")
+    mine = [c for c in psutil.Process().net_connections("inet") if c.status == psutil.CONN_LISTEN]
+    assert [c.laddr.ip for c in mine if c.laddr.port == port] == ["127.0.0.1"]
+    with pytest.raises(ValueError, match="one node"):
+        create_handler(RendezvousParameters("gfdit-local", "127.0.0.1:0", "run-2", 1, 2))
