@@ -1,8 +1,9 @@
 """The `gfdit` command.
 
     gfdit serve --nproc 4 --model tiny-flux --policy edf-best-fit --port 8000
-        starts 4 ranks of gfdit.serve on this node and supervises them (gfdit.launch; the same
-        module runs under torchrun too); the options other than --nproc are gfdit.serve's
+        starts 4 ranks of gfdit.serve on this node and supervises them (gfdit.launch: a loopback-only
+        store, a fresh launch secret in GFDIT_SECRET, --api-key moved into GFDIT_API_KEY so that it
+        is never on a command line); the options other than --nproc are gfdit.serve's
     gfdit bench gen --model tiny-flux --rate 2 --duration 60 --alpha 3 --seed 0 --out trace.jsonl
     gfdit bench run --url http://127.0.0.1:8000 --trace trace.jsonl --out runs/edf
     gfdit bench report runs/edf runs/static --out report/
@@ -82,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="a progress line on stderr: requests sent, done, failed, elapsed (default: when stderr is a terminal)",
     )
+    for sp in (g, r):
+        sp.add_argument(
+            "--api-key",
+            default=None,
+            help="the server's API key (gfdit serve --api-key), sent as 'Authorization: Bearer KEY'; "
+            "default: $GFDIT_API_KEY",
+        )
 
     rep = bsub.add_parser("report", help="summarize runs side by side (JSON, markdown, PNG)")
     rep.add_argument("runs", nargs="+", help="directories written by `gfdit bench run`")
@@ -119,7 +127,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _launch(nproc: int, module: str, rest: list[str], shutdown_timeout_s: float) -> int:
+def _without_api_key(args: list[str]) -> tuple[list[str], str | None]:
+    """`args` without `--api-key KEY` / `--api-key=KEY`, and the key (the last one given)."""
+    out, key, i = [], None, 0
+    while i < len(args):
+        a = args[i]
+        if a == "--api-key" and i + 1 < len(args):
+            key, i = args[i + 1], i + 2
+            continue
+        if a.startswith("--api-key="):
+            key, i = a.split("=", 1)[1], i + 1
+            continue
+        out.append(a)
+        i += 1
+    return out, key
+
+
+def launch_env(environ: dict[str, str]) -> dict[str, str]:
+    """The environment of the ranks `gfdit serve` starts: a fresh launch secret (Note [Control-plane
+    authentication] in gfdit.runtime.auth) unless the caller gave one. (The API key travels in the
+    environment too, GFDIT_API_KEY: readable by this user only, where a command line is not.)"""
+    from gfdit.runtime.auth import kSecretEnv, kSecretFileEnv, make_secret
+
+    env = dict(environ)
+    if not env.get(kSecretEnv) and not env.get(kSecretFileEnv):
+        env[kSecretEnv] = make_secret()
+    return env
+
+
+def _launch(nproc: int, module: str, rest: list[str], shutdown_timeout_s: float, env: dict[str, str]) -> int:
     """Print what runs, then start and supervise the ranks (gfdit.launch)."""
     from gfdit.launch import launch, rank_command
 
@@ -128,7 +164,7 @@ def _launch(nproc: int, module: str, rest: list[str], shutdown_timeout_s: float)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s [launcher] %(levelname)s %(name)s: %(message)s"
     )
-    return launch(nproc, module, rest, shutdown_timeout_s=shutdown_timeout_s)
+    return launch(nproc, module, rest, shutdown_timeout_s=shutdown_timeout_s, environ=env)
 
 
 def _ranks_command(name: str, argv: list[str]) -> int:
@@ -147,8 +183,20 @@ def _ranks_command(name: str, argv: list[str]) -> int:
     split = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     split.add_argument("--nproc", type=int)
     rest = split.parse_known_args(argv)[1]
+    if name == "serve":
+        rest, key = _without_api_key(rest)
+        if parser.parse_args(rest).api_key is not None:  # an abbreviation of --api-key slipped by
+            parser.error("spell the option out as --api-key KEY (or set GFDIT_API_KEY)")
+        if key is not None:
+            # This process supervises the ranks for as long as they run: its own command line must not
+            # show the key either. Become the same command without it, the key in the environment.
+            env = dict(os.environ)
+            env[module.kApiKeyEnv] = key
+            argv0 = [sys.executable, "-m", "gfdit.cli", "serve", "--nproc", str(args.nproc), *rest]
+            sys.stdout.flush()
+            os.execve(sys.executable, argv0, env)
     shutdown_s = getattr(args, "drain_timeout", 0.0) + kShutdownMarginS
-    return _launch(args.nproc, f"gfdit.{name}", rest, shutdown_s)
+    return _launch(args.nproc, f"gfdit.{name}", rest, shutdown_s, launch_env(dict(os.environ)))
 
 
 def _gen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -174,7 +222,8 @@ def _gen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if args.calibrate_url:
             from gfdit.bench.client import calibrate
 
-            standalone, source = calibrate(args.calibrate_url, args.model, classes), "calibrated"
+            key = _client_api_key(args)
+            standalone, source = calibrate(args.calibrate_url, args.model, classes, api_key=key), "calibrated"
         spec = workload.WorkloadSpec(
             args.model, args.duration, phases, classes, args.alpha, args.seed, standalone, source
         )
@@ -196,12 +245,27 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error("--time-scale and --timeout must be > 0")
     run = run_trace(
         args.url, args.trace, args.out, label=args.label, time_scale=args.time_scale, timeout_s=args.timeout,
-        command=shlex.join(["gfdit", *sys.argv[1:]]),
+        command=_redacted_command(), api_key=_client_api_key(args),
         show_progress=sys.stderr.isatty() if args.progress is None else args.progress,
     )  # fmt: skip
     what = f"{run['num_requests']} requests against {args.url} ({run['policy']})"
     _out(f"{what} in {run['wall_s']:.1f} s -> {args.out}")
     return 0
+
+
+def _client_api_key(args: argparse.Namespace) -> str | None:
+    return args.api_key or os.environ.get("GFDIT_API_KEY") or None
+
+
+def _redacted_command() -> str:
+    """This command line for run.json, the API key replaced."""
+    argv, out = sys.argv[1:], []
+    for i, a in enumerate(argv):
+        if i > 0 and argv[i - 1] == "--api-key":
+            out.append("REDACTED")
+        else:
+            out.append("--api-key=REDACTED" if a.startswith("--api-key=") else a)
+    return shlex.join(["gfdit", *out])
 
 
 def _report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

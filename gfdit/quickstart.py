@@ -43,6 +43,11 @@ def main(argv=None) -> int:
     p.add_argument("--nproc", type=int, default=4)
     p.add_argument("--model", default="tiny-flux")
     p.add_argument("--policy", default="edf-best-fit:max_sp=4")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("GFDIT_API_KEY"),
+        help="serve with this API key and send it (default: $GFDIT_API_KEY; none: an open API)",
+    )
     args = p.parse_args(argv)
 
     port = _free_port()
@@ -50,11 +55,15 @@ def main(argv=None) -> int:
            "--policy", args.policy, "--device", "cpu", "--port", str(port), "--log-level", "warning"]  # fmt: skip
     _say("$ " + shlex.join(["gfdit", *cmd[3:]]))
     log = tempfile.NamedTemporaryFile("w+", prefix="gfdit-server-", suffix=".log", delete=False)
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    env = dict(os.environ)
+    if args.api_key:  # through the environment: the key stays off every command line
+        env["GFDIT_API_KEY"] = args.api_key
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     ok = False
     url = f"http://127.0.0.1:{port}"
     try:
-        with httpx.Client(base_url=url, timeout=300) as client:
+        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+        with httpx.Client(base_url=url, timeout=300, headers=headers) as client:
             deadline = time.monotonic() + 300
             while True:
                 if server.poll() is not None:

@@ -40,6 +40,7 @@ __all__ = ["build_parser", "check_args", "main", "kExitDrainFailed"]
 log = logging.getLogger("gfdit.serve")
 
 kExitDrainFailed = 3  # exit status of rank 0 when the drain had to fail accepted requests
+kApiKeyEnv = "GFDIT_API_KEY"  # the HTTP API key when --api-key is absent
 
 
 def build_parser(prog: str = "python -m gfdit.serve") -> argparse.ArgumentParser:
@@ -91,8 +92,40 @@ def build_parser(prog: str = "python -m gfdit.serve") -> argparse.ArgumentParser
         default=None,
         help="a profile of this model on this machine from `gfdit profile`: the scheduler's estimates start from it",
     )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on /v1/* (401 otherwise); default: $GFDIT_API_KEY, else "
+        "open. Prefer the variable: a command line is visible to every local user (`gfdit serve` moves "
+        "the flag into the variable before starting the ranks)",
+    )
+    p.add_argument(
+        "--protect-metrics",
+        action="store_true",
+        help="/metrics also requires the API key (/health never does)",
+    )
+    p.add_argument(
+        "--max-request-cost",
+        type=float,
+        default=None,
+        help="most megapixel-steps (width x height x frames x steps x n / 1e6) one call may ask for; "
+        "larger ones get 400. Default: per model (flux-dev 1000, wan2.1-1.3b 8000, wan2.1-14b 4000, "
+        "tiny-* 64); 0: no limit",
+    )
+    p.add_argument(
+        "--control-host",
+        default=None,
+        help="address of rank 0's internal ports (engine control and liveness). Default: 127.0.0.1 when "
+        "every rank is on this node, else MASTER_ADDR's interface. 0.0.0.0 exposes them on every "
+        "interface (still authenticated by the launch secret): give it only when you must",
+    )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
+
+
+def api_key(args: argparse.Namespace) -> str | None:
+    """--api-key, else GFDIT_API_KEY, else None (no key: the API is open)."""
+    return args.api_key or os.environ.get(kApiKeyEnv) or None
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -129,6 +162,13 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--task-timeout-factor must be > 0, got {args.task_timeout_factor}")
     if not (math.isfinite(args.task_timeout_floor) and args.task_timeout_floor >= 0):
         parser.error(f"--task-timeout-floor must be >= 0 (0: no check), got {args.task_timeout_floor}")
+    if args.max_request_cost is not None and not (
+        math.isfinite(args.max_request_cost) and args.max_request_cost >= 0
+    ):
+        parser.error(f"--max-request-cost must be >= 0 (0: no limit), got {args.max_request_cost}")
+    key = api_key(args)
+    if key is not None and (len(key) < 8 or any(c.isspace() or not c.isprintable() for c in key)):
+        parser.error("--api-key / GFDIT_API_KEY: at least 8 printable characters, no spaces")
 
 
 def _free_port() -> int:
@@ -142,10 +182,12 @@ def _init_world(device: str | None):
 
     if "RANK" in os.environ:
         return gfcoll.init(device=device)
-    # Not under torchrun: a world of one rank.
+    # Not under torchrun: a world of one rank, bootstrapped through an in-process store (no port).
+    from torch.distributed import HashStore
+
     return gfcoll.init(
         rank=0, world_size=1, local_rank=0, local_world_size=1,
-        master_addr="127.0.0.1", master_port=_free_port(), device=device,
+        master_addr="127.0.0.1", master_port=_free_port(), device=device, store=HashStore(),
     )  # fmt: skip
 
 
@@ -175,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             task_timeout_factor=args.task_timeout_factor,
             task_timeout_floor_s=args.task_timeout_floor or None,
             cost_profile=args.cost_profile,
+            control_host=args.control_host,
         )
         if world.rank == 0:
             status = _serve(engine, args)
@@ -216,6 +259,9 @@ def _serve(engine, args: argparse.Namespace) -> int:
             max_steps=args.max_steps,
             max_body_bytes=args.max_body_bytes,
             drain_s=args.drain_timeout,
+            max_request_cost=args.max_request_cost,
+            api_key=api_key(args),
+            protect_metrics=args.protect_metrics,
         )
         app = create_app(engine, config)
         uv_config = uvicorn.Config(
@@ -233,6 +279,13 @@ def _serve(engine, args: argparse.Namespace) -> int:
             "serving %s on http://%s:%d with %d ranks, policy %s",
             args.model, args.host, args.port, engine.world.size, engine.policy.spec(),
         )  # fmt: skip
+        log.info(
+            "API keys: %s; request cost limit: %s megapixel-steps",
+            "required on /v1/*" + (" and /metrics" if args.protect_metrics else "")
+            if config.api_key
+            else "none (open)",
+            f"{app.state.gfdit.max_request_cost:g}" if app.state.gfdit.max_request_cost > 0 else "none",
+        )
         server.run()
     finally:
         if server is not None:

@@ -185,15 +185,22 @@ async def _redraw(progress: ReplayProgress, period_s: float = 1.0) -> None:
         progress.draw()
 
 
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    """The headers that carry an API key (gfdit.serve --api-key) as OpenAI's SDKs send it."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 async def replay(
     url: str, records: Sequence[TraceRecord], *, time_scale: float = 1.0, timeout_s: float = 600.0,
-    progress: ReplayProgress | None = None,
+    progress: ReplayProgress | None = None, api_key: str | None = None,
 ) -> tuple[dict, list[RequestOutcome]]:  # fmt: skip
     """Sends every record at start + arrival_s * time_scale; returns (server info, outcomes in
     trace order). The server must answer /health with 200. `progress`, if given, is told of every
     request sent and ended."""
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
-    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(timeout_s), limits=limits) as client:
+    async with httpx.AsyncClient(
+        base_url=url, timeout=httpx.Timeout(timeout_s), limits=limits, headers=auth_headers(api_key)
+    ) as client:
         health = await client.get("/health")
         if health.status_code != 200:
             raise RuntimeError(f"{url}/health answered {health.status_code}: {health.text[:300]}")
@@ -221,6 +228,7 @@ async def replay(
 def run_trace(
     url: str, trace_path: str, out_dir: str, *, label: str | None = None, time_scale: float = 1.0,
     timeout_s: float = 600.0, command: str | None = None, show_progress: bool = False,
+    api_key: str | None = None,
 ) -> dict:  # fmt: skip
     """Replays a trace file against `url` and writes results.jsonl and run.json under out_dir.
     Returns run.json's content. `show_progress`: a progress line on stderr (ReplayProgress)."""
@@ -230,7 +238,7 @@ def run_trace(
     t0 = time.time()
     progress = ReplayProgress(len(records)) if show_progress else None
     server, outcomes = asyncio.run(
-        replay(url, records, time_scale=time_scale, timeout_s=timeout_s, progress=progress)
+        replay(url, records, time_scale=time_scale, timeout_s=timeout_s, progress=progress, api_key=api_key)
     )
     wall = time.time() - t0
     os.makedirs(out_dir, exist_ok=True)
@@ -260,9 +268,12 @@ def run_trace(
     return run
 
 
-async def _calibrate(url: str, model: str, classes: Sequence[RequestClass], repeats: int, timeout_s: float):
+async def _calibrate(
+    url: str, model: str, classes: Sequence[RequestClass], repeats: int, timeout_s: float, api_key: str | None
+):
     out = {}
-    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(timeout_s)) as client:
+    headers = auth_headers(api_key)
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(timeout_s), headers=headers) as client:
         for c in classes:
             best = None
             for i in range(repeats + 1):  # the first is a warm-up
@@ -281,9 +292,10 @@ async def _calibrate(url: str, model: str, classes: Sequence[RequestClass], repe
 
 
 def calibrate(
-    url: str, model: str, classes: Sequence[RequestClass], repeats: int = 2, timeout_s: float = 600.0
-) -> dict[str, float]:
+    url: str, model: str, classes: Sequence[RequestClass], repeats: int = 2, timeout_s: float = 600.0,
+    api_key: str | None = None,
+) -> dict[str, float]:  # fmt: skip
     """class name -> the fastest of `repeats` latencies of one request of that class sent alone
     (after a warm-up), to an otherwise idle server: a measured standalone latency (alone on the
     server, at whatever degree its policy gives a lone request)."""
-    return asyncio.run(_calibrate(url, model, classes, repeats, timeout_s))
+    return asyncio.run(_calibrate(url, model, classes, repeats, timeout_s, api_key))

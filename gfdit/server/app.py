@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
+from .auth import ApiKeyAuth
 from .errors import ApiError, BodySizeLimit, error_body, install_error_handlers
 from .media import image_b64
 from .schemas import (
@@ -59,6 +60,7 @@ _ERRORS = {
     status: {"model": ErrorResponse, "description": what}
     for status, what in (
         (400, "invalid request (the message and `param` name the field)"),
+        (401, "missing or wrong API key (with --api-key)"),
         (404, "unknown model or job"),
         (413, "request body too large"),
         (429, "queue full (Retry-After)"),
@@ -150,6 +152,13 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
     count = state.metrics.count_error
     install_error_handlers(app, on_error=count)
     app.add_middleware(BodySizeLimit, max_bytes=state.config.max_body_bytes, on_error=count)
+    if state.config.api_key:  # added last: the outermost, so no body is read before the key is checked
+        app.add_middleware(
+            ApiKeyAuth,
+            api_key=state.config.api_key,
+            protect_metrics=state.config.protect_metrics,
+            on_error=count,
+        )
 
     # -- images --------------------------------------------------------------------------------
     @app.post(
