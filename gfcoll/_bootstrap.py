@@ -50,16 +50,33 @@ def _make_store(rank, size, addr, port, timeout_s):
             )
         # Under torchrun the agent hosts the store; otherwise rank 0 does.
         agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+        is_master = rank == 0 and not agent
         base = TCPStore(
             addr,
             int(port),
             size,
-            is_master=(rank == 0 and not agent),
+            is_master=is_master,
             timeout=timedelta(seconds=timeout_s),
             wait_for_workers=False,
             multi_tenant=True,
+            **({"master_listen_fd": _listen_fd(addr, int(port))} if is_master else {}),
         )
     return base
+
+
+def _listen_fd(addr: str, port: int) -> int:
+    """A socket listening on MASTER_ADDR's own address, handed to the TCPStore server: given a port
+    alone, TCPStore would listen on every interface. The store owns the descriptor."""
+    errors = []
+    infos = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)
+    for family, _, _, _, sockaddr in sorted(infos, key=lambda i: i[0] != socket.AF_INET):
+        try:
+            s = socket.create_server(sockaddr[:2], family=family, backlog=128)
+        except OSError as e:
+            errors.append(f"{sockaddr[0]}: {e}")
+            continue
+        return s.detach()
+    raise GfcollError(f"gfcoll.init: cannot listen on MASTER_ADDR {addr}:{port}: {'; '.join(errors)}")
 
 
 def _wait(store, keys, timeout_s, what):

@@ -1,13 +1,14 @@
 """The `gfdit` command.
 
     gfdit serve --nproc 4 --model tiny-flux --policy edf-best-fit --port 8000
-        torchrun for one node: python -m torch.distributed.run --standalone --nproc-per-node 4
-        -m gfdit.serve ... (the other options are gfdit.serve's)
+        starts 4 ranks of gfdit.serve on this node and supervises them (gfdit.launch: a loopback-only
+        store, a fresh launch secret in GFDIT_SECRET, --api-key moved into GFDIT_API_KEY so that it
+        is never on a command line); the options other than --nproc are gfdit.serve's
     gfdit bench gen --model tiny-flux --rate 2 --duration 60 --alpha 3 --seed 0 --out trace.jsonl
     gfdit bench run --url http://127.0.0.1:8000 --trace trace.jsonl --out runs/edf
     gfdit bench report runs/edf runs/static --out report/
     gfdit tune --trace trace.jsonl --world-size 4 --search "edf-best-fit:chunk=1|2|4" --out tune/
-    gfdit profile --nproc 4 --model flux-dev --sizes 512,1024 --out flux.json   (torchrun, like serve)
+    gfdit profile --nproc 4 --model flux-dev --sizes 512,1024 --out flux.json   (ranks, like serve)
 
 Usage errors exit with status 2 (argparse), before anything starts.
 """
@@ -15,14 +16,14 @@ Usage errors exit with status 2 (argparse), before anything starts.
 from __future__ import annotations
 
 import argparse
-import math
+import logging
 import os
 import shlex
 import sys
 
-__all__ = ["main", "build_parser", "serve_command", "serve_env"]
+__all__ = ["main", "build_parser"]
 
-kShutdownMarginS = 15.0  # after the drain: the engine closes, every rank leaves
+kShutdownMarginS = 15.0  # after the drain: the engine closes, every rank leaves; later ones are killed
 
 
 def _out(text: str) -> None:
@@ -33,13 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gfdit", description="gf-dit: elastic serving of diffusion transformers")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser(
-        "serve",
-        help="serve a model over HTTP on N ranks of this node (torchrun)",
-        description="Starts torchrun for one node running gfdit.serve; options other than --nproc "
-        "are gfdit.serve's (python -m gfdit.serve --help).",
-    )
-    s.add_argument("--nproc", type=int, default=1, help="ranks (processes) on this node (default 1)")
+    # serve and profile are parsed by their own modules' parsers (main): listed here for --help.
+    sub.add_parser("serve", help="serve a model over HTTP on N ranks of this node (gfdit serve --help)")
 
     b = sub.add_parser("bench", help="serving benchmarks: gen, run, report")
     bsub = b.add_subparsers(dest="bench_command", required=True)
@@ -81,6 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--timeout", type=float, default=600.0, help="seconds per request before it counts as failed"
     )
+    r.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a progress line on stderr: requests sent, done, failed, elapsed (default: when stderr is a terminal)",
+    )
+    for sp in (g, r):
+        sp.add_argument(
+            "--api-key",
+            default=None,
+            help="the server's API key (gfdit serve --api-key), sent as 'Authorization: Bearer KEY'; "
+            "default: $GFDIT_API_KEY",
+        )
 
     rep = bsub.add_parser("report", help="summarize runs side by side (JSON, markdown, PNG)")
     rep.add_argument("runs", nargs="+", help="directories written by `gfdit bench run`")
@@ -111,54 +120,83 @@ def build_parser() -> argparse.ArgumentParser:
         "--cost-profile", default=None, help="calibrate the simulation with `gfdit profile`'s output"
     )
 
-    pr = sub.add_parser(
+    sub.add_parser(
         "profile",
-        help="measure the model's task times on this node and write a cost profile (torchrun)",
-        description="Starts torchrun for one node running gfdit.profile; options other than --nproc "
-        "are gfdit.profile's (python -m gfdit.profile --help).",
+        help="measure the model's task times on N ranks of this node into a cost profile (gfdit profile --help)",
     )
-    pr.add_argument("--nproc", type=int, default=1, help="ranks (processes) on this node (default 1)")
     return p
 
 
-def serve_command(nproc: int, serve_args: list[str], module: str = "gfdit.serve") -> list[str]:
-    """The torchrun command line `gfdit serve` (or `gfdit profile`: module gfdit.profile) runs."""
-    return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-        "-m", module, *serve_args,
-    ]  # fmt: skip
+def _without_api_key(args: list[str]) -> tuple[list[str], str | None]:
+    """`args` without `--api-key KEY` / `--api-key=KEY`, and the key (the last one given)."""
+    out, key, i = [], None, 0
+    while i < len(args):
+        a = args[i]
+        if a == "--api-key" and i + 1 < len(args):
+            key, i = args[i + 1], i + 2
+            continue
+        if a.startswith("--api-key="):
+            key, i = a.split("=", 1)[1], i + 1
+            continue
+        out.append(a)
+        i += 1
+    return out, key
 
 
-def serve_env(environ: dict[str, str], drain_timeout_s: float) -> dict[str, str]:
-    """The environment `gfdit serve` runs torchrun in. torchrun SIGKILLs the ranks a fixed time after
-    forwarding SIGTERM (30 s unless TORCH_ELASTIC_SHUTDOWN_TIMEOUT or --shutdown-timeout says
-    otherwise), which would cut a longer --drain-timeout short: give it the drain plus a margin,
-    unless the caller chose a value."""
+def launch_env(environ: dict[str, str]) -> dict[str, str]:
+    """The environment of the ranks `gfdit serve` starts: a fresh launch secret (Note [Control-plane
+    authentication] in gfdit.runtime.auth) unless the caller gave one. (The API key travels in the
+    environment too, GFDIT_API_KEY: readable by this user only, where a command line is not.)"""
+    from gfdit.runtime.auth import kSecretEnv, kSecretFileEnv, make_secret
+
     env = dict(environ)
-    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(math.ceil(drain_timeout_s + kShutdownMarginS)))
+    if not env.get(kSecretEnv) and not env.get(kSecretFileEnv):
+        env[kSecretEnv] = make_secret()
     return env
 
 
-def _exec(cmd: list[str], env: dict[str, str], shown_env: str = "") -> None:
-    """Print the command, then become it (torchrun gets the signals sent to this process)."""
-    _out("+ " + shown_env + shlex.join(cmd))
+def _launch(nproc: int, module: str, rest: list[str], shutdown_timeout_s: float, env: dict[str, str]) -> int:
+    """Print what runs, then start and supervise the ranks (gfdit.launch)."""
+    from gfdit.launch import launch, rank_command
+
+    _out(f"+ {nproc} x " + shlex.join(rank_command(module, rest)))
     sys.stdout.flush()
-    os.execve(cmd[0], cmd, env)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s [launcher] %(levelname)s %(name)s: %(message)s"
+    )
+    return launch(nproc, module, rest, shutdown_timeout_s=shutdown_timeout_s, environ=env)
 
 
-def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> int:
-    from gfdit import serve
+def _ranks_command(name: str, argv: list[str]) -> int:
+    """`gfdit serve` / `gfdit profile`: the module's own options plus --nproc, checked here (a mistake
+    exits 2 before any rank starts), then --nproc ranks of the module with the other options."""
+    import importlib
 
+    module = importlib.import_module(f"gfdit.{name}")
+    parser = module.build_parser(prog=f"gfdit {name}")
+    parser.add_argument("--nproc", type=int, default=1, help="ranks (processes) on this node (default 1)")
+    args = parser.parse_args(argv)
     if args.nproc < 1:
         parser.error(f"--nproc must be >= 1, got {args.nproc}")
-    # Check gfdit.serve's options here, so that a mistake exits 2 before torchrun starts any rank.
-    serve_parser = serve.build_parser(prog="gfdit serve")
-    serve_args = serve_parser.parse_args(rest)
-    serve.check_args(serve_parser, serve_args)
-    cmd = serve_command(args.nproc, rest)
-    env = serve_env(os.environ, serve_args.drain_timeout)
-    _exec(cmd, env, f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={env['TORCH_ELASTIC_SHUTDOWN_TIMEOUT']} ")
-    return 0  # not reached
+    if name == "serve":
+        module.check_args(parser, args)
+    split = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    split.add_argument("--nproc", type=int)
+    rest = split.parse_known_args(argv)[1]
+    if name == "serve":
+        rest, key = _without_api_key(rest)
+        if parser.parse_args(rest).api_key is not None:  # an abbreviation of --api-key slipped by
+            parser.error("spell the option out as --api-key KEY (or set GFDIT_API_KEY)")
+        if key is not None:
+            # This process supervises the ranks for as long as they run: its own command line must not
+            # show the key either. Become the same command without it, the key in the environment.
+            env = dict(os.environ)
+            env[module.kApiKeyEnv] = key
+            argv0 = [sys.executable, "-m", "gfdit.cli", "serve", "--nproc", str(args.nproc), *rest]
+            sys.stdout.flush()
+            os.execve(sys.executable, argv0, env)
+    shutdown_s = getattr(args, "drain_timeout", 0.0) + kShutdownMarginS
+    return _launch(args.nproc, f"gfdit.{name}", rest, shutdown_s, launch_env(dict(os.environ)))
 
 
 def _gen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -184,7 +222,8 @@ def _gen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if args.calibrate_url:
             from gfdit.bench.client import calibrate
 
-            standalone, source = calibrate(args.calibrate_url, args.model, classes), "calibrated"
+            key = _client_api_key(args)
+            standalone, source = calibrate(args.calibrate_url, args.model, classes, api_key=key), "calibrated"
         spec = workload.WorkloadSpec(
             args.model, args.duration, phases, classes, args.alpha, args.seed, standalone, source
         )
@@ -206,11 +245,27 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error("--time-scale and --timeout must be > 0")
     run = run_trace(
         args.url, args.trace, args.out, label=args.label, time_scale=args.time_scale, timeout_s=args.timeout,
-        command=shlex.join(["gfdit", *sys.argv[1:]]),
+        command=_redacted_command(), api_key=_client_api_key(args),
+        show_progress=sys.stderr.isatty() if args.progress is None else args.progress,
     )  # fmt: skip
     what = f"{run['num_requests']} requests against {args.url} ({run['policy']})"
     _out(f"{what} in {run['wall_s']:.1f} s -> {args.out}")
     return 0
+
+
+def _client_api_key(args: argparse.Namespace) -> str | None:
+    return args.api_key or os.environ.get("GFDIT_API_KEY") or None
+
+
+def _redacted_command() -> str:
+    """This command line for run.json, the API key replaced."""
+    argv, out = sys.argv[1:], []
+    for i, a in enumerate(argv):
+        if i > 0 and argv[i - 1] == "--api-key":
+            out.append("REDACTED")
+        else:
+            out.append("--api-key=REDACTED" if a.startswith("--api-key=") else a)
+    return shlex.join(["gfdit", *out])
 
 
 def _report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -226,16 +281,6 @@ def _report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     with open(os.path.join(args.out, "report.md")) as f:
         _out(f.read())
     return 0
-
-
-def _profile(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> int:
-    from gfdit import profile
-
-    if args.nproc < 1:
-        parser.error(f"--nproc must be >= 1, got {args.nproc}")
-    profile.build_parser(prog="gfdit profile").parse_args(rest)  # usage errors exit 2 before torchrun
-    _exec(serve_command(args.nproc, rest, module="gfdit.profile"), dict(os.environ))
-    return 0  # not reached
 
 
 def _tune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -270,19 +315,24 @@ def _tune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     _out(tune.write_results(args.out, ranked, info) if args.out else tune.render(ranked, info))
     best = next((c for c in ranked if c.error is None and not c.baseline), None)
     if best is not None:
-        _out(f"best: {best.spec}")
+        tied = tune.tied_best(ranked, args.objective)
+        if len(tied) > 1 and best in tied:
+            _out(
+                f"best: {best.spec} (tied with {len(tied) - 1} other{'s' if len(tied) > 2 else ''}: see above)"
+            )
+        elif best is not ranked[0] and ranked[0].error is None:
+            _out(f"best: {best.spec} (the baseline {ranked[0].spec} ranks above it)")
+        else:
+            _out(f"best: {best.spec}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("serve", "profile"):
+        return _ranks_command(argv[0], argv[1:])
     parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "serve":
-        return _serve(parser, args, rest)
-    if args.command == "profile":
-        return _profile(parser, args, rest)
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args = parser.parse_args(argv)
     if args.command == "tune":
         return _tune(parser, args)
     handler = {"gen": _gen, "run": _run, "report": _report}[args.bench_command]

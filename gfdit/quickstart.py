@@ -2,10 +2,11 @@
 
     python3 -m gfdit.quickstart [--nproc 4] [--model tiny-flux] [--policy edf-best-fit:max_sp=4]
 
-Starts `gfdit serve` (torchrun, CPU, tiny random-weight model) on a free local port, waits for
-/health, sends a mixed batch of image requests at once plus one streamed request, prints what came
-back (latency, the groups each request ran on, state moved between ranks) and a few metrics, then
-stops the server with SIGTERM (its graceful drain). Exits non-zero if anything failed.
+Starts `gfdit serve` (CPU, tiny random-weight model) on a free local port, waits for /health, sends
+a mixed batch of image requests at once plus one streamed request, prints what came back (latency,
+the groups each request ran on, state moved between ranks) and a few metrics, then stops the server
+with SIGTERM (its graceful drain). Exits non-zero if anything failed, the server's exit status
+included; the server's log is kept (and its path printed) only then.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import argparse
 import base64
 import concurrent.futures
 import json
+import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -40,18 +43,27 @@ def main(argv=None) -> int:
     p.add_argument("--nproc", type=int, default=4)
     p.add_argument("--model", default="tiny-flux")
     p.add_argument("--policy", default="edf-best-fit:max_sp=4")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("GFDIT_API_KEY"),
+        help="serve with this API key and send it (default: $GFDIT_API_KEY; none: an open API)",
+    )
     args = p.parse_args(argv)
 
     port = _free_port()
     cmd = [sys.executable, "-m", "gfdit.cli", "serve", "--nproc", str(args.nproc), "--model", args.model,
            "--policy", args.policy, "--device", "cpu", "--port", str(port), "--log-level", "warning"]  # fmt: skip
-    _say("$ gfdit " + " ".join(cmd[4:]))
+    _say("$ " + shlex.join(["gfdit", *cmd[3:]]))
     log = tempfile.NamedTemporaryFile("w+", prefix="gfdit-server-", suffix=".log", delete=False)
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    env = dict(os.environ)
+    if args.api_key:  # through the environment: the key stays off every command line
+        env["GFDIT_API_KEY"] = args.api_key
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     ok = False
     url = f"http://127.0.0.1:{port}"
     try:
-        with httpx.Client(base_url=url, timeout=300) as client:
+        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+        with httpx.Client(base_url=url, timeout=300, headers=headers) as client:
             deadline = time.monotonic() + 300
             while True:
                 if server.poll() is not None:
@@ -105,17 +117,23 @@ def main(argv=None) -> int:
                     _say(f"  metric {line}")
         _say("all requests completed")
         ok = True
-        return 0
     finally:
         server.send_signal(signal.SIGTERM)  # graceful drain, then every rank exits
         try:
-            server.wait(timeout=60)
+            status = server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             server.kill()
+            status = server.wait()
+        if ok:
+            _say(f"server drained and stopped (exit status {status})")
+            ok = status == 0
         if not ok:
             log.seek(0)
-            _say("server log (tail):\n" + "".join(log.readlines()[-40:]))
+            _say("server log (tail):\n" + "".join(log.readlines()[-40:]) + f"(whole log: {log.name})")
         log.close()
+        if ok:
+            os.unlink(log.name)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

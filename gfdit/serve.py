@@ -1,7 +1,7 @@
 """Serve a model over HTTP on N ranks: every rank runs the engine, rank 0 also the HTTP server.
 
+    gfdit serve --nproc 4 --model tiny-flux --policy edf-best-fit --port 8000
     torchrun --nproc-per-node 4 -m gfdit.serve --model tiny-flux --policy edf-best-fit --port 8000
-    gfdit serve --nproc 4 --model tiny-flux --policy edf-best-fit --port 8000      # the same
 
 Every rank: gfcoll.init(device=...), then Engine(world, model, policy, ...). Rank 0 runs uvicorn in
 its main thread; the other ranks wait for rank 0 to close the engine. Without torchrun's
@@ -10,10 +10,15 @@ environment it runs as a single rank.
 Shutdown: SIGTERM or SIGINT on rank 0 (torchrun forwards the one it gets) drains the server (Note
 [Accepted requests end] in gfdit.server.state): admission stops (503), accepted requests get
 --drain-timeout seconds to finish, then the engine closes, failing the rest with a reason, and every
-rank exits. The other ranks ignore those signals: rank 0 ends them once their work is done (torchrun
-kills them after its own shutdown timeout, 30 s by default, if rank 0 never does; `gfdit serve` sets
-it to the drain + 15 s). A second signal on rank 0 stops without waiting for the drain. torchrun
-itself exits with status 1 after a signal, also when every rank drained and left cleanly.
+rank exits. The other ranks ignore those signals: rank 0 ends them once their work is done. A second
+signal on rank 0 stops without waiting for the drain. Rank 0 exits with status 0 when every accepted
+request completed (or was cancelled by its client), kExitDrainFailed when the drain had to fail some.
+
+`gfdit serve` starts and supervises the ranks itself (gfdit.launch): it forwards the signal to rank 0,
+kills ranks still running 15 s after the drain, and exits with rank 0's status. Under plain torchrun,
+the agent forwards the signal to every rank, SIGKILLs them after its shutdown timeout (30 s unless
+--shutdown-timeout says otherwise), and exits with status 1 and a SignalException traceback after any
+signal, however cleanly the ranks drained.
 """
 
 from __future__ import annotations
@@ -30,14 +35,18 @@ import threading
 
 import uvicorn
 
-__all__ = ["build_parser", "check_args", "main"]
+__all__ = ["build_parser", "check_args", "main", "kExitDrainFailed"]
 
 log = logging.getLogger("gfdit.serve")
+
+kExitDrainFailed = 3  # exit status of rank 0 when the drain had to fail accepted requests
+kApiKeyEnv = "GFDIT_API_KEY"  # the HTTP API key when --api-key is absent
 
 
 def build_parser(prog: str = "python -m gfdit.serve") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=prog, description="Serve a DiT model over HTTP on every rank of torchrun."
+        prog=prog,
+        description="Serve a DiT model over HTTP: every rank runs the engine, rank 0 also the HTTP server.",
     )
     p.add_argument("--model", required=True, help="model preset, e.g. tiny-flux, tiny-wan, flux-dev")
     p.add_argument(
@@ -61,9 +70,9 @@ def build_parser(prog: str = "python -m gfdit.serve") -> argparse.ArgumentParser
         "--drain-timeout",
         type=float,
         default=20.0,
-        help="seconds accepted requests get to finish on SIGTERM (default 20). torchrun SIGKILLs the ranks "
-        "30 s after forwarding SIGTERM unless told otherwise: `gfdit serve` gives it the drain + 15 s "
-        "(TORCH_ELASTIC_SHUTDOWN_TIMEOUT); with torchrun directly, pass --shutdown-timeout",
+        help="seconds accepted requests get to finish on SIGTERM (default 20); the exit status is "
+        f"{kExitDrainFailed} if the drain had to fail some. Under torchrun directly, its agent SIGKILLs the "
+        "ranks 30 s after a signal unless given --shutdown-timeout",
     )
     p.add_argument(
         "--task-timeout-factor",
@@ -83,8 +92,40 @@ def build_parser(prog: str = "python -m gfdit.serve") -> argparse.ArgumentParser
         default=None,
         help="a profile of this model on this machine from `gfdit profile`: the scheduler's estimates start from it",
     )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on /v1/* (401 otherwise); default: $GFDIT_API_KEY, else "
+        "open. Prefer the variable: a command line is visible to every local user (`gfdit serve` moves "
+        "the flag into the variable before starting the ranks)",
+    )
+    p.add_argument(
+        "--protect-metrics",
+        action="store_true",
+        help="/metrics also requires the API key (/health never does)",
+    )
+    p.add_argument(
+        "--max-request-cost",
+        type=float,
+        default=None,
+        help="most megapixel-steps (width x height x frames x steps x n / 1e6) one call may ask for; "
+        "larger ones get 400. Default: per model (flux-dev 1000, wan2.1-1.3b 8000, wan2.1-14b 4000, "
+        "tiny-* 64); 0: no limit",
+    )
+    p.add_argument(
+        "--control-host",
+        default=None,
+        help="address of rank 0's internal ports (engine control and liveness). Default: 127.0.0.1 when "
+        "every rank is on this node, else MASTER_ADDR's interface. 0.0.0.0 exposes them on every "
+        "interface (still authenticated by the launch secret): give it only when you must",
+    )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
+
+
+def api_key(args: argparse.Namespace) -> str | None:
+    """--api-key, else GFDIT_API_KEY, else None (no key: the API is open)."""
+    return args.api_key or os.environ.get(kApiKeyEnv) or None
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -121,6 +162,13 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--task-timeout-factor must be > 0, got {args.task_timeout_factor}")
     if not (math.isfinite(args.task_timeout_floor) and args.task_timeout_floor >= 0):
         parser.error(f"--task-timeout-floor must be >= 0 (0: no check), got {args.task_timeout_floor}")
+    if args.max_request_cost is not None and not (
+        math.isfinite(args.max_request_cost) and args.max_request_cost >= 0
+    ):
+        parser.error(f"--max-request-cost must be >= 0 (0: no limit), got {args.max_request_cost}")
+    key = api_key(args)
+    if key is not None and (len(key) < 8 or any(c.isspace() or not c.isprintable() for c in key)):
+        parser.error("--api-key / GFDIT_API_KEY: at least 8 printable characters, no spaces")
 
 
 def _free_port() -> int:
@@ -134,10 +182,12 @@ def _init_world(device: str | None):
 
     if "RANK" in os.environ:
         return gfcoll.init(device=device)
-    # Not under torchrun: a world of one rank.
+    # Not under torchrun: a world of one rank, bootstrapped through an in-process store (no port).
+    from torch.distributed import HashStore
+
     return gfcoll.init(
         rank=0, world_size=1, local_rank=0, local_world_size=1,
-        master_addr="127.0.0.1", master_port=_free_port(), device=device,
+        master_addr="127.0.0.1", master_port=_free_port(), device=device, store=HashStore(),
     )  # fmt: skip
 
 
@@ -153,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     world = _init_world(args.device)
     log.info("loading %s on %s", args.model, world.device)
+    status = 0
     try:
         from gfdit.runtime import Engine
 
@@ -166,9 +217,10 @@ def main(argv: list[str] | None = None) -> int:
             task_timeout_factor=args.task_timeout_factor,
             task_timeout_floor_s=args.task_timeout_floor or None,
             cost_profile=args.cost_profile,
+            control_host=args.control_host,
         )
         if world.rank == 0:
-            _serve(engine, args)
+            status = _serve(engine, args)
         else:
             _follow(engine)
     except BaseException as e:  # logged before world.close(), which may wait for the other ranks
@@ -179,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         world.close()
-    return 0
+    return status
 
 
 def _follow(engine) -> None:
@@ -194,10 +246,11 @@ def _follow(engine) -> None:
     log.info("rank %d: rank 0 closed the engine; leaving", engine.world.rank)
 
 
-def _serve(engine, args: argparse.Namespace) -> None:
-    """Rank 0: HTTP until a signal. Whatever ends it (an error building the app included), the engine
-    closes, which ends the other ranks."""
+def _serve(engine, args: argparse.Namespace) -> int:
+    """Rank 0: HTTP until a signal; returns the exit status. Whatever ends it (an error building the
+    app included), the engine closes, which ends the other ranks."""
     server = None
+    unfinished = 0
     try:
         from gfdit.server import ServerConfig, create_app
 
@@ -206,6 +259,9 @@ def _serve(engine, args: argparse.Namespace) -> None:
             max_steps=args.max_steps,
             max_body_bytes=args.max_body_bytes,
             drain_s=args.drain_timeout,
+            max_request_cost=args.max_request_cost,
+            api_key=api_key(args),
+            protect_metrics=args.protect_metrics,
         )
         app = create_app(engine, config)
         uv_config = uvicorn.Config(
@@ -223,11 +279,24 @@ def _serve(engine, args: argparse.Namespace) -> None:
             "serving %s on http://%s:%d with %d ranks, policy %s",
             args.model, args.host, args.port, engine.world.size, engine.policy.spec(),
         )  # fmt: skip
+        log.info(
+            "API keys: %s; request cost limit: %s megapixel-steps",
+            "required on /v1/*" + (" and /metrics" if args.protect_metrics else "")
+            if config.api_key
+            else "none (open)",
+            f"{app.state.gfdit.max_request_cost:g}" if app.state.gfdit.max_request_cost > 0 else "none",
+        )
         server.run()
     finally:
         if server is not None:
             server.join_drain()
+            unfinished = server.state.num_active  # e.g. a second signal: stopped without a drain
         engine.close()
+    failed = max(server.state.drain_failed, unfinished)
+    if failed:
+        log.warning("the drain failed %d accepted requests; exit status %d", failed, kExitDrainFailed)
+        return kExitDrainFailed
+    return 0
 
 
 class _DrainingServer(uvicorn.Server):

@@ -33,7 +33,10 @@ from gfdit.request import Request
 from gfdit.scheduler import Scheduler
 from gfdit.sim import SimulationStalled, simulate
 
-__all__ = ["OBJECTIVES", "Candidate", "expand_search", "evaluate", "tune", "render", "write_results"]
+__all__ = [
+    "OBJECTIVES", "Candidate", "expand_search", "evaluate", "tune", "tied_best", "tie_note", "render",
+    "write_results",
+]  # fmt: skip
 
 # objective -> (the SimResult-derived field to rank by, True if larger is better)
 OBJECTIVES = {
@@ -177,6 +180,47 @@ def tune(
     return sorted(out, key=_rank_key(objective))
 
 
+kTieRelTol = 1e-9  # objective values this close (relative) are a tie
+
+
+def _metrics(c: Candidate) -> tuple[float, ...]:
+    return (c.slo_attainment, c.mean_latency_s, c.p99_latency_s, c.throughput_rps, c.completed)
+
+
+def _close(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=kTieRelTol, abs_tol=1e-12)
+
+
+def tied_best(candidates: Sequence[Candidate], objective: str) -> list[Candidate]:
+    """The candidates (ranked by tune) whose objective value equals the best one's."""
+    field, _ = OBJECTIVES[objective]
+    ok = [c for c in candidates if c.error is None and not math.isnan(getattr(c, field))]
+    if not ok:
+        return []
+    best = getattr(ok[0], field)
+    return [c for c in ok if _close(getattr(c, field), best)]
+
+
+def tie_note(candidates: Sequence[Candidate], objective: str) -> str | None:
+    """None when one candidate is best; otherwise a sentence saying which tie on the objective, and
+    why when their results are identical in every column (the trace's load does not separate them)."""
+    tied = tied_best(candidates, objective)
+    if len(tied) < 2:
+        return None
+    field, _ = OBJECTIVES[objective]
+    names = ", ".join(f"`{c.spec}`" + (" (baseline)" if c.baseline else "") for c in tied)
+    note = f"{len(tied)} candidates tie on {objective} ({field} {getattr(tied[0], field):.6g}): {names}."
+    if all(all(_close(a, b) for a, b in zip(_metrics(c), _metrics(tied[0]), strict=True)) for c in tied):
+        note += (
+            " Their results are identical in every column: at this trace's load every policy runs each "
+            "request the same way, so the trace cannot separate them. Tune on a busier trace (a higher "
+            "--rate in `gfdit bench gen`) or one closer to the load you will serve."
+        )
+    else:
+        note += " They differ in other columns; ranked among themselves by mean latency."
+    return note
+
+
 def _fmt(value: float, scale: float = 1.0, digits: int = 2, suffix: str = "") -> str:
     return "-" if math.isnan(value) else f"{value * scale:.{digits}f}{suffix}"
 
@@ -193,8 +237,11 @@ def render(candidates: Sequence[Candidate], meta: dict) -> str:
         "| rank | policy | SLO attainment | mean latency (s) | P99 (s) | throughput (req/s) | reshards |",
         "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
+    tied = {id(c) for c in tied_best(candidates, meta["objective"])}
+    if len(tied) < 2:
+        tied = set()
     for i, c in enumerate(candidates, 1):
-        name = f"`{c.spec}`" + (" (baseline)" if c.baseline else "")
+        name = f"`{c.spec}`" + (" (baseline)" if c.baseline else "") + (" (tied)" if id(c) in tied else "")
         if c.error is not None:
             lines.append(f"| {i} | {name} | stalled: {c.error} | | | | |")
             continue
@@ -202,6 +249,9 @@ def render(candidates: Sequence[Candidate], meta: dict) -> str:
             f"| {i} | {name} | {_fmt(c.slo_attainment, 100, 1, ' %')} | {_fmt(c.mean_latency_s)} | "
             f"{_fmt(c.p99_latency_s)} | {_fmt(c.throughput_rps, digits=3)} | {_fmt(c.reshards, digits=1)} |"
         )
+    note = tie_note(candidates, meta["objective"])
+    if note is not None:
+        lines += ["", note]
     return "\n".join(lines) + "\n"
 
 

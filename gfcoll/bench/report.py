@@ -308,6 +308,10 @@ def write_plots(directory: str, doc: dict) -> list[str]:
         ax.invert_yaxis()
         ax.set_xscale("log")
         ax.set_xlabel("time to a usable group (us, log scale; median, bars p10-p90)")
+        ax.set_title(
+            f"Group formation: gfcoll.group (green) vs new communicators (blue), world of {doc['environment'].get('world_size')} ranks",
+            fontsize=10,
+        )
         ax.grid(True, axis="x", which="both", alpha=0.3)
         fig.tight_layout()
         path = os.path.join(directory, "formation.png")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import platform
 import sys
@@ -25,7 +26,7 @@ import httpx
 
 from .workload import RequestClass, TraceRecord
 
-__all__ = ["RequestOutcome", "replay", "run_trace", "calibrate"]
+__all__ = ["RequestOutcome", "ReplayProgress", "replay", "run_trace", "calibrate"]
 
 kPollS = 0.1  # video: seconds between status polls
 kTerminalVideo = ("completed", "failed")
@@ -72,6 +73,49 @@ def _error_text(r: httpx.Response) -> str:
         return r.json()["error"]["message"]
     except (ValueError, KeyError, TypeError):
         return r.text[:500]
+
+
+class ReplayProgress:
+    """What a replay has done so far, redrawn on one terminal line (`gfdit bench run` on a terminal):
+    requests sent of the total, ended (completed / failed or refused), elapsed seconds."""
+
+    def __init__(self, total: int, stream=None, min_interval_s: float = 0.2):
+        self.total = total
+        self.stream = stream if stream is not None else sys.stderr
+        self.min_interval_s = min_interval_s
+        self.num_sent = self.num_completed = self.num_failed = 0
+        self._start = time.monotonic()
+        self._last_draw = -math.inf
+
+    def line(self) -> str:
+        ended = self.num_completed + self.num_failed
+        return (
+            f"sent {self.num_sent}/{self.total}, done {ended} ({self.num_completed} completed, "
+            f"{self.num_failed} failed or refused), {time.monotonic() - self._start:.0f} s"
+        )
+
+    def sent(self) -> None:
+        self.num_sent += 1
+        self.draw()
+
+    def ended(self, outcome: RequestOutcome) -> None:
+        if outcome.status == "completed":
+            self.num_completed += 1
+        else:
+            self.num_failed += 1
+        self.draw()
+
+    def draw(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last_draw >= self.min_interval_s:
+            self._last_draw = now
+            self.stream.write("\r\033[K" + self.line())
+            self.stream.flush()
+
+    def close(self) -> None:
+        self.draw(force=True)
+        self.stream.write("\n")
+        self.stream.flush()
 
 
 async def _one(client: httpx.AsyncClient, rec: TraceRecord, start: float, timeout_s: float) -> RequestOutcome:
@@ -129,39 +173,73 @@ async def _video(client: httpx.AsyncClient, rec: TraceRecord, out: RequestOutcom
         out.status, out.error = "failed", (job.get("error") or {}).get("message", "failed")
 
 
+async def _tracked(progress: ReplayProgress, coro) -> RequestOutcome:
+    out = await coro
+    progress.ended(out)
+    return out
+
+
+async def _redraw(progress: ReplayProgress, period_s: float = 1.0) -> None:
+    while True:  # keeps the elapsed time moving while nothing else happens; cancelled at the end
+        await asyncio.sleep(period_s)
+        progress.draw()
+
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    """The headers that carry an API key (gfdit.serve --api-key) as OpenAI's SDKs send it."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 async def replay(
-    url: str, records: Sequence[TraceRecord], *, time_scale: float = 1.0, timeout_s: float = 600.0
-) -> tuple[dict, list[RequestOutcome]]:
+    url: str, records: Sequence[TraceRecord], *, time_scale: float = 1.0, timeout_s: float = 600.0,
+    progress: ReplayProgress | None = None, api_key: str | None = None,
+) -> tuple[dict, list[RequestOutcome]]:  # fmt: skip
     """Sends every record at start + arrival_s * time_scale; returns (server info, outcomes in
-    trace order). The server must answer /health with 200."""
+    trace order). The server must answer /health with 200. `progress`, if given, is told of every
+    request sent and ended."""
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
-    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(timeout_s), limits=limits) as client:
+    async with httpx.AsyncClient(
+        base_url=url, timeout=httpx.Timeout(timeout_s), limits=limits, headers=auth_headers(api_key)
+    ) as client:
         health = await client.get("/health")
         if health.status_code != 200:
             raise RuntimeError(f"{url}/health answered {health.status_code}: {health.text[:300]}")
         loop = asyncio.get_running_loop()
         start = loop.time()
         tasks = []
-        for rec in records:
-            delay = start + rec.arrival_s * time_scale - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(_one(client, rec, start, timeout_s)))
-        outcomes = await asyncio.gather(*tasks)
+        redraw = asyncio.create_task(_redraw(progress)) if progress is not None else None
+        try:
+            for rec in records:
+                delay = start + rec.arrival_s * time_scale - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                one = _one(client, rec, start, timeout_s)
+                tasks.append(asyncio.create_task(one if progress is None else _tracked(progress, one)))
+                if progress is not None:
+                    progress.sent()
+            outcomes = await asyncio.gather(*tasks)
+        finally:
+            if redraw is not None:
+                redraw.cancel()
+                progress.close()
         return health.json(), list(outcomes)
 
 
 def run_trace(
     url: str, trace_path: str, out_dir: str, *, label: str | None = None, time_scale: float = 1.0,
-    timeout_s: float = 600.0, command: str | None = None,
+    timeout_s: float = 600.0, command: str | None = None, show_progress: bool = False,
+    api_key: str | None = None,
 ) -> dict:  # fmt: skip
     """Replays a trace file against `url` and writes results.jsonl and run.json under out_dir.
-    Returns run.json's content."""
+    Returns run.json's content. `show_progress`: a progress line on stderr (ReplayProgress)."""
     from .workload import read_trace
 
     meta, records = read_trace(trace_path)
     t0 = time.time()
-    server, outcomes = asyncio.run(replay(url, records, time_scale=time_scale, timeout_s=timeout_s))
+    progress = ReplayProgress(len(records)) if show_progress else None
+    server, outcomes = asyncio.run(
+        replay(url, records, time_scale=time_scale, timeout_s=timeout_s, progress=progress, api_key=api_key)
+    )
     wall = time.time() - t0
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.jsonl"), "w") as f:
@@ -190,9 +268,12 @@ def run_trace(
     return run
 
 
-async def _calibrate(url: str, model: str, classes: Sequence[RequestClass], repeats: int, timeout_s: float):
+async def _calibrate(
+    url: str, model: str, classes: Sequence[RequestClass], repeats: int, timeout_s: float, api_key: str | None
+):
     out = {}
-    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(timeout_s)) as client:
+    headers = auth_headers(api_key)
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(timeout_s), headers=headers) as client:
         for c in classes:
             best = None
             for i in range(repeats + 1):  # the first is a warm-up
@@ -211,9 +292,10 @@ async def _calibrate(url: str, model: str, classes: Sequence[RequestClass], repe
 
 
 def calibrate(
-    url: str, model: str, classes: Sequence[RequestClass], repeats: int = 2, timeout_s: float = 600.0
-) -> dict[str, float]:
+    url: str, model: str, classes: Sequence[RequestClass], repeats: int = 2, timeout_s: float = 600.0,
+    api_key: str | None = None,
+) -> dict[str, float]:  # fmt: skip
     """class name -> the fastest of `repeats` latencies of one request of that class sent alone
     (after a warm-up), to an otherwise idle server: a measured standalone latency (alone on the
     server, at whatever degree its policy gives a lone request)."""
-    return asyncio.run(_calibrate(url, model, classes, repeats, timeout_s))
+    return asyncio.run(_calibrate(url, model, classes, repeats, timeout_s, api_key))

@@ -148,7 +148,7 @@ def _plots(runs: list[dict], out_dir: str) -> list[str]:
         ("slo_attainment", "SLO attainment (%)", "slo_attainment.png", 100.0),
         ("latency_p99_s", "P99 latency (s)", "latency_p99.png", 1.0),
     ):
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(8, 4))
         groups = ["all", *classes]
         width = 0.8 / max(1, len(runs))
         for i, r in enumerate(runs):
@@ -162,7 +162,10 @@ def _plots(runs: list[dict], out_dir: str) -> list[str]:
         ax.set_ylabel(title)
         ax.set_title(f"{title} per class")
         ax.grid(axis="y", alpha=0.3)
-        ax.legend()
+        if key == "slo_attainment":
+            ax.set_ylim(0, 100)
+        # Beside the axes, not over the bars (a full bar reaches the top of the axes).
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
         written.append(_save(fig, out_dir, fname))
 
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -10,12 +10,22 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from gfdit.models.base import DiTModel, _to_uint8
 from gfdit.models.sp import install_flux_processors
 
-__all__ = ["FluxModel"]
+__all__ = ["FluxModel", "flux_shift"]
+
+
+def flux_shift(
+    seq_len: int, base_seq_len: int, max_seq_len: int, base_shift: float, max_shift: float
+) -> float:
+    """The timestep shift `mu` Flux pipelines use for `seq_len` image tokens: linear in the token
+    count, base_shift at base_seq_len and max_shift at max_seq_len (the value diffusers' FluxPipeline
+    computes; tests/unit/test_models.py checks the two agree). Computed here so that the runtime
+    does not import the pipeline module, which pulls in image processors it never uses."""
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return base_shift + slope * (seq_len - base_seq_len)
 
 
 class FluxModel(DiTModel):
@@ -48,7 +58,7 @@ class FluxModel(DiTModel):
         cfg = self.preset.scheduler_config
         scheduler = FlowMatchEulerDiscreteScheduler(**dict(cfg))
         n = request.num_inference_steps
-        mu = calculate_shift(
+        mu = flux_shift(
             self.seq_len(request),
             cfg["base_image_seq_len"],
             cfg["max_image_seq_len"],

@@ -10,18 +10,25 @@
 Every rank runs a Worker (gfdit.runtime.worker) in a thread of its own; rank 0 also runs the
 control loop: the Scheduler with its Policy (pure Python), fed by submissions and by the workers'
 events, dispatching assignments over ZeroMQ (one ROUTER on rank 0, one DEALER per worker).
-Tensors never travel over ZeroMQ, except the finished images on their way to the caller.
+Tensors never travel over ZeroMQ, except the finished images on their way to the caller. Every
+message is one of gfdit.runtime.messages' typed Structs (Note [Control-plane messages]); every
+connection to rank 0's internal ports proves the launch secret first (Note [Control-plane
+authentication] in gfdit.runtime.auth), and they listen on loopback or the ranks' interface only
+(Note [Internal addresses]).
 
 Note [Worker liveness]
 ~~~~~~~~~~~~~~~~~~~~~~
-Besides its DEALER, every rank opens one plain TCP connection to a listener on rank 0 and sends its
-rank over it; the connection stays open, silent, for as long as the rank's worker loop runs. When a
-worker process dies (or its worker loop ends) the kernel closes the connection, and rank 0's
-control loop, which polls these sockets with the ROUTER, sees end-of-file at once: no heartbeat
-timing to tune and nothing for a busy worker to send. (ZeroMQ's ROUTER_NOTIFY would say the same,
-but it is a draft API that the libzmq bundled with pyzmq leaves out.) A dead rank ends the engine's
-service: the gfcoll world has lost a member, so every request not yet finished fails with the
-reason, `healthy()` reports the rank, and `submit` refuses new work.
+Besides its DEALER, every rank opens one plain TCP connection to a listener on rank 0 and proves
+its rank over it (rank 0's nonce, answered with the rank and an HMAC of both under the launch
+secret's liveness key); a connection that has not proven a rank counts for nothing, and one that
+fails or takes longer than kLivenessAuthTimeoutS is closed and logged. A proven connection stays
+open, silent, for as long as the rank's worker loop runs. When a worker process dies (or its
+worker loop ends) the kernel closes the connection, and rank 0's control loop, which polls these
+sockets with the ROUTER, sees end-of-file at once: no heartbeat timing to tune and nothing for a
+busy worker to send. (ZeroMQ's ROUTER_NOTIFY would say the same, but it is a draft API that the
+libzmq bundled with pyzmq leaves out.) A dead rank ends the engine's service: the gfcoll world
+has lost a member, so every request not yet finished fails with the reason, `healthy()` reports
+the rank, and `submit` refuses new work.
 
 A hung (not dead) worker keeps its connection open, so rank 0 also watches the clock: a task that
 runs past max(task_timeout_floor_s, task_timeout_factor x the cost model's estimate) marks the members
@@ -37,11 +44,10 @@ import dataclasses
 import itertools
 import logging
 import os
-import pickle
 import queue
 import random
+import secrets
 import socket
-import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -49,6 +55,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import zmq
+import zmq.utils.monitor
 
 import gfcoll
 from gfdit.cost import AnalyticCostModel
@@ -58,9 +65,15 @@ from gfdit.request import Request, RequestState
 from gfdit.scheduler import Scheduler
 from gfdit.tasks import TaskKind, TaskTimings
 
+from . import auth
+from . import messages as msg
 from .worker import Worker
 
 log = logging.getLogger("gfdit.engine")
+
+# Liveness connections accepted but not yet proven at once; more are refused (a flood of strangers
+# cannot exhaust rank 0's file descriptors). A real job has at most world_size of them, briefly.
+kMaxUnprovenLiveness = 64
 
 
 @dataclass
@@ -159,7 +172,19 @@ class _Inflight:
     start_s: float
     waiting: set[int]  # members that have not reported yet
     limit_s: float  # running longer than this: the members still waiting are hung
-    events: list[dict] = field(default_factory=list)
+    events: list[msg.Done] = field(default_factory=list)
+
+
+@dataclass
+class _LiveConn:
+    """An accepted liveness connection (Note [Worker liveness])."""
+
+    sock: socket.socket
+    peer: str  # the remote address, for the log
+    nonce: bytes  # the challenge sent to it
+    deadline: float  # monotonic time by which it must have proven a rank
+    buf: bytes = b""  # its bytes so far, until it has proven a rank
+    rank: int | None = None  # the rank it proved; None: a stranger so far
 
 
 def _broadcast_int(world: gfcoll.World, value: int) -> int:
@@ -167,6 +192,38 @@ def _broadcast_int(world: gfcoll.World, value: int) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=dev)
     world.group(list(range(world.size))).broadcast(t, root=0)
     return int(t.item())
+
+
+def _launch_secret(world: gfcoll.World, one_node: bool) -> bytes:
+    """Every rank's copy of the launch secret (Note [Control-plane authentication]). Collective."""
+    secret = auth.load_secret()
+    if _broadcast_int(world, int(secret is not None)):  # rank 0 has one: every rank must have it
+        if secret is None:
+            raise auth.SecretError(
+                f"rank {world.rank}: rank 0 has a launch secret but this rank has neither "
+                f"{auth.kSecretEnv} nor {auth.kSecretFileEnv}"
+            )
+        return secret
+    if not one_node:
+        raise auth.SecretError(
+            f"ranks on several nodes need a launch secret: set {auth.kSecretEnv} (e.g. `openssl rand -hex "
+            f"32`) or {auth.kSecretFileEnv} (a mode-0600 file) in every rank's environment"
+        )
+    if secret is not None:
+        log.warning("rank %d: ignoring this rank's launch secret: rank 0 has none", world.rank)
+    # One node, no secret given: rank 0 makes one; gfcoll carries it (shared memory of this job only).
+    dev = "cpu" if world.device.type == "cpu" else world.device
+    t = torch.zeros(32, dtype=torch.uint8)
+    if world.rank == 0:
+        t = torch.frombuffer(bytearray(secrets.token_bytes(32)), dtype=torch.uint8)
+    t = t.to(dev)
+    world.group(list(range(world.size))).broadcast(t, root=0)
+    return bytes(t.cpu().numpy().tobytes())
+
+
+def _tcp_endpoint(host: str, port: int | None = None) -> str:
+    h = f"[{host}]" if ":" in host else host
+    return f"tcp://{h}" if port is None else f"tcp://{h}:{port}"
 
 
 class Engine:
@@ -178,7 +235,10 @@ class Engine:
     `task_timeout_factor`, `task_timeout_floor_s`: a task running longer than the larger of the floor
     and factor x its estimated time is hung (Note [Worker liveness]); a floor of None disables it.
     `cost_profile`: a file written by `gfdit profile` for this model, loaded into the scheduler's cost
-    model (rank 0) so that its estimates start from this machine's measurements."""
+    model (rank 0) so that its estimates start from this machine's measurements.
+    `control_host`: the address rank 0's internal ports listen on and the ranks connect to (Note
+    [Internal addresses] in gfdit.runtime.auth); default: loopback on one node, MASTER_ADDR's interface
+    across nodes."""
 
     def __init__(
         self,
@@ -196,6 +256,7 @@ class Engine:
         task_timeout_factor: float = 20.0,
         task_timeout_floor_s: float | None = 300.0,
         cost_profile: str | None = None,
+        control_host: str | None = None,
     ):
         from gfdit.models import load_model  # noqa: PLC0415 - heavy (diffusers)
 
@@ -222,6 +283,10 @@ class Engine:
         self._worker = Worker(world, self.model)
         # Every rank parses the policy, so a bad spec fails everywhere before any collective.
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
+        one_node = world.local_size == world.size
+        master_addr = os.environ.get("MASTER_ADDR")
+        self._keys = auth.derive_keys(_launch_secret(world, one_node))
+        bind_host = auth.control_bind_host(one_node, control_host, master_addr) if world.rank == 0 else ""
         port = 0
         if world.rank == 0:
             cost = AnalyticCostModel()
@@ -236,9 +301,19 @@ class Engine:
                 dim_size=self.model.seq_len,
                 keep_finished=keep_finished,
             )
+            # Note [Control-plane authentication]: CURVE, and a ZAP handler that admits the workers only.
+            self._zap = auth.start_zap(self._ctx, self._keys)
             self._router = self._ctx.socket(zmq.ROUTER)
             self._router.setsockopt(zmq.LINGER, 0)
-            port = self._router.bind_to_random_port("tcp://*")
+            self._router.setsockopt(zmq.MAXMSGSIZE, msg.kMaxMessageBytes)
+            self._router.setsockopt(zmq.IPV6, int(":" in bind_host))
+            self._keys.make_server(self._router)
+            self._monitor = self._router.get_monitor_socket(
+                zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            )
+            port = self._router.bind_to_random_port(_tcp_endpoint(bind_host))
             self._inbox: queue.Queue = queue.Queue()
             self._lock = threading.Lock()
             self._handles: dict[str, RequestHandle] = {}
@@ -252,15 +327,19 @@ class Engine:
             self._ready: set[int] = set()
             self._dead: dict[int, str] = {}
             self._t0 = time.monotonic()
-            # Note [Worker liveness]: fd of an accepted connection -> [socket, bytes so far, rank or None].
-            self._live_listener = socket.create_server(("", 0))
-            self._live_conns: dict[int, list] = {}
+            # Note [Worker liveness]: fd of an accepted connection -> its state.
+            family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
+            self._live_listener = socket.create_server((bind_host, 0), family=family)
+            self._live_conns: dict[int, _LiveConn] = {}
         port = _broadcast_int(world, port)
         live_port = _broadcast_int(world, self._live_listener.getsockname()[1] if world.rank == 0 else 0)
-        addr = os.environ.get("MASTER_ADDR", "127.0.0.1") if world.rank != 0 else "127.0.0.1"
-        self._endpoint = f"tcp://{addr}:{port}"
+        if world.rank == 0:
+            addr = "127.0.0.1" if auth.is_wildcard(bind_host) else bind_host
+        else:
+            addr = auth.control_connect_host(one_node, control_host, master_addr)
+        self._endpoint = _tcp_endpoint(addr, port)
+        # Connected here, proven in the worker thread (rank 0's control thread answers it).
         self._live = socket.create_connection((addr, live_port), timeout=120)
-        self._live.sendall(struct.pack("!q", world.rank))
         self._worker_thread = threading.Thread(target=self._worker_loop, name="gfdit-worker", daemon=True)
         self._worker_thread.start()
         if world.rank == 0:
@@ -337,8 +416,11 @@ class Engine:
         self._worker_thread.join(timeout)
         self._live.close()
         if self.world.rank == 0:
+            self._router.disable_monitor()
+            self._monitor.close(0)
             self._router.close(0)
-            for conn in [self._live_listener, *(c[0] for c in self._live_conns.values())]:
+            self._zap.stop()
+            for conn in [self._live_listener, *(c.sock for c in self._live_conns.values())]:
                 conn.close()
         self._ctx.term()
 
@@ -350,19 +432,42 @@ class Engine:
     def _post(self, item) -> None:
         self._inbox.put(item)
 
+    def _prove_liveness(self) -> None:
+        """Answers rank 0's nonce on the liveness connection (Note [Worker liveness])."""
+        nonce = b""
+        while len(nonce) < auth.kLivenessNonceBytes:
+            chunk = self._live.recv(auth.kLivenessNonceBytes - len(nonce))  # bounded: the socket's timeout
+            if not chunk:
+                raise ConnectionError("rank 0 closed the liveness connection before its challenge")
+            nonce += chunk
+        self._live.sendall(auth.liveness_proof(self._keys.liveness, nonce, self.world.rank))
+
     def _worker_loop(self) -> None:
+        try:
+            self._prove_liveness()
+        except OSError as e:
+            log.error("rank %d: liveness handshake with rank 0 failed: %s", self.world.rank, e)
+            self._live.close()
+            return
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, str(self.world.rank).encode())
         sock.setsockopt(zmq.LINGER, 1000)
+        sock.setsockopt(zmq.MAXMSGSIZE, msg.kMaxMessageBytes)
+        self._keys.make_client(sock)
         sock.connect(self._endpoint)
-        sock.send_pyobj({"op": "ready", "rank": self.world.rank})
+        sock.send(msg.encode(msg.Ready(rank=self.world.rank)))
         try:
             while True:
-                cmd = sock.recv_pyobj()
-                if cmd["op"] == "shutdown":
+                raw = sock.recv()
+                try:
+                    cmd = msg.decode_command(raw)
+                except msg.MessageError as e:  # only rank 0 can reach this socket: a bug, not an attack
+                    log.error("rank %d: dropped a command from rank 0: %s", self.world.rank, e)
+                    continue
+                if isinstance(cmd, msg.Shutdown):
                     break
                 for event in self._worker.handle(cmd):
-                    sock.send_pyobj(event)
+                    sock.send(msg.encode(event))
         finally:
             sock.close()
             self._live.close()  # Note [Worker liveness]: rank 0 sees this loop end
@@ -371,6 +476,7 @@ class Engine:
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._live_listener.fileno(), zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
         stopping = False
         while True:
             try:
@@ -385,10 +491,12 @@ class Engine:
             try:
                 for sock, _ in poller.poll(5):
                     if sock is self._router:
-                        _ident, payload = sock.recv_multipart()
-                        self._on_event(pickle.loads(payload))
+                        self._on_message(sock.recv_multipart())
+                    elif sock is self._monitor:
+                        self._on_monitor()
                     else:
                         self._on_liveness(sock, poller)
+                self._expire_unproven(poller)
                 self._check_hung()
                 if self._step(stopping):
                     return
@@ -413,34 +521,111 @@ class Engine:
             for rid in list(self.scheduler.active):
                 self._fail_request(rid, "engine shut down before the request finished")
             for r in range(self.world.size):
-                self._send(r, {"op": "shutdown"})
+                self._send(r, msg.Shutdown())
             return True
+
+    def _on_message(self, frames: list[bytes]) -> None:
+        """One message on the ROUTER: (sender identity, payload). Anything that does not decode to
+        an event of the rank that sent it is dropped and logged (Note [Control-plane messages])."""
+        if len(frames) != 2:
+            log.warning("control: dropped a message of %d frames (expected 2)", len(frames))
+            return
+        ident, payload = frames
+        source = ident.decode(errors="replace")
+        try:
+            ev = msg.decode_event(payload)
+        except msg.MessageError as e:
+            log.warning("control: dropped a message from rank %s: %s", source, e)
+            return
+        if str(ev.rank) != source:
+            log.warning(
+                "control: dropped a %s event claiming rank %d from rank %s",
+                type(ev).__name__,
+                ev.rank,
+                source,
+            )
+            return
+        self._on_event(ev)
+
+    def _on_monitor(self) -> None:
+        """A connection to the ROUTER failed its handshake: a peer without the launch secret."""
+        try:
+            event = zmq.utils.monitor.recv_monitor_message(self._monitor, zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        log.warning(
+            "control socket %s: refused a connection (%s, errno %s): it did not prove the launch secret",
+            event.get("endpoint", b"").decode(errors="replace"),
+            zmq.Event(event["event"]).name,
+            event.get("value"),
+        )
+
+    def _drop_live(self, fd: int, poller: zmq.Poller) -> _LiveConn:
+        poller.unregister(fd)
+        entry = self._live_conns.pop(fd)
+        entry.sock.close()
+        return entry
 
     def _on_liveness(self, fd: int, poller: zmq.Poller) -> None:
         """A liveness socket is readable (Note [Worker liveness]); the poller names it by its fd."""
         if fd == self._live_listener.fileno():
-            conn, _ = self._live_listener.accept()
-            conn.setblocking(False)
-            self._live_conns[conn.fileno()] = [conn, b"", None]
+            conn, peer = self._live_listener.accept()
+            where = f"{peer[0]}:{peer[1]}"
+            if sum(c.rank is None for c in self._live_conns.values()) >= kMaxUnprovenLiveness:
+                log.warning("liveness: refused a connection from %s: too many unproven connections", where)
+                conn.close()
+                return
+            nonce = secrets.token_bytes(auth.kLivenessNonceBytes)
+            try:
+                conn.setblocking(False)
+                conn.send(nonce)  # 32 bytes into an empty send buffer: all of it goes
+            except OSError as e:
+                log.warning("liveness: connection from %s dropped before its challenge: %s", where, e)
+                conn.close()
+                return
+            deadline = time.monotonic() + auth.kLivenessAuthTimeoutS
+            self._live_conns[conn.fileno()] = _LiveConn(conn, where, nonce, deadline)
             poller.register(conn.fileno(), zmq.POLLIN)
             return
         entry = self._live_conns[fd]
         try:
-            data = entry[0].recv(64)
+            data = entry.sock.recv(4096)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             data = b""
-        if data:
-            entry[1] += data
-            if entry[2] is None and len(entry[1]) >= 8:
-                entry[2] = struct.unpack("!q", entry[1][:8])[0]
+        if not data:
+            self._drop_live(fd, poller)
+            if entry.rank is not None:
+                self._on_rank_lost(entry.rank, "its worker process exited (liveness connection closed)")
+            else:
+                log.warning("liveness: %s closed its connection without proving a rank", entry.peer)
             return
-        poller.unregister(fd)
-        del self._live_conns[fd]
-        entry[0].close()
-        if entry[2] is not None:
-            self._on_rank_lost(entry[2], "its worker process exited (liveness connection closed)")
+        if entry.rank is not None:
+            return  # a proven rank never sends more; nothing it sends is read
+        entry.buf += data
+        if len(entry.buf) < auth.kLivenessProofBytes:
+            return
+        rank = auth.check_liveness_proof(self._keys.liveness, entry.nonce, entry.buf)
+        if rank is None or not 0 <= rank < self.world.size or len(entry.buf) != auth.kLivenessProofBytes:
+            self._drop_live(fd, poller)
+            log.warning(
+                "liveness: closed the connection from %s: it did not prove the launch secret", entry.peer
+            )
+            return
+        entry.rank, entry.buf = rank, b""
+
+    def _expire_unproven(self, poller: zmq.Poller) -> None:
+        """Closes liveness connections that did not prove a rank in time."""
+        now = time.monotonic()
+        for fd, entry in list(self._live_conns.items()):
+            if entry.rank is None and now > entry.deadline:
+                self._drop_live(fd, poller)
+                log.warning(
+                    "liveness: closed the connection from %s: no proof within %.0f s",
+                    entry.peer,
+                    auth.kLivenessAuthTimeoutS,
+                )
 
     def _check_hung(self) -> None:
         """Marks the unreported members of a task past its time limit as lost (Note [Worker liveness])."""
@@ -472,8 +657,8 @@ class Engine:
                 self.scheduler.cancel(rid, self.now())
                 self._fail_request(rid, why)
 
-    def _send(self, rank: int, cmd: dict) -> None:
-        self._router.send_multipart([str(rank).encode(), pickle.dumps(cmd, protocol=pickle.HIGHEST_PROTOCOL)])
+    def _send(self, rank: int, cmd: msg.Command) -> None:
+        self._router.send_multipart([str(rank).encode(), msg.encode(cmd)])
 
     def _dispatch(self) -> None:
         now = self.now()
@@ -485,28 +670,16 @@ class Engine:
         rid = task.request_id
         req = self.scheduler.record(rid).request
         tid = next(self._task_ids)
-        cmd = {
-            "op": "task",
-            "task_id": tid,
-            "request": req,
-            "kind": task.kind.name,
-            "start": task.start,
-            "end": task.end,
-            "ranks": ranks,
-            "dim_size": self.scheduler.record(rid).dim_size,
-            "token_dim": self.model.token_dim,
-            "latent_dtype": "float32",  # the latent state is fp32 whatever the model's dtype
-            "keep_latents": self.keep_latents,
-        }
+        fields: dict = {}
         involved = set(ranks)
         if plan is not None and not plan.is_noop and task.kind is not TaskKind.FINALIZE:
-            cmd["transfers"] = [(t.src_rank, t.dst_rank, t.start, t.stop) for t in plan.transfers]
-            cmd["local"] = [(t.src_rank, t.dst_rank, t.start, t.stop) for t in plan.local]
+            fields["transfers"] = tuple((t.src_rank, t.dst_rank, t.start, t.stop) for t in plan.transfers)
+            fields["local"] = tuple((t.src_rank, t.dst_rank, t.start, t.stop) for t in plan.local)
             involved |= {t.src_rank for t in plan.transfers}
         if task.kind is TaskKind.FINALIZE and plan is not None and not plan.is_noop:
             src = plan.src.ranks[0]
-            cmd["pixels_from"] = src
-            cmd["pixels_meta"] = self._pixel_meta[rid]
+            fields["pixels_from"] = src
+            fields["pixels_meta"] = self._pixel_meta[rid]
             involved.add(src)
         if task.kind in (TaskKind.DENOISE, TaskKind.DECODE):
             holders = self._cond_holders.get(rid, set())
@@ -514,10 +687,23 @@ class Engine:
             if lacking and holders:
                 inside = [h for h in ranks if h in holders]
                 pool = inside or sorted(holders)
-                cmd["cond_sends"] = [(pool[i % len(pool)], m) for i, m in enumerate(lacking)]
-                cmd["cond_meta"] = self._cond_meta[rid]
-                involved |= {s for s, _ in cmd["cond_sends"]}
+                fields["cond_sends"] = tuple((pool[i % len(pool)], m) for i, m in enumerate(lacking))
+                fields["cond_meta"] = self._cond_meta[rid]
+                involved |= {s for s, _ in fields["cond_sends"]}
                 holders |= set(lacking)
+        cmd = msg.Task(
+            task_id=tid,
+            request=req,
+            kind=task.kind.name,
+            start=task.start,
+            end=task.end,
+            ranks=ranks,
+            dim_size=self.scheduler.record(rid).dim_size,
+            token_dim=self.model.token_dim,
+            latent_dtype="float32",  # the latent state is fp32 whatever the model's dtype
+            keep_latents=self.keep_latents,
+            **fields,
+        )
         self._touched.setdefault(rid, set()).update(involved)
         expected_s = max(0.0, (self.scheduler.record(rid).expected_end_s or now) - now)
         limit_s = max(self.task_timeout_floor_s or 0.0, self.task_timeout_factor * expected_s)
@@ -529,55 +715,59 @@ class Engine:
             p = handle.progress()
             handle._emit(dataclasses.replace(p, state="in_progress", degree=len(ranks), task=str(task)))
 
-    def _on_event(self, ev: dict) -> None:
-        op = ev["op"]
+    def _on_event(self, ev: msg.Event) -> None:
         with self._lock:
-            if op == "ready":
-                self._ready.add(ev["rank"])
+            if isinstance(ev, msg.Ready):
+                self._ready.add(ev.rank)
                 return
-            inf = self._inflight.get(ev["task_id"])
+            inf = self._inflight.get(ev.task_id)
             if inf is None:
                 return  # a late report of a task that already failed
-            inf.events.append(ev)
-            if op == "failed":
-                del self._inflight[ev["task_id"]]
+            if isinstance(ev, msg.Failed):
+                del self._inflight[ev.task_id]
                 a = inf.assignment
-                log.warning("task %s failed: %s\n%s", a.task, ev["reason"], ev.get("trace", ""))
-                self.scheduler.on_task_failed(a.task, a.ranks, ev["reason"], self.now())
-                self._fail_request(a.task.request_id, ev["reason"])
+                log.warning("task %s failed: %s\n%s", a.task, ev.reason, ev.trace)
+                self.scheduler.on_task_failed(a.task, a.ranks, ev.reason, self.now())
+                self._fail_request(a.task.request_id, ev.reason)
                 return
-            inf.waiting.discard(ev["rank"])
+            if ev.rank not in inf.waiting:
+                log.warning(
+                    "control: dropped a report of task %d from rank %d, not a member", ev.task_id, ev.rank
+                )
+                return
+            inf.events.append(ev)
+            inf.waiting.discard(ev.rank)
             if inf.waiting:
                 return
-            del self._inflight[ev["task_id"]]
+            del self._inflight[ev.task_id]
             self._complete(inf)
 
     def _complete(self, inf: _Inflight) -> None:
         a = inf.assignment
         task, rid = a.task, a.task.request_id
         now = self.now()
-        reshard_s = max(e.get("reshard_s", 0.0) for e in inf.events)
+        reshard_s = max(e.reshard_s for e in inf.events)
         reshard_s = min(reshard_s, now - inf.start_s)
         self.scheduler.on_task_done(task, a.ranks, TaskTimings(inf.start_s, now, reshard_s))
         rec = self.scheduler.record(rid)
         stats = self._stats.setdefault(rid, {"reshard_s": 0.0, "bytes": 0})
         stats["reshard_s"] += reshard_s
-        stats["bytes"] += sum(e.get("bytes_moved", 0) for e in inf.events)
+        stats["bytes"] += sum(e.bytes_moved for e in inf.events)
         if task.kind is TaskKind.ENCODE:
             self._cond_holders[rid] = set(a.ranks)
-            self._cond_meta[rid] = next(e["cond_meta"] for e in inf.events if "cond_meta" in e)
+            self._cond_meta[rid] = next(e.cond_meta for e in inf.events if e.cond_meta is not None)
         if task.kind is TaskKind.DECODE:
             r = rec.request
             h, w = r.height, r.width
             shape = (1, r.num_frames, h, w, 3) if r.num_frames is not None else (1, h, w, 3)
-            self._pixel_meta[rid] = (shape, "uint8")
+            self._pixel_meta[rid] = msg.TensorMeta("pixels", shape, "uint8")
         handle = self._handles.get(rid)
         if handle is None:
             return
         step = task.end if task.kind is TaskKind.DENOISE else handle.progress().step
         handle._emit(Progress("in_progress", step, rec.request.num_inference_steps, len(a.ranks), str(task)))
         if rec.state is RequestState.DONE:
-            images = next(e["result"] for e in inf.events if "result" in e)
+            images = next(e.result for e in inf.events if e.result is not None).to_numpy()
             result = Result(
                 images=images,
                 latency_s=now - rec.request.arrival_s,
@@ -586,7 +776,7 @@ class Engine:
                 bytes_moved=stats["bytes"],
                 num_reshards=rec.num_reshards,
                 groups=[(str(t.task), t.ranks) for t in rec.history],
-                latents=next((e["latents"] for e in inf.events if "latents" in e), None),
+                latents=next((e.latents.to_numpy() for e in inf.events if e.latents is not None), None),
             )
             self._release(rid)
             handle._finish(result, None, "completed")
@@ -612,7 +802,7 @@ class Engine:
 
     def _release(self, rid: str) -> None:
         for r in sorted(self._touched.pop(rid, set())):
-            self._send(r, {"op": "release", "request_id": rid})
+            self._send(r, msg.Release(request_id=rid))
         self._stats.pop(rid, None)
         self._cond_holders.pop(rid, None)
         self._cond_meta.pop(rid, None)

@@ -1,11 +1,11 @@
 """The worker of one rank: executes the engine's commands in arrival order, holds the state of the
 requests whose slices live here, and moves state between ranks with gfcoll point-to-point.
 
-Commands (dicts over ZeroMQ, from gfdit.runtime.engine):
-  {"op": "task", ...}   run (this rank's part of) one trajectory task; see `Worker.run_task`
-  {"op": "release", "request_id"}   drop everything held for a request
-  {"op": "shutdown"}
-Events back: {"op": "ready"|"done"|"failed", "rank", ...}.
+Commands (gfdit.runtime.messages, over ZeroMQ from gfdit.runtime.engine):
+  Task      run (this rank's part of) one trajectory task; see `Worker.run_task`
+  Release   drop everything held for a request
+  Shutdown  (handled by the engine's worker loop)
+Events back: Ready (sent by the loop), Done, Failed.
 
 Note [Reshard execution]
 ~~~~~~~~~~~~~~~~~~~~~~~~
@@ -29,6 +29,8 @@ import torch
 
 import gfcoll
 from gfdit.layout import even_slices
+
+from . import messages as msg
 
 log = logging.getLogger("gfdit.worker")
 
@@ -58,33 +60,31 @@ class Worker:
         if self.world.device.type == "cuda":
             torch.cuda.synchronize(self.world.device)
 
-    def handle(self, cmd: dict) -> list[dict]:
-        op = cmd["op"]
-        if op == "release":
-            self.held.pop(cmd["request_id"], None)
+    def handle(self, cmd: msg.Command) -> list[msg.Event]:
+        if isinstance(cmd, msg.Release):
+            self.held.pop(cmd.request_id, None)
             return []
-        if op == "task":
+        if isinstance(cmd, msg.Task):
             try:
                 return self.run_task(cmd)
             except Exception as e:  # reported to the engine; the worker keeps serving
-                log.error("rank %d: task %s failed: %s", self.rank, cmd.get("task_id"), e)
+                log.error("rank %d: task %s failed: %s", self.rank, cmd.task_id, e)
                 return [
-                    {
-                        "op": "failed",
-                        "rank": self.rank,
-                        "task_id": cmd["task_id"],
-                        "reason": f"rank {self.rank}: {type(e).__name__}: {e}",
-                        "trace": traceback.format_exc(limit=8),
-                    }
+                    msg.Failed(
+                        rank=self.rank,
+                        task_id=cmd.task_id,
+                        reason=f"rank {self.rank}: {type(e).__name__}: {e}",
+                        trace=traceback.format_exc(limit=8),
+                    )
                 ]
-        raise ValueError(f"unknown command {op!r}")
+        raise ValueError(f"unknown command {type(cmd).__name__}")
 
     # -- one task --------------------------------------------------------------------------------
-    def run_task(self, cmd: dict) -> list[dict]:
-        req = cmd["request"]
+    def run_task(self, cmd: msg.Task) -> list[msg.Event]:
+        req = cmd.request
         rid = req.request_id
-        kind = cmd["kind"]
-        ranks: tuple[int, ...] = tuple(cmd["ranks"])
+        kind = cmd.kind
+        ranks: tuple[int, ...] = tuple(cmd.ranks)
         member = self.rank in ranks
         held = self.held.setdefault(rid, Held())
 
@@ -97,22 +97,25 @@ class Worker:
                 self.held.pop(rid, None)
             return []
 
-        event = {"op": "done", "rank": self.rank, "task_id": cmd["task_id"], "bytes_moved": moved}
+        cond_meta = result = latents = None
         group = self.world.group(list(ranks)) if len(ranks) > 1 else None
         if kind == "ENCODE":
             held.cond = self.model.encode(req)
             full = self.model.init_latents(req)
             lo, hi = even_slices(full.shape[1], len(ranks))[ranks.index(self.rank)]
             held.latents, held.lo, held.hi = full[:, lo:hi].contiguous(), lo, hi
-            event["cond_meta"] = [(k, tuple(v.shape), str(v.dtype)) for k, v in sorted(held.cond.items())]
+            cond_meta = tuple(
+                msg.TensorMeta(k, tuple(v.shape), str(v.dtype).removeprefix("torch."))
+                for k, v in sorted(held.cond.items())
+            )
         elif kind == "DENOISE":
             held.latents = self.model.denoise(
-                held.latents, (held.lo, held.hi), held.cond, cmd["start"], cmd["end"], req, group=group
+                held.latents, (held.lo, held.hi), held.cond, cmd.start, cmd.end, req, group=group
             )
         elif kind == "DECODE":
             if group is not None:
                 full = torch.empty(
-                    (1, cmd["dim_size"], held.latents.shape[2]),
+                    (1, cmd.dim_size, held.latents.shape[2]),
                     dtype=held.latents.dtype,
                     device=held.latents.device,
                 )
@@ -122,34 +125,43 @@ class Worker:
             held.latents = None
             if self.rank == ranks[0]:
                 held.pixels = self.model.decode(full, req)
-                if cmd.get("keep_latents"):
+                if cmd.keep_latents:
                     held.final_latents = full.float().cpu()
         elif kind == "FINALIZE":
             pixels = held.pixels
-            event["result"] = pixels.cpu().numpy()
+            result = msg.Array.from_numpy(pixels.cpu().numpy())
             if held.final_latents is not None:
-                event["latents"] = held.final_latents.numpy()
+                latents = msg.Array.from_numpy(held.final_latents.numpy())
             self.held.pop(rid, None)
         else:
             raise ValueError(f"unknown task kind {kind!r}")
         self._sync()
         t2 = time.perf_counter()
-        event["reshard_s"] = t1 - t0
-        event["compute_s"] = t2 - t1
-        return [event]
+        return [
+            msg.Done(
+                rank=self.rank,
+                task_id=cmd.task_id,
+                bytes_moved=moved,
+                reshard_s=t1 - t0,
+                compute_s=t2 - t1,
+                cond_meta=cond_meta,
+                result=result,
+                latents=latents,
+            )
+        ]
 
-    def _reshard(self, cmd: dict, held: Held, ranks: tuple[int, ...], member: bool) -> int:
+    def _reshard(self, cmd: msg.Task, held: Held, ranks: tuple[int, ...], member: bool) -> int:
         """This rank's part of Note [Reshard execution]. Returns the bytes it received."""
         me = self.rank
         ops: list[gfcoll.P2P] = []
         received = 0
-        kind = cmd["kind"]
-        transfers = cmd.get("transfers") or []
+        kind = cmd.kind
+        transfers = cmd.transfers
         new = None
-        if kind in ("DENOISE", "DECODE") and (transfers or cmd.get("local")):
+        if kind in ("DENOISE", "DECODE") and (transfers or cmd.local):
             # The latent moves onto an even split over `ranks`.
             if member:
-                lo, hi = even_slices(cmd["dim_size"], len(ranks))[ranks.index(me)]
+                lo, hi = even_slices(cmd.dim_size, len(ranks))[ranks.index(me)]
                 if (
                     held.latents is not None
                     and (held.lo, held.hi) == (lo, hi)
@@ -158,9 +170,9 @@ class Worker:
                     new = held.latents
                 else:
                     like = held.latents if held.latents is not None else None
-                    c, dtype = cmd["token_dim"], cmd["latent_dtype"]
+                    c, dtype = cmd.token_dim, cmd.latent_dtype
                     new = torch.empty((1, hi - lo, c), dtype=getattr(torch, dtype), device=self._device(like))
-                    for _src, dst, a, b in cmd.get("local") or []:
+                    for _src, dst, a, b in cmd.local:
                         if dst == me:
                             new[:, a - lo : b - lo].copy_(held.latents[:, a - held.lo : b - held.lo])
             for src, dst, a, b in transfers:
@@ -170,43 +182,41 @@ class Worker:
                     view = new[:, a - lo : b - lo]
                     ops.append(gfcoll.P2P("recv", view, src))
                     received += view.numel() * view.element_size()
-        cond_meta = cmd.get("cond_meta") or []
-        for src, dst in cmd.get("cond_sends") or []:
-            for name, shape, dtype in cond_meta:
+        for src, dst in cmd.cond_sends:
+            for meta in cmd.cond_meta:
+                name, shape, dtype = meta.name, meta.shape, meta.dtype
                 if src == me:
                     ops.append(gfcoll.P2P("send", held.cond[name].contiguous(), dst))
                 elif dst == me:
-                    t = torch.empty(
-                        shape, dtype=getattr(torch, dtype.removeprefix("torch.")), device=self.world.device
-                    )
+                    t = torch.empty(shape, dtype=getattr(torch, dtype), device=self.world.device)
                     held.cond[name] = t
                     ops.append(gfcoll.P2P("recv", t, src))
                     received += t.numel() * t.element_size()
-        pix = cmd.get("pixels_from")
+        pix = cmd.pixels_from
         if pix is not None and pix != ranks[0]:
             # FINALIZE away from the decoding rank: the pixels (and the kept latent) move, whole.
-            keep = cmd.get("keep_latents")
+            keep = cmd.keep_latents
             if me == pix:
                 ops.append(gfcoll.P2P("send", held.pixels.contiguous(), ranks[0]))
                 if keep:
                     ops.append(gfcoll.P2P("send", held.final_latents, ranks[0]))
             elif me == ranks[0]:
-                shape, dtype = cmd["pixels_meta"]
-                held.pixels = torch.empty(shape, dtype=getattr(torch, dtype))
+                meta = cmd.pixels_meta
+                if meta is None:
+                    raise ValueError("FINALIZE command: pixels_from without pixels_meta")
+                held.pixels = torch.empty(meta.shape, dtype=getattr(torch, meta.dtype))
                 ops.append(gfcoll.P2P("recv", held.pixels, pix))
                 received += held.pixels.numel()
                 if keep:
-                    held.final_latents = torch.empty(
-                        (1, cmd["dim_size"], cmd["token_dim"]), dtype=torch.float32
-                    )
+                    held.final_latents = torch.empty((1, cmd.dim_size, cmd.token_dim), dtype=torch.float32)
                     ops.append(gfcoll.P2P("recv", held.final_latents, pix))
         if ops:
             self.world.batch_p2p(ops)
-        if kind in ("DENOISE", "DECODE") and (transfers or cmd.get("local")):
+        if kind in ("DENOISE", "DECODE") and (transfers or cmd.local):
             if member:
                 held.latents, held.lo, held.hi = (
                     new,
-                    *even_slices(cmd["dim_size"], len(ranks))[ranks.index(me)],
+                    *even_slices(cmd.dim_size, len(ranks))[ranks.index(me)],
                 )
             else:
                 held.latents = None

@@ -32,8 +32,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
+from .auth import ApiKeyAuth
 from .errors import ApiError, BodySizeLimit, error_body, install_error_handlers
-from .media import png_b64
+from .media import image_b64
 from .schemas import (
     ErrorResponse,
     Health,
@@ -59,6 +60,7 @@ _ERRORS = {
     status: {"model": ErrorResponse, "description": what}
     for status, what in (
         (400, "invalid request (the message and `param` name the field)"),
+        (401, "missing or wrong API key (with --api-key)"),
         (404, "unknown model or job"),
         (413, "request body too large"),
         (429, "queue full (Retry-After)"),
@@ -150,6 +152,13 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
     count = state.metrics.count_error
     install_error_handlers(app, on_error=count)
     app.add_middleware(BodySizeLimit, max_bytes=state.config.max_body_bytes, on_error=count)
+    if state.config.api_key:  # added last: the outermost, so no body is read before the key is checked
+        app.add_middleware(
+            ApiKeyAuth,
+            api_key=state.config.api_key,
+            protect_metrics=state.config.protect_metrics,
+            on_error=count,
+        )
 
     # -- images --------------------------------------------------------------------------------
     @app.post(
@@ -166,7 +175,7 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
         tracked = state.submit(state.image_requests(body), "image", events)
         if body.stream:
             return StreamingResponse(
-                _image_events(state, tracked, events),
+                _image_events(state, tracked, events, body),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -183,7 +192,7 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
         error = state.failure(tracked)
         if error is not None:
             raise error
-        return JSONResponse(await _images_body(state, tracked))
+        return JSONResponse(await _images_body(state, tracked, body))
 
     # -- videos --------------------------------------------------------------------------------
     @app.post(
@@ -200,6 +209,7 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
         events: asyncio.Queue = asyncio.Queue()
         (tracked,) = state.submit([request], "video", events)
         job = VideoJobState(request.request_id, tracked, request, body.fps, int(time.time()))
+        job.requested_seconds = None if body.seconds is None else str(body.seconds)
         state.add_job(job)
         job.watcher = asyncio.create_task(state.watch_job(job), name=f"watch-{job.id}")
         return JSONResponse(state.job_view(job))
@@ -297,17 +307,27 @@ def _cancel_unfinished(tracked: list[Tracked]) -> None:
             t.handle.cancel()
 
 
-async def _images_body(state: ServerState, tracked: list[Tracked]) -> dict:
+async def _images_body(state: ServerState, tracked: list[Tracked], body: ImageGenerationRequest) -> dict:
     results = [t.handle.result(timeout=0) for t in tracked]
-    images = await asyncio.to_thread(lambda: [png_b64(r.images[0]) for r in results])
+    fmt = body.output_format or "png"
+    images = await asyncio.to_thread(
+        lambda: [image_b64(r.images[0], fmt, body.output_compression) for r in results]
+    )
     data = [
         {"b64_json": b64, "seed": t.handle.request.seed, "revised_prompt": None}
         for b64, t in zip(images, tracked, strict=True)
     ]
-    return {"created": int(time.time()), "data": data, "gfdit": state.info(tracked)}
+    first = tracked[0].handle.request
+    return {
+        "created": int(time.time()), "data": data, "output_format": fmt,
+        "size": f"{first.width}x{first.height}", "quality": body.quality or "auto", "background": "opaque",
+        "gfdit": state.info(tracked),
+    }  # fmt: skip
 
 
-async def _image_events(state: ServerState, tracked: list[Tracked], events: asyncio.Queue):
+async def _image_events(
+    state: ServerState, tracked: list[Tracked], events: asyncio.Queue, body: ImageGenerationRequest
+):
     """The SSE body of a streamed image call. Closing it early (the client left) cancels the requests."""
     pending = {t.index for t in tracked}
     last: dict[int, tuple] = {}
@@ -339,7 +359,7 @@ async def _image_events(state: ServerState, tracked: list[Tracked], events: asyn
         if error is not None:
             yield _sse({"type": "error", **error_body(error.status, error.message, code=error.code)})
         else:
-            yield _sse({"type": "image_generation.completed", **(await _images_body(state, tracked))})
+            yield _sse({"type": "image_generation.completed", **(await _images_body(state, tracked, body))})
         yield "data: [DONE]\n\n"
     finally:
         _cancel_unfinished(tracked)

@@ -108,9 +108,16 @@ def install_error_handlers(app: FastAPI, on_error=None) -> None:
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         count(400)
         message, param = _validation_message(exc)
+        ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if param is None and ctype and ctype != "application/json" and not ctype.endswith("+json"):
+            # FastAPI reads a JSON body only when the request says it is JSON (curl -d says otherwise).
+            message = (
+                f"the body must be a JSON object sent with 'Content-Type: application/json'; this request's "
+                f"Content-Type is {ctype!r} (curl -d sends that unless given -H 'content-type: application/json')"
+            )
         return JSONResponse(error_body(400, message, param=param, code="invalid_value"), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)

@@ -10,23 +10,41 @@ import io
 
 import numpy as np
 
-__all__ = ["png_bytes", "png_b64", "mp4_bytes"]
+__all__ = ["kImageFormats", "image_bytes", "image_b64", "png_bytes", "mp4_bytes"]
+
+kImageFormats = ("png", "jpeg", "webp")  # what image_bytes encodes (Pillow's PNG, JPEG and WebP writers)
+
+
+def image_bytes(image: np.ndarray, fmt: str = "png", compression: int | None = None) -> bytes:
+    """uint8 RGB [H, W, 3] -> an encoded image. `compression` (0-100, OpenAI's output_compression) is
+    the JPEG/WebP quality, 100 the best (default 100, as OpenAI's); PNG is lossless and ignores it."""
+    from PIL import Image
+
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"{fmt}: expected uint8 [H, W, 3], got {image.dtype} {tuple(image.shape)}")
+    if fmt not in kImageFormats:
+        raise ValueError(f"image format must be one of {kImageFormats}, got {fmt!r}")
+    quality = 100 if compression is None else compression
+    if not 0 <= quality <= 100:
+        raise ValueError(f"compression must be in [0, 100], got {compression}")
+    buf = io.BytesIO()
+    if fmt == "png":
+        Image.fromarray(image).save(buf, format="PNG")
+    elif fmt == "jpeg":
+        Image.fromarray(image).save(buf, format="JPEG", quality=quality)
+    else:
+        Image.fromarray(image).save(buf, format="WEBP", quality=quality, lossless=False)
+    return buf.getvalue()
 
 
 def png_bytes(image: np.ndarray) -> bytes:
     """uint8 RGB [H, W, 3] -> PNG."""
-    from PIL import Image
-
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"png: expected uint8 [H, W, 3], got {image.dtype} {tuple(image.shape)}")
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
+    return image_bytes(image, "png")
 
 
-def png_b64(image: np.ndarray) -> str:
-    """uint8 RGB [H, W, 3] -> base64 of its PNG (OpenAI's b64_json)."""
-    return base64.b64encode(png_bytes(image)).decode("ascii")
+def image_b64(image: np.ndarray, fmt: str = "png", compression: int | None = None) -> str:
+    """uint8 RGB [H, W, 3] -> base64 of its encoding (OpenAI's b64_json)."""
+    return base64.b64encode(image_bytes(image, fmt, compression)).decode("ascii")
 
 
 def mp4_bytes(frames: np.ndarray, fps: int) -> bytes:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 __all__ = [
     "kMaxPromptChars",
     "kMaxSeed",
+    "kQualitySteps",
     "ErrorBody",
     "ErrorResponse",
     "ImageGenerationRequest",
@@ -55,18 +56,32 @@ class ErrorResponse(BaseModel):
 
 
 class ImageGenerationRequest(BaseModel):
-    """POST /v1/images/generations (OpenAI's fields, then gf-dit's)."""
+    """POST /v1/images/generations: every parameter of OpenAI's images.generate, then gf-dit's.
+    What each OpenAI parameter does here (honoured, accepted and ignored, or refused with a reason):
+    kImageParameters, the table in the README."""
 
     model_config = _REQUEST
 
     prompt: str = Field(min_length=1, max_length=kMaxPromptChars)  # text prompt
     model: str | None = None  # must name the served model when given
-    n: int = Field(1, ge=1, le=4)  # images: n requests with seeds seed, seed + 1, ...
+    n: int = Field(1, ge=1, le=10)  # images: n requests with seeds seed, seed + 1, ...
     size: str | None = Field(None, pattern=kSizePattern)  # "WIDTHxHEIGHT" or "auto" (None: model default)
-    response_format: Literal["b64_json", "url"] = "b64_json"  # only b64_json (PNG) is served; "url" is a 400
-    user: str | None = Field(None, max_length=256)  # OpenAI's end-user id: accepted, ignored
+    quality: Literal["auto", "low", "medium", "high", "xhigh", "max", "standard", "hd"] | None = None  # steps
+    output_format: Literal["png", "jpeg", "webp", "gif", "svg"] | None = None  # None: png; gif/svg are a 400
+    output_compression: int | None = Field(None, ge=0, le=100)  # jpeg/webp quality, 100 best; png: none
+    background: Literal["auto", "opaque", "transparent"] | None = None  # images are opaque; transparent: 400
+    style: Literal["vivid", "natural"] | None = None  # accepted, ignored (a legacy DALL-E parameter)
+    moderation: Literal["low", "auto"] | None = None  # accepted, ignored: gf-dit does no moderation
+    complexity: Literal["low", "medium", "high"] | None = None  # accepted, ignored (GPT image planning)
+    partial_images: int | None = Field(None, ge=0, le=3)  # 0 or None; > 0 is a 400 (progress events instead)
+    frame_count: int | None = None  # GIF output only: a 400 when given
+    frame_duration_ms: int | None = None  # GIF output only: a 400 when given
+    svg: dict | None = None  # SVG output only: a 400 when given
+    response_format: Literal["b64_json", "url"] | None = None  # only b64_json is served; "url" is a 400
+    safety_identifier: str | None = Field(None, max_length=256)  # OpenAI's end-user id: accepted, ignored
+    user: str | None = Field(None, max_length=256)  # OpenAI's older end-user id: accepted, ignored
     stream: bool = False  # server-sent events: progress, then the result, then [DONE]
-    num_inference_steps: int | None = Field(None, ge=1, le=10_000)  # None: the model default; see --max-steps
+    num_inference_steps: int | None = Field(None, ge=1, le=10_000)  # None: from quality; see --max-steps
     guidance_scale: float | None = Field(None, ge=0.0, le=100.0, allow_inf_nan=False)  # None: model default
     seed: int | None = Field(None, ge=0, le=kMaxSeed)  # initial-noise seed; None: the server picks one
     negative_prompt: str | None = Field(None, max_length=kMaxPromptChars)  # for models with CFG (Wan)
@@ -74,10 +89,15 @@ class ImageGenerationRequest(BaseModel):
     slo_ms: float | None = Field(None, gt=0.0, le=8.64e7, allow_inf_nan=False)  # deadline: accept + slo
 
 
+# quality -> fraction of the model's default num_inference_steps (at least 1 step), when the request
+# gives no num_inference_steps. "auto", "standard" and the rest: the model's default.
+kQualitySteps = {"low": 0.25, "medium": 0.5}
+
+
 class ImageData(BaseModel):
     """One generated image."""
 
-    b64_json: str  # PNG, base64
+    b64_json: str  # the image in the response's output_format (PNG unless asked otherwise), base64
     seed: int  # the seed that produced it
     revised_prompt: str | None = None  # OpenAI's field; gf-dit does not rewrite prompts
 
@@ -105,6 +125,10 @@ class ImagesResponse(BaseModel):
 
     created: int  # Unix seconds
     data: list[ImageData]  # n images, in seed order
+    output_format: Literal["png", "jpeg", "webp"] = "png"  # OpenAI's field: the images' format
+    size: str | None = None  # OpenAI's field: "WIDTHxHEIGHT" of the images
+    quality: str | None = None  # OpenAI's field: the quality asked for ("auto" when none was)
+    background: Literal["opaque"] = "opaque"  # OpenAI's field: gf-dit's images have no alpha channel
     gfdit: GenerationInfo  # latency, reshards, groups
 
 
@@ -144,7 +168,9 @@ class VideoJob(BaseModel):
     created_at: int  # Unix seconds
     completed_at: int | None = None  # Unix seconds, once completed or failed
     size: str  # "WIDTHxHEIGHT"
-    seconds: str  # duration of the mp4, num_frames / fps
+    seconds: str  # duration of the mp4, num_frames / fps (see requested_seconds)
+    requested_seconds: str | None = None  # the seconds asked for; the frames are frame_step * k + 1, the
+    # multiple nearest to seconds * fps, so `seconds` may differ (tiny-wan, 16 fps: "1" -> 17 frames, 1.0625 s)
     num_frames: int  # frames
     fps: int  # frames per second
     seed: int  # the seed used

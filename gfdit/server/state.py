@@ -32,13 +32,53 @@ from gfdit.request import Request
 
 from .errors import ApiError, field_of_message
 from .metrics import ServerMetrics
-from .schemas import ImageGenerationRequest, VideoCreateRequest
+from .schemas import ImageGenerationRequest, VideoCreateRequest, kQualitySteps
 
-__all__ = ["ServerConfig", "ServerState", "Tracked", "VideoJobState", "kTerminal"]
+__all__ = [
+    "ServerConfig",
+    "ServerState",
+    "Tracked",
+    "VideoJobState",
+    "default_max_request_cost",
+    "kDefaultMaxRequestCost",
+    "kTerminal",
+    "request_cost",
+]
 
 log = logging.getLogger("gfdit.server")
 
 kTerminal = ("completed", "failed", "cancelled")  # Progress.state values that end a request
+
+# Note [Request cost]
+# ~~~~~~~~~~~~~~~~~~~
+# What one HTTP call may ask of the GPUs, in megapixel-steps: width x height x frames x steps x n
+# / 10^6 (frames 1 for images, n 1 for videos); a call above the limit gets 400 naming it, so one
+# request cannot hold every rank for hours. Defaults per model (gfdit.serve --max-request-cost
+# overrides; 0 disables), from the per-step times in DESIGN.md (one H100, eager):
+#   flux-dev     1000: ~0.18-0.21 s per MP-step, so <= ~3.5 min of one GPU; covers n=4 at 2048x2048 x 50 steps
+#   wan2.1-1.3b  8000: ~0.02-0.034 s per MP-step, <= ~4.5 min of one GPU; 720p x 81 frames x 100 steps
+#   wan2.1-14b   4000: ~0.1-0.17 s per MP-step, <= ~11 min of one GPU; 720p x 81 frames x 50 steps
+#   tiny-*         64: CPU test presets: the largest size x 200 steps x n=4 (tiny-flux 52.4)
+# Any other preset: 4 x its largest output at its default steps.
+kDefaultMaxRequestCost = {
+    "flux-dev": 1000.0,
+    "wan2.1-1.3b": 8000.0,
+    "wan2.1-14b": 4000.0,
+    "tiny-flux": 64.0,
+    "tiny-wan": 64.0,
+}
+
+
+def default_max_request_cost(preset) -> float:
+    """The default limit of one call's cost for a model preset (Note [Request cost])."""
+    if preset.name in kDefaultMaxRequestCost:
+        return kDefaultMaxRequestCost[preset.name]
+    return 4 * preset.max_width * preset.max_height * max(1, preset.max_frames) * preset.default_steps / 1e6
+
+
+def request_cost(requests: list[Request]) -> float:
+    """Megapixel-steps of the engine requests of one call (Note [Request cost])."""
+    return sum(r.width * r.height * (r.num_frames or 1) * r.num_inference_steps for r in requests) / 1e6
 
 
 @dataclass(frozen=True)
@@ -50,6 +90,11 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20  # larger request bodies get 413
     drain_s: float = 20.0  # on SIGTERM, how long accepted requests get to finish before they fail
     max_finished_jobs: int = 256  # finished video jobs (and their mp4s) kept for GET; the oldest go first
+    max_request_cost: float | None = (
+        None  # megapixel-steps one call may ask for; None: the model's default, 0: none
+    )
+    api_key: str | None = field(default=None, repr=False)  # /v1/* requires `Bearer <key>`; None: open
+    protect_metrics: bool = False  # /metrics also requires the key
 
 
 @dataclass
@@ -78,6 +123,7 @@ class VideoJobState:
     error: dict | None = None  # {"code", "message"} when failed
     content: bytes | None = None  # the mp4, once completed
     info: dict | None = None  # GenerationInfo fields, once completed
+    requested_seconds: str | None = None  # the body's `seconds`, when it gave one
     deleted: bool = False  # DELETE came: no content is kept; forgotten once finished, unless cancelled
     watcher: asyncio.Task | None = field(default=None, repr=False)  # consumes its events
 
@@ -117,6 +163,9 @@ class ServerState:
         self._latency_ema_s: float | None = None  # for Retry-After
         self._drain_lock = threading.Lock()
         self._drained = False  # drain() closed the engine
+        self.drain_failed = 0  # accepted requests still running when the drain closed the engine
+        limit = config.max_request_cost
+        self.max_request_cost = default_max_request_cost(self.preset) if limit is None else float(limit)
 
     # -- health --------------------------------------------------------------------------------
     def health(self) -> tuple[bool, str]:
@@ -177,6 +226,17 @@ class ServerState:
             raise ApiError(400, str(e), param=field_of_message(str(e)), code="invalid_value") from None
         return request
 
+    def check_cost(self, requests: list[Request]) -> None:
+        """ApiError 400 naming the limit if the call costs more than --max-request-cost allows."""
+        cost = request_cost(requests)
+        if self.max_request_cost > 0 and cost > self.max_request_cost:
+            raise ApiError(
+                400,
+                f"this request costs {cost:.4g} megapixel-steps (width x height x frames x steps x n / 1e6), "
+                f"more than this server's limit of {self.max_request_cost:g} (--max-request-cost)",
+                code="request_too_costly",
+            )
+
     def image_requests(self, body: ImageGenerationRequest) -> list[Request]:
         """The n engine requests of an image call; ApiError (4xx naming the field) if invalid."""
         self._check_model(body.model)
@@ -187,20 +247,17 @@ class ServerState:
                 param="model",
                 code="unsupported_model",
             )
-        if body.response_format != "b64_json":
-            raise ApiError(
-                400,
-                "response_format 'url' is not supported: gf-dit keeps no image store; use 'b64_json'",
-                param="response_format",
-                code="unsupported_value",
-            )
+        self._check_image_output(body)
         width, height = self._size(body.size)
-        steps = self._steps(body.num_inference_steps)
+        steps = body.num_inference_steps
+        if steps is None and body.quality in kQualitySteps:
+            steps = max(1, round(self.preset.default_steps * kQualitySteps[body.quality]))
+        steps = self._steps(steps)
         guidance = self.preset.default_guidance if body.guidance_scale is None else body.guidance_scale
         seed = random.randrange(2**31) if body.seed is None else body.seed
         deadline = self._deadline(body.slo_ms)
         base = f"img-{uuid.uuid4().hex[:16]}"
-        return [
+        requests = [
             self._request(
                 request_id=f"{base}-{i}",
                 prompt=body.prompt,
@@ -215,6 +272,30 @@ class ServerState:
             )
             for i in range(body.n)
         ]
+        self.check_cost(requests)
+        return requests
+
+    @staticmethod
+    def _check_image_output(body: ImageGenerationRequest) -> None:
+        """OpenAI parameters gf-dit cannot honour: a 400 saying why (the README's table lists all)."""
+
+        def refuse(param: str, why: str) -> None:
+            raise ApiError(400, f"{param}: {why}", param=param, code="unsupported_value")
+
+        if body.response_format == "url":
+            refuse("response_format", "'url' is not supported: gf-dit keeps no image store; use 'b64_json'")
+        if body.output_format in ("gif", "svg"):
+            refuse("output_format", f"{body.output_format!r} is not produced; use png, jpeg or webp")
+        for name in ("frame_count", "frame_duration_ms", "svg"):
+            if getattr(body, name) is not None:
+                refuse(name, "only for GIF or SVG output, which gf-dit does not produce")
+        if body.background == "transparent":
+            refuse("background", "'transparent' is not supported: the models make opaque RGB images")
+        if body.partial_images:
+            refuse(
+                "partial_images",
+                "partial images are not produced; `stream: true` sends progress events per step instead",
+            )
 
     def video_request(self, body: VideoCreateRequest) -> Request:
         """The engine request of a video job; ApiError (4xx naming the field) if invalid."""
@@ -240,7 +321,7 @@ class ServerState:
                 frames = min(frames, p.max_frames)
         steps = self._steps(body.num_inference_steps)
         guidance = p.default_guidance if body.guidance_scale is None else body.guidance_scale
-        return self._request(
+        request = self._request(
             request_id=f"video_{uuid.uuid4().hex}",
             prompt=body.prompt,
             negative_prompt=body.negative_prompt,
@@ -253,6 +334,8 @@ class ServerState:
             deadline_s=self._deadline(body.slo_ms),
             priority=body.priority,
         )
+        self.check_cost([request])
+        return request
 
     @staticmethod
     def _seconds(value: float | str) -> float:
@@ -431,6 +514,7 @@ class ServerState:
             "completed_at": job.completed_at,
             "size": f"{r.width}x{r.height}",
             "seconds": f"{r.num_frames / job.fps:g}",
+            "requested_seconds": job.requested_seconds,
             "num_frames": r.num_frames,
             "fps": job.fps,
             "seed": r.seed,
@@ -456,6 +540,7 @@ class ServerState:
                 log.warning(
                     "drain: %d requests still running; closing the engine fails them", len(self._active)
                 )
+            self.drain_failed = len(self._active)
             self.engine.close()
             self._drained = True
             deadline = time.monotonic() + 5.0  # the loop hands the ends to their clients

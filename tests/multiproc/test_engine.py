@@ -120,6 +120,7 @@ def _run_batch(engine):
     return {
         "shapes": sorted({r.images.shape for r in results}),
         "degrees": sorted({len(g) for r in results for _, g in r.groups}),
+        "denoise_degrees": sorted({len(g) for r in results for t, g in r.groups if ":denoise" in t}),
         "states": [h.progress().state for h in handles],
         "kept": len(engine.scheduler.records),
         "active": len(engine.scheduler.active),
@@ -138,6 +139,11 @@ def test_every_policy_completes_a_mixed_batch(policy):
     assert out["states"] == ["completed"] * 20
     assert (1, 32, 32, 3) in out["shapes"] and (1, 96, 96, 3) in out["shapes"]
     assert out["kept"] == 5 and out["active"] == 0  # keep_finished=5 of the 20
+    if policy.startswith("static"):
+        assert out["denoise_degrees"] == [2], out  # the fixed SP degree, for every chunk
+    else:
+        assert out["denoise_degrees"] and set(out["denoise_degrees"]) <= {1, 2, 4}, out  # max_sp=4
+    assert set(out["degrees"]) <= {1, 2, 4}, out
 
 
 def _bad_requests_and_failures(world):

@@ -197,12 +197,3 @@ def test_spec_errors():
         generate(_spec(model="tiny-wan", duration_s=5.0))
     with pytest.raises(ValueError, match="no frames"):
         generate(_spec(classes=(RequestClass("V", 64, 64, 9, 2, 1.0),), duration_s=5.0))
-
-
-def test_gfdit_serve_gives_torchrun_time_for_the_drain():
-    from gfdit.cli import serve_env
-
-    env = serve_env({"PATH": "/bin"}, 20.0)
-    assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "35" and env["PATH"] == "/bin"
-    assert serve_env({}, 100.5)["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "116"
-    assert serve_env({"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "7"}, 100.0)["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "7"

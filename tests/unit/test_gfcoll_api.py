@@ -51,23 +51,33 @@ def test_bad_groups(world, ranks, match):
 
 
 def test_single_rank_collectives(world):
+    # Outputs start poisoned (NaN), so an operation that writes nothing fails the test.
     g = world.group([0])
     x = torch.arange(6, dtype=torch.float32)
-    out = torch.empty(6)
+
+    def poisoned():
+        return torch.full((6,), float("nan"))
+
+    out = poisoned()
     g.all_gather(out, x)
     assert torch.equal(out, x)
     t = x.clone()
     g.all_reduce(t, op="avg")
     assert torch.equal(t, x)
+    out = poisoned()
     g.reduce_scatter(out, x, op="max")
     assert torch.equal(out, x)
+    out = poisoned()
     g.all_to_all(out, x)
     assert torch.equal(out, x)
+    t = x.clone()
     g.broadcast(t, root=0)
+    assert torch.equal(t, x)  # the root keeps its data
     g.barrier()
-    w = g.all_reduce(t, async_op=True)
+    t = x.clone()
+    w = g.all_reduce(t, op="sum", async_op=True)
     w.wait()
-    assert w.is_completed()
+    assert w.is_completed() and torch.equal(t, x)
 
 
 def test_tensor_checks(world):

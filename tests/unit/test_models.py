@@ -421,3 +421,23 @@ def test_wan_matches_diffusers_pipeline(tiny, tmp_path):
     video = pipe(**kw, generator=torch.Generator().manual_seed(req.seed), output_type="np").frames
     ref = torch.from_numpy((np.asarray(video) * 255).round().astype(np.uint8))
     assert (m.decode(y, req).int() - ref.int()).abs().max() <= 1
+
+
+def test_flux_shift_matches_the_pipelines():
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from gfdit.models.flux import flux_shift
+
+    for seq in (16, 256, 1024, 4096, 16384):
+        args = (seq, 256, 4096, 0.5, 1.15)
+        assert flux_shift(*args) == pytest.approx(calculate_shift(*args), rel=1e-12, abs=1e-12)
+
+
+def test_loading_a_model_warns_of_nothing_it_does_not_use():
+    import subprocess
+    import sys
+
+    code = "from gfdit.models import load_model; load_model('tiny-flux', device='cpu'); load_model('tiny-wan', device='cpu')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "torchvision" not in out.stderr, out.stderr

@@ -202,3 +202,45 @@ def test_bench_gen_takes_standalone_latencies_from_a_profile(tmp_path):
     bad = subprocess.run([*cmd, "--cost-profile", prof, "--calibrate-url", "http://127.0.0.1:1"],
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert bad.returncode == 2 and "not both" in bad.stderr
+
+
+def test_ties_are_said_with_the_reason():
+    from gfdit.tune import Candidate, tie_note, tied_best
+
+    def cand(spec, slo, mean, baseline=False):
+        return Candidate(spec, baseline, slo, mean, 2 * mean, 0.5, 10.0, 0.0)
+
+    same = [
+        cand("static:sp=4", 1.0, 3.0, True),
+        cand("edf-best-fit:chunk=4", 1.0, 3.0),
+        cand("srtf", 1.0, 3.0),
+    ]
+    assert [c.spec for c in tied_best(same, "slo")] == [c.spec for c in same]
+    note = tie_note(same, "slo")
+    assert note.startswith("3 candidates tie on slo") and "identical in every column" in note, note
+    assert "busier trace" in note and "`static:sp=4` (baseline)" in note
+    text = render(same, {"trace": "t", "num_requests": 3, "world_size": 4, "objective": "slo", "noise": 0,
+                         "seeds": [0]})  # fmt: skip
+    assert text.count("(tied)") == 3 and "identical in every column" in text
+    differ = [cand("a", 1.0, 2.0), cand("b", 1.0, 3.0), cand("c", 0.5, 1.0)]
+    assert [c.spec for c in tied_best(differ, "slo")] == ["a", "b"]
+    assert "differ in other columns" in tie_note(differ, "slo")
+    assert tie_note(differ, "mean") is None and tied_best(differ, "mean") == [differ[0]]
+    lone = [cand("a", 1.0, 2.0), cand("b", 0.9, 1.0)]
+    assert tie_note(lone, "slo") is None and "(tied)" not in render(lone, {**{"trace": "t"}, "num_requests": 2,
+        "world_size": 4, "objective": "slo", "noise": 0, "seeds": [0]})  # fmt: skip
+
+
+def test_cli_says_when_the_best_ties(tmp_path):
+    # A light trace: every policy meets every deadline the same way.
+    spec, records = _records(rate=0.02, duration=100.0, alpha=50.0)
+    trace = tmp_path / "trace.jsonl"
+    write_trace(str(trace), spec, records)
+    out = subprocess.run(
+        [sys.executable, "-m", "gfdit.cli", "tune", "--trace", str(trace), "--world-size", "4",
+         "--search", "edf-best-fit:tol=0.05|0.15", "--baseline", "static:sp=4", "--objective", "slo"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "tie on slo" in out.stdout, out.stdout
+    assert "(tied with" in out.stdout.strip().splitlines()[-1], out.stdout

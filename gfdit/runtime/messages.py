@@ -1,0 +1,202 @@
+"""Every message between the engine (rank 0) and the workers, typed, and its wire format.
+
+This module is the one place that defines what crosses the control plane. Messages are msgspec
+Structs encoded as MessagePack, in two tagged unions: `Command` (engine -> worker) and `Event`
+(worker -> engine); the tag (field "op") names the kind. Nothing on any socket is ever unpickled.
+
+Note [Control-plane messages]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+- Decoding is validation: `decode_command` / `decode_event` check the kind, every field's type and
+  the constraints below, and raise `MessageError` for anything else (bytes that are not MessagePack,
+  an unknown kind or field, a wrong type, an oversized message). Callers drop such a message and
+  log it with its source; a bad message never ends a loop and never changes state.
+- Tensors never travel here: the latent, the text conditioning and the pixels move over gfcoll. The
+  one exception is a finished request's result on its way to the caller, carried as an `Array`:
+  raw little-endian bytes with a dtype from a fixed list and a shape, checked against each other.
+- The transport (ZeroMQ with CURVE, see gfdit.runtime.auth) authenticates the peer before a byte
+  of a message is read; this module makes sure an authenticated peer's bytes are still only data.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Literal
+
+import msgspec
+import numpy as np
+
+from gfdit.request import Request
+
+__all__ = [
+    "Array",
+    "Command",
+    "Done",
+    "Event",
+    "Failed",
+    "MessageError",
+    "Ready",
+    "Release",
+    "Shutdown",
+    "Task",
+    "TensorMeta",
+    "decode_command",
+    "decode_event",
+    "encode",
+    "kMaxMessageBytes",
+]
+
+# The largest message either side accepts (and the ZeroMQ sockets' MAXMSGSIZE). A result carries
+# the finished images or frames: a 1280x720, 81-frame video is 224 MB of uint8, so the bound is
+# well above that; commands and the other events are a few KB.
+kMaxMessageBytes = 1 << 30
+
+NonNeg = Annotated[int, msgspec.Meta(ge=0)]
+Rank = Annotated[int, msgspec.Meta(ge=0, lt=1 << 20)]
+Dim = Annotated[int, msgspec.Meta(ge=0, lt=1 << 40)]
+Shape = Annotated[tuple[Dim, ...], msgspec.Meta(max_length=8)]
+# torch dtypes a tensor's metadata may name (without the "torch." prefix).
+TensorDType = Literal["float32", "float16", "bfloat16", "float64", "int8", "uint8", "int32", "int64", "bool"]
+# numpy dtypes an Array may carry.
+ArrayDType = Literal["uint8", "float32"]
+TaskKindName = Literal["ENCODE", "DENOISE", "DECODE", "FINALIZE"]
+# A slice transfer of the latent: (source rank, destination rank, first token, one past the last).
+Transfer = tuple[Rank, Rank, NonNeg, NonNeg]
+
+
+class MessageError(ValueError):
+    """A control message that does not decode or validate; it is dropped, never acted on."""
+
+
+class _Message(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="op"):
+    pass
+
+
+class TensorMeta(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):
+    """Name, shape and dtype of one tensor that travels over gfcoll (the receiver allocates it)."""
+
+    name: Annotated[str, msgspec.Meta(max_length=256)]  # its key, e.g. in Held.cond
+    shape: Shape  # its shape
+    dtype: TensorDType  # its torch dtype, e.g. "bfloat16"
+
+
+class Array(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A numpy array as data: C-order little-endian bytes, a dtype and a shape that must agree."""
+
+    data: bytes  # the elements, C order, little-endian
+    dtype: ArrayDType  # numpy dtype name
+    shape: Shape  # dimensions; prod(shape) * itemsize == len(data)
+
+    def __post_init__(self) -> None:
+        expected = math.prod(self.shape) * np.dtype(self.dtype).itemsize
+        if expected != len(self.data):
+            raise ValueError(f"Array: {len(self.data)} bytes for shape {self.shape} of {self.dtype}")
+
+    @classmethod
+    def from_numpy(cls, a: np.ndarray) -> Array:
+        a = np.ascontiguousarray(a, dtype=np.dtype(a.dtype).newbyteorder("<"))
+        return cls(a.tobytes(), a.dtype.name, tuple(a.shape))
+
+    def to_numpy(self) -> np.ndarray:
+        """A writable copy (the message's bytes are immutable)."""
+        return (
+            np.frombuffer(self.data, dtype=np.dtype(self.dtype).newbyteorder("<")).reshape(self.shape).copy()
+        )
+
+
+# -- commands: engine (rank 0) -> worker ------------------------------------------------------------
+class Task(_Message, tag="task"):
+    """Run this rank's part of one trajectory task (Note [Reshard execution] in gfdit.runtime.worker)."""
+
+    task_id: NonNeg  # the engine's id of this task; events about it carry it back
+    request: Request  # the request the task belongs to (validated again on decoding)
+    kind: TaskKindName  # which stage of the request's chain
+    start: NonNeg  # DENOISE: first step of the chunk (other kinds: as the scheduler's Task says)
+    end: NonNeg  # DENOISE: one past the last step of the chunk
+    ranks: Annotated[tuple[Rank, ...], msgspec.Meta(min_length=1)]  # the task's group, in order
+    dim_size: Dim  # tokens of the latent along its split dimension (dim 1 of [1, S, C])
+    token_dim: Dim  # C: channels of one packed token
+    latent_dtype: TensorDType = "float32"  # dtype of the latent state between tasks
+    keep_latents: bool = False  # FINALIZE also returns the final latent
+    transfers: tuple[Transfer, ...] = ()  # latent slices that move between ranks, in plan order
+    local: tuple[Transfer, ...] = ()  # latent slices that stay on their rank but move in its buffer
+    cond_sends: tuple[tuple[Rank, Rank], ...] = ()  # (holder, member) copies of the text conditioning
+    cond_meta: tuple[TensorMeta, ...] = ()  # the conditioning tensors, in name order (with cond_sends)
+    pixels_from: Rank | None = None  # FINALIZE: the rank that holds the decoded pixels
+    pixels_meta: TensorMeta | None = None  # FINALIZE: the pixels' shape and dtype (with pixels_from)
+
+
+class Release(_Message, tag="release"):
+    """Drop everything this rank holds for a request."""
+
+    request_id: Annotated[str, msgspec.Meta(max_length=1024)]  # the request's id
+
+
+class Shutdown(_Message, tag="shutdown"):
+    """Leave the worker loop (the engine is closing)."""
+
+
+Command = Task | Release | Shutdown
+
+
+# -- events: worker -> engine ------------------------------------------------------------------------
+class Ready(_Message, tag="ready"):
+    """The worker loop runs and its liveness connection is authenticated."""
+
+    rank: Rank  # the sender's global rank
+
+
+class Done(_Message, tag="done"):
+    """The sender finished its part of a task."""
+
+    rank: Rank  # the sender's global rank
+    task_id: NonNeg  # the task (Task.task_id)
+    bytes_moved: NonNeg = 0  # bytes this rank received while resharding for the task
+    reshard_s: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0  # seconds spent moving state first
+    compute_s: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0  # seconds spent computing after that
+    cond_meta: tuple[TensorMeta, ...] | None = None  # ENCODE: the conditioning it produced, by name
+    result: Array | None = None  # FINALIZE: the images [N, H, W, 3] or frames [N, F, H, W, 3], uint8
+    latents: Array | None = None  # FINALIZE with keep_latents: the final latent [1, S, C], float32
+
+
+class Failed(_Message, tag="failed"):
+    """The sender's part of a task raised; the task and its request fail with the reason."""
+
+    rank: Rank  # the sender's global rank
+    task_id: NonNeg  # the task (Task.task_id)
+    reason: str  # one line: the exception, with the rank
+    trace: str = ""  # the traceback, for the log
+
+
+Event = Ready | Done | Failed
+
+
+# -- codec ---------------------------------------------------------------------------------------
+_encoder = msgspec.msgpack.Encoder()
+_command_decoder = msgspec.msgpack.Decoder(Command)
+_event_decoder = msgspec.msgpack.Decoder(Event)
+
+
+def encode(msg: Command | Event) -> bytes:
+    """The wire bytes of one message."""
+    return _encoder.encode(msg)
+
+
+def _decode(decoder: msgspec.msgpack.Decoder, data: bytes, what: str):
+    if len(data) > kMaxMessageBytes:
+        raise MessageError(f"{what}: {len(data)} bytes, more than the {kMaxMessageBytes} allowed")
+    try:
+        return decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise MessageError(f"{what}: {e}") from None
+    except (ValueError, TypeError) as e:  # a field's own check (Request, Array) outside msgspec's
+        raise MessageError(f"{what}: {type(e).__name__}: {e}") from None
+
+
+def decode_command(data: bytes) -> Command:
+    """A command from its bytes; MessageError if they are not exactly one valid command."""
+    return _decode(_command_decoder, data, "command")
+
+
+def decode_event(data: bytes) -> Event:
+    """An event from its bytes; MessageError if they are not exactly one valid event."""
+    return _decode(_event_decoder, data, "event")
