@@ -212,6 +212,8 @@ class ServerState:
                 seed=seed + i,
                 deadline_s=deadline,
                 priority=body.priority,
+                preemptible=body.preemptible,
+                slo_class=body.slo_class or "",
             )
             for i in range(body.n)
         ]
@@ -252,6 +254,8 @@ class ServerState:
             seed=random.randrange(2**31) if body.seed is None else body.seed,
             deadline_s=self._deadline(body.slo_ms),
             priority=body.priority,
+            preemptible=body.preemptible,
+            slo_class=body.slo_class or "",
         )
 
     @staticmethod
