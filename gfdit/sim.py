@@ -127,7 +127,8 @@ def simulate(
 
     `true_cost` is what tasks really take (default: the scheduler's own cost model, i.e. perfect
     estimates). `execution` adds the server's own costs (Note [Simulated execution] in gfdit.simexec:
-    host overhead, measured reshard costs, busy senders, decode on ranks[0]). Raises SimulationStalled if the policy leaves work waiting with nothing in flight.
+    host overhead, measured reshard costs, busy senders, decode on ranks[0]). Raises SimulationStalled
+    if the policy leaves work waiting with nothing in flight.
     """
     if noise < 0:
         raise ValueError(f"noise must be >= 0, got {noise}")
@@ -156,16 +157,16 @@ def simulate(
                 )
         for a in scheduler.schedule(now):
             req = scheduler.record(a.task.request_id).request
-            start = now
+            begin = now
             if ex is not None:
-                start, reshard_s, compute_s = ex.timing(a, req, now)
+                begin, reshard_s, compute_s = ex.timing(a, req, now)
             else:
                 num_bytes = a.reshard.bytes_moved(state_bytes_per_index(req, a.task.kind)) if a.reshard else 0
                 reshard_s = truth.reshard_time(num_bytes)
                 compute_s = truth.task_time(a.task, req, len(a.ranks))
             if noise > 0:
                 compute_s *= math.exp(rng.gauss(0.0, noise))
-            entry = TraceEntry(a.task, a.ranks, start, start + reshard_s + compute_s, reshard_s)
+            entry = TraceEntry(a.task, a.ranks, begin, begin + reshard_s + compute_s, reshard_s)
             trace.append(entry)
             heapq.heappush(events, (entry.end_s, 0, next(seq), entry))
     unfinished = [rid for rid, rec in scheduler.records.items() if not rec.state.is_terminal]

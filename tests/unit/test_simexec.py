@@ -113,3 +113,10 @@ def test_cond_copies_add_bytes_for_members_that_lack_the_text_embeddings():
     res = simulate(Scheduler(4, make_policy("fcfs-elastic"), learn=False), [r], execution=m)
     first = next(e for e in res.trace if e.task.kind is TaskKind.DENOISE)
     assert len(first.ranks) > 1 and first.reshard_s >= cond_bytes(r) * (len(first.ranks) - 1)
+
+
+def test_the_result_spans_first_arrival_to_last_event_with_an_execution_model():
+    res = simulate(
+        Scheduler(4, make_policy("edf-best-fit")), reqs(), execution=ExecutionModel(host_overhead_s=0.01)
+    )
+    assert res.start_s == 0.0 and res.end_s == max(o.finish_s for o in res.outcomes.values())
