@@ -8,6 +8,7 @@
     gfdit bench report runs/edf runs/static --out report/
     gfdit tune --trace trace.jsonl --world-size 4 --search "edf-best-fit:chunk=1|2|4" --out tune/
     gfdit profile --nproc 4 --model flux-dev --sizes 512,1024 --out flux.json   (torchrun, like serve)
+    gfdit eval sweep|fidelity ...   (gfdit.eval.cli)
 
 Usage errors exit with status 2 (argparse), before anything starts.
 """
@@ -15,6 +16,7 @@ Usage errors exit with status 2 (argparse), before anything starts.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import shlex
@@ -134,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
         "are gfdit.profile's (python -m gfdit.profile --help).",
     )
     pr.add_argument("--nproc", type=int, default=1, help="ranks (processes) on this node (default 1)")
+
+    from gfdit.eval.cli import add_eval_parser
+
+    add_eval_parser(sub)
     return p
 
 
@@ -326,6 +332,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "tune":
         return _tune(parser, args)
+    if args.command == "eval":
+        from gfdit.eval.cli import run_eval
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+        return run_eval(parser, args)
     handler = {"gen": _gen, "run": _run, "report": _report}[args.bench_command]
     return handler(parser, args)
 
