@@ -336,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         from gfdit.eval.cli import run_eval
 
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
         return run_eval(parser, args)
     handler = {"gen": _gen, "run": _run, "report": _report}[args.bench_command]
     return handler(parser, args)

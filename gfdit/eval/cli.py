@@ -95,6 +95,10 @@ def add_eval_parser(sub) -> None:
     f.add_argument(
         "--health-timeout", type=float, default=300.0, help="seconds to wait for a server (default 300)"
     )
+    f.add_argument(
+        "--calibrate-overhead", action="store_true",
+        help="derive the per-task host overhead from each idle server's calibration (overrides --host-overhead-s)",
+    )  # fmt: skip
     f.add_argument("--out", required=True, help="directory for fidelity.json, fidelity.md and the runs")
     _execution_args(f)
 
