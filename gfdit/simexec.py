@@ -17,7 +17,10 @@ gfdit.runtime.worker, Note [Reshard execution]):
   - text-conditioning copies: members that do not hold the request's text embeddings receive them
     (bytes from the model preset's text encoders) with the reshard;
   - decode placement: DECODE all-gathers the latent onto the group and only ranks[0] decodes, so it
-    costs the one-rank decode plus the all-gather, whatever the degree.
+    costs the one-rank decode plus the all-gather, whatever the degree;
+  - shared CPU cores (CPU runs only): with `cores` > 0 the ranks are processes sharing that many
+    cores, so a task dispatched while b ranks (its own included) are busy computes max(1, b / cores)
+    times slower (the slowdown is fixed at dispatch: a first-order model of processor sharing).
 `ExecutionModel()` (all off) is the plain simulator.
 """
 
@@ -73,6 +76,7 @@ class ExecutionModel:
     busy_senders: bool = False  # a command starts when every rank it names has finished what came before
     cond_copies: bool = False  # members lacking the text conditioning receive it with the reshard
     decode_on_first_rank: bool = False  # DECODE = all-gather + one-rank decode on ranks[0]
+    cores: int = 0  # CPU cores the ranks share; 0: each rank has its own device (no sharing)
 
     def __post_init__(self) -> None:
         if not (self.host_overhead_s >= 0 and math.isfinite(self.host_overhead_s)):
@@ -81,6 +85,8 @@ class ExecutionModel:
             raise ValueError("give both reshard_latency_s and reshard_bandwidth, or neither")
         if self.reshard_bandwidth is not None and not self.reshard_bandwidth > 0:
             raise ValueError(f"reshard_bandwidth must be > 0, got {self.reshard_bandwidth}")
+        if not (isinstance(self.cores, int) and self.cores >= 0):
+            raise ValueError(f"cores must be an integer >= 0, got {self.cores!r}")
         if self.reshard_latency_s is not None and not self.reshard_latency_s >= 0:
             raise ValueError(f"reshard_latency_s must be >= 0, got {self.reshard_latency_s}")
 
@@ -112,6 +118,7 @@ class ExecutionState:
     truth: CostModel
     rank_free_s: dict[int, float] = field(default_factory=dict)  # rank -> when it finishes its queue
     cond_holders: dict[str, set[int]] = field(default_factory=dict)  # request -> ranks with its cond
+    rank_busy_until: dict[int, float] = field(default_factory=dict)  # rank -> end of its task in flight
 
     def timing(self, a: Assignment, request: Request, now: float) -> tuple[float, float, float]:
         """(start, reshard seconds, compute seconds) of assignment `a` dispatched at `now`."""
@@ -141,11 +148,16 @@ class ExecutionState:
                 compute_s += m.move_time(truth, latent * (len(ranks) - 1) / len(ranks))
         else:
             compute_s = truth.task_time(a.task, request, len(ranks))
+        if m.cores > 0:
+            busy = {x for x, t in self.rank_busy_until.items() if t > now} | set(ranks)
+            compute_s *= max(1.0, len(busy) / m.cores)
         start = now
         if m.busy_senders:
             start = max([now, *(self.rank_free_s.get(x, now) for x in set(ranks) | senders)])
             for x in senders - set(ranks):
                 self.rank_free_s[x] = start + reshard_s  # its next command waits for the send
+        for x in ranks:
+            self.rank_busy_until[x] = start + reshard_s + compute_s + m.host_overhead_s
         return start, reshard_s, compute_s + m.host_overhead_s
 
     def finished(self, ranks: Iterable[int], end_s: float) -> None:

@@ -12,6 +12,7 @@ import argparse
 import logging
 import shlex
 import sys
+from dataclasses import replace
 
 __all__ = ["add_eval_parser", "run_eval"]
 
@@ -42,6 +43,10 @@ def _execution_args(p: argparse.ArgumentParser) -> None:
         "--reshard-bandwidth", type=float, default=None, help="bytes/s of reshards (with the above)"
     )
     p.add_argument(
+        "--cpu-cores", type=int, default=0,
+        help="CPU runs: the ranks share this many cores (tasks slow down when more ranks are busy; default 0: no sharing)",
+    )  # fmt: skip
+    p.add_argument(
         "--plain-sim", action="store_true",
         help="no execution model: tasks cost their cost-model time only (the old simulator)",
     )  # fmt: skip
@@ -54,7 +59,7 @@ def execution_model(args: argparse.Namespace):
         return ExecutionModel()
     lat = kH100ReshardLatencyS if args.reshard_latency_s is None else args.reshard_latency_s
     bw = kH100ReshardBandwidth if args.reshard_bandwidth is None else args.reshard_bandwidth
-    return ExecutionModel.worker(args.host_overhead_s, lat, bw)
+    return replace(ExecutionModel.worker(args.host_overhead_s, lat, bw), cores=args.cpu_cores)
 
 
 def add_eval_parser(sub) -> None:

@@ -120,3 +120,21 @@ def test_the_result_spans_first_arrival_to_last_event_with_an_execution_model():
         Scheduler(4, make_policy("edf-best-fit")), reqs(), execution=ExecutionModel(host_overhead_s=0.01)
     )
     assert res.start_s == 0.0 and res.end_s == max(o.finish_s for o in res.outcomes.values())
+
+
+def test_ranks_sharing_cpu_cores_slow_down_when_more_are_busy():
+    cost = AnalyticCostModel()
+    one = [req("a", 1024, steps=4)]
+    alone = simulate(Scheduler(4, make_policy("static:sp=1")), one, execution=ExecutionModel(cores=2))
+    plain = simulate(Scheduler(4, make_policy("static:sp=1")), one)
+    assert alone.trace == plain.trace  # one busy rank on two cores: no slowdown
+    four = [req(f"r{i}", 1024, steps=4) for i in range(4)]
+    shared = simulate(
+        Scheduler(4, make_policy("static:sp=1,chunk=0"), learn=False), four, execution=ExecutionModel(cores=2)
+    )
+    last = [e for e in shared.trace if e.task.request_id == "r3" and e.task.kind is TaskKind.DENOISE][0]
+    assert last.end_s - last.start_s == pytest.approx(
+        2 * cost.task_time(last.task, four[3], 1)
+    )  # 4 busy / 2 cores
+    with pytest.raises(ValueError, match="cores"):
+        ExecutionModel(cores=-1)
