@@ -330,6 +330,8 @@ def _plots(result: dict, summary: dict, out_dir: str) -> list[str]:
     c = result["config"]
     loads = c["loads"]
     files = []
+    colors = plt.get_cmap("tab20").colors  # distinct colours for up to 20 policies, dashes after 10
+    style = {p: (colors[i % 20], "-" if i < 10 else "--") for i, p in enumerate(c["policies"])}
     panels = [
         ("throughput_rps", "throughput (req/s)"), ("mean_latency_s", "mean latency (s)"),
         ("p99_latency_s", "P99 latency (s)"), ("slo", "SLO attainment"), ("gpu_s", "GPU-seconds"),
@@ -338,7 +340,16 @@ def _plots(result: dict, summary: dict, out_dir: str) -> list[str]:
     for key, label in panels:
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         for p in c["policies"]:
-            ax.plot(loads, [summary["table"][p][str(x)][key] for x in loads], marker="o", ms=3, label=p)
+            color, dash = style[p]
+            ax.plot(
+                loads,
+                [summary["table"][p][str(x)][key] for x in loads],
+                dash,
+                color=color,
+                marker="o",
+                ms=3,
+                label=p,
+            )
         ax.set_xlabel("target load ρ")
         ax.set_ylabel(label)
         if key in ("mean_latency_s", "p99_latency_s"):
@@ -359,7 +370,7 @@ def _plots(result: dict, summary: dict, out_dir: str) -> list[str]:
     for ax, cls in zip(axes, classes, strict=False):
         for p in c["policies"]:
             ax.plot(loads, [summary["table"][p][str(x)]["slo_per_class"].get(cls, math.nan) for x in loads],
-                    marker="o", ms=3, label=p)  # fmt: skip
+                    style[p][1], color=style[p][0], marker="o", ms=3, label=p)  # fmt: skip
         ax.set_title(f"class {cls}")
         ax.set_xlabel("target load ρ")
         ax.grid(alpha=0.3)
@@ -378,6 +389,13 @@ def _plots(result: dict, summary: dict, out_dir: str) -> list[str]:
     plt.close(fig)
     files.append("goodput.png")
     return files
+
+
+def replot(out_dir: str) -> list[str]:
+    """Redraw the PNG plots of a sweep from its results.json."""
+    with open(os.path.join(out_dir, "results.json")) as f:
+        data = json.load(f)
+    return _plots(data, data["summary"], out_dir)
 
 
 def write_sweep(result: dict, out_dir: str, plots: bool = True) -> dict:
