@@ -9,6 +9,7 @@
     gfdit bench report runs/edf runs/static --out report/
     gfdit tune --trace trace.jsonl --world-size 4 --search "edf-best-fit:chunk=1|2|4" --out tune/
     gfdit profile --nproc 4 --model flux-dev --sizes 512,1024 --out flux.json   (ranks, like serve)
+    gfdit eval sweep|fidelity ...   (gfdit.eval.cli)
 
 Usage errors exit with status 2 (argparse), before anything starts.
 """
@@ -43,9 +44,25 @@ def build_parser() -> argparse.ArgumentParser:
     g = bsub.add_parser("gen", help="generate a workload trace (JSON lines)")
     g.add_argument("--model", required=True, help="model preset the server serves")
     g.add_argument("--duration", type=float, required=True, help="seconds of arrivals")
-    rate = g.add_mutually_exclusive_group(required=True)
+    rate = g.add_mutually_exclusive_group(required=False)  # one of them, or --mmpp (checked in _gen)
     rate.add_argument("--rate", type=float, help="Poisson arrival rate, requests/s")
     rate.add_argument("--phases", help="piecewise-Poisson: START:RATE,START:RATE,... (the first START 0)")
+    rate.add_argument(
+        "--target-load",
+        type=float,
+        help="offered load rho = sum of standalone one-rank seconds / (world size * duration); "
+        "sets the mean rate (needs --world-size)",
+    )
+    g.add_argument(
+        "--mmpp",
+        default=None,
+        help="bursty two-state MMPP arrivals RATE_LOW,RATE_HIGH,MEAN_LOW_S,MEAN_HIGH_S; with "
+        "--target-load both rates are scaled to the load's mean rate",
+    )
+    g.add_argument("--world-size", type=int, default=None, help="ranks the --target-load refers to")
+    g.add_argument(
+        "--mix", default=None, help="named class mix: paper-image, paper-video (gfdit.bench.mixes)"
+    )
     g.add_argument(
         "--class",
         dest="classes",
@@ -124,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
         "profile",
         help="measure the model's task times on N ranks of this node into a cost profile (gfdit profile --help)",
     )
+
+    from gfdit.eval.cli import add_eval_parser
+
+    add_eval_parser(sub)
     return p
 
 
@@ -203,8 +224,14 @@ def _gen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from gfdit.bench import workload
 
     try:
-        phases = workload.parse_phases(args.phases) if args.phases else (workload.Phase(0.0, args.rate),)
-        if args.classes:
+        if args.mix and args.classes:
+            parser.error("give --mix or --class, not both")
+        if args.mix:
+            from gfdit.bench.mixes import mix_classes
+            from gfdit.models.presets import get_preset
+
+            classes = mix_classes(args.mix, video=get_preset(args.model).is_video)
+        elif args.classes:
             classes = tuple(workload.parse_class(c) for c in args.classes)
         else:
             classes = workload.default_classes(args.model)
@@ -224,9 +251,28 @@ def _gen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
             key = _client_api_key(args)
             standalone, source = calibrate(args.calibrate_url, args.model, classes, api_key=key), "calibrated"
+        mmpp = workload.parse_mmpp(args.mmpp) if args.mmpp else None
+        if args.target_load is not None:
+            if args.world_size is None:
+                parser.error("--target-load needs --world-size")
+            known = (
+                standalone if standalone is not None else workload.analytic_standalone(args.model, classes)
+            )
+            mean_rate = workload.rate_for_load(args.target_load, args.world_size, classes, known)
+            mmpp = mmpp.scaled(mean_rate) if mmpp is not None else None
+            phases = (workload.Phase(0.0, mean_rate),)
+        elif args.phases or args.rate is not None:
+            if mmpp is not None:
+                parser.error("--mmpp sets the rates: give it alone or with --target-load")
+            phases = workload.parse_phases(args.phases) if args.phases else (workload.Phase(0.0, args.rate),)
+        elif mmpp is not None:
+            phases = (workload.Phase(0.0, mmpp.mean_rate),)
+        else:
+            parser.error("give one of --rate, --phases, --target-load or --mmpp")
         spec = workload.WorkloadSpec(
-            args.model, args.duration, phases, classes, args.alpha, args.seed, standalone, source
-        )
+            args.model, args.duration, phases, classes, args.alpha, args.seed, standalone, source,
+            mmpp=mmpp, mix=args.mix, target_load=args.target_load, world_size=args.world_size,
+        )  # fmt: skip
         records = workload.generate(spec)
     except ValueError as e:
         parser.error(str(e))
@@ -335,6 +381,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "tune":
         return _tune(parser, args)
+    if args.command == "eval":
+        from gfdit.eval.cli import run_eval
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
+        return run_eval(parser, args)
     handler = {"gen": _gen, "run": _run, "report": _report}[args.bench_command]
     return handler(parser, args)
 

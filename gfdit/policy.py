@@ -43,6 +43,13 @@ __all__ = [
     "FcfsElasticPolicy",
     "EdfBestFitPolicy",
     "SrtfPolicy",
+    "RsspPolicy",
+    "TetriServePolicy",
+    "StepPreemptPolicy",
+    "LoadAdaptivePolicy",
+    "SjfPolicy",
+    "EdfGreedyPolicy",
+    "DisaggregatedPolicy",
     "place",
     "state_holders",
 ]
@@ -161,8 +168,10 @@ def _others(holders: dict[str, set[int]], request_id: str) -> set[int]:
     return {r for rid, ranks in holders.items() if rid != request_id for r in ranks}
 
 
-def _steps(rt: RunnableTask, chunk: int) -> int | None:
-    if rt.kind is not TaskKind.DENOISE:
+def _steps(rt: RunnableTask, chunk: int | None) -> int | None:
+    """DENOISE steps to run: None (chunk None) keeps the task as listed, i.e. the scheduler's
+    `chunk_steps`; 0 runs all remaining steps; else at most `chunk`."""
+    if rt.kind is not TaskKind.DENOISE or chunk is None:
         return None
     return rt.remaining_steps if chunk == 0 else min(chunk, rt.remaining_steps)
 
@@ -180,7 +189,7 @@ def _check(name: str, ok: bool, message: str) -> None:
 
 
 def _assign_greedily(
-    view: SchedulerView, order: Sequence[RunnableTask], max_sp: int, chunk: int, tol: float
+    view: SchedulerView, order: Sequence[RunnableTask], max_sp: int, chunk: int | None, tol: float
 ) -> list[Assignment]:
     """In `order`, give each DENOISE task its fastest degree within the free ranks (and max_sp), the
     other tasks one rank, until the free ranks run out."""
@@ -195,6 +204,113 @@ def _assign_greedily(
         ranks = place(rt, free, d, _others(holders, rt.request_id))
         free = [r for r in free if r not in ranks]
         out.append(Assignment(rt.task, ranks, _steps(rt, chunk)))
+    return out
+
+
+def _degrees(rt: RunnableTask, cap: int) -> list[int]:
+    return [d for d in rt.valid_degrees if d <= cap] or [1]
+
+
+def _meets(rt: RunnableTask, now: float, d: int, margin: float) -> bool:
+    """Whether `rt` alone at degree `d` from `now` ends by its deadline (True without one)."""
+    deadline = rt.request.deadline_s
+    return deadline is None or now + margin * rt.remaining_s[d] <= deadline
+
+
+def _edf_key(rt: RunnableTask) -> tuple:
+    deadline = rt.request.deadline_s
+    return (deadline is None, deadline if deadline is not None else math.inf, rt.request.arrival_s)
+
+
+def _best_fit(
+    view: SchedulerView,
+    order: Sequence[RunnableTask],
+    cap: int,
+    margin: float,
+    tol: float,
+    chunk: int | None,
+    hopeless_fastest: bool,
+    strict: Mapping[str, int] | None = None,
+) -> list[Assignment]:
+    """edf-best-fit's two passes over `order` (see EdfBestFitPolicy). A DENOISE chunk of a request in
+    `strict` that cannot get at least its degree there gets nothing (it waits) instead of fewer ranks."""
+    strict = strict or {}
+    now = view.now_s
+    spare = len(view.free_ranks)
+    chosen: list[list] = []  # [runnable task, degree]
+    for rt in order:
+        if spare == 0:
+            break
+        d = 1
+        if rt.kind is TaskKind.DENOISE:
+            want = 1
+            if rt.request.deadline_s is not None:
+                fits = [x for x in _degrees(rt, cap) if _meets(rt, now, x, margin)]
+                if fits:
+                    want = fits[0]
+                elif hopeless_fastest:
+                    want = _fastest_degree(rt, min(cap, spare), tol)
+            d = max(x for x in _degrees(rt, cap) if x <= min(want, spare))
+            if d < strict.get(rt.request_id, 0):
+                continue
+        chosen.append([rt, d])
+        spare -= d
+    changed = True
+    while spare > 0 and changed:
+        changed = False
+        for item in chosen:
+            rt, d = item
+            if rt.kind is not TaskKind.DENOISE:
+                continue
+            ups = [
+                x
+                for x in _degrees(rt, cap)
+                if d < x <= d + spare and rt.step_s[x] < rt.step_s[d] * (1.0 - tol)
+            ]
+            if ups:
+                spare -= ups[0] - d
+                item[1] = ups[0]
+                changed = True
+    free = list(view.free_ranks)
+    holders = state_holders(view)
+    out = []
+    for rt, d in chosen:
+        ranks = place(rt, free, d, _others(holders, rt.request_id))
+        free = [r for r in free if r not in ranks]
+        out.append(Assignment(rt.task, ranks, _steps(rt, chunk)))
+    return out
+
+
+def _static_groups(
+    view: SchedulerView, degree_of: typing.Callable[[RunnableTask], int], chunk: int | None
+) -> list[Assignment]:
+    """Static parallelism: a request gets a group of `degree_of(rt)` ranks (the largest valid degree <=
+    it) when it starts and keeps it, reserved, for its whole life; FINALIZE on the group's first rank.
+    Groups are aligned blocks [k*d, (k+1)*d) when one is free. FCFS, no overtaking within a degree."""
+    free = set(view.free_ranks)
+    reserved = {r for t in view.running for r in t.ranks}
+    reserved |= {r for rt in view.runnable if rt.started for r in rt.last_ranks}
+    out = []
+    for rt in view.runnable:
+        if rt.started:
+            group = rt.last_ranks[:1] if rt.kind is TaskKind.FINALIZE else rt.last_ranks
+            if set(group) <= free:
+                free -= set(group)
+                out.append(Assignment(rt.task, group, _steps(rt, chunk)))
+    for rt in view.runnable:
+        if rt.started:
+            continue
+        d = max(x for x in rt.valid_degrees if x <= degree_of(rt))
+        available = sorted(free - reserved)
+        if len(available) < d:
+            continue
+        blocks = [tuple(range(s, s + d)) for s in range(0, view.world_size - d + 1, d)]
+        group = next((b for b in blocks if set(b) <= set(available)), tuple(available[:d]))
+        if rt.kind is TaskKind.FINALIZE:  # a request submitted straight at FINALIZE (not normal)
+            group = group[:1]
+        free -= set(group)
+        reserved |= set(group)
+        out.append(Assignment(rt.task, group, _steps(rt, chunk)))
     return out
 
 
@@ -219,7 +335,13 @@ def available_policies() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _convert(policy: str, key: str, kind: type, text: str) -> object:
+def _convert(policy: str, key: str, kind: object, text: str) -> object:
+    args = typing.get_args(kind)
+    if type(None) in args:  # an optional parameter: "none" is None, else its other type
+        if text.lower() == "none":
+            return None
+        kind = next(a for a in args if a is not type(None))
+    assert isinstance(kind, type)
     try:
         if kind is bool:
             lowered = text.lower()
@@ -266,8 +388,12 @@ def make_policy(spec: str) -> Policy:
         raise PolicySpecError(f"policy {name!r}: {e}") from None
 
 
-def _validate_common(p: Policy, chunk: int, max_sp: int, tol: float) -> None:
-    _check(p.name, chunk >= 0, f"chunk must be >= 0 (0: all remaining steps), got {chunk}")
+def _validate_common(p: Policy, chunk: int | None, max_sp: int, tol: float) -> None:
+    _check(
+        p.name,
+        chunk is None or chunk >= 0,
+        f"chunk must be None (the scheduler's chunk_steps) or >= 0 (0: all remaining steps), got {chunk}",
+    )
     _check(p.name, max_sp >= 0, f"max_sp must be >= 0 (0: world size), got {max_sp}")
     _check(p.name, 0.0 <= tol < 1.0 and math.isfinite(tol), f"tol must be in [0, 1), got {tol}")
 
@@ -284,38 +410,17 @@ class StaticPolicy(Policy):
 
     name: ClassVar[str] = "static"
     sp: int = 1  # SP degree of every request
-    chunk: int = 0  # DENOISE steps per task; 0: all remaining steps in one task
+    # DENOISE steps per task; 0: all remaining steps in one task. Unlike the elastic policies, the
+    # default is not the scheduler's chunk_steps: a fixed pipeline has no rescheduling points, so it
+    # should not pay a task's host overhead per chunk. chunk=None gives the scheduler's chunk_steps.
+    chunk: int | None = 0
 
     def __post_init__(self) -> None:
         _check(self.name, self.sp >= 1, f"sp must be >= 1, got {self.sp}")
-        _check(self.name, self.chunk >= 0, f"chunk must be >= 0 (0: all remaining steps), got {self.chunk}")
+        _validate_common(self, self.chunk, 0, 0.0)
 
     def schedule(self, view: SchedulerView) -> list[Assignment]:
-        free = set(view.free_ranks)
-        reserved = {r for t in view.running for r in t.ranks}
-        reserved |= {r for rt in view.runnable if rt.started for r in rt.last_ranks}
-        out = []
-        for rt in view.runnable:
-            if rt.started:
-                group = rt.last_ranks[:1] if rt.kind is TaskKind.FINALIZE else rt.last_ranks
-                if set(group) <= free:
-                    free -= set(group)
-                    out.append(Assignment(rt.task, group, _steps(rt, self.chunk)))
-        for rt in view.runnable:
-            if rt.started:
-                continue
-            d = max(x for x in rt.valid_degrees if x <= self.sp)
-            available = sorted(free - reserved)
-            if len(available) < d:
-                continue
-            blocks = [tuple(range(s, s + d)) for s in range(0, view.world_size - d + 1, d)]
-            group = next((b for b in blocks if set(b) <= set(available)), tuple(available[:d]))
-            if rt.kind is TaskKind.FINALIZE:  # a request submitted straight at FINALIZE (not normal)
-                group = group[:1]
-            free -= set(group)
-            reserved |= set(group)
-            out.append(Assignment(rt.task, group, _steps(rt, self.chunk)))
-        return out
+        return _static_groups(view, lambda rt: self.sp, self.chunk)
 
 
 @register_policy
@@ -326,7 +431,7 @@ class FcfsElasticPolicy(Policy):
 
     name: ClassVar[str] = "fcfs-elastic"
     max_sp: int = 0  # largest SP degree; 0: world size
-    chunk: int = 2  # DENOISE steps per task; 0: all remaining steps
+    chunk: int | None = None  # DENOISE steps per task; None: the scheduler's chunk_steps; 0: all remaining
     tol: float = 0.05  # relative step-time gain below which more ranks are not worth taking
 
     def __post_init__(self) -> None:
@@ -346,7 +451,7 @@ class SrtfPolicy(Policy):
 
     name: ClassVar[str] = "srtf"
     max_sp: int = 0  # largest SP degree; 0: world size
-    chunk: int = 2  # DENOISE steps per task; 0: all remaining steps
+    chunk: int | None = None  # DENOISE steps per task; None: the scheduler's chunk_steps; 0: all remaining
     tol: float = 0.05  # relative step-time gain below which more ranks are not worth taking
 
     def __post_init__(self) -> None:
@@ -365,18 +470,22 @@ class EdfBestFitPolicy(Policy):
     Order: requests that can still meet their deadline (earliest first), then requests without one
     (by arrival), then, if `hopeless_last`, those that cannot meet it at any degree (earliest first).
     Pass 1: in that order, each DENOISE chunk asks for the smallest valid degree whose estimated
-    finish (now + margin * remaining seconds) meets the deadline (degree 1 without a deadline or when
-    hopeless), and gets the largest valid degree <= that which the free ranks still allow; other tasks
-    get one rank. Pass 2: spare ranks are spread, in the same order, one degree step at a time, to
-    DENOISE chunks whose step time drops by more than `tol`.
+    finish (now + margin * remaining seconds) meets the deadline (degree 1 without a deadline), and
+    gets the largest valid degree <= that which the free ranks still allow; other tasks get one rank.
+    A request that can no longer meet its deadline asks, with `hopeless_fastest`, for the fastest
+    degree the free ranks allow (within `tol`), so it ends as early as it can; it still comes after
+    every request that can make it (`hopeless_last`), so it only gets ranks they leave. Pass 2: spare
+    ranks are spread, in the same order, one degree step at a time, to DENOISE chunks whose step time
+    drops by more than `tol`.
     """
 
     name: ClassVar[str] = "edf-best-fit"
     max_sp: int = 0  # largest SP degree; 0: world size
-    chunk: int = 2  # DENOISE steps per task; 0: all remaining steps
+    chunk: int | None = None  # DENOISE steps per task; None: the scheduler's chunk_steps; 0: all remaining
     tol: float = 0.05  # relative step-time gain below which spare ranks are not given
     margin: float = 1.0  # multiplier on remaining-time estimates when testing a deadline
     hopeless_last: bool = True  # serve requests that cannot meet their deadline after all others
+    hopeless_fastest: bool = True  # such requests ask for the fastest free degree (else one rank)
 
     def __post_init__(self) -> None:
         _validate_common(self, self.chunk, self.max_sp, self.tol)
@@ -388,57 +497,252 @@ class EdfBestFitPolicy(Policy):
         cap = self.max_sp or view.world_size
         now = view.now_s
 
-        def degrees(rt: RunnableTask) -> list[int]:
-            return [d for d in rt.valid_degrees if d <= cap] or [1]
-
-        def meets(rt: RunnableTask, d: int) -> bool:
-            deadline = rt.request.deadline_s
-            return deadline is None or now + self.margin * rt.remaining_s[d] <= deadline
-
         def urgency(rt: RunnableTask) -> tuple:
             deadline = rt.request.deadline_s
             if deadline is None:
                 group = 1
-            elif self.hopeless_last and not any(meets(rt, d) for d in degrees(rt)):
+            elif self.hopeless_last and not any(_meets(rt, now, d, self.margin) for d in _degrees(rt, cap)):
                 group = 2
             else:
                 group = 0
             return (group, deadline if deadline is not None else math.inf, rt.request.arrival_s)
 
         order = sorted(view.runnable, key=urgency)
-        spare = len(view.free_ranks)
-        chosen: list[list] = []  # [runnable task, degree]
-        for rt in order:
-            if spare == 0:
-                break
-            d = 1
-            if rt.kind is TaskKind.DENOISE:
-                fits = [x for x in degrees(rt) if meets(rt, x)] if rt.request.deadline_s is not None else []
-                want = fits[0] if fits else 1
-                d = max(x for x in degrees(rt) if x <= min(want, spare))
-            chosen.append([rt, d])
-            spare -= d
-        changed = True
-        while spare > 0 and changed:
-            changed = False
-            for item in chosen:
-                rt, d = item
-                if rt.kind is not TaskKind.DENOISE:
-                    continue
-                ups = [
-                    x
-                    for x in degrees(rt)
-                    if d < x <= d + spare and rt.step_s[x] < rt.step_s[d] * (1.0 - self.tol)
-                ]
-                if ups:
-                    spare -= ups[0] - d
-                    item[1] = ups[0]
-                    changed = True
+        return _best_fit(view, order, cap, self.margin, self.tol, self.chunk, self.hopeless_fastest)
+
+
+# The paper's baselines and policies (GF-DiT, arXiv 2606.13501: its public code defines them).
+
+
+@register_policy
+@dataclass
+class RsspPolicy(Policy):
+    """Request-size-aware static parallelism (the paper's RSSP baseline): a fixed SP degree per
+    workload class (`Request.slo_class`: S, M, L; any other class gets `other`). Like `static`, a
+    request keeps its group, reserved, for its whole life; FCFS."""
+
+    name: ClassVar[str] = "rssp"
+    S: int = 4  # SP degree of class S
+    M: int = 4  # SP degree of class M
+    L: int = 1  # SP degree of class L
+    other: int = 1  # SP degree of requests of any other class
+    chunk: int | None = 0  # as static's chunk (0: one DENOISE task; None: the scheduler's chunk_steps)
+
+    def __post_init__(self) -> None:
+        for key in ("S", "M", "L", "other"):
+            _check(self.name, getattr(self, key) >= 1, f"{key} must be >= 1, got {getattr(self, key)}")
+        _validate_common(self, self.chunk, 0, 0.0)
+
+    def degree(self, request: Request) -> int:
+        return {"S": self.S, "M": self.M, "L": self.L}.get(request.slo_class, self.other)
+
+    def schedule(self, view: SchedulerView) -> list[Assignment]:
+        return _static_groups(view, lambda rt: self.degree(rt.request), self.chunk)
+
+
+@register_policy
+@dataclass
+class TetriServePolicy(Policy):
+    """A TetriServe-style policy: each request's SP degree is chosen once, at admission (its first
+    task), as the smallest valid degree whose estimated finish (now + margin * standalone remaining
+    time) meets its deadline (the fastest degree within `tol` when none does or it has none). It keeps
+    that degree for ENCODE, every DENOISE chunk and DECODE (FINALIZE: one rank), but runs each chunk
+    on whichever ranks are free (step-level packing, no reserved group). No preemption: admitted
+    requests are served first, in arrival order, and a new request (earliest deadline first) is
+    admitted only onto ranks that no waiting admitted request needs now."""
+
+    name: ClassVar[str] = "tetriserve"
+    max_sp: int = 0  # largest SP degree; 0: world size
+    chunk: int | None = None  # DENOISE steps per task; None: the scheduler's chunk_steps; 0: all remaining
+    tol: float = 0.05  # relative step-time gain below which a larger degree is not the "fastest"
+    margin: float = 1.0  # multiplier on remaining-time estimates when testing a deadline
+
+    def __post_init__(self) -> None:
+        _validate_common(self, self.chunk, self.max_sp, self.tol)
+        _check(
+            self.name, self.margin > 0 and math.isfinite(self.margin), f"margin must be > 0: {self.margin}"
+        )
+
+    def admission_degree(self, rt: RunnableTask, now: float, cap: int) -> int:
+        fits = [d for d in _degrees(rt, cap) if _meets(rt, now, d, self.margin)]
+        if rt.request.deadline_s is not None and fits:
+            return fits[0]
+        return _fastest_degree(rt, cap, self.tol)
+
+    def schedule(self, view: SchedulerView) -> list[Assignment]:
+        cap = self.max_sp or view.world_size
         free = list(view.free_ranks)
         holders = state_holders(view)
         out = []
-        for rt, d in chosen:
+        held = 0  # free ranks kept for admitted requests that do not fit yet
+        admitted = sorted((rt for rt in view.runnable if rt.started), key=lambda rt: rt.request.arrival_s)
+        for rt in admitted:
+            d = 1 if rt.kind is TaskKind.FINALIZE else len(rt.last_ranks)
+            if d > len(free) - held:
+                held += d
+                continue
             ranks = place(rt, free, d, _others(holders, rt.request_id))
             free = [r for r in free if r not in ranks]
+            out.append(Assignment(rt.task, ranks, _steps(rt, self.chunk)))
+        new = sorted((rt for rt in view.runnable if not rt.started), key=_edf_key)
+        for rt in new:
+            d = self.admission_degree(rt, view.now_s, cap) if rt.kind is not TaskKind.FINALIZE else 1
+            if d > len(free) - held:
+                continue  # later, smaller requests may still fit (backfilling)
+            ranks = place(rt, free, d, _others(holders, rt.request_id))
+            free = [r for r in free if r not in ranks]
+            out.append(Assignment(rt.task, ranks, _steps(rt, self.chunk)))
+        return out
+
+
+@register_policy
+@dataclass
+class StepPreemptPolicy(Policy):
+    """Priority preemption at chunk boundaries (the paper's step-preempt baseline). At every
+    rescheduling point, started non-preemptible requests come first (they are never paused), then all
+    others by priority (higher first), deadline and arrival. Degrees are edf-best-fit's (the smallest
+    that meets the deadline, the fastest free one for a late request, spare ranks spread). A
+    preemptible request (`Request.preemptible`) comes after the others of its priority, so its ranks go
+    to higher-priority work first; when fewer ranks than its last group are left, it is demoted to the
+    largest degree they allow (`demote`), or paused until its degree is free again (not `demote`). The
+    scheduler counts either as a preemption."""
+
+    name: ClassVar[str] = "step-preempt"
+    max_sp: int = 0  # largest SP degree; 0: world size
+    chunk: int | None = None  # DENOISE steps per task; None: the scheduler's chunk_steps; 0: all remaining
+    tol: float = 0.05  # relative step-time gain below which spare ranks are not given
+    margin: float = 1.0  # multiplier on remaining-time estimates when testing a deadline
+    demote: bool = True  # a preemptible request runs on fewer ranks (True) or waits (False)
+
+    def __post_init__(self) -> None:
+        _validate_common(self, self.chunk, self.max_sp, self.tol)
+        _check(
+            self.name, self.margin > 0 and math.isfinite(self.margin), f"margin must be > 0: {self.margin}"
+        )
+
+    def schedule(self, view: SchedulerView) -> list[Assignment]:
+        def key(rt: RunnableTask) -> tuple:
+            protected = rt.started and not rt.request.preemptible
+            return (not protected, -rt.request.priority, *_edf_key(rt))
+
+        order = sorted(view.runnable, key=key)
+        strict = {}
+        if not self.demote:  # pause: a preemptible request runs again only on as many ranks as before
+            strict = {rt.request_id: len(rt.last_ranks) for rt in order if rt.request.preemptible}
+        cap = self.max_sp or view.world_size
+        return _best_fit(view, order, cap, self.margin, self.tol, self.chunk, True, strict)
+
+
+@register_policy
+@dataclass
+class LoadAdaptivePolicy(Policy):
+    """Load-adaptive parallelism (the paper's load-adaptive baseline): degrees shrink as the queue
+    grows. With q requests in the system (runnable and running), every DENOISE chunk may use at most
+    max(1, world_size // q) ranks (and `max_sp`): one request alone gets every rank, a full queue one
+    rank each. FCFS; under the cap, the fastest degree within `tol`."""
+
+    name: ClassVar[str] = "load-adaptive"
+    max_sp: int = 0  # largest SP degree; 0: world size
+    chunk: int | None = None  # DENOISE steps per task; None: the scheduler's chunk_steps; 0: all remaining
+    tol: float = 0.05  # relative step-time gain below which more ranks are not worth taking
+
+    def __post_init__(self) -> None:
+        _validate_common(self, self.chunk, self.max_sp, self.tol)
+
+    def cap(self, view: SchedulerView) -> int:
+        q = len(view.runnable) + len({t.task.request_id for t in view.running})
+        return max(1, min(self.max_sp or view.world_size, view.world_size // max(1, q)))
+
+    def schedule(self, view: SchedulerView) -> list[Assignment]:
+        order = sorted(view.runnable, key=lambda rt: (rt.request.arrival_s, -rt.request.priority))
+        return _assign_greedily(view, order, self.cap(view), self.chunk, self.tol)
+
+
+@register_policy
+@dataclass
+class SjfPolicy(Policy):
+    """Shortest job first: requests that have started continue first (by arrival: a started request is
+    not overtaken, unlike srtf), then new ones by their whole standalone time on one rank, shortest
+    first. Degrees as in fcfs-elastic."""
+
+    name: ClassVar[str] = "sjf"
+    max_sp: int = 0  # largest SP degree; 0: world size
+    chunk: int | None = None  # DENOISE steps per task; None: the scheduler's chunk_steps; 0: all remaining
+    tol: float = 0.05  # relative step-time gain below which more ranks are not worth taking
+
+    def __post_init__(self) -> None:
+        _validate_common(self, self.chunk, self.max_sp, self.tol)
+
+    def schedule(self, view: SchedulerView) -> list[Assignment]:
+        def key(rt: RunnableTask) -> tuple:
+            if rt.started:
+                return (0, 0.0, rt.request.arrival_s)
+            return (1, view.cost.standalone_time(rt.request, 1), rt.request.arrival_s)
+
+        return _assign_greedily(view, sorted(view.runnable, key=key), self.max_sp, self.chunk, self.tol)
+
+
+@register_policy
+@dataclass
+class EdfGreedyPolicy(Policy):
+    """Clean earliest deadline first (the paper's EDF baseline): requests by deadline (those without one
+    last, by arrival), each DENOISE chunk greedily given the fastest degree within `tol` that the free
+    ranks allow; no best fit, no special treatment of late requests."""
+
+    name: ClassVar[str] = "edf-greedy"
+    max_sp: int = 0  # largest SP degree; 0: world size
+    chunk: int | None = None  # DENOISE steps per task; None: the scheduler's chunk_steps; 0: all remaining
+    tol: float = 0.05  # relative step-time gain below which more ranks are not worth taking
+
+    def __post_init__(self) -> None:
+        _validate_common(self, self.chunk, self.max_sp, self.tol)
+
+    def schedule(self, view: SchedulerView) -> list[Assignment]:
+        order = sorted(view.runnable, key=_edf_key)
+        return _assign_greedily(view, order, self.max_sp, self.chunk, self.tol)
+
+
+@register_policy
+@dataclass
+class DisaggregatedPolicy(Policy):
+    """Disaggregated stages: the last `stage_ranks` ranks run only ENCODE, DECODE and FINALIZE (one
+    rank each); the others run only DENOISE, earliest deadline first with the fastest degree within
+    `tol` (as edf-greedy). The latent moves from its stage rank to the denoise group after ENCODE and
+    to one stage rank for DECODE (two reshards per request). With world_size <= stage_ranks, every
+    rank runs everything."""
+
+    name: ClassVar[str] = "disaggregated"
+    stage_ranks: int = 1  # ranks reserved for ENCODE / DECODE / FINALIZE
+    max_sp: int = 0  # largest DENOISE degree; 0: the denoise ranks
+    chunk: int | None = None  # DENOISE steps per task; None: the scheduler's chunk_steps; 0: all remaining
+    tol: float = 0.05  # relative step-time gain below which more ranks are not worth taking
+
+    def __post_init__(self) -> None:
+        _validate_common(self, self.chunk, self.max_sp, self.tol)
+        _check(self.name, self.stage_ranks >= 1, f"stage_ranks must be >= 1, got {self.stage_ranks}")
+
+    def schedule(self, view: SchedulerView) -> list[Assignment]:
+        if view.world_size <= self.stage_ranks:
+            return _assign_greedily(
+                view, sorted(view.runnable, key=_edf_key), self.max_sp, self.chunk, self.tol
+            )
+        first_stage = view.world_size - self.stage_ranks
+        stage_free = [r for r in view.free_ranks if r >= first_stage]
+        denoise_free = [r for r in view.free_ranks if r < first_stage]
+        cap = min(self.max_sp or first_stage, first_stage)
+        holders = state_holders(view)
+        out = []
+        for rt in sorted(view.runnable, key=_edf_key):
+            if rt.kind is TaskKind.DENOISE:
+                if not denoise_free:
+                    continue
+                d = _fastest_degree(rt, min(cap, len(denoise_free)), self.tol)
+                ranks = place(rt, denoise_free, d, _others(holders, rt.request_id))
+                denoise_free = [r for r in denoise_free if r not in ranks]
+            else:
+                if not stage_free:
+                    continue
+                ranks = place(rt, stage_free, 1, _others(holders, rt.request_id))
+                stage_free = [r for r in stage_free if r not in ranks]
             out.append(Assignment(rt.task, ranks, _steps(rt, self.chunk)))
         return out

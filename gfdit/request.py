@@ -48,6 +48,8 @@ class Request:
     deadline_s: float | None = None  # absolute time by which the result is wanted; None: best effort
     priority: int = 0  # larger is more important; policies may use it to break ties
     arrival_s: float = 0.0  # absolute time the request was accepted
+    preemptible: bool = False  # policies may pause or demote it at a chunk boundary for other work
+    slo_class: str = ""  # workload class label (e.g. "S", "M", "L"; "" for none): per-class policies, metrics
 
     def __post_init__(self) -> None:
         if not isinstance(self.request_id, str) or not self.request_id:
@@ -66,6 +68,10 @@ class Request:
             raise ValueError(f"guidance_scale must be finite, got {self.guidance_scale!r}")
         if not math.isfinite(self.arrival_s):
             raise ValueError(f"arrival_s must be finite, got {self.arrival_s!r}")
+        if not isinstance(self.preemptible, bool):
+            raise ValueError(f"preemptible must be a bool, got {self.preemptible!r}")
+        if not isinstance(self.slo_class, str):
+            raise ValueError(f"slo_class must be a string, got {self.slo_class!r}")
         if self.deadline_s is not None and not math.isfinite(self.deadline_s):
             raise ValueError(f"deadline_s must be None or finite, got {self.deadline_s!r}")
 

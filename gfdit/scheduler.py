@@ -79,7 +79,7 @@ class RequestRecord:
     elements_moved: int = 0  # state indices moved by those reshards, in total
     bytes_moved: int = 0  # the same in bytes (estimated from the state's bytes per index)
     num_group_changes: int = 0  # tasks whose group differed from the previous task's
-    num_preemptions: int = 0  # times its last group's ranks went to another request while it waited
+    num_preemptions: int = 0  # times its last group's ranks went to another request (it waited or moved)
     num_retries: int = 0  # failed tasks that were retried
     first_start_s: float | None = None  # dispatch of its first task
     finish_s: float | None = None  # when it reached a terminal state
@@ -155,6 +155,7 @@ class Scheduler:
         self._active: dict[str, RequestRecord] = {}  # the unfinished ones among them
         self._finished: collections.deque[str] = collections.deque()  # ids of kept finished, oldest first
         self._busy: dict[int, str] = {}  # rank -> request id of the task running there
+        self.num_preemptions = 0  # preemptions of all requests so far (see RequestRecord.num_preemptions)
 
     # Queries.
 
@@ -299,12 +300,19 @@ class Scheduler:
         proposed = self.policy.schedule(view)
         self._validate(view, proposed)
         committed = [self._commit(a, now) for a in proposed]
-        taken = {r for a in committed for r in a.ranks}
+        owner = {r: a.task.request_id for a in committed for r in a.ranks}
         for rt in view.runnable:
             rec = self._records[rt.request_id]
-            if rec.running is None and rt.started and not rec.preempted and taken & set(rt.last_ranks):
+            if not rt.started or not any(owner.get(r, rt.request_id) != rt.request_id for r in rt.last_ranks):
+                continue
+            # Some of its last group's ranks went to another request: it waits (paused, counted once
+            # per wait) or runs on other ranks (demoted or moved, counted per decision).
+            if rec.running is None and not rec.preempted:
                 rec.preempted = True
-                rec.num_preemptions += 1
+            elif rec.running is None:
+                continue
+            rec.num_preemptions += 1
+            self.num_preemptions += 1
         return committed
 
     # Internals.

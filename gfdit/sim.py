@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from gfdit.cost import CostModel, state_bytes_per_index
 from gfdit.request import Request, RequestState
 from gfdit.scheduler import Scheduler
+from gfdit.simexec import ExecutionModel, ExecutionState
 from gfdit.tasks import Task, TaskTimings
 
 __all__ = [
@@ -120,16 +121,20 @@ def simulate(
     true_cost: CostModel | None = None,
     noise: float = 0.0,
     seed: int = 0,
+    execution: ExecutionModel | None = None,
 ) -> SimResult:
     """Run `requests` (submitted at their arrival_s) through `scheduler` to the end and report.
 
     `true_cost` is what tasks really take (default: the scheduler's own cost model, i.e. perfect
-    estimates). Raises SimulationStalled if the policy leaves work waiting with nothing in flight.
+    estimates). `execution` adds the server's own costs (Note [Simulated execution] in gfdit.simexec:
+    host overhead, measured reshard costs, busy senders, decode on ranks[0]). Raises SimulationStalled
+    if the policy leaves work waiting with nothing in flight.
     """
     if noise < 0:
         raise ValueError(f"noise must be >= 0, got {noise}")
     truth = true_cost if true_cost is not None else scheduler.cost_model
     rng = random.Random(seed)
+    ex = ExecutionState(execution, truth) if execution is not None else None
     seq = itertools.count()
     events: list[tuple] = []  # (time, 0 = completion | 1 = arrival, seq, payload)
     for r in requests:
@@ -145,17 +150,23 @@ def simulate(
                 scheduler.submit(payload)
             else:
                 entry = payload
+                if ex is not None:
+                    ex.finished(entry.ranks, now)
                 scheduler.on_task_done(
                     entry.task, entry.ranks, TaskTimings(entry.start_s, now, entry.reshard_s)
                 )
         for a in scheduler.schedule(now):
             req = scheduler.record(a.task.request_id).request
-            num_bytes = a.reshard.bytes_moved(state_bytes_per_index(req, a.task.kind)) if a.reshard else 0
-            reshard_s = truth.reshard_time(num_bytes)
-            compute_s = truth.task_time(a.task, req, len(a.ranks))
+            begin = now
+            if ex is not None:
+                begin, reshard_s, compute_s = ex.timing(a, req, now)
+            else:
+                num_bytes = a.reshard.bytes_moved(state_bytes_per_index(req, a.task.kind)) if a.reshard else 0
+                reshard_s = truth.reshard_time(num_bytes)
+                compute_s = truth.task_time(a.task, req, len(a.ranks))
             if noise > 0:
                 compute_s *= math.exp(rng.gauss(0.0, noise))
-            entry = TraceEntry(a.task, a.ranks, now, now + reshard_s + compute_s, reshard_s)
+            entry = TraceEntry(a.task, a.ranks, begin, begin + reshard_s + compute_s, reshard_s)
             trace.append(entry)
             heapq.heappush(events, (entry.end_s, 0, next(seq), entry))
     unfinished = [rid for rid, rec in scheduler.records.items() if not rec.state.is_terminal]

@@ -59,6 +59,9 @@ def _body(rec: TraceRecord) -> dict:
         "num_inference_steps": rec.num_inference_steps,
         "seed": rec.seed,
         "slo_ms": max(1e-3, rec.slo_s * 1000.0),
+        "priority": rec.priority,
+        "preemptible": rec.preemptible,
+        "slo_class": rec.cls,
     }
     if rec.kind == "video":
         body["num_frames"] = rec.num_frames

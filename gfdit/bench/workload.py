@@ -7,6 +7,11 @@ then for each request its class, its seed and its prompt. Deadlines are relative
 from gfdit.cost.AnalyticCostModel or measured by calibration requests against a server
 (`calibrate`).
 
+Per class, a workload may set its own alpha, a priority and the preemptible flag (the named mixes of
+gfdit.bench.mixes do); they travel in the trace and with each request to the server. Arrivals are
+piecewise-Poisson (`phases`) or a two-state MMPP (`Mmpp`, bursts). `rate_for_load` derives the mean
+rate from a target load rho = sum of standalone one-rank seconds / (world size * window).
+
 Trace file: the first line is {"meta": {spec, counts}}, then one request per line
 (`TraceRecord` fields); arrival_s and deadline_s are seconds from the start of the replay.
 """
@@ -28,12 +33,17 @@ from gfdit.request import Request
 __all__ = [
     "RequestClass",
     "Phase",
+    "Mmpp",
     "WorkloadSpec",
     "TraceRecord",
     "default_classes",
     "parse_class",
     "parse_phases",
     "poisson_arrivals",
+    "mmpp_arrivals",
+    "parse_mmpp",
+    "rate_for_load",
+    "offered_load",
     "analytic_standalone",
     "generate",
     "write_trace",
@@ -63,6 +73,9 @@ class RequestClass:
     num_frames: int | None  # video frames; None for images
     num_inference_steps: int  # denoising steps
     weight: float  # relative frequency (normalised over the classes)
+    priority: int = 0  # sent with each request; larger is more important
+    alpha: float | None = None  # this class's deadline factor; None: the workload's alpha
+    preemptible: bool = False  # sent with each request: policies may pause or demote it
 
     def __post_init__(self) -> None:
         if not self.name or not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
@@ -73,6 +86,8 @@ class RequestClass:
             raise ValueError(f"class {self.name}: frames must be positive, got {self.num_frames}")
         if not (self.weight > 0 and math.isfinite(self.weight)):
             raise ValueError(f"class {self.name}: weight must be > 0, got {self.weight}")
+        if self.alpha is not None and not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise ValueError(f"class {self.name}: alpha must be > 0, got {self.alpha}")
 
 
 @dataclass(frozen=True)
@@ -81,6 +96,38 @@ class Phase:
 
     start_s: float  # seconds from the start of the trace
     rate: float  # requests per second (0: none)
+
+
+@dataclass(frozen=True)
+class Mmpp:
+    """A two-state Markov-modulated Poisson process (bursty arrivals): Poisson at `rate_low` in the low
+    state and `rate_high` in the high state; each state lasts an exponential time of the given mean,
+    then the process switches. It starts in the low state. Mean rate:
+    (rate_low * mean_low_s + rate_high * mean_high_s) / (mean_low_s + mean_high_s)."""
+
+    rate_low: float  # requests/s in the low state
+    rate_high: float  # requests/s in the high state (the burst)
+    mean_low_s: float  # mean seconds in the low state
+    mean_high_s: float  # mean seconds in the high state
+
+    def __post_init__(self) -> None:
+        if not all(math.isfinite(x) and x >= 0 for x in (self.rate_low, self.rate_high)):
+            raise ValueError(f"MMPP rates must be finite and >= 0, got {self.rate_low}, {self.rate_high}")
+        if not all(math.isfinite(x) and x > 0 for x in (self.mean_low_s, self.mean_high_s)):
+            raise ValueError("MMPP mean state durations must be > 0")
+        if self.mean_rate <= 0:
+            raise ValueError("MMPP needs a positive rate in at least one state")
+
+    @property
+    def mean_rate(self) -> float:
+        """The long-run arrival rate, requests/s."""
+        total = self.mean_low_s + self.mean_high_s
+        return (self.rate_low * self.mean_low_s + self.rate_high * self.mean_high_s) / total
+
+    def scaled(self, mean_rate: float) -> Mmpp:
+        """The same burst shape with both rates scaled to the long-run rate `mean_rate`."""
+        f = mean_rate / self.mean_rate
+        return Mmpp(self.rate_low * f, self.rate_high * f, self.mean_low_s, self.mean_high_s)
 
 
 @dataclass(frozen=True)
@@ -95,6 +142,10 @@ class WorkloadSpec:
     seed: int  # seed of every random draw
     standalone_s: Mapping[str, float] | None = None  # class -> measured standalone seconds; None: analytic
     slo_source: str = "analytic"  # "analytic" (AnalyticCostModel), "profiled" or "calibrated" (standalone_s)
+    mmpp: Mmpp | None = None  # bursty arrivals instead of `phases` (which then only record the mean rate)
+    mix: str | None = None  # the named mix the classes came from (gfdit.bench.mixes), if any
+    target_load: float | None = None  # the load the rate was derived from (see `rate_for_load`), if any
+    world_size: int | None = None  # the ranks that load refers to
 
     def __post_init__(self) -> None:
         if not (self.duration_s > 0 and math.isfinite(self.duration_s)):
@@ -113,9 +164,23 @@ class WorkloadSpec:
         if not (self.alpha > 0 and math.isfinite(self.alpha)):
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
 
+    @property
+    def mean_rate(self) -> float:
+        """Expected arrivals per second over [0, duration_s)."""
+        if self.mmpp is not None:
+            return self.mmpp.mean_rate
+        total = 0.0
+        for i, p in enumerate(self.phases):
+            end = min(
+                self.phases[i + 1].start_s if i + 1 < len(self.phases) else self.duration_s, self.duration_s
+            )
+            total += p.rate * max(0.0, end - p.start_s)
+        return total / self.duration_s
+
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         d["standalone_s"] = dict(self.standalone_s) if self.standalone_s is not None else None
+        d["mean_rate"] = self.mean_rate
         return d
 
 
@@ -137,13 +202,16 @@ class TraceRecord:
     standalone_s: float  # estimated latency alone on one rank
     slo_s: float  # alpha * standalone_s: latency target
     deadline_s: float  # arrival_s + slo_s
+    priority: int = 0  # its class's priority (larger is more important)
+    preemptible: bool = False  # its class may be paused or demoted at chunk boundaries
 
     def to_request(self) -> Request:
         """The engine request this line stands for (arrival and deadline on the trace's clock)."""
         return Request(
             self.request_id, self.model, self.prompt, width=self.width, height=self.height,
             num_frames=self.num_frames, num_inference_steps=self.num_inference_steps, seed=self.seed,
-            arrival_s=self.arrival_s, deadline_s=self.deadline_s,
+            arrival_s=self.arrival_s, deadline_s=self.deadline_s, priority=self.priority,
+            preemptible=self.preemptible, slo_class=self.cls,
         )  # fmt: skip
 
 
@@ -235,6 +303,62 @@ def poisson_arrivals(phases: Sequence[Phase], duration_s: float, rng: random.Ran
     return out
 
 
+def mmpp_arrivals(mmpp: Mmpp, duration_s: float, rng: random.Random) -> list[float]:
+    """Arrival times in [0, duration_s) of the two-state MMPP `mmpp`, starting in the low state. Each
+    state's sojourn is drawn first, then its Poisson arrivals up to the switch (memorylessness makes
+    the restart at a switch exact)."""
+    out: list[float] = []
+    t, high = 0.0, False
+    while t < duration_s:
+        end = min(duration_s, t + rng.expovariate(1.0 / (mmpp.mean_high_s if high else mmpp.mean_low_s)))
+        rate = mmpp.rate_high if high else mmpp.rate_low
+        a = t
+        while rate > 0:
+            a += rng.expovariate(rate)
+            if a >= end:
+                break
+            out.append(a)
+        t, high = end, not high
+    return out
+
+
+def parse_mmpp(text: str) -> Mmpp:
+    """'RATE_LOW,RATE_HIGH,MEAN_LOW_S,MEAN_HIGH_S' -> Mmpp, e.g. '0.2,2,60,10'."""
+    try:
+        values = [float(x) for x in text.split(",")]
+        if len(values) != 4:
+            raise ValueError(text)
+        return Mmpp(*values)
+    except ValueError as e:
+        raise ValueError(
+            f"--mmpp {text!r}: expected RATE_LOW,RATE_HIGH,MEAN_LOW_S,MEAN_HIGH_S ({e})"
+        ) from None
+
+
+def rate_for_load(
+    target_load: float, world_size: int, classes: Sequence[RequestClass], standalone_s: Mapping[str, float]
+) -> float:
+    """The mean arrival rate (requests/s) that offers `target_load` to `world_size` ranks.
+
+    Load is rho = sum of the requests' standalone one-rank seconds / (world_size * window), so the
+    rate is rho * world_size / E[standalone seconds of a request], the expectation over the class
+    weights."""
+    if not (target_load > 0 and math.isfinite(target_load)):
+        raise ValueError(f"target load must be > 0, got {target_load}")
+    if world_size < 1:
+        raise ValueError(f"world size must be >= 1, got {world_size}")
+    total = sum(c.weight for c in classes)
+    work = sum(c.weight / total * standalone_s[c.name] for c in classes)
+    if not work > 0:
+        raise ValueError("the classes' standalone latencies must be > 0 to derive a rate from a load")
+    return target_load * world_size / work
+
+
+def offered_load(records: Sequence[TraceRecord], world_size: int, window_s: float) -> float:
+    """The load a trace really offers: sum of its standalone seconds / (world_size * window_s)."""
+    return sum(r.standalone_s for r in records) / (world_size * window_s)
+
+
 def _request(model: str, cls: RequestClass) -> Request:
     return Request(
         f"standalone-{cls.name}", model, "x", width=cls.width, height=cls.height,
@@ -262,7 +386,10 @@ def generate(spec: WorkloadSpec) -> list[TraceRecord]:
     if missing:
         raise ValueError(f"no standalone latency for classes {missing}")
     rng = random.Random(spec.seed)
-    arrivals = poisson_arrivals(spec.phases, spec.duration_s, rng)
+    if spec.mmpp is not None:
+        arrivals = mmpp_arrivals(spec.mmpp, spec.duration_s, rng)
+    else:
+        arrivals = poisson_arrivals(spec.phases, spec.duration_s, rng)
     weights = [c.weight for c in spec.classes]
     kind = "video" if p.is_video else "image"
     out = []
@@ -270,7 +397,7 @@ def generate(spec: WorkloadSpec) -> list[TraceRecord]:
         c = rng.choices(spec.classes, weights)[0]
         seed = rng.randrange(2**31)
         prompt = kPrompts[rng.randrange(len(kPrompts))]
-        slo = spec.alpha * standalone[c.name]
+        slo = (c.alpha if c.alpha is not None else spec.alpha) * standalone[c.name]
         out.append(
             TraceRecord(
                 request_id=f"r{i:06d}",
@@ -287,6 +414,8 @@ def generate(spec: WorkloadSpec) -> list[TraceRecord]:
                 standalone_s=standalone[c.name],
                 slo_s=slo,
                 deadline_s=round(t, 6) + slo,
+                priority=c.priority,
+                preemptible=c.preemptible,
             )  # fmt: skip
         )
     return out
@@ -307,7 +436,9 @@ def read_trace(path: str) -> tuple[dict, list[TraceRecord]]:
     """(meta, records) of a trace file; ValueError naming the line if one is malformed."""
     meta: dict = {}
     records = []
-    names = {f.name for f in dataclasses.fields(TraceRecord)}
+    fields = dataclasses.fields(TraceRecord)
+    names = {f.name for f in fields}
+    required = {f.name for f in fields if f.default is dataclasses.MISSING}
     with open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -319,7 +450,7 @@ def read_trace(path: str) -> tuple[dict, list[TraceRecord]]:
             if "meta" in obj:
                 meta = obj["meta"]
                 continue
-            if set(obj) != names:
+            if not required <= set(obj) <= names:  # traces written before priority/preemptible lack them
                 raise ValueError(f"{path}:{n}: expected the fields {sorted(names)}, got {sorted(obj)}")
             records.append(TraceRecord(**obj))
     records.sort(key=lambda r: r.arrival_s)

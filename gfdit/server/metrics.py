@@ -16,6 +16,7 @@ __all__ = ["ServerMetrics", "kLatencyBuckets", "kStepBuckets"]
 # Seconds. Requests span ~50 ms (tiny presets on CPU) to ~15 min (Wan 14B 720p on one GPU: 50 steps
 # of 12.7 s); steps span ~1 ms (tiny) to ~13 s (DESIGN.md section 2).
 kLatencyBuckets = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, float("inf"))
+kDegreeBuckets = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, float("inf"))  # SP degrees (le buckets)
 kStepBuckets = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, float("inf"))
 
 
@@ -83,6 +84,24 @@ class ServerMetrics:
         self.busy = Counter(
             "gfdit_rank_busy_seconds", "Seconds each rank spent running tasks", ["rank"], registry=r
         )
+        self.preemptions = Counter(
+            "gfdit_preemptions",
+            "Times a request's ranks went to another request at a chunk boundary (it waited or moved)",
+            registry=r,
+        )
+        self.chunk_degree = Histogram(
+            "gfdit_chunk_degree",
+            "SP degree of each completed DENOISE chunk",
+            buckets=kDegreeBuckets,
+            registry=r,
+        )
+        self.slo_attainment = Gauge(
+            "gfdit_slo_attainment",
+            "Fraction of the ended requests with a deadline that met it, by workload class",
+            ["slo_class"],
+            registry=r,
+        )
+        self._slo_counts: dict[str, list[int]] = {}  # class -> [met, ended with a deadline]
         for rank in range(engine.world.size):
             self.busy.labels(rank=str(rank))
         for kind in ("image", "video"):
@@ -104,8 +123,14 @@ class ServerMetrics:
             self.reshard_bytes.inc(result.bytes_moved)
         if record is None:
             return
+        self.preemptions.inc(record.num_preemptions)
         if outcome != "cancelled" and record.request.deadline_s is not None:
             (self.slo_met if record.met_deadline else self.slo_missed).inc()
+            cls = record.request.slo_class or "none"
+            counts = self._slo_counts.setdefault(cls, [0, 0])
+            counts[0] += bool(record.met_deadline)
+            counts[1] += 1
+            self.slo_attainment.labels(slo_class=cls).set(counts[0] / counts[1])
         for t in record.history:
             if t.end_s is None:
                 continue
@@ -114,3 +139,4 @@ class ServerMetrics:
                 self.busy.labels(rank=str(rank)).inc(seconds)
             if t.task.kind is TaskKind.DENOISE and t.outcome == "done":
                 self.step.labels(degree=str(len(t.ranks))).observe(seconds / t.task.num_steps)
+                self.chunk_degree.observe(len(t.ranks))

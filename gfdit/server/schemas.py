@@ -36,6 +36,7 @@ __all__ = [
 kMaxPromptChars = 4000  # characters; the model's tokenizer then bounds the tokens (presets' max_length)
 kMaxSeed = 2**32 - 1  # seeds are uint32 like most pipelines'; n images use seed, seed + 1, ...
 kSizePattern = r"^(auto|[0-9]{1,5}x[0-9]{1,5})$"
+kClassPattern = r"^[A-Za-z0-9_.-]{1,32}$"  # a workload class label (slo_class)
 
 _REQUEST = ConfigDict(extra="forbid", strict=True)
 
@@ -86,6 +87,8 @@ class ImageGenerationRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=kMaxSeed)  # initial-noise seed; None: the server picks one
     negative_prompt: str | None = Field(None, max_length=kMaxPromptChars)  # for models with CFG (Wan)
     priority: int = Field(0, ge=-1000, le=1000)  # larger is more important (policies may use it)
+    preemptible: bool = False  # policies may pause or demote it at a chunk boundary for other work
+    slo_class: str | None = Field(None, max_length=32, pattern=kClassPattern)  # workload class label
     slo_ms: float | None = Field(None, gt=0.0, le=8.64e7, allow_inf_nan=False)  # deadline: accept + slo
 
 
@@ -148,6 +151,8 @@ class VideoCreateRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=kMaxSeed)  # None: the server picks one
     negative_prompt: str | None = Field(None, max_length=kMaxPromptChars)  # classifier-free guidance
     priority: int = Field(0, ge=-1000, le=1000)  # larger is more important
+    preemptible: bool = False  # policies may pause or demote it at a chunk boundary for other work
+    slo_class: str | None = Field(None, max_length=32, pattern=kClassPattern)  # workload class label
     slo_ms: float | None = Field(None, gt=0.0, le=8.64e7, allow_inf_nan=False)  # deadline: accept + slo
     user: str | None = Field(None, max_length=256)  # accepted, ignored
 

@@ -269,6 +269,8 @@ class ServerState:
                 seed=seed + i,
                 deadline_s=deadline,
                 priority=body.priority,
+                preemptible=body.preemptible,
+                slo_class=body.slo_class or "",
             )
             for i in range(body.n)
         ]
@@ -333,6 +335,8 @@ class ServerState:
             seed=random.randrange(2**31) if body.seed is None else body.seed,
             deadline_s=self._deadline(body.slo_ms),
             priority=body.priority,
+            preemptible=body.preemptible,
+            slo_class=body.slo_class or "",
         )
         self.check_cost([request])
         return request

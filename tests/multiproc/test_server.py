@@ -552,6 +552,8 @@ def test_metrics_after_traffic(elastic):
     steps = sum(v for (name, labels), v in m.items() if name == "gfdit_step_seconds_count")
     assert steps >= completed  # at least one DENOISE chunk each
     assert _metric(m, "gfdit_step_seconds_count", degree="1") > 0
+    assert _metric(m, "gfdit_chunk_degree_count") == steps and _metric(m, "gfdit_preemptions_total") >= 0
+    assert _metric(m, "gfdit_slo_attainment", slo_class="none") < 1  # one missed, unlabelled requests
     assert _metric(m, "gfdit_rank_busy_seconds_total", rank="0") > 0
     assert _metric(m, "gfdit_rank_busy_seconds_total", rank="1") > 0
     assert _metric(m, "gfdit_reshards_total") >= 0 and _metric(m, "gfdit_reshard_bytes_total") >= 0

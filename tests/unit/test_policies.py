@@ -89,16 +89,19 @@ def test_make_policy_parses_params_and_round_trips():
     "spec, message",
     [
         ("", "unknown policy ''"),
-        ("fifo", "unknown policy 'fifo'; available: edf-best-fit, fcfs-elastic"),
+        ("fifo", "unknown policy 'fifo'; available: disaggregated, edf-best-fit, edf-greedy, fcfs-elastic"),
         ("edf-best-fit:chunk", "expected key=value, got 'chunk'"),
         ("edf-best-fit:chunk=", "expected key=value"),
-        ("edf-best-fit:sp=2", "has no parameter 'sp'; parameters: chunk, hopeless_last, margin, max_sp, tol"),
+        (
+            "edf-best-fit:sp=2",
+            "has no parameter 'sp'; parameters: chunk, hopeless_fastest, hopeless_last, margin, max_sp, tol",
+        ),
         ("static:max_sp=2", "has no parameter 'max_sp'; parameters: chunk, sp"),
         ("srtf:chunk=x", "parameter 'chunk' expects int, got 'x'"),
         ("srtf:chunk=2.5", "parameter 'chunk' expects int, got '2.5'"),
         ("srtf:tol=abc", "parameter 'tol' expects float"),
         ("edf-best-fit:hopeless_last=maybe", "parameter 'hopeless_last' expects bool"),
-        ("srtf:chunk=-1", "chunk must be >= 0"),
+        ("srtf:chunk=-1", "chunk must be None (the scheduler's chunk_steps) or >= 0"),
         ("srtf:tol=1.5", "tol must be in [0, 1)"),
         ("static:sp=0", "sp must be >= 1"),
         ("edf-best-fit:margin=0", "margin must be > 0"),
@@ -156,7 +159,8 @@ def test_fcfs_elastic_gives_helpful_ranks_in_arrival_order():
     run_on(sched, "small", (1,), now=0.5)
     view = sched.view(1.0)
     (a,) = make_policy("fcfs-elastic").schedule(view)  # big came first; every extra rank helps it
-    assert a.task.request_id == "big" and len(a.ranks) == 4 and a.ranks[0] == 0 and a.num_steps == 2
+    assert a.task.request_id == "big" and len(a.ranks) == 4 and a.ranks[0] == 0
+    assert a.num_steps is None and a.task.num_steps == 2  # chunk None: the scheduler's chunk_steps (2)
     a, b = make_policy("fcfs-elastic:max_sp=2").schedule(view)
     assert (a.task.request_id, len(a.ranks), b.task.request_id) == ("big", 2, "small")
     assert 0 in a.ranks and 1 in b.ranks  # each on the rank holding its state

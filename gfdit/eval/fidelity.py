@@ -1,0 +1,349 @@
+"""`gfdit eval fidelity`: the simulator's error, measured. For each policy: start a server
+(`gfdit serve <serve-args> --policy SPEC` on a free port), wait for /health, measure each class's
+standalone latency on the idle server (`gfdit.bench.client.calibrate`, which also warms it up),
+replay the trace (`gfdit bench run`'s machinery), save /metrics, stop the server with SIGTERM; then
+simulate the same trace with the same policy and chunk_steps, and write measured beside simulated.
+
+Errors (simulated vs measured): relative error (sim / measured - 1) of the mean latency, the P99
+latency and the throughput; the SLO attainment difference in percentage points. Both sides use the
+simulator's definitions: latency = arrival to result of completed requests, throughput = completed
+requests / (last completion - first arrival), P99 nearest-rank, SLO = requests that completed by
+their deadline / all requests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+from gfdit.bench.workload import read_trace
+from gfdit.policy import make_policy
+from gfdit.request import RequestState
+from gfdit.scheduler import Scheduler
+from gfdit.sim import simulate
+from gfdit.simexec import ExecutionModel
+
+__all__ = [
+    "FidelityError",
+    "measured_metrics",
+    "simulated_metrics",
+    "errors",
+    "run_fidelity",
+    "render_markdown",
+]
+
+log = logging.getLogger("gfdit.eval")
+
+kStopTimeoutS = 120.0  # SIGTERM to exit: the drain plus the ranks' shutdown
+
+
+class FidelityError(RuntimeError):
+    """A server did not start, answer or stop as expected."""
+
+
+def _p99(values: list[float]) -> float:
+    if not values:
+        return math.nan
+    v = sorted(values)
+    return v[min(len(v) - 1, max(0, math.ceil(0.99 * len(v)) - 1))]
+
+
+def measured_metrics(rows: list[dict], time_scale: float = 1.0) -> dict:
+    """The metrics of one replay from its results.jsonl rows (client-side latencies)."""
+    done = [r for r in rows if r["status"] == "completed" and r["latency_s"] is not None]
+    lat = [r["latency_s"] for r in done]
+    first = min(r["arrival_s"] * time_scale for r in rows)
+    last = max((r["sent_s"] + r["latency_s"] for r in done), default=first)
+    return {
+        "num_requests": len(rows),
+        "completed": len(done),
+        "mean_latency_s": sum(lat) / len(lat) if lat else math.nan,
+        "p99_latency_s": _p99(lat),
+        "throughput_rps": len(done) / (last - first) if last > first else math.nan,
+        "slo": sum(bool(r["met_slo"]) and r["status"] == "completed" for r in rows) / len(rows),
+    }
+
+
+def simulated_metrics(
+    records, policy: str, world_size: int, *, chunk_steps: int, cost_profile: dict | None,
+    execution: ExecutionModel, time_scale: float = 1.0,
+) -> dict:  # fmt: skip
+    """The same metrics from simulating `records` (arrivals scaled, deadlines = arrival + SLO)."""
+    from gfdit.eval.sweep import SweepConfig
+
+    cfg = SweepConfig("x", world_size, "paper-image", (1.0,), (policy,), cost_profile=cost_profile)
+    requests = []
+    for r in records:
+        req = r.to_request()
+        arrival = r.arrival_s * time_scale
+        requests.append(replace(req, arrival_s=arrival, deadline_s=arrival + r.slo_s))
+    sched = Scheduler(world_size, make_policy(policy), cfg.cost_model(), chunk_steps=chunk_steps)
+    res = simulate(sched, requests, true_cost=cfg.cost_model(), execution=execution)
+    done = [o for o in res.outcomes.values() if o.state is RequestState.DONE]
+    return {
+        "num_requests": len(requests),
+        "completed": len(done),
+        "mean_latency_s": res.mean_latency_s,
+        "p99_latency_s": res.latency_percentile(99),
+        "throughput_rps": res.throughput_rps,
+        "slo": sum(bool(o.met_deadline) for o in res.outcomes.values()) / len(requests),
+        "preemptions": sched.num_preemptions,
+    }
+
+
+def errors(measured: dict, simulated: dict) -> dict:
+    """`*_error` keys: relative errors (sim / measured - 1) and the SLO difference in points."""
+
+    def rel(key: str) -> float:
+        m, s = measured[key], simulated[key]
+        return s / m - 1.0 if m and not math.isnan(m) and not math.isnan(s) else math.nan
+
+    return {
+        "mean_latency_error": rel("mean_latency_s"),
+        "p99_latency_error": rel("p99_latency_s"),
+        "throughput_error": rel("throughput_rps"),
+        "slo_points_error": 100.0 * (simulated["slo"] - measured["slo"]),
+    }
+
+
+def calibrated_overhead(
+    policy: str, world_size: int, model: str, classes, measured_s: dict, *, chunk_steps: int,
+    cost_profile: dict | None, execution: ExecutionModel,
+) -> float:  # fmt: skip
+    """Per-task host overhead implied by the idle-server calibration: for each class, (measured lone
+    latency - simulated lone latency without overhead) / tasks simulated; the median, at least 0.
+    An independent measurement (an idle server, one request at a time), not a fit to the trace."""
+    from gfdit.eval.sweep import SweepConfig
+    from gfdit.request import Request
+
+    cfg = SweepConfig("x", world_size, "paper-image", (1.0,), (policy,), cost_profile=cost_profile)
+    values = []
+    for c in classes:
+        req = Request("calibration", model, width=c.width, height=c.height, num_frames=c.num_frames,
+                      num_inference_steps=c.num_inference_steps)  # fmt: skip
+        sched = Scheduler(world_size, make_policy(policy), cfg.cost_model(), chunk_steps=chunk_steps)
+        res = simulate(
+            sched, [req], true_cost=cfg.cost_model(), execution=replace(execution, host_overhead_s=0.0)
+        )
+        values.append((measured_s[c.name] - res.outcomes["calibration"].latency_s) / len(res.trace))
+    values.sort()
+    return max(0.0, values[len(values) // 2]) if values else 0.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _healthy(url: str) -> dict | None:
+    import httpx
+
+    try:
+        r = httpx.get(url + "/health", timeout=2.0)
+    except httpx.HTTPError:
+        return None
+    return r.json() if r.status_code == 200 else None
+
+
+class _Server:
+    """`gfdit serve` (it becomes torchrun) in its own process group: `stop` sends SIGTERM to torchrun,
+    which forwards it to the ranks; the group is killed only if that does not end them in time."""
+
+    def __init__(self, serve_args: list[str], policy: str, log_path: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [
+            sys.executable,
+            "-m",
+            "gfdit.cli",
+            "serve",
+            *serve_args,
+            "--policy",
+            policy,
+            "--port",
+            str(self.port),
+        ]
+        self.command = shlex.join(cmd)
+        self._log = open(log_path, "w")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_healthy(self, timeout_s: float) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            health = _healthy(self.url)
+            if health is not None:
+                return health
+            try:
+                code = self.proc.wait(timeout=0.5)  # the poll interval; returns early if the server died
+            except subprocess.TimeoutExpired:
+                continue
+            raise FidelityError(f"server exited with status {code} before it was healthy ({self.command})")
+        raise FidelityError(f"server not healthy after {timeout_s:.0f} s ({self.command})")
+
+    def stop(self) -> int | None:
+        """SIGTERM (the server drains), bounded; SIGKILL to the group if it does not exit."""
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)  # torchrun forwards it to every rank
+                try:
+                    return self.proc.wait(timeout=kStopTimeoutS)
+                except subprocess.TimeoutExpired:
+                    log.warning(
+                        "server %d did not exit %s s after SIGTERM: SIGKILL", self.proc.pid, kStopTimeoutS
+                    )
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                    return self.proc.wait(timeout=30)
+            return self.proc.returncode
+        finally:
+            self._log.close()
+
+
+def _label(policy: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in policy)
+
+
+def _replay_and_measure(url: str, args, out_dir: str, classes, model: str, command: str) -> tuple[dict, dict]:
+    import httpx
+
+    from gfdit.bench.client import calibrate, run_trace
+
+    standalone = calibrate(url, model, classes, timeout_s=args.timeout)  # also warms the server up
+    run = run_trace(
+        url, args.trace, out_dir, time_scale=args.time_scale, timeout_s=args.timeout, command=command
+    )
+    try:
+        with open(os.path.join(out_dir, "metrics.txt"), "w") as f:
+            f.write(httpx.get(url + "/metrics", timeout=10.0).text)
+    except httpx.HTTPError as e:
+        log.warning("could not read %s/metrics: %s", url, e)
+    with open(os.path.join(out_dir, "results.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return run, {"rows": rows, "standalone_s": standalone}
+
+
+def run_fidelity(args, execution: ExecutionModel, command: str) -> dict:
+    """Every policy measured and simulated; writes fidelity.json and fidelity.md under args.out."""
+    from gfdit.bench.workload import RequestClass
+
+    meta, records = read_trace(args.trace)
+    if not records:
+        raise ValueError(f"{args.trace} has no requests")
+    spec = meta.get("spec", {})
+    model = spec.get("model") or records[0].model
+    classes = tuple(
+        RequestClass(
+            c["name"], c["width"], c["height"], c["num_frames"], c["num_inference_steps"], c["weight"]
+        )
+        for c in spec.get("classes", [])
+    )
+    profile = None
+    if args.cost_profile:
+        from gfdit.profile import read_profile
+
+        profile = read_profile(args.cost_profile, model=model)
+    os.makedirs(args.out, exist_ok=True)
+    serve_args = shlex.split(args.serve_args)
+    rows = []
+    policies = list(args.policies) or [None]
+    for policy in policies:
+        if args.url is not None:
+            health = _healthy(args.url)
+            if health is None:
+                raise FidelityError(f"{args.url}/health does not answer 200")
+            policy = health["policy_spec"]
+            out_dir = os.path.join(args.out, _label(health["policy"]))
+            os.makedirs(out_dir, exist_ok=True)
+            run, got = _replay_and_measure(args.url, args, out_dir, classes, model, command)
+            world = health["world_size"]
+            server_command = None
+        else:
+            out_dir = os.path.join(args.out, _label(policy))
+            os.makedirs(out_dir, exist_ok=True)
+            server = _Server(serve_args, policy, os.path.join(out_dir, "server.log"))
+            try:
+                health = server.wait_healthy(args.health_timeout)
+                world = health["world_size"]
+                run, got = _replay_and_measure(server.url, args, out_dir, classes, model, command)
+            finally:
+                code = server.stop()
+            server_command = server.command
+            log.info("%s: server exited with %s", policy, code)
+        measured = measured_metrics(got["rows"], args.time_scale)
+        ex = execution
+        if getattr(args, "calibrate_overhead", False) and classes:
+            overhead = calibrated_overhead(
+                policy, world, model, classes, got["standalone_s"], chunk_steps=args.chunk_steps,
+                cost_profile=profile, execution=execution,
+            )  # fmt: skip
+            ex = replace(execution, host_overhead_s=overhead)
+        simulated = simulated_metrics(
+            records, policy, world, chunk_steps=args.chunk_steps, cost_profile=profile, execution=ex,
+            time_scale=args.time_scale,
+        )  # fmt: skip
+        plain = simulated_metrics(
+            records, policy, world, chunk_steps=args.chunk_steps, cost_profile=profile,
+            execution=ExecutionModel(), time_scale=args.time_scale,
+        )  # fmt: skip
+        row = {"policy": policy, "world_size": world, "server_command": server_command,
+               "calibrated_standalone_s": got["standalone_s"], "host_overhead_s": ex.host_overhead_s,
+               "measured": measured, "simulated": simulated, **errors(measured, simulated),
+               "plain_simulated": plain,
+               "plain_errors": errors(measured, plain)}  # fmt: skip
+        rows.append(row)
+        log.info("%s: %s", policy, {k: round(v, 4) for k, v in row.items() if k.endswith("_error")})
+    report = {
+        "trace": os.path.abspath(args.trace), "trace_meta": meta, "model": model, "command": command,
+        "chunk_steps": args.chunk_steps, "time_scale": args.time_scale, "cost_profile": args.cost_profile,
+        "execution": execution.to_json(), "runs": rows,
+    }  # fmt: skip
+    with open(os.path.join(args.out, "fidelity.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(args.out, "fidelity.md"), "w") as f:
+        f.write(render_markdown(report))
+    return report
+
+
+def _pct(x: float) -> str:
+    return "–" if x is None or math.isnan(x) else f"{x * 100:+.1f} %"
+
+
+def render_markdown(report: dict) -> str:
+    lines = [
+        f"# Simulator fidelity: {report['model']}, trace {os.path.basename(report['trace'])}",
+        "",
+        "| policy | mean latency meas / sim (s) | error | P99 meas / sim (s) | error | throughput meas / sim (req/s) "
+        "| error | SLO meas / sim | points |",
+        "| --- | --- | ---: | --- | ---: | --- | ---: | --- | ---: |",
+    ]
+    for r in report["runs"]:
+        m, s = r["measured"], r["simulated"]
+        lines.append(
+            f"| {r['policy']} | {m['mean_latency_s']:.3f} / {s['mean_latency_s']:.3f} | {_pct(r['mean_latency_error'])} "
+            f"| {m['p99_latency_s']:.3f} / {s['p99_latency_s']:.3f} | {_pct(r['p99_latency_error'])} "
+            f"| {m['throughput_rps']:.3f} / {s['throughput_rps']:.3f} | {_pct(r['throughput_error'])} "
+            f"| {m['slo']:.3f} / {s['slo']:.3f} | {r['slo_points_error']:+.1f} |"
+        )
+    lines += [
+        "",
+        "The same with the plain simulator (no execution model: cost-model task times only):",
+        "",
+        "| policy | mean latency error | P99 error | throughput error | SLO points |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in report["runs"]:
+        e = r["plain_errors"]
+        lines.append(
+            f"| {r['policy']} | {_pct(e['mean_latency_error'])} | {_pct(e['p99_latency_error'])} "
+            f"| {_pct(e['throughput_error'])} | {e['slo_points_error']:+.1f} |"
+        )
+    return "\n".join(lines) + "\n"

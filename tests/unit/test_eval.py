@@ -1,0 +1,176 @@
+"""gfdit eval: the sweep's metrics, summary and target tables, the degree extrapolation check, the
+fidelity metrics and errors, and the CLI's usage errors. Small simulated workloads only."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from gfdit.cli import main
+from gfdit.eval.fidelity import calibrated_overhead, errors, measured_metrics, simulated_metrics
+from gfdit.eval.sweep import SweepConfig, degree_check, run_sweep, summarize, write_sweep
+from gfdit.simexec import ExecutionModel
+
+PROFILE = {
+    "format": "gfdit-profile/1",
+    "model": "flux-dev",
+    "observations": [
+        {"kind": "DENOISE", "width": 512, "height": 512, "frames": None, "degree": d, "seconds": s}
+        for d, s in ((1, 0.10), (2, 0.08), (4, 0.07))
+    ],
+}
+
+
+def test_sweep_runs_every_cell_and_summarizes(tmp_path):
+    cfg = SweepConfig("flux-dev", 4, "paper-image", (0.1, 0.8), ("static:sp=4", "edf-best-fit", "tetriserve"),
+                      seeds=1, num_requests=10)  # fmt: skip
+    result = run_sweep(cfg)
+    assert len(result["runs"]) == 2 * 3
+    for r in result["runs"]:
+        assert r["completed"] == r["num_requests"] and 0 <= r["slo"] <= 1 and r["gpu_s"] > 0
+        assert set(r["slo_per_class"]) <= {"S", "M", "L"}
+    summary = write_sweep(result, str(tmp_path), plots=True)
+    table = summary["table"]
+    assert table["edf-best-fit"]["0.8"]["slo"] >= table["static:sp=4"]["0.8"]["slo"]
+    g = summary["goodput"]["edf-best-fit"]
+    assert g["load"] in (0.1, 0.8, None)
+    if g["load"] is not None:
+        assert g["goodput_rps"] == table["edf-best-fit"][str(g["load"])]["throughput_rps"]
+    t = summary["targets"]
+    assert {
+        "goodput_vs_fixed_pipeline",
+        "slo_at_0.8_vs_tetriserve",
+        "mean_latency_at_0.8_vs_fixed_pipeline",
+    } <= set(t)
+    m = t["mean_latency_at_0.8_vs_fixed_pipeline"]
+    assert m["ratio"] == pytest.approx(m["elastic_s"] / m["baseline_s"]) and m["met"] == (m["ratio"] <= 0.1)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["summary"]["targets"].keys() == t.keys()
+    assert "## Targets" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "slo_per_class.png").stat().st_size > 1000
+
+
+def test_goodput_is_the_throughput_at_the_highest_load_with_90_percent_slo():
+    runs = [
+        {"policy": "p", "load": x, "seed": 0, "throughput_rps": x * 10, "mean_latency_s": 1.0, "p99_latency_s": 2.0,
+         "slo": s, "slo_per_class": {"S": s}, "gpu_s": 1.0, "preemptions": 0, "reshards": 0, "reshard_bytes": 0,
+         "mean_chunk_degree": 1.0, "completed": 1}
+        for x, s in ((0.2, 1.0), (0.5, 0.95), (0.8, 0.7))
+    ]  # fmt: skip
+    config = {"policies": ["p"], "loads": [0.2, 0.5, 0.8], "world_size": 8}
+    s = summarize({"config": config, "runs": runs})
+    assert s["goodput"]["p"] == {"load": 0.5, "goodput_rps": 5.0}
+
+
+def test_degree_check_holds_out_the_largest_degree():
+    check = degree_check(PROFILE)
+    (row,) = check["sizes"]
+    assert row["held_out_degree"] == 4 and row["measured_s"]["4"] == 0.07
+    assert row["relative_error"] == pytest.approx(row["predicted_s"] / 0.07 - 1)
+    assert "estimate_degree_8_s" in row and row["estimate_degree_8_s"] > 0
+
+
+def test_fidelity_metrics_and_errors():
+    rows = [
+        {"arrival_s": 0.0, "sent_s": 0.0, "status": "completed", "latency_s": 1.0, "met_slo": True},
+        {"arrival_s": 1.0, "sent_s": 1.0, "status": "completed", "latency_s": 3.0, "met_slo": False},
+        {"arrival_s": 2.0, "sent_s": 2.0, "status": "error", "latency_s": None, "met_slo": False},
+    ]
+    m = measured_metrics(rows)
+    assert m["mean_latency_s"] == 2.0 and m["p99_latency_s"] == 3.0 and m["slo"] == pytest.approx(1 / 3)
+    assert m["throughput_rps"] == pytest.approx(2 / 4.0)  # two done by t=4
+    e = errors(m, {**m, "mean_latency_s": 2.2, "slo": 0.5})
+    assert e["mean_latency_error"] == pytest.approx(0.1) and e["slo_points_error"] == pytest.approx(
+        100 * (0.5 - 1 / 3)
+    )
+    assert e["throughput_error"] == 0.0
+
+
+def test_simulated_metrics_and_calibrated_overhead(tmp_path):
+    from gfdit.bench.workload import Phase, RequestClass, WorkloadSpec, generate
+
+    classes = (RequestClass("S", 512, 512, None, 4, 1.0), RequestClass("L", 1024, 1024, None, 4, 1.0))
+    records = generate(WorkloadSpec("flux-dev", 20.0, (Phase(0.0, 0.5),), classes, 3.0, 0))
+    plain = simulated_metrics(
+        records, "edf-best-fit", 4, chunk_steps=2, cost_profile=None, execution=ExecutionModel()
+    )
+    slow = simulated_metrics(records, "edf-best-fit", 4, chunk_steps=2, cost_profile=None,
+                             execution=ExecutionModel(host_overhead_s=0.05))  # fmt: skip
+    assert plain["completed"] == len(records) and slow["mean_latency_s"] > plain["mean_latency_s"]
+    # A server whose lone requests take 8 tasks x 0.05 s longer than simulated has 0.05 s per task.
+    from gfdit.policy import make_policy
+    from gfdit.request import Request
+    from gfdit.scheduler import Scheduler
+    from gfdit.sim import simulate
+
+    measured = {}
+    for c in classes:
+        r = Request("x", "flux-dev", width=c.width, height=c.height, num_inference_steps=4)
+        res = simulate(Scheduler(4, make_policy("edf-best-fit"), chunk_steps=2), [r])
+        measured[c.name] = res.outcomes["x"].latency_s + 0.05 * len(res.trace)
+    got = calibrated_overhead("edf-best-fit", 4, "flux-dev", classes, measured, chunk_steps=2, cost_profile=None,
+                              execution=ExecutionModel())  # fmt: skip
+    assert got == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            [
+                "eval",
+                "sweep",
+                "--model",
+                "flux-dev",
+                "--world-size",
+                "8",
+                "--mix",
+                "paper-video",
+                "--loads",
+                "0.5",
+                "--policies",
+                "static:sp=8",
+                "--out",
+                "x",
+            ],
+            "video mix",
+        ),  # fmt: skip
+        (
+            [
+                "eval",
+                "sweep",
+                "--model",
+                "flux-dev",
+                "--world-size",
+                "8",
+                "--mix",
+                "paper-image",
+                "--loads",
+                "0.5",
+                "--policies",
+                "nope",
+                "--out",
+                "x",
+            ],
+            "unknown policy",
+        ),  # fmt: skip
+        (["eval", "fidelity", "--trace", "t.jsonl", "--out", "x"], "give --policies"),
+    ],
+)
+def test_eval_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_eval_sweep_command(tmp_path, capsys):
+    out = tmp_path / "s"
+    argv = ["eval", "sweep", "--model", "flux-dev", "--world-size", "4", "--mix", "paper-image", "--loads", "0.3",
+            "--policies", "static:sp=4;edf-best-fit", "--num-requests", "8", "--no-plots", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["config"]["execution"]["busy_senders"] is True and len(data["runs"]) == 2
+    assert not math.isnan(data["summary"]["table"]["edf-best-fit"]["0.3"]["mean_latency_s"])
+    assert "# gfdit eval sweep" in capsys.readouterr().out

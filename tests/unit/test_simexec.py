@@ -1,0 +1,140 @@
+"""gfdit.simexec: the simulator's model of how the server executes tasks (host overhead, measured
+reshard costs, busy senders, text-conditioning copies, decode on ranks[0])."""
+
+from __future__ import annotations
+
+import pytest
+
+from gfdit.cost import AnalyticCostModel
+from gfdit.policy import Assignment, make_policy
+from gfdit.request import Request
+from gfdit.scheduler import Scheduler
+from gfdit.sim import simulate
+from gfdit.simexec import ExecutionModel, cond_bytes, kH100ReshardBandwidth, kH100ReshardLatencyS
+from gfdit.tasks import TaskKind
+
+
+def req(rid, size=1024, arrival=0.0, steps=6):
+    return Request(rid, "flux-dev", width=size, height=size, num_inference_steps=steps, arrival_s=arrival)
+
+
+def reqs():
+    return [req(f"r{i}", (512, 1024, 2048)[i % 3], arrival=0.3 * i) for i in range(12)]
+
+
+def test_all_off_is_the_plain_simulator():
+    a = simulate(Scheduler(4, make_policy("edf-best-fit")), reqs())
+    b = simulate(Scheduler(4, make_policy("edf-best-fit")), reqs(), execution=ExecutionModel())
+    assert a.trace == b.trace
+
+
+def test_host_overhead_is_charged_per_task():
+    plain = simulate(Scheduler(1, make_policy("static:sp=1,chunk=2")), [req("a", steps=6)])
+    over = simulate(
+        Scheduler(1, make_policy("static:sp=1,chunk=2"), learn=False), [req("a", steps=6)],
+        execution=ExecutionModel(host_overhead_s=0.01),
+    )  # fmt: skip
+    num_tasks = len(over.trace)
+    assert num_tasks == 6  # ENCODE, 3 DENOISE, DECODE, FINALIZE
+    assert over.outcomes["a"].latency_s == pytest.approx(plain.outcomes["a"].latency_s + 0.01 * num_tasks)
+
+
+def test_h100_reshard_line_passes_through_the_measurements():
+    m = ExecutionModel(0.0, kH100ReshardLatencyS, kH100ReshardBandwidth)
+    cost = AnalyticCostModel()
+    assert m.move_time(cost, 0.19 * 2**20) == pytest.approx(0.07e-3)
+    assert m.move_time(cost, 4 * 2**20) == pytest.approx(0.18e-3)
+    assert m.move_time(cost, 0) == 0.0
+    with pytest.raises(ValueError, match="both"):
+        ExecutionModel(reshard_latency_s=1e-4)
+
+
+def test_decode_runs_on_the_first_rank_after_an_all_gather():
+    cost = AnalyticCostModel()
+    m = ExecutionModel(decode_on_first_rank=True, reshard_latency_s=1e-4, reshard_bandwidth=1e9)
+    res = simulate(Scheduler(4, make_policy("static:sp=4"), learn=False), [req("a", 2048)], execution=m)
+    (dec,) = [e for e in res.trace if e.task.kind is TaskKind.DECODE]
+    one_rank = cost.stage_time(TaskKind.DECODE, "flux-dev", 2048, 2048, None, 1)
+    latent = 128 * 128 * 64 * 4  # tokens x fp32 packed latent
+    assert dec.end_s - dec.start_s == pytest.approx(one_rank + 1e-4 + latent * 3 / 4 / 1e9)
+    assert one_rank > cost.stage_time(TaskKind.DECODE, "flux-dev", 2048, 2048, None, 4)
+
+
+def test_a_busy_sender_delays_the_task_and_its_own_next_task():
+    """a's state is on ranks [0, 1]; b runs on rank 0 until t=10; a moves to [2, 3] at t=1: its
+    reshard waits for rank 0, and rank 0's next command waits for the send."""
+    m = ExecutionModel(busy_senders=True, reshard_latency_s=0.5, reshard_bandwidth=1e12)
+    from gfdit.simexec import ExecutionState
+
+    cost = AnalyticCostModel()
+    sched = Scheduler(4, make_policy("fcfs-elastic"), cost, learn=False)
+    ex = ExecutionState(m, cost)
+    sched.submit(req("a", 1024))
+    sched.submit(req("b", 1024))
+    from gfdit.tasks import TaskTimings
+
+    class Scripted:
+        name = "scripted"
+        plan: dict = {}
+
+        def schedule(self, view):
+            return [
+                Assignment(rt.task, self.plan[rt.request_id])
+                for rt in view.runnable
+                if rt.request_id in self.plan
+            ]
+
+    policy = Scripted()
+    sched.policy = policy
+    policy.plan = {"a": (0, 1)}
+    (enc,) = sched.schedule(0.0)
+    start, _, _ = ex.timing(enc, sched.record("a").request, 0.0)
+    sched.on_task_done(enc.task, enc.ranks, TaskTimings(0.0, 0.1))
+    ex.finished(enc.ranks, 0.1)
+    policy.plan = {"b": (0,)}
+    (b,) = sched.schedule(0.2)
+    ex.timing(b, sched.record("b").request, 0.2)
+    ex.rank_free_s[0] = 10.0  # b's ENCODE on rank 0 runs until t=10 (as if it were long)
+    policy.plan = {"a": (2, 3)}
+    (mv,) = sched.schedule(1.0)
+    assert mv.reshard is not None and 0 in {t.src_rank for t in mv.reshard.transfers}
+    start, reshard_s, _ = ex.timing(mv, sched.record("a").request, 1.0)
+    assert start == 10.0 and reshard_s == pytest.approx(0.5, rel=1e-3)
+    assert ex.rank_free_s[0] == pytest.approx(10.5, rel=1e-3)  # rank 0 is busy sending until then
+
+
+def test_cond_copies_add_bytes_for_members_that_lack_the_text_embeddings():
+    r = req("a")
+    assert cond_bytes(r) == 512 * 4096 * 2 + 768 * 2  # T5 sequence + CLIP pooled, bf16
+    m = ExecutionModel(cond_copies=True, reshard_latency_s=0.0, reshard_bandwidth=1.0)
+    res = simulate(Scheduler(4, make_policy("static:sp=4"), learn=False), [r], execution=m)
+    # ENCODE on 4 ranks: everyone holds the conditioning, nothing is copied later.
+    assert all(e.reshard_s == 0 for e in res.trace)
+    res = simulate(Scheduler(4, make_policy("fcfs-elastic"), learn=False), [r], execution=m)
+    first = next(e for e in res.trace if e.task.kind is TaskKind.DENOISE)
+    assert len(first.ranks) > 1 and first.reshard_s >= cond_bytes(r) * (len(first.ranks) - 1)
+
+
+def test_the_result_spans_first_arrival_to_last_event_with_an_execution_model():
+    res = simulate(
+        Scheduler(4, make_policy("edf-best-fit")), reqs(), execution=ExecutionModel(host_overhead_s=0.01)
+    )
+    assert res.start_s == 0.0 and res.end_s == max(o.finish_s for o in res.outcomes.values())
+
+
+def test_ranks_sharing_cpu_cores_slow_down_when_more_are_busy():
+    cost = AnalyticCostModel()
+    one = [req("a", 1024, steps=4)]
+    alone = simulate(Scheduler(4, make_policy("static:sp=1")), one, execution=ExecutionModel(cores=2))
+    plain = simulate(Scheduler(4, make_policy("static:sp=1")), one)
+    assert alone.trace == plain.trace  # one busy rank on two cores: no slowdown
+    four = [req(f"r{i}", 1024, steps=4) for i in range(4)]
+    shared = simulate(
+        Scheduler(4, make_policy("static:sp=1,chunk=0"), learn=False), four, execution=ExecutionModel(cores=2)
+    )
+    last = [e for e in shared.trace if e.task.request_id == "r3" and e.task.kind is TaskKind.DENOISE][0]
+    assert last.end_s - last.start_s == pytest.approx(
+        2 * cost.task_time(last.task, four[3], 1)
+    )  # 4 busy / 2 cores
+    with pytest.raises(ValueError, match="cores"):
+        ExecutionModel(cores=-1)
