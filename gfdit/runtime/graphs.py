@@ -160,7 +160,7 @@ class StepGraphs:
         graph = torch.cuda.CUDAGraph()
         stream.wait_stream(torch.cuda.current_stream(self.device))
         try:
-            with torch.cuda.graph(graph, stream=stream):
+            with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
                 out = model._velocity(*args)
         except Exception as e:  # a step that cannot be captured: run it eagerly from now on
             reason = f"{type(e).__name__}: {e}"
