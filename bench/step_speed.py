@@ -102,10 +102,14 @@ def main() -> None:
         reqs[(w, h, f)] = req
         conds[(w, h, f)] = synthetic_cond(model, req)
         x0s[(w, h, f)] = model.init_latents(req).to(device)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
+    commit = os.environ.get("GFDIT_COMMIT", "")  # set where the tree is a copy without its .git
+    if not commit:
+        try:
+            commit = subprocess.run(
+                ["git", "rev-parse", "HEAD"], capture_output=True, text=True
+            ).stdout.strip()
+        except OSError:
+            pass
     env = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -113,7 +117,7 @@ def main() -> None:
         "model": args.model,
         "dtype": str(model.dtype),
         "load_s": load_s,
-        "commit": commit or os.environ.get("GFDIT_COMMIT", ""),
+        "commit": commit,
         "command": "python bench/step_speed.py " + " ".join(sys.argv[1:]),
     }
     rows, breakdowns, checks = [], [], []
