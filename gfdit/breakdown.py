@@ -37,6 +37,10 @@ _PATTERNS = (
 
 def classify(name: str) -> str:
     n = name.lower()
+    if n.startswith("triton_"):
+        # Inductor names a fused kernel after every operator in it ("..._rms_norm__scaled_dot_product_..."
+        # for the norm and RoPE that feed attention): fused elementwise and reduction work.
+        return "other"
     for kind, pat in _PATTERNS:
         if pat.search(n):
             return kind
