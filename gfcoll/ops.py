@@ -77,7 +77,10 @@ class TracedGroup:
 
 def traceable(group: Group) -> TracedGroup:
     """The TracedGroup of ``group`` (this rank must be a member). Costs a dictionary look-up after the
-    first call for a world; call it outside compiled code and pass the result in."""
+    first call for a world; call it outside compiled code and pass the result in. A TracedGroup is
+    returned as it is."""
+    if isinstance(group, TracedGroup):
+        return group
     if group.rank < 0:
         raise GfcollValueError(f"traceable: rank {group._world.rank} is not a member of {list(group.ranks)}")
     world = group._world

@@ -8,11 +8,12 @@ For one (size, SP degree) the group [0..d-1] runs `steps` denoising steps (after
   1. timed: wall time per step, and host time per step = the time until `denoise` returns WITHOUT waiting
      for the device (what the Python side costs to issue the step; on CPU the two are the same). A step
      whose host time is close to its wall time is host-bound: the device waits for launches.
-  2. under torch.profiler: every device kernel (CUDA) or, on CPU, every top-level operator, classified by
+  2. under torch.profiler: every device kernel (CUDA) or, on CPU, every top-level operator (the group's
+     collectives run as gfcoll custom ops, gfcoll.ops, so they are named), classified by
      name into gemm, attention, collective, copy and other; `busy` is the union of their intervals,
      `idle` the rest of the profiled span. busy_fraction = busy / span.
 Ranks that share one GPU time-slice it, so their device times say little about a GPU of their own; their
-host times do (Note in bench/results/2026-12-01-h200/README.md).
+host times do (bench/results/2026-12-01-h200/step_speed/README.md).
 """
 
 from __future__ import annotations
@@ -116,6 +117,12 @@ def step_breakdown(
     per step."""
     device = model.device
     lo, hi = token_range
+    if group is not None:
+        from gfcoll.ops import traceable
+
+        # The collectives as gfcoll custom ops (as in compiled steps), so the profiler names them on CPU
+        # too; this adds their dispatch (~10 us a call) to an eager step's host time.
+        group = traceable(group)
     total = start + warmup + 2 * steps
     if request.num_inference_steps < total:
         raise ValueError(

@@ -84,6 +84,9 @@ def build_parser(prog: str = "python -m gfdit.serve") -> argparse.ArgumentParser
         help="a profile of this model on this machine from `gfdit profile`: the scheduler's estimates start from it",
     )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    from gfdit.fast_options import add_arguments as add_fast_arguments
+
+    add_fast_arguments(p)  # --compile, --cuda-graphs, --graph-memory-gib, --warm-sizes
     return p
 
 
@@ -121,6 +124,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--task-timeout-factor must be > 0, got {args.task_timeout_factor}")
     if not (math.isfinite(args.task_timeout_floor) and args.task_timeout_floor >= 0):
         parser.error(f"--task-timeout-floor must be >= 0 (0: no check), got {args.task_timeout_floor}")
+    from gfdit.fast_options import check_arguments as check_fast_arguments
+
+    check_fast_arguments(parser, args)
 
 
 def _free_port() -> int:
@@ -154,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     world = _init_world(args.device)
     log.info("loading %s on %s", args.model, world.device)
     try:
+        from gfdit.fast_options import fast_kwargs
         from gfdit.runtime import Engine
 
         engine = Engine(
@@ -166,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             task_timeout_factor=args.task_timeout_factor,
             task_timeout_floor_s=args.task_timeout_floor or None,
             cost_profile=args.cost_profile,
+            **fast_kwargs(args),  # gfdit.fast_options
         )
         if world.rank == 0:
             _serve(engine, args)

@@ -29,11 +29,12 @@ import time
 
 import torch
 
+from gfdit.fast_options import kModes  # the mode names' one home (no torch: used by --help)
+
 __all__ = ["kModes", "kRecompileLimit", "default_mode", "compile_model", "warm"]
 
 log = logging.getLogger("gfdit.compile")
 
-kModes = ("off", "regional", "full")
 # Per compiled code object: sizes x SP degrees x member indices a server may see (4 x 4 x 8 = 128).
 kRecompileLimit = 128
 
@@ -89,13 +90,15 @@ def compile_model(model, mode: str, *, dynamic: bool | None = False) -> None:
 
 
 def warm(model, sizes, *, frames: int | None = None, steps: int = 1) -> list[dict]:
-    """Compile (and run once) the step for each size (square, pixels) on this rank alone (SP1); returns
-    [{"width", "height", "frames", "seconds"}] and logs each. Collective-free: any rank may call it."""
+    """Compile (and run once; with step graphs: capture) the step for each size (pixels: an int for a
+    square, or (width, height)) on this rank alone (SP1); returns [{"width", "height", "frames",
+    "seconds"}] and logs each. Collective-free: any rank may call it."""
     from gfdit.request import Request
 
     out = []
     for size in sizes:
-        req = Request(f"warm-{size}", model.preset.name, "warm-up", width=size, height=size,
+        w, h = (size, size) if isinstance(size, int) else size
+        req = Request(f"warm-{w}x{h}", model.preset.name, "warm-up", width=w, height=h,
                       num_frames=frames, num_inference_steps=max(steps, 1), seed=0)  # fmt: skip
         model.validate(req)
         if "text" in model.components:
@@ -110,7 +113,7 @@ def warm(model, sizes, *, frames: int | None = None, steps: int = 1) -> list[dic
         if model.device.type == "cuda":
             torch.cuda.synchronize(model.device)
         dt = time.perf_counter() - t0
-        log.info("%s: warmed %dx%d (SP1, compile %s) in %.1f s", model.preset.name, size, size,
-                 getattr(model, "compile_mode", "off"), dt)  # fmt: skip
-        out.append({"width": size, "height": size, "frames": frames, "seconds": dt})
+        log.info("%s: warmed %dx%d%s (SP1, compile %s) in %.1f s", model.preset.name, w, h,
+                 f"x{frames}" if frames else "", getattr(model, "compile_mode", "off"), dt)  # fmt: skip
+        out.append({"width": w, "height": h, "frames": frames, "seconds": dt})
     return out
