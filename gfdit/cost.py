@@ -18,6 +18,25 @@ for Wan (2 sizes each) c0 is fixed to flux-dev's launch cost per transformer blo
 count and a, b are solved exactly. The tiny presets, the stage costs (encode, VAE decode, finalize)
 and the communication constants are assumptions, not measurements: the online correction fixes them.
 
+The floor. A step cannot be faster than the host can issue it: an eager flux-dev step needs ~65 ms of
+host time on an H200 however small the image (bench/results/2026-12-01-h200/step_speed), and sequence
+parallelism divides the GPU work by d but not the host work, which grows by the SP processors'
+collective calls (num_layers x collectives_per_layer gfcoll calls of host_per_collective_s each). So
+
+  step(N, d) = max(host(d), gpu(N, d)),   gpu = the formula above,
+  host(1) = host_step_s,   host(d > 1) = host_step_s + num_layers * collectives_per_layer * host_per_collective_s
+
+(host_step_s = 0, the built-in profiles' default: no floor until one is measured). From DENOISE
+measurements (profiled with `set_observed`, or observed online) the model learns, per model (`StepFit`):
+  - the GPU scale s = min over measurements of t / gpu(N, d): t = max(F, s * gpu) >= s * gpu, with
+    equality at every GPU-bound measurement, so the minimum is s once one measurement is GPU-bound;
+  - the floors: a measurement above its GPU estimate (t > (1 + kFloorTolerance) s gpu) is host-bound,
+    so t is the floor of its class (SP1, or SP > 1: per-rank host work does not depend on d);
+    a class without a host-bound measurement takes the other class's floor -/+ the collective calls'
+    host cost, capped by its own smallest measurement.
+An unmeasured DENOISE key is then max(floor(d), s * gpu(N, d)): right for unprofiled sizes on both sides
+of the host/GPU crossover, where one factor times the formula is not. The simulator uses the same model.
+
 Online correction: `observe` keeps, per (kind, model, width, height, frames, degree), an exponential
 moving average (EMA) of the observed seconds (per step for DENOISE) and, per (kind, model), an EMA of
 observed / analytic. An estimate is the EMA for that exact key when there is one, else the analytic
@@ -44,6 +63,8 @@ __all__ = [
     "valid_sp_degrees",
     "CostModel",
     "AnalyticCostModel",
+    "StepFit",
+    "kFloorTolerance",
 ]
 
 
@@ -68,6 +89,20 @@ class ModelProfile:
     decode_s_per_mpx: float = 0.0  # DECODE seconds per million output pixels (all frames), one rank
     decode_serial_fraction: float = 0.1  # part of DECODE that does not shrink with more ranks
     finalize_s_per_mpx: float = 0.0  # FINALIZE seconds per million output pixels (image/video encode)
+    host_step_s: float = 0.0  # host seconds to issue one step at SP1 (the floor; 0: unknown, no floor)
+    collectives_per_layer: int = (
+        3  # gfcoll calls per attention layer under SP (Ulysses: 2 all_to_all + 1 gather)
+    )
+    # Host seconds per gfcoll call: 19-32 us measured on an H200 for a one-member group (issue 12).
+    host_per_collective_s: float = 25e-6
+
+    def host_time(self, d: int) -> float:
+        """host(d) of Note [Cost model] (0 when host_step_s is unknown)."""
+        if self.host_step_s <= 0:
+            return 0.0
+        return self.host_step_s + (
+            self.num_layers * self.collectives_per_layer * self.host_per_collective_s if d > 1 else 0.0
+        )
 
     def latent_frames(self, frames: int | None) -> int:
         if frames is None or not self.video:
@@ -271,6 +306,23 @@ class CostModel(abc.ABC):
 
 _Key = tuple[TaskKind, str, int, int, "int | None", int]
 
+# A measurement more than this above its GPU estimate is host-bound (Note [Cost model]: the floor).
+kFloorTolerance = 0.1
+
+
+@dataclass(frozen=True)
+class StepFit:
+    """What the cost model learned of one model's steps from DENOISE measurements (Note [Cost model])."""
+
+    gpu_scale: float  # s: measured / analytic GPU time of the GPU-bound steps
+    floor_sp1: float | None  # host floor of an SP1 step (seconds), None if unknown
+    floor_sp: float | None  # host floor of an SP > 1 step, None if unknown
+    num_points: int  # measurements the fit used
+
+    def floor(self, d: int) -> float:
+        f = self.floor_sp1 if d == 1 else self.floor_sp
+        return 0.0 if f is None else f
+
 
 class AnalyticCostModel(CostModel):
     """The analytic model of Note [Cost model], corrected online by `observe`.
@@ -304,6 +356,7 @@ class AnalyticCostModel(CostModel):
         self._observed: dict[_Key, float] = {}
         self._factor: dict[tuple[TaskKind, str], float] = {}
         self._profiled: dict[tuple[TaskKind, str], tuple[int, float]] = {}  # count, sum of ratios
+        self._fits: dict[str, StepFit] = {}  # model -> fit of its DENOISE measurements (Note [Cost model])
 
     def profile(self, model: str) -> ModelProfile:
         if self._profiles is not None:
@@ -318,7 +371,11 @@ class AnalyticCostModel(CostModel):
             raise ValueError(f"sp_degree must be a positive integer, got {sp_degree!r}")
 
     def analytic_step_time(self, model: str, width: int, height: int, frames: int | None, d: int) -> float:
-        """The uncorrected formula of Note [Cost model]."""
+        """The uncorrected formula of Note [Cost model]: max(host(d), gpu(N, d))."""
+        return max(self.profile(model).host_time(d), self.analytic_gpu_time(model, width, height, frames, d))
+
+    def analytic_gpu_time(self, model: str, width: int, height: int, frames: int | None, d: int) -> float:
+        """gpu(N, d) of Note [Cost model]: compute, plus Ulysses' all-to-alls for d > 1."""
         self._check_degree(d)
         p = self.profile(model)
         n = p.seq_len(width, height, frames)
@@ -329,6 +386,42 @@ class AnalyticCostModel(CostModel):
         latency = self.a2a_latency_s + self.a2a_latency_per_peer_s * (d - 1)
         comm = 4 * p.num_layers * (latency + a2a_bytes / self.a2a_bandwidth)
         return compute + comm
+
+    def step_fit(self, model: str) -> StepFit | None:
+        """The fit of `model`'s DENOISE measurements, or None before any (Note [Cost model])."""
+        return self._fits.get(model)
+
+    def _refit(self, model: str) -> None:
+        p = self.profile(model)
+        points = []  # (degree, seconds per step, analytic gpu seconds)
+        for (kind, m, w, h, f, d), t in self._observed.items():
+            if kind is TaskKind.DENOISE and m == model:
+                g = self.analytic_gpu_time(m, w, h, f, d)
+                if g > 0:
+                    points.append((d, t, g))
+        if not points:
+            self._fits.pop(model, None)
+            return
+        scale = min(t / g for _, t, g in points)
+        host_bound: dict[bool, list[float]] = {False: [], True: []}  # key: SP > 1
+        smallest: dict[bool, float] = {}
+        for d, t, g in points:
+            sp = d > 1
+            smallest[sp] = min(smallest.get(sp, math.inf), t)
+            if t > (1 + kFloorTolerance) * scale * g:
+                host_bound[sp].append(t)
+        floors = {sp: (sum(ts) / len(ts) if ts else None) for sp, ts in host_bound.items()}
+        calls = p.num_layers * p.collectives_per_layer * p.host_per_collective_s
+        if floors[True] is None and floors[False] is not None:
+            floors[True] = min(floors[False] + calls, smallest.get(True, math.inf))
+        if floors[False] is None and floors[True] is not None:
+            floors[False] = min(max(0.0, floors[True] - calls), smallest.get(False, math.inf))
+        self._fits[model] = StepFit(scale, floors[False], floors[True], len(points))
+
+    def _fitted_step_time(
+        self, fit: StepFit, model: str, width: int, height: int, frames: int | None, d: int
+    ) -> float:
+        return max(fit.floor(d), fit.gpu_scale * self.analytic_gpu_time(model, width, height, frames, d))
 
     def analytic_stage_time(
         self, kind: TaskKind, model: str, width: int, height: int, frames: int | None, d: int
@@ -351,6 +444,10 @@ class AnalyticCostModel(CostModel):
         seen = self._observed.get((kind, model, width, height, frames, d))
         if seen is not None:
             return seen
+        if kind is TaskKind.DENOISE:
+            fit = self._fits.get(model)
+            if fit is not None:
+                return self._fitted_step_time(fit, model, width, height, frames, d)
         analytic = self.analytic_stage_time(kind, model, width, height, frames, d)
         return analytic * self._factor.get((kind, model), 1.0)
 
@@ -387,6 +484,8 @@ class AnalyticCostModel(CostModel):
         key = (kind, model, width, height, frames, sp_degree)
         old = self._observed.get(key)
         self._observed[key] = seconds if old is None else (1 - self.ema) * old + self.ema * seconds
+        if kind is TaskKind.DENOISE:
+            self._refit(model)
         analytic = self.analytic_stage_time(kind, model, width, height, frames, sp_degree)
         if analytic > 0:
             ratio = seconds / analytic
@@ -411,6 +510,8 @@ class AnalyticCostModel(CostModel):
         if not math.isfinite(seconds) or seconds < 0:
             raise ValueError(f"profiled seconds must be finite and >= 0, got {seconds}")
         self._observed[(kind, model, width, height, frames, sp_degree)] = seconds
+        if kind is TaskKind.DENOISE:
+            self._refit(model)
         analytic = self.analytic_stage_time(kind, model, width, height, frames, sp_degree)
         if analytic > 0:
             fkey = (kind, model)

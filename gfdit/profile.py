@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 
 import torch
 
-__all__ = ["kFormat", "step_times", "stage_times", "read_profile", "apply_profile", "main"]
+__all__ = ["kFormat", "step_times", "stage_times", "breakdown", "read_profile", "apply_profile", "main"]
 
 kFormat = "gfdit-profile/1"
 kKinds = ("ENCODE", "DENOISE", "DECODE", "FINALIZE")
@@ -87,6 +87,45 @@ def step_times(
             per.append(dt)
     return {"width": width, "height": height, "frames": frames, "degree": degree, "tokens": seq,
             "step_s": statistics.median(per), "samples_s": per}  # fmt: skip
+
+
+def breakdown(
+    world, model, width: int, height: int, degree: int, steps: int, frames: int | None = None
+) -> dict | None:
+    """Collective: Note [Step breakdown] (gfdit.breakdown) of the group [0..degree-1]; rank 0's row
+    (None elsewhere). The other ranks wait."""
+    from gfdit.breakdown import step_breakdown
+
+    req = _request(model, width, height, frames, 1 + 2 * steps, f"b{width}x{height}-{degree}")
+    ranks = list(range(degree))
+    row = None
+    _sync(world)
+    if world.rank in ranks:
+        cond = model.encode(req)
+        full = model.init_latents(req).to(world.device)
+        idx, seq = ranks.index(world.rank), full.shape[1]
+        lo, hi = idx * seq // degree, (idx + 1) * seq // degree
+        group = world.group(ranks) if degree > 1 else None
+        x = full[:, lo:hi].contiguous()
+        row = step_breakdown(model, req, cond, x, (lo, hi), group, steps=steps, warmup=1)
+    _sync(world)
+    return row if world.rank == 0 else None
+
+
+def _write_breakdown(prefix: str, profile: dict, rows: list[dict]) -> None:
+    from gfdit.breakdown import to_markdown
+
+    env = {k: profile[k] for k in ("model", "card", "world_size", "dtype", "torch", "date", "command",
+                                   "compile", "cuda_graphs")}  # fmt: skip
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    with open(prefix + ".json", "w") as f:
+        json.dump({"environment": env, "rows": rows}, f, indent=2)
+    with open(prefix + ".md", "w") as f:
+        f.write(
+            to_markdown(rows, f"Per-step breakdown, {env['model']}, {env['card']}, world {env['world_size']}")
+        )
+        f.write(f"\ncommand: `{env['command']}`; date {env['date']}\n")
+    _say(f"wrote the breakdown of {len(rows)} size x degree cases to {prefix}.json and {prefix}.md")
 
 
 def stage_times(model, width: int, height: int, frames: int | None, reps: int) -> dict:
@@ -184,6 +223,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--weights", default=None, help="local diffusers-layout directory (default: random)")
     p.add_argument("--out", required=True, help="profile JSON to write")
+    p.add_argument("--breakdown", default=None, metavar="PREFIX",
+                   help="also write the per-step breakdown of every size x degree (gfdit.breakdown; rank 0, "
+                   "member 0 of each group) to PREFIX.json and PREFIX.md")  # fmt: skip
+    from gfdit.fast_options import add_arguments as add_fast_arguments
+
+    add_fast_arguments(p)  # --compile, --cuda-graphs, --graph-memory-gib, --warm-sizes
     return p
 
 
@@ -200,11 +245,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--steps and --reps must be >= 1")
     if args.frames is not None and not preset.is_video:
         parser.error(f"--frames: {args.model} is an image model")
+    from gfdit.fast_options import check_arguments, fast_kwargs
+
+    check_arguments(parser, args)
     from gfdit.models import load_model
+    from gfdit.runtime.fast import apply as apply_fast_steps
 
     world = _init_world(args.device)
     try:
         model = load_model(args.model, device=world.device, weights=args.weights)
+        fast = apply_fast_steps(model, **fast_kwargs(args))
+        breakdown_rows: list[dict] = []
         degrees = args.degrees or [d for d in (1, 2, 4, 8, 16) if d <= world.size]
         rows: list[dict] = []
         for size in args.sizes:
@@ -221,6 +272,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     continue
                 r = step_times(world, model, size, size, d, args.steps, args.frames)
                 rows.append(_obs("DENOISE", size, args.frames, d, r["step_s"]))
+                if args.breakdown:
+                    b = breakdown(world, model, size, size, d, args.steps, args.frames)
+                    if b is not None:
+                        breakdown_rows.append(b)
                 if world.rank == 0:
                     _say(
                         f"{args.model} {size}x{size} ({r['tokens']} tokens) SP{d}: {r['step_s'] * 1e3:.1f} ms/step"
@@ -237,12 +292,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "gfcoll_transports": world.transports(),
                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "command": " ".join(["gfdit profile", *(argv if argv is not None else sys.argv[1:])]),
+                "compile": fast.compile,
+                "cuda_graphs": fast.cuda_graphs,
                 "observations": rows,
             }
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
             with open(args.out, "w") as f:
                 json.dump(data, f, indent=2)
             _say(f"wrote {len(rows)} observations to {args.out}")
+            if args.breakdown:
+                _write_breakdown(args.breakdown, data, breakdown_rows)
         _sync(world)
     finally:
         world.close()

@@ -120,6 +120,9 @@ def build_parser(prog: str = "python -m gfdit.serve") -> argparse.ArgumentParser
         "interface (still authenticated by the launch secret): give it only when you must",
     )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    from gfdit.fast_options import add_arguments as add_fast_arguments
+
+    add_fast_arguments(p)  # --compile, --cuda-graphs, --graph-memory-gib, --warm-sizes
     return p
 
 
@@ -169,6 +172,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     key = api_key(args)
     if key is not None and (len(key) < 8 or any(c.isspace() or not c.isprintable() for c in key)):
         parser.error("--api-key / GFDIT_API_KEY: at least 8 printable characters, no spaces")
+    from gfdit.fast_options import check_arguments as check_fast_arguments
+
+    check_fast_arguments(parser, args)
 
 
 def _free_port() -> int:
@@ -205,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("loading %s on %s", args.model, world.device)
     status = 0
     try:
+        from gfdit.fast_options import fast_kwargs
         from gfdit.runtime import Engine
 
         engine = Engine(
@@ -218,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             task_timeout_floor_s=args.task_timeout_floor or None,
             cost_profile=args.cost_profile,
             control_host=args.control_host,
+            **fast_kwargs(args),  # gfdit.fast_options
         )
         if world.rank == 0:
             status = _serve(engine, args)

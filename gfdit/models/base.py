@@ -125,6 +125,9 @@ class DiTModel(abc.ABC):
     pipeline_class_name: ClassVar[str]  # the diffusers pipeline of this family (model_index.json)
     transformer_class: ClassVar[type]
     vae_class: ClassVar[type]
+    # Set by gfdit.models.compile.compile_model (Note [Compiled steps]) and gfdit.runtime.graphs.
+    compile_mode: str = "off"
+    step_graphs = None  # a gfdit.runtime.graphs.StepGraphs replaying the transformer forward, or None
 
     def __init__(
         self,
@@ -381,11 +384,20 @@ class DiTModel(abc.ABC):
         scheduler = self.timesteps(request)
         scheduler.set_begin_index(start)
         x = latents_local.to(device=self.device, dtype=torch.float32)
-        ctx = self._prepare(cond, request, group if d > 1 else None)
+        sp = group if d > 1 else None
+        if sp is not None and self.compile_mode != "off":
+            from gfcoll.ops import traceable  # noqa: PLC0415 - registers the gfcoll custom ops
+
+            sp = traceable(sp)  # Note [Traceable groups] in gfcoll/ops.py
+        ctx = self._prepare(cond, request, sp)
+        graphs = self.step_graphs
         with torch.no_grad():
             for i in range(start, end):
                 t = scheduler.timesteps[i]
-                v = self._velocity(x, t, ctx, group if d > 1 else None)
+                if graphs is not None:  # Note [Step graphs] in gfdit/runtime/graphs.py
+                    v = graphs.velocity(self, x, t, ctx, sp)
+                else:
+                    v = self._velocity(x, t, ctx, sp)
                 x = scheduler.step(v.float(), t, x, return_dict=False)[0]
         return x
 

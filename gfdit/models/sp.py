@@ -52,6 +52,7 @@ __all__ = [
     "gather_heads",
     "head_slice",
     "wan_forward",
+    "wan_block",
 ]
 
 
@@ -214,7 +215,7 @@ def wan_rotary(transformer, grid: tuple[int, int, int], device) -> tuple[torch.T
     return transformer.rope(torch.empty((1, 0, f * pt, h * ph, w * pw), device=device))
 
 
-def _wan_block(block, x, context, temb, rotary, group):
+def wan_block(block, x, context, temb, rotary, group):
     """WanTransformerBlock.forward for a [B, 6, dim] timestep projection, with the group passed to the
     self-attention."""
     shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = (block.scale_shift_table + temb.float()).chunk(
@@ -256,8 +257,10 @@ def wan_forward(
         raise ValueError("wan_forward takes one timestep per sample")
     temb, timestep_proj, context, _ = transformer.condition_embedder(timestep, encoder_hidden_states, None)
     timestep_proj = timestep_proj.unflatten(1, (6, -1))
+    # A compiled wan_block when gfdit.models.compile set one (Note [Compiled steps]).
+    block_fn = getattr(transformer, "_gfdit_block_fn", wan_block)
     for block in transformer.blocks:
-        x = _wan_block(block, x, context, timestep_proj, rotary, group)
+        x = block_fn(block, x, context, timestep_proj, rotary, group)
     shift, scale = (transformer.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
     x = (transformer.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
     x = transformer.proj_out(x)  # channels in (pt, ph, pw, c) order

@@ -91,7 +91,8 @@ class WanModel(DiTModel):
     def _velocity(self, x: torch.Tensor, t: torch.Tensor, ctx: dict[str, Any], group) -> torch.Tensor:
         b = 2 if ctx["cfg"] else 1
         tokens = x.to(self.dtype).expand(b, -1, -1)
-        out = wan_forward(
+        forward = getattr(self, "_wan_forward", wan_forward)  # compiled in --compile full
+        out = forward(
             self.transformer, tokens, t.expand(b), ctx["context"], ctx["grid"], ctx["rotary"], group
         ).float()
         if not ctx["cfg"]:

@@ -67,6 +67,8 @@ from gfdit.tasks import TaskKind, TaskTimings
 
 from . import auth
 from . import messages as msg
+from .fast import apply as apply_fast_steps
+from .fast import graph_pool_stats
 from .worker import Worker
 
 log = logging.getLogger("gfdit.engine")
@@ -238,7 +240,9 @@ class Engine:
     model (rank 0) so that its estimates start from this machine's measurements.
     `control_host`: the address rank 0's internal ports listen on and the ranks connect to (Note
     [Internal addresses] in gfdit.runtime.auth); default: loopback on one node, MASTER_ADDR's interface
-    across nodes."""
+    across nodes.
+    `compile`, `cuda_graphs`, `warm_sizes` ([(width, height, frames)]), `graph_memory_bytes`: the fast
+    steps (gfdit.runtime.fast.apply; None: the device's defaults)."""
 
     def __init__(
         self,
@@ -257,6 +261,10 @@ class Engine:
         task_timeout_floor_s: float | None = 300.0,
         cost_profile: str | None = None,
         control_host: str | None = None,
+        compile: str | None = None,
+        cuda_graphs: bool | None = None,
+        warm_sizes=(),
+        graph_memory_bytes: int | None = None,
     ):
         from gfdit.models import load_model  # noqa: PLC0415 - heavy (diffusers)
 
@@ -273,6 +281,14 @@ class Engine:
             model_obj
             if model_obj is not None
             else load_model(model, device=world.device, dtype=dtype, weights=weights)
+        )
+        # Compiled and graph-replayed steps, warm sizes compiled now (gfdit.runtime.fast): every rank.
+        self.fast = apply_fast_steps(
+            self.model,
+            compile=compile,
+            cuda_graphs=cuda_graphs,
+            warm_sizes=warm_sizes,
+            graph_memory_bytes=graph_memory_bytes,
         )
         self.max_queue = max_queue
         self.task_timeout_factor = float(task_timeout_factor)
@@ -382,6 +398,10 @@ class Engine:
             self._handles[request.request_id] = handle
         self._post(("wake", None))
         return handle
+
+    def graph_pool_stats(self) -> dict[str, float]:
+        """Rank 0's CUDA-graph pool of denoising steps (Note [Step graphs]); zeros without one."""
+        return graph_pool_stats(self.model)
 
     def num_queued(self) -> int:
         # A snapshot (one C-level copy): other threads may submit while this counts.

@@ -56,9 +56,15 @@ class Worker:
         self.rank = world.rank
         self.held: dict[str, Held] = {}
 
-    def _sync(self) -> None:
-        if self.world.device.type == "cuda":
-            torch.cuda.synchronize(self.world.device)
+    def _mark(self):
+        """A timing CUDA event recorded now on the current stream (None on CPU). The worker never
+        synchronises the device: gfcoll and the model enqueue on the current stream, so a task's
+        reshard and compute are ordered there, and completion waits on the task's last event only."""
+        if self.world.device.type != "cuda":
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def handle(self, cmd: msg.Command) -> list[msg.Event]:
         if isinstance(cmd, msg.Release):
@@ -89,8 +95,9 @@ class Worker:
         held = self.held.setdefault(rid, Held())
 
         t0 = time.perf_counter()
+        e0 = self._mark()
         moved = self._reshard(cmd, held, ranks, member)
-        self._sync()
+        e1 = self._mark()  # no wait: the task's compute is enqueued behind the reshard on the same stream
         t1 = time.perf_counter()
         if not member:
             if held.latents is None and not held.cond and held.pixels is None:
@@ -135,15 +142,21 @@ class Worker:
             self.held.pop(rid, None)
         else:
             raise ValueError(f"unknown task kind {kind!r}")
-        self._sync()
+        e2 = self._mark()
+        if e2 is not None:
+            e2.synchronize()  # this task's work only (not the device): "done" means its results exist
         t2 = time.perf_counter()
+        if e0 is None:
+            reshard_s, compute_s = t1 - t0, t2 - t1
+        else:  # stream time between the marks (milliseconds)
+            reshard_s, compute_s = e0.elapsed_time(e1) / 1e3, e1.elapsed_time(e2) / 1e3
         return [
             msg.Done(
                 rank=self.rank,
                 task_id=cmd.task_id,
                 bytes_moved=moved,
-                reshard_s=t1 - t0,
-                compute_s=t2 - t1,
+                reshard_s=reshard_s,
+                compute_s=compute_s,
                 cond_meta=cond_meta,
                 result=result,
                 latents=latents,

@@ -81,6 +81,17 @@ class ServerMetrics:
         self.slo_missed = Counter(
             "gfdit_slo_missed", "Requests with a deadline that completed late or failed", registry=r
         )
+        # Rank 0's pool of CUDA-graph-replayed steps (Note [Step graphs]); 0 without CUDA graphs.
+        self.graph_pool_graphs = Gauge(
+            "gfdit_graph_pool_graphs", "Captured denoising-step CUDA graphs held by rank 0", registry=r
+        )
+        self.graph_pool_graphs.set_function(lambda: engine.graph_pool_stats()["graphs"])
+        self.graph_pool_bytes = Gauge(
+            "gfdit_graph_pool_bytes",
+            "Device memory of rank 0's step graphs (pools and static inputs)",
+            registry=r,
+        )
+        self.graph_pool_bytes.set_function(lambda: engine.graph_pool_stats()["bytes"])
         self.busy = Counter(
             "gfdit_rank_busy_seconds", "Seconds each rank spent running tasks", ["rank"], registry=r
         )

@@ -28,6 +28,11 @@ def _engine_estimates(world, path):
             "step_96_1": cost.step_time("tiny-flux", 96, 96, None, 1),
             "analytic_96_1": cost.analytic_step_time("tiny-flux", 96, 96, None, 1),
             "factor": cost.factor(TaskKind.DENOISE, "tiny-flux"),
+            # Unmeasured steps: max(learned floor, learned GPU scale x GPU formula) (Note [Cost model]).
+            "fitted_96_1": max(
+                cost.step_fit("tiny-flux").floor(1),
+                cost.step_fit("tiny-flux").gpu_scale * cost.analytic_gpu_time("tiny-flux", 96, 96, None, 1),
+            ),
         }
     finally:
         engine.close()
@@ -56,9 +61,34 @@ def test_profile_writes_measurements_and_the_engine_starts_from_them(tmp_path):
     est = run_ranks(_engine_estimates, 2, out, timeout=240)[0]
     assert est["step_64_2"] == by_key[("DENOISE", 64, 2)]  # a measured key: the measurement itself
     assert est["decode_32"] == by_key[("DECODE", 32, 1)]
-    assert est["step_96_1"] == est["analytic_96_1"] * est["factor"]  # unmeasured: analytic x factor
+    assert est["step_96_1"] == est["fitted_96_1"]  # unmeasured: the learned floor / GPU-scale model
     bad = subprocess.run(
         [sys.executable, "-m", "gfdit.cli", "profile", "--nproc", "2", "--model", "tiny-flux", "--sizes", "64,x",
          "--out", out], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert bad.returncode == 2 and "--sizes" in bad.stderr
+
+
+def test_profile_breakdown_smoke(tmp_path):
+    """`gfdit profile --breakdown` on 2 CPU ranks (tiny-flux): a row per size x degree with host time,
+    busy fraction and time by kind; the SP2 row names its collectives (gfcoll custom ops)."""
+    prefix = str(tmp_path / "bd")
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    }
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    run = subprocess.run(
+        [sys.executable, "-m", "gfdit.cli", "profile", "--nproc", "2", "--model", "tiny-flux", "--device", "cpu",
+         "--sizes", "64", "--steps", "2", "--reps", "1", "--out", str(tmp_path / "p.json"), "--breakdown", prefix],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    rows = json.load(open(prefix + ".json"))["rows"]
+    assert [(r["width"], r["degree"]) for r in rows] == [(64, 1), (64, 2)]
+    for r in rows:
+        assert r["wall_ms"] > 0 and 0 < r["host_ms"] <= r["wall_ms"] * 1.05
+        assert 0 < r["device_busy_fraction"] <= 1
+        assert r["device_ms_by_kind"]["gemm"] > 0 and r["device_ms_by_kind"]["attention"] > 0
+    assert rows[0]["device_ms_by_kind"]["collective"] == 0
+    assert rows[1]["device_ms_by_kind"]["collective"] > 0
+    assert "| 64x64 | 2 |" in open(prefix + ".md").read()

@@ -1,0 +1,119 @@
+"""torch.compile of a model's denoising step: `--compile off|regional|full`.
+
+Note [Compiled steps]
+~~~~~~~~~~~~~~~~~~~~~
+- regional: every repeated transformer block is compiled (Flux: the double- and single-stream blocks,
+  each block class once; Wan: the block function of gfdit.models.sp used for every block). Dynamo keeps
+  one compiled graph per block class and input shapes, shared by all blocks of that class: parameters
+  are graph inputs (inline_inbuilt_nn_modules), not constants. The code between blocks (embeddings,
+  RoPE tables, final norm) stays eager. Compiling costs seconds per block class, not per block.
+- full: the whole transformer forward is compiled (graph breaks allowed; fewer kernels, longer compile).
+- off: eager.
+Under sequence parallelism the attention processors see the group as a gfcoll.ops.TracedGroup (Note
+[Traceable groups] in gfcoll/ops.py): the gfcoll collectives are custom operators, so a block traces
+as one graph, specialised on (input shapes, group size, member index) only — a new group of the same
+size with the same member index reuses the compiled code.
+
+Shapes. With `dynamic=False` (the default on CUDA: static shapes give inductor's best kernels) every
+new (size, degree, member index) compiles on first use; `warm(...)` compiles given sizes at start-up
+(SP1, on this rank alone). With `dynamic=None` dynamo compiles the first shape statically and on the
+second recompiles with symbolic sizes, which later shapes reuse (the CPU default: fewest compilations).
+The recompile limit is raised to kRecompileLimit so that a server seeing many shapes keeps compiling
+instead of falling back to eager after dynamo's default 8.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from gfdit.fast_options import kModes  # the mode names' one home (no torch: used by --help)
+
+__all__ = ["kModes", "kRecompileLimit", "default_mode", "compile_model", "warm"]
+
+log = logging.getLogger("gfdit.compile")
+
+# Per compiled code object: sizes x SP degrees x member indices a server may see (4 x 4 x 8 = 128).
+kRecompileLimit = 128
+
+
+def default_mode(device: torch.device | str) -> str:
+    """regional on CUDA, off on CPU (inductor's CPU compile of a full-size model takes minutes)."""
+    return "regional" if torch.device(device).type == "cuda" else "off"
+
+
+def _raise_limits() -> None:
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name) and getattr(cfg, name) < kRecompileLimit:
+            setattr(cfg, name, kRecompileLimit)
+    if hasattr(cfg, "accumulated_recompile_limit"):
+        cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4 * kRecompileLimit)
+
+
+def compile_model(model, mode: str, *, dynamic: bool | None = False) -> None:
+    """Put the compiled step on `model` (a DiTModel with its transformer loaded) in place. Compilation
+    itself happens on the first step of each shape (or in warm()). Idempotent for the same mode; a model
+    compiled once cannot change mode."""
+    if mode not in kModes:
+        raise ValueError(f"compile mode must be one of {', '.join(kModes)}, got {mode!r}")
+    current = getattr(model, "compile_mode", "off")
+    if current == mode:
+        return
+    if current != "off":
+        raise ValueError(f"model already compiled with mode {current!r}; cannot switch to {mode!r}")
+    if mode == "off":
+        return
+    model._require("transformer")
+    _raise_limits()
+    t = model.transformer
+    family = model.preset.family
+    if family == "flux":
+        if mode == "regional":
+            for block in [*t.transformer_blocks, *t.single_transformer_blocks]:
+                block.compile(fullgraph=True, dynamic=dynamic)
+        else:
+            t.compile(dynamic=dynamic)
+    elif family == "wan":
+        from gfdit.models import sp
+
+        if mode == "regional":
+            t._gfdit_block_fn = torch.compile(sp.wan_block, fullgraph=True, dynamic=dynamic)
+        else:
+            model._wan_forward = torch.compile(sp.wan_forward, dynamic=dynamic)
+    else:
+        raise ValueError(f"compile: unknown model family {family!r}")
+    model.compile_mode = mode
+    log.info("%s: compile mode %s (dynamic=%s)", model.preset.name, mode, dynamic)
+
+
+def warm(model, sizes, *, frames: int | None = None, steps: int = 1) -> list[dict]:
+    """Compile (and run once; with step graphs: capture) the step for each size (pixels: an int for a
+    square, or (width, height)) on this rank alone (SP1); returns [{"width", "height", "frames",
+    "seconds"}] and logs each. Collective-free: any rank may call it."""
+    from gfdit.request import Request
+
+    out = []
+    for size in sizes:
+        w, h = (size, size) if isinstance(size, int) else size
+        req = Request(f"warm-{w}x{h}", model.preset.name, "warm-up", width=w, height=h,
+                      num_frames=frames, num_inference_steps=max(steps, 1), seed=0)  # fmt: skip
+        model.validate(req)
+        if "text" in model.components:
+            cond = model.encode(req)
+        else:
+            from gfdit.breakdown import synthetic_cond
+
+            cond = synthetic_cond(model, req)
+        x = model.init_latents(req)
+        t0 = time.perf_counter()
+        model.denoise(x, (0, x.shape[1]), cond, 0, 1, req)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+        dt = time.perf_counter() - t0
+        log.info("%s: warmed %dx%d%s (SP1, compile %s) in %.1f s", model.preset.name, w, h,
+                 f"x{frames}" if frames else "", getattr(model, "compile_mode", "off"), dt)  # fmt: skip
+        out.append({"width": w, "height": h, "frames": frames, "seconds": dt})
+    return out
