@@ -16,7 +16,10 @@ from gfdit.tasks import TaskKind
 
 
 def test_preemptions_chunk_degrees_and_slo_attainment_per_class():
-    engine = SimpleNamespace(num_queued=lambda: 0, num_running=lambda: 0, world=SimpleNamespace(size=4))
+    engine = SimpleNamespace(
+        num_queued=lambda: 0, num_running=lambda: 0, world=SimpleNamespace(size=4),
+        graph_pool_stats=lambda: {"graphs": 0, "bytes": 0},
+    )  # fmt: skip
     m = ServerMetrics(engine, lambda: (True, ""))
     reqs = [
         Request(f"r{i}", "flux-dev", width=s, height=s, num_inference_steps=6, arrival_s=0.05 * i,
