@@ -523,7 +523,8 @@ def test_stream_disconnect_cancels_the_request(elastic):
 
 def test_plain_request_disconnect_cancels_too(elastic):
     before = _metric(_metrics(elastic.url), "gfdit_requests_total", kind="image", outcome="cancelled")
-    body = {"prompt": "slow", "size": "256x256", "num_inference_steps": 200}
+    # 4 images x 200 steps at 256x256 on 2 ranks: well past the 1.5 s read timeout on any CPU here
+    body = {"prompt": "slow", "size": "256x256", "num_inference_steps": 200, "n": 4}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(elastic.url + "/v1/images/generations", json=body, timeout=httpx.Timeout(30, read=1.5))
 
@@ -967,7 +968,11 @@ def _dead_worker(world, flag_path: str):
                 events.extend(_sse_events([line]))
                 if events and isinstance(events[-1], dict) and events[-1].get("step", 0) >= 2:
                     open(flag_path, "w").close()  # rank 1: die now
-        health = httpx.get(url + "/health")
+        # The request failed as soon as rank 0's collective saw rank 1 die; the liveness connection's
+        # end, which marks the rank lost for /health, may be handled a moment later.
+        deadline = time.monotonic() + 30
+        while (health := httpx.get(url + "/health")).status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
         refused = httpx.post(url + "/v1/images/generations", json={"prompt": "x", "size": "32x32"})
         metrics = httpx.get(url + "/metrics").text
         server.should_exit = True
