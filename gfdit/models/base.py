@@ -347,6 +347,7 @@ class DiTModel(abc.ABC):
         end: int,
         request,
         group=None,
+        on_step=None,
     ) -> torch.Tensor:
         """Run denoising steps [start, end) on this rank's tokens and return the new local slice (fp32).
 
@@ -356,7 +357,9 @@ class DiTModel(abc.ABC):
         valid_sp_degrees(). None or size 1: this rank holds all S tokens and nothing is communicated.
         cond: encode(request) (moved to this device and dtype here if needed).
         Each step: transformer forward with Ulysses SP over the group, guidance (CFG for Wan), then the
-        FlowMatch Euler step, elementwise on the local slice given the step's sigmas."""
+        FlowMatch Euler step, elementwise on the local slice given the step's sigmas.
+        on_step: called with i + 1 once step i is issued (on CUDA: enqueued on the current stream,
+        not necessarily finished), e.g. to report progress."""
         self._require("transformer")
         s = self.seq_len(request)
         d = 1 if group is None else group.size
@@ -399,6 +402,8 @@ class DiTModel(abc.ABC):
                 else:
                     v = self._velocity(x, t, ctx, sp)
                 x = scheduler.step(v.float(), t, x, return_dict=False)[0]
+                if on_step is not None:
+                    on_step(i + 1)
         return x
 
     # -- helpers for the families --------------------------------------------------------------------

@@ -296,7 +296,8 @@ class Engine:
         self.keep_latents = keep_latents  # return each request's final latent too (tests, debugging)
         self._closed = False
         self._ctx = zmq.Context()
-        self._worker = Worker(world, self.model)
+        self._worker_sock = None  # the worker thread's DEALER (set by _worker_loop)
+        self._worker = Worker(world, self.model, notify=self._notify)
         # Every rank parses the policy, so a bad spec fails everywhere before any collective.
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
         one_node = world.local_size == world.size
@@ -462,6 +463,10 @@ class Engine:
             nonce += chunk
         self._live.sendall(auth.liveness_proof(self._keys.liveness, nonce, self.world.rank))
 
+    def _notify(self, event: msg.Event) -> None:
+        """The worker's events sent while a task runs: on the worker thread, over its socket."""
+        self._worker_sock.send(msg.encode(event))
+
     def _worker_loop(self) -> None:
         try:
             self._prove_liveness()
@@ -475,6 +480,7 @@ class Engine:
         sock.setsockopt(zmq.MAXMSGSIZE, msg.kMaxMessageBytes)
         self._keys.make_client(sock)
         sock.connect(self._endpoint)
+        self._worker_sock = sock  # used by this thread only (the worker's notify runs on it)
         sock.send(msg.encode(msg.Ready(rank=self.world.rank)))
         try:
             while True:
@@ -743,6 +749,13 @@ class Engine:
             inf = self._inflight.get(ev.task_id)
             if inf is None:
                 return  # a late report of a task that already failed
+            if isinstance(ev, msg.StepDone):
+                a = inf.assignment
+                handle = self._handles.get(a.task.request_id)
+                if handle is not None and ev.rank == a.ranks[0]:
+                    total = self.scheduler.record(a.task.request_id).request.num_inference_steps
+                    handle._emit(Progress("in_progress", ev.step, total, len(a.ranks), str(a.task)))
+                return
             if isinstance(ev, msg.Failed):
                 del self._inflight[ev.task_id]
                 a = inf.assignment

@@ -37,6 +37,7 @@ __all__ = [
     "Ready",
     "Release",
     "Shutdown",
+    "StepDone",
     "Task",
     "TensorMeta",
     "decode_command",
@@ -167,7 +168,16 @@ class Failed(_Message, tag="failed"):
     trace: str = ""  # the traceback, for the log
 
 
-Event = Ready | Done | Failed
+class StepDone(_Message, tag="step"):
+    """A denoising step of a task finished on the sender's group (sent by its first member only,
+    before its Done): what request progress follows between chunk boundaries."""
+
+    rank: Rank  # the sender's global rank (the task group's first member)
+    task_id: NonNeg  # the task (Task.task_id)
+    step: NonNeg  # denoising steps of the request done so far (index of the finished step + 1)
+
+
+Event = Ready | Done | Failed | StepDone
 
 
 # -- codec ---------------------------------------------------------------------------------------

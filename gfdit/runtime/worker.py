@@ -50,11 +50,13 @@ class Held:
 class Worker:
     """Runs on every rank; `handle(command)` returns the events to send back."""
 
-    def __init__(self, world: gfcoll.World, model):
+    def __init__(self, world: gfcoll.World, model, notify=None):
         self.world = world
         self.model = model
         self.rank = world.rank
         self.held: dict[str, Held] = {}
+        # notify(event): sends an event to the engine while a task runs (StepDone), or None
+        self.notify = notify
 
     def _mark(self):
         """A timing CUDA event recorded now on the current stream (None on CPU). The worker never
@@ -116,9 +118,22 @@ class Worker:
                 for k, v in sorted(held.cond.items())
             )
         elif kind == "DENOISE":
+            steps: list[tuple[int, object]] = []  # (steps done, its CUDA event or None)
+            report = self.notify is not None and self.rank == ranks[0]
+
+            def on_step(step: int) -> None:
+                steps.append((step, self._mark()))
+                if steps[-1][1] is None:  # CPU: the step is done now
+                    self.notify(msg.StepDone(rank=self.rank, task_id=cmd.task_id, step=step))
+
             held.latents = self.model.denoise(
-                held.latents, (held.lo, held.hi), held.cond, cmd.start, cmd.end, req, group=group
-            )
+                held.latents, (held.lo, held.hi), held.cond, cmd.start, cmd.end, req, group=group,
+                on_step=on_step if report else None,
+            )  # fmt: skip
+            for step, event in steps:  # CUDA: each step reported once its own work is done
+                if event is not None:
+                    event.synchronize()
+                    self.notify(msg.StepDone(rank=self.rank, task_id=cmd.task_id, step=step))
         elif kind == "DECODE":
             if group is not None:
                 full = torch.empty(

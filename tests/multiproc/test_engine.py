@@ -158,10 +158,12 @@ def _bad_requests_and_failures(world):
         def __getattr__(self, name):
             return getattr(self._inner, name)
 
-        def denoise(self, latents, token_range, cond, start, end, request, group=None):
+        def denoise(self, latents, token_range, cond, start, end, request, group=None, on_step=None):
             if "FAIL" in request.prompt:
                 raise RuntimeError("injected fault")
-            return self._inner.denoise(latents, token_range, cond, start, end, request, group=group)
+            return self._inner.denoise(
+                latents, token_range, cond, start, end, request, group=group, on_step=on_step
+            )
 
     model = Faulty(load_model("tiny-flux", device=world.device))
     return _with_engine(world, "tiny-flux", "fcfs-elastic:max_sp=1", _bad_body, model_obj=model)
@@ -257,10 +259,12 @@ def _hung_worker(world):
         def __getattr__(self, name):
             return getattr(self._inner, name)
 
-        def denoise(self, latents, token_range, cond, start, end, request, group=None):
+        def denoise(self, latents, token_range, cond, start, end, request, group=None, on_step=None):
             if "HANG" in request.prompt:
                 time.sleep(kHangS)
-            return self._inner.denoise(latents, token_range, cond, start, end, request, group=group)
+            return self._inner.denoise(
+                latents, token_range, cond, start, end, request, group=group, on_step=on_step
+            )
 
     def body(engine):
         ok = engine.submit(Request("ok", "tiny-flux", "fine", width=64, height=64, num_inference_steps=2))

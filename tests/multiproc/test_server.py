@@ -484,7 +484,8 @@ def test_stream_progress_in_order_then_result_then_done(elastic):
     progress = events[:-2]
     assert all(e["type"] == "image_generation.progress" for e in progress)
     steps = [e["step"] for e in progress]
-    assert steps == sorted(steps) and steps[-1] == 6 and len(set(steps)) >= 3  # 0, 2, 4, 6 in chunks of 2
+    assert steps == sorted(steps) and steps[-1] == 6
+    assert set(range(1, 7)) <= set(steps), steps  # every step, not only chunk boundaries
     assert all(e["num_steps"] == 6 for e in progress)
     assert progress[-1]["state"] == "completed"
     assert {e["state"] for e in progress[:-1]} <= {"queued", "in_progress"}
@@ -493,6 +494,18 @@ def test_stream_progress_in_order_then_result_then_done(elastic):
     plain = _generate(elastic.url, prompt="a cat", size="64x64", num_inference_steps=6, seed=3)
     diff = _png(plain["data"][0]["b64_json"]).astype(int) - _png(final["data"][0]["b64_json"]).astype(int)
     assert np.abs(diff).max() <= 1
+
+
+def test_progress_follows_every_step_inside_one_long_chunk(static):
+    # static:sp=1 runs all 8 steps as ONE task (no chunk boundary inside): progress still counts
+    # each step as it finishes (video jobs' `progress` is the same count, in percent).
+    body = {"prompt": "a dog", "size": "64x64", "num_inference_steps": 8, "seed": 1, "stream": True}
+    with httpx.stream("POST", static.url + "/v1/images/generations", json=body, timeout=120) as r:
+        events = _sse_events(r.iter_lines())
+    assert events[-1] == "[DONE]" and events[-2]["type"] == "image_generation.completed", events[-2:]
+    running = [e for e in events[:-2] if e["state"] == "in_progress"]
+    denoise_steps = [e["step"] for e in running if ":denoise" in e["task"]]
+    assert denoise_steps == sorted(denoise_steps) and set(range(1, 9)) <= set(denoise_steps), running
 
 
 def test_stream_disconnect_cancels_the_request(elastic):
