@@ -423,13 +423,13 @@ class StaticPolicy(Policy):
         return _static_groups(view, lambda rt: self.sp, self.chunk)
 
 
-@register_policy
 @dataclass
-class FcfsElasticPolicy(Policy):
-    """First come first served; each DENOISE chunk gets the smallest valid degree whose step time is
-    within `tol` of the fastest degree that fits the free ranks and `max_sp`; other tasks one rank."""
+class GreedyOrderPolicy(Policy):
+    """Base of the policies that differ only in the order they serve runnable tasks: in that order,
+    each DENOISE chunk gets the smallest valid degree whose step time is within `tol` of the fastest
+    degree that fits the free ranks and `cap` (default `max_sp`); other tasks one rank. Subclasses
+    give `name` and `order` (and may narrow `cap`)."""
 
-    name: ClassVar[str] = "fcfs-elastic"
     max_sp: int = 0  # largest SP degree; 0: world size
     chunk: int | None = None  # DENOISE steps per task; None: the scheduler's chunk_steps; 0: all remaining
     tol: float = 0.05  # relative step-time gain below which more ranks are not worth taking
@@ -437,29 +437,41 @@ class FcfsElasticPolicy(Policy):
     def __post_init__(self) -> None:
         _validate_common(self, self.chunk, self.max_sp, self.tol)
 
+    @abc.abstractmethod
+    def order(self, view: SchedulerView) -> list[RunnableTask]:
+        """The runnable tasks, the first served first."""
+
+    def cap(self, view: SchedulerView) -> int:
+        """The largest degree a chunk may get now (0: world size)."""
+        return self.max_sp
+
     def schedule(self, view: SchedulerView) -> list[Assignment]:
-        order = sorted(view.runnable, key=lambda rt: (rt.request.arrival_s, -rt.request.priority))
-        return _assign_greedily(view, order, self.max_sp, self.chunk, self.tol)
+        return _assign_greedily(view, self.order(view), self.cap(view), self.chunk, self.tol)
 
 
 @register_policy
 @dataclass
-class SrtfPolicy(Policy):
+class FcfsElasticPolicy(GreedyOrderPolicy):
+    """First come first served; each DENOISE chunk gets the smallest valid degree whose step time is
+    within `tol` of the fastest degree that fits the free ranks and `max_sp`; other tasks one rank."""
+
+    name: ClassVar[str] = "fcfs-elastic"
+
+    def order(self, view: SchedulerView) -> list[RunnableTask]:
+        return sorted(view.runnable, key=lambda rt: (rt.request.arrival_s, -rt.request.priority))
+
+
+@register_policy
+@dataclass
+class SrtfPolicy(GreedyOrderPolicy):
     """Shortest remaining time first (estimated at degree 1), re-decided at every rescheduling point,
     so a long request waits (is preempted) between chunks while shorter ones run. Degrees as in
     fcfs-elastic."""
 
     name: ClassVar[str] = "srtf"
-    max_sp: int = 0  # largest SP degree; 0: world size
-    chunk: int | None = None  # DENOISE steps per task; None: the scheduler's chunk_steps; 0: all remaining
-    tol: float = 0.05  # relative step-time gain below which more ranks are not worth taking
 
-    def __post_init__(self) -> None:
-        _validate_common(self, self.chunk, self.max_sp, self.tol)
-
-    def schedule(self, view: SchedulerView) -> list[Assignment]:
-        order = sorted(view.runnable, key=lambda rt: (rt.remaining_s[1], rt.request.arrival_s))
-        return _assign_greedily(view, order, self.max_sp, self.chunk, self.tol)
+    def order(self, view: SchedulerView) -> list[RunnableTask]:
+        return sorted(view.runnable, key=lambda rt: (rt.remaining_s[1], rt.request.arrival_s))
 
 
 @register_policy
@@ -635,71 +647,51 @@ class StepPreemptPolicy(Policy):
 
 @register_policy
 @dataclass
-class LoadAdaptivePolicy(Policy):
+class LoadAdaptivePolicy(GreedyOrderPolicy):
     """Load-adaptive parallelism (the paper's load-adaptive baseline): degrees shrink as the queue
     grows. With q requests in the system (runnable and running), every DENOISE chunk may use at most
     max(1, world_size // q) ranks (and `max_sp`): one request alone gets every rank, a full queue one
     rank each. FCFS; under the cap, the fastest degree within `tol`."""
 
     name: ClassVar[str] = "load-adaptive"
-    max_sp: int = 0  # largest SP degree; 0: world size
-    chunk: int | None = None  # DENOISE steps per task; None: the scheduler's chunk_steps; 0: all remaining
-    tol: float = 0.05  # relative step-time gain below which more ranks are not worth taking
-
-    def __post_init__(self) -> None:
-        _validate_common(self, self.chunk, self.max_sp, self.tol)
 
     def cap(self, view: SchedulerView) -> int:
         q = len(view.runnable) + len({t.task.request_id for t in view.running})
         return max(1, min(self.max_sp or view.world_size, view.world_size // max(1, q)))
 
-    def schedule(self, view: SchedulerView) -> list[Assignment]:
-        order = sorted(view.runnable, key=lambda rt: (rt.request.arrival_s, -rt.request.priority))
-        return _assign_greedily(view, order, self.cap(view), self.chunk, self.tol)
+    def order(self, view: SchedulerView) -> list[RunnableTask]:
+        return sorted(view.runnable, key=lambda rt: (rt.request.arrival_s, -rt.request.priority))
 
 
 @register_policy
 @dataclass
-class SjfPolicy(Policy):
+class SjfPolicy(GreedyOrderPolicy):
     """Shortest job first: requests that have started continue first (by arrival: a started request is
     not overtaken, unlike srtf), then new ones by their whole standalone time on one rank, shortest
     first. Degrees as in fcfs-elastic."""
 
     name: ClassVar[str] = "sjf"
-    max_sp: int = 0  # largest SP degree; 0: world size
-    chunk: int | None = None  # DENOISE steps per task; None: the scheduler's chunk_steps; 0: all remaining
-    tol: float = 0.05  # relative step-time gain below which more ranks are not worth taking
 
-    def __post_init__(self) -> None:
-        _validate_common(self, self.chunk, self.max_sp, self.tol)
-
-    def schedule(self, view: SchedulerView) -> list[Assignment]:
+    def order(self, view: SchedulerView) -> list[RunnableTask]:
         def key(rt: RunnableTask) -> tuple:
             if rt.started:
                 return (0, 0.0, rt.request.arrival_s)
             return (1, view.cost.standalone_time(rt.request, 1), rt.request.arrival_s)
 
-        return _assign_greedily(view, sorted(view.runnable, key=key), self.max_sp, self.chunk, self.tol)
+        return sorted(view.runnable, key=key)
 
 
 @register_policy
 @dataclass
-class EdfGreedyPolicy(Policy):
+class EdfGreedyPolicy(GreedyOrderPolicy):
     """Clean earliest deadline first (the paper's EDF baseline): requests by deadline (those without one
     last, by arrival), each DENOISE chunk greedily given the fastest degree within `tol` that the free
     ranks allow; no best fit, no special treatment of late requests."""
 
     name: ClassVar[str] = "edf-greedy"
-    max_sp: int = 0  # largest SP degree; 0: world size
-    chunk: int | None = None  # DENOISE steps per task; None: the scheduler's chunk_steps; 0: all remaining
-    tol: float = 0.05  # relative step-time gain below which more ranks are not worth taking
 
-    def __post_init__(self) -> None:
-        _validate_common(self, self.chunk, self.max_sp, self.tol)
-
-    def schedule(self, view: SchedulerView) -> list[Assignment]:
-        order = sorted(view.runnable, key=_edf_key)
-        return _assign_greedily(view, order, self.max_sp, self.chunk, self.tol)
+    def order(self, view: SchedulerView) -> list[RunnableTask]:
+        return sorted(view.runnable, key=_edf_key)
 
 
 @register_policy
