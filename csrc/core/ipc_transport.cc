@@ -3,6 +3,7 @@
 
 #include <cuda.h>
 #include <cudaTypedefs.h>
+#include <pthread.h>
 #include <signal.h>
 
 #include <algorithm>
@@ -755,6 +756,7 @@ void IpcTransport::fail(ErrorCode code, const std::string& message) {
 }
 
 void IpcTransport::watchdog() {
+  pthread_setname_np(pthread_self(), "gfcoll-ipc-wd");  // named in crash reports and debuggers
   cudaSetDevice(device_);
   // Event queries from this thread must not invalidate a CUDA graph another thread is capturing.
   cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
