@@ -324,6 +324,8 @@ class World:
         self.local_rank = local_rank
         self.local_size = local_size
         self.device = device
+        # CUDA device index compared with tensor.get_device() on every call (-1: not a CUDA world)
+        self._dev_index = device.index if device.type == "cuda" and device.index is not None else -1
         self._host = None  # native HostTransport (ranks of this node), or None
         self._nccl = None  # native NcclTransport, or None
         self._ipc = None  # native IpcTransport (CUDA ranks of this node), or None
@@ -498,12 +500,11 @@ class World:
         """The one selection function of CUDA operations: "ipc" or "nccl" (CPU tensors always use
         host). ``group`` is a Group or a tuple of global ranks; ``nbytes`` what must fit the ipc
         staging at once (all_to_all), 0 when the transport chunks."""
-        dev = self.device
-        index = dev.index if dev.type == "cuda" and dev.index is not None else -1
+        index = self._dev_index
         for b in bufs:
             if b.tensor.get_device() != index:  # an int compare: t.device builds an object
                 raise GfcollValueError(
-                    f"{what}: tensor is on {b.tensor.device}, but this rank's device is {dev}"
+                    f"{what}: tensor is on {b.tensor.device}, but this rank's device is {self.device}"
                 )
         ok = group._ipc if isinstance(group, Group) else None
         if ok is None:
