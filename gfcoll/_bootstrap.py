@@ -259,8 +259,7 @@ def _placement(world: World, store, timeout_s: float) -> str:
     return "" if distinct == world.size else f"{distinct}"
 
 
-def ipc_spin_waits() -> bool:
-    """GFCOLL_IPC_WAIT: True for spinning waits, False for stream memory waits (the default)."""
+def _ipc_spin_waits() -> bool:
     mode = _env.get_str(_env.IPC_WAIT)
     if mode not in ("stream", "spin"):
         raise GfcollValueError(f"{_env.IPC_WAIT}={mode!r}: expected 'stream' or 'spin'")
@@ -274,7 +273,7 @@ def _setup_ipc(world: World, store, timeout_s: float, local: list[int], ipc_byte
     lib = _native.lib()
     ipc = None
     handle = b""
-    spin_waits = ipc_spin_waits()  # a bad value is the user's error, not an unavailable transport
+    spin_waits = _ipc_spin_waits()  # a bad value is the user's error, not an unavailable transport
     try:
         opts = lib.IpcOptions()
         opts.workspace_bytes = ipc_bytes

@@ -100,22 +100,3 @@ def test_graph_slot_checks():
     w2 = make_world(ipc=False)
     with pytest.raises(gfcoll.GfcollUnsupportedError, match="ipc"):
         w2.graph_slot(2)
-
-
-@pytest.mark.parametrize("value, spin", [(None, False), ("stream", False), ("spin", True)])
-def test_ipc_wait_mode_from_environment(monkeypatch, value, spin):
-    from gfcoll._bootstrap import ipc_spin_waits
-
-    if value is None:
-        monkeypatch.delenv("GFCOLL_IPC_WAIT", raising=False)
-    else:
-        monkeypatch.setenv("GFCOLL_IPC_WAIT", value)
-    assert ipc_spin_waits() is spin
-
-
-def test_ipc_wait_mode_rejects_unknown_values(monkeypatch):
-    from gfcoll._bootstrap import ipc_spin_waits
-
-    monkeypatch.setenv("GFCOLL_IPC_WAIT", "busy")
-    with pytest.raises(gfcoll.GfcollValueError, match="GFCOLL_IPC_WAIT='busy'"):
-        ipc_spin_waits()
