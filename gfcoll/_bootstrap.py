@@ -259,13 +259,6 @@ def _placement(world: World, store, timeout_s: float) -> str:
     return "" if distinct == world.size else f"{distinct}"
 
 
-def _ipc_spin_waits() -> bool:
-    mode = _env.get_str(_env.IPC_WAIT)
-    if mode not in ("stream", "spin"):
-        raise GfcollValueError(f"{_env.IPC_WAIT}={mode!r}: expected 'stream' or 'spin'")
-    return mode == "spin"
-
-
 def _setup_ipc(world: World, store, timeout_s: float, local: list[int], ipc_bytes: int) -> None:
     """One workspace per rank, its IPC handle opened once by every local peer. Every local rank
     publishes whether it succeeded; ipc is used only if all did (the same verdict everywhere)."""
@@ -273,12 +266,10 @@ def _setup_ipc(world: World, store, timeout_s: float, local: list[int], ipc_byte
     lib = _native.lib()
     ipc = None
     handle = b""
-    spin_waits = _ipc_spin_waits()  # a bad value is the user's error, not an unavailable transport
     try:
         opts = lib.IpcOptions()
         opts.workspace_bytes = ipc_bytes
         opts.timeout_s = timeout_s
-        opts.spin_waits = spin_waits
         ipc = lib.IpcTransport(rank, world.device.index, len(local), opts)
         handle = ipc.handle()
     except GfcollError as e:

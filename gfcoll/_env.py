@@ -23,10 +23,6 @@ IPC_BYTES = "GFCOLL_IPC_BYTES"
 # Transport of CUDA operations: "auto" (ipc for groups of one node, else nccl), or force one of
 # "ipc", "nccl" ("host" forces nothing on CUDA: host is the transport of CPU tensors).
 TRANSPORT = "GFCOLL_TRANSPORT"
-# ipc transport: how a stream waits for a peer: "stream" (cuStreamWaitValue32 in the GPU's front
-# end, the default) or "spin" (a one-thread polling kernel). Note [ipc signalling], "Two ways to
-# wait", in csrc/include/gfcoll/ipc_transport.h says what each costs and when to use which.
-IPC_WAIT = "GFCOLL_IPC_WAIT"
 
 _DEFAULTS = {
     TIMEOUT_S: "300",
@@ -36,7 +32,6 @@ _DEFAULTS = {
     HOST_ASYNC_THREADS: "64",
     IPC_BYTES: str(256 << 20),
     TRANSPORT: "auto",
-    IPC_WAIT: "stream",
 }
 
 

@@ -209,8 +209,7 @@ PYBIND11_MODULE(_gfcoll, m) {
       .def(py::init<>())
       .def_readwrite("workspace_bytes", &gfcoll::IpcOptions::workspace_bytes)
       .def_readwrite("timeout_s", &gfcoll::IpcOptions::timeout_s)
-      .def_readwrite("one_shot_bytes", &gfcoll::IpcOptions::one_shot_bytes)
-      .def_readwrite("spin_waits", &gfcoll::IpcOptions::spin_waits);
+      .def_readwrite("one_shot_bytes", &gfcoll::IpcOptions::one_shot_bytes);
   using IT = gfcoll::IpcTransport;
   // The collectives hold the GIL: they only enqueue work (tens of microseconds), and releasing and
   // re-taking it would cost more than it frees.

@@ -72,8 +72,7 @@ IpcTransport::IpcTransport(int rank, int device, int num_local, IpcOptions optio
     : rank_(rank), device_(device), options_(options) {
   GF_ASSERT(num_local >= 1 && num_local <= ipc::kMaxLocal, kUnsupported, "ipc transport: ", num_local,
             " ranks on this node; at most ", ipc::kMaxLocal, " can share ipc workspaces");
-  GF_ASSERT(options.spin_waits || memops().wait32 != nullptr, kUnsupported, "ipc transport: ", memops().error,
-            " (GFCOLL_IPC_WAIT=spin waits without it)");
+  GF_ASSERT(memops().wait32 != nullptr, kUnsupported, "ipc transport: ", memops().error);
   num_local_ = num_local;
   // Ordered subsets of size k of L ranks: L! / (L - k)!.
   channel_base_.assign(num_local + 2, 0);
@@ -384,11 +383,6 @@ void IpcTransport::end(const Group& g, const Issue& is, const char* what) {
 }
 
 void IpcTransport::wait_word(cudaStream_t stream, uint64_t offset, uint32_t value) {
-  if (options_.spin_waits) {
-    const double bound_s = options_.timeout_s + 1.0;  // after the host watchdog's own bound
-    ipc::launch_wait(ws_, offset, value, static_cast<uint64_t>(bound_s * 1e9), stream);
-    return;
-  }
   CUresult res = memops().wait32(reinterpret_cast<CUstream>(stream), reinterpret_cast<CUdeviceptr>(ws_ + offset),
                                  value, CU_STREAM_WAIT_VALUE_GEQ);
   GF_ASSERT(res == CUDA_SUCCESS, kCuda, "cuStreamWaitValue32 failed with CUresult ", static_cast<int>(res));

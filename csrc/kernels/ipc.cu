@@ -281,31 +281,6 @@ __global__ void p2p_recv_kernel(char* ws, int my_local, int src_local, uint32_t 
 
 __global__ void bind_kernel(Table* dst, Table t) { *dst = t; }
 
-__device__ __forceinline__ uint64_t globaltimer_ns() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-
-// Note [ipc signalling], "Two ways to wait": one thread polls; the kernel boundary after it orders
-// the peers' data (fenced before their signal) before this stream's next kernel.
-__global__ void wait_kernel(char* ws, uint64_t offset, uint32_t value, uint64_t timeout_ns) {
-  const volatile uint32_t* word = reinterpret_cast<const volatile uint32_t*>(ws + offset);
-  volatile uint32_t* abort_word = &ctrl(ws)->abort;
-  const uint64_t t0 = globaltimer_ns();
-  unsigned backoff = 32;
-  while (static_cast<int32_t>(*word - value) < 0) {
-    if (*abort_word != 0) return;
-    if (globaltimer_ns() - t0 > timeout_ns) {
-      atomicExch(const_cast<uint32_t*>(abort_word), kAbortByte * 0x01010101u);
-      return;
-    }
-    __nanosleep(backoff);
-    if (backoff < 2048) backoff *= 2;
-  }
-  __threadfence_system();
-}
-
 }  // namespace
 
 void launch_copy(const Ctx& ctx, const Segs& segs, const Finish& fin, cudaStream_t stream) {
@@ -344,11 +319,6 @@ void launch_p2p_recv(char* ws, int my_local, int src_local, uint32_t seq, void* 
                      cudaStream_t stream) {
   const unsigned blocks = blocks_for(bytes, kThreads * 32ull, static_cast<unsigned>(num_sms()) * 2);
   p2p_recv_kernel<<<blocks, kThreads, 0, stream>>>(ws, my_local, src_local, seq, static_cast<char*>(dst), bytes);
-  GF_CHECK_CUDA(cudaGetLastError());
-}
-
-void launch_wait(char* ws, uint64_t offset, uint32_t value, uint64_t timeout_ns, cudaStream_t stream) {
-  wait_kernel<<<1, 1, 0, stream>>>(ws, offset, value, timeout_ns);
   GF_CHECK_CUDA(cudaGetLastError());
 }
 

@@ -126,10 +126,6 @@ void launch_p2p_recv(char* ws, int my_local, int src_local, uint32_t seq, void* 
 
 // Writes a graph slot's table (group order local indices) on the stream.
 void launch_bind(char* ws, int slot, const Table& table, cudaStream_t stream);
-// A spinning wait (Note [ipc signalling], "Two ways to wait"): returns once the uint32 at
-// ws + offset reaches value (cyclic >=), the abort word is set, or timeout_ns of globaltimer pass
-// (then it sets the abort word: later kernels of this rank do nothing).
-void launch_wait(char* ws, uint64_t offset, uint32_t value, uint64_t timeout_ns, cudaStream_t stream);
 
 }  // namespace ipc
 }  // namespace gfcoll

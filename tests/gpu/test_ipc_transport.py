@@ -80,19 +80,9 @@ def _opposite_orders(world):
     return ok
 
 
-@pytest.mark.parametrize("wait", ["spin", "stream"])
 @pytest.mark.parametrize("n", RANKS)
-def test_overlapping_groups_opposite_orders_two_streams(n, wait):
-    import torch
-
-    if wait == "stream" and torch.cuda.device_count() < n:
-        pytest.skip(
-            "stream waits (cuStreamWaitValue32) of processes time-sharing one GPU are not independent "
-            "across a process's streams (bench/ipc_stream_waits.py; Note [ipc signalling], 'Two ways to "
-            "wait'); rule 3 applies there unless GFCOLL_IPC_WAIT=spin"
-        )
-    env = dict(IPC, GFCOLL_IPC_WAIT=wait, GFCOLL_TIMEOUT_S="60")
-    assert run_ranks(_opposite_orders, n, device="cuda", timeout=300, env=env) == [20] * n
+def test_overlapping_groups_opposite_orders_two_streams(n):
+    assert run_ranks(_opposite_orders, n, device="cuda", timeout=300, env=IPC) == [20] * n
 
 
 def _stress(world, num_ops):

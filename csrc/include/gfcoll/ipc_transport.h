@@ -55,19 +55,6 @@
 // new group on the group's own channel, enqueued on the stream: past it, every new partner has
 // finished its earlier use of the slot.
 //
-// Two ways to wait (GFCOLL_IPC_WAIT). "stream" (the default) enqueues cuStreamWaitValue32: the
-// wait happens in the GPU's front end, no SM is held, and two processes time-sharing one GPU
-// ping-pong in ~10 us. But a front-end wait is invisible to CUDA's scheduler (the driver warns that
-// it may serialise work "in an improper order"), and on one H200 shared by processes, overlapping
-// groups issued on two streams in opposite orders deadlocked with it (bench/ipc_stream_waits.py
-// probes why). "spin" enqueues a one-thread kernel that polls the word (volatile load, __nanosleep
-// backoff) and returns when it is reached, when the abort word is set, or when the globaltimer
-// passes GFCOLL_TIMEOUT_S + 1 s (a bound that holds even without the host watchdog; it then sets
-// the abort word itself). A spinning kernel is ordinary kernel work, so the streams of a process
-// stay independent wherever kernels of two streams can run concurrently; its cost is an SM held
-// while waiting and, on a GPU time-shared by processes, a round trip of a scheduler time slice
-// (~4.5 ms measured), since the peer's context runs only when this one is switched out.
-//
 // Bounded waits: stream waits have no timeout, so a host watchdog thread watches every operation
 // in flight (a CUDA event per operation) and the liveness of its peers (their pids). When one
 // passes GFCOLL_TIMEOUT_S or a peer died, it records the error, sets the abort word and fills the
@@ -102,10 +89,6 @@ struct IpcOptions {
   // all_reduce: at most this many bytes use the one-shot algorithm (every member reduces all of
   // it), larger ones the two-shot (reduce a part each, then gather). Not tuned on several GPUs yet.
   uint64_t one_shot_bytes = 256ull << 10;
-  // How a stream waits for a peer's signal (Note [ipc signalling], "Two ways to wait"): false: a
-  // stream memory operation (cuStreamWaitValue32; no kernel occupies the GPU); true: a one-thread
-  // kernel that polls the word with __nanosleep and gives up at the globaltimer bound.
-  bool spin_waits = false;
 };
 
 struct IpcP2P {
