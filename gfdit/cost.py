@@ -190,12 +190,29 @@ def _builtin_profiles() -> dict[str, ModelProfile]:
         step_fixed_s=0.005, step_linear_s=3e-5, step_quadratic_s=1e-8,
         encode_s=0.005, decode_s_per_mpx=0.5, finalize_s_per_mpx=0.05,
     )  # fmt: skip
+    # Qwen-Image (MMDiT, 60 double-stream blocks of width 3072): flux-dev's per-token constants scaled by
+    # the block count (an assumption until profiled); its text tokens vary per prompt, 128 taken as typical.
+    # True CFG runs the transformer twice per step: the step constants cover both passes.
+    qwen_layers = 60
+
+    def scaled(v: float) -> float:
+        return 2 * v * qwen_layers / flux.num_layers
+
+    qwen = ModelProfile(
+        "qwen-image", video=False, num_heads=24, num_layers=qwen_layers, hidden=3072, text_tokens=128,
+        step_fixed_s=scaled(flux.step_fixed_s), step_linear_s=scaled(flux.step_linear_s),
+        step_quadratic_s=scaled(flux.step_quadratic_s),
+        encode_s=0.05, decode_s_per_mpx=0.1, finalize_s_per_mpx=0.02,
+    )  # fmt: skip
+    tiny_qwen = replace(tiny_flux, name="tiny-qwen-image", num_layers=2, hidden=64, text_tokens=16)
     profiles = [
         tiny_flux,
         tiny_wan,
+        tiny_qwen,
         flux,
         wan("wan2.1-1.3b", heads=12, layers=30, hidden=1536),
         wan("wan2.1-14b", heads=40, layers=40, hidden=5120),
+        qwen,
     ]
     return {p.name: p for p in profiles}
 

@@ -3,7 +3,8 @@
 Note [Compiled steps]
 ~~~~~~~~~~~~~~~~~~~~~
 - regional: every repeated transformer block is compiled (Flux: the double- and single-stream blocks,
-  each block class once; Wan: the block function of gfdit.models.sp used for every block). Dynamo keeps
+  each block class once; Qwen-Image: its double-stream blocks; Wan: the block function of
+  gfdit.models.sp used for every block). Dynamo keeps
   one compiled graph per block class and input shapes, shared by all blocks of that class: parameters
   are graph inputs (inline_inbuilt_nn_modules), not constants. The code between blocks (embeddings,
   RoPE tables, final norm) stays eager. Compiling costs seconds per block class, not per block.
@@ -73,6 +74,12 @@ def compile_model(model, mode: str, *, dynamic: bool | None = False) -> None:
     if family == "flux":
         if mode == "regional":
             for block in [*t.transformer_blocks, *t.single_transformer_blocks]:
+                block.compile(fullgraph=True, dynamic=dynamic)
+        else:
+            t.compile(dynamic=dynamic)
+    elif family == "qwen-image":
+        if mode == "regional":
+            for block in t.transformer_blocks:
                 block.compile(fullgraph=True, dynamic=dynamic)
         else:
             t.compile(dynamic=dynamic)

@@ -46,16 +46,18 @@ class TextEncoderSpec:
     """One text encoder of a preset and the tokenizer that feeds it."""
 
     subfolder: str  # diffusers-layout folder of the weights: "text_encoder", "text_encoder_2"
-    model_class: str  # transformers class: "CLIPTextModel", "T5EncoderModel", "UMT5EncoderModel"
+    model_class: str  # transformers class: "CLIPTextModel", "T5EncoderModel", "UMT5EncoderModel", ...
     config: Mapping[str, Any]  # keyword arguments of the class's config (random initialisation)
     tokenizer_subfolder: str  # "tokenizer", "tokenizer_2"
     tokenizer_class: str  # transformers class used with weights=DIR: "CLIPTokenizer", "T5TokenizerFast", ...
-    token_style: str  # offline hash tokenizer layout of special tokens: "clip" or "t5"
+    token_style: str  # offline hash tokenizer layout of special tokens: "clip", "t5" or "plain" (none)
     max_length: int  # tokens per prompt (padding and truncation length)
     role: str  # "pooled": pooled embedding (Flux CLIP); "sequence": per-token embeddings (T5 / UMT5)
 
     @property
     def vocab_size(self) -> int:
+        if "vocab_size" not in self.config and "text_config" in self.config:  # Qwen2.5-VL: a nested config
+            return int(self.config["text_config"]["vocab_size"])
         return int(self.config["vocab_size"])
 
 
@@ -64,7 +66,7 @@ class ModelPreset:
     """Everything needed to build one model and to check requests against it (immutable)."""
 
     name: str  # preset name, e.g. "flux-dev"; requests name it in Request.model
-    family: str  # "flux" (MMDiT images) or "wan" (video)
+    family: str  # "flux", "qwen-image" (MMDiT images), "wan" or "wan2.2" (video)
     is_video: bool  # True: requests must give num_frames
     transformer_config: Mapping[str, Any]  # FluxTransformer2DModel / WanTransformer3DModel config
     vae_config: Mapping[str, Any]  # AutoencoderKL / AutoencoderKLWan config
@@ -267,14 +269,16 @@ def _wan_vae(base_dim: int, dim_mult, num_res_blocks: int) -> Mapping[str, Any]:
     )
 
 
-def _wan_transformer(heads: int, layers: int, ffn_dim: int, head_dim: int, text_dim: int, freq_dim: int):
+def _wan_transformer(
+    heads: int, layers: int, ffn_dim: int, head_dim: int, text_dim: int, freq_dim: int, channels: int = 16
+):
     return _frozen(
         dict(
             patch_size=(1, 2, 2),
             num_attention_heads=heads,
             attention_head_dim=head_dim,
-            in_channels=16,
-            out_channels=16,
+            in_channels=channels,
+            out_channels=channels,
             text_dim=text_dim,
             freq_dim=freq_dim,
             ffn_dim=ffn_dim,
@@ -315,6 +319,109 @@ _TINY_T5 = dict(
     relative_attention_num_buckets=8, relative_attention_max_distance=32, tie_word_embeddings=False,
     pad_token_id=0, eos_token_id=1,
 )  # fmt: skip
+
+
+# Qwen-Image (scheduler/scheduler_config.json of Qwen/Qwen-Image): exponential time shift, dynamic in the
+# token count up to 8192 tokens, and a terminal sigma stretched to 0.02.
+_FLOW_QWEN = _frozen(
+    dict(
+        num_train_timesteps=1000,
+        shift=1.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=0.9,
+        base_image_seq_len=256,
+        max_image_seq_len=8192,
+        shift_terminal=0.02,
+        time_shift_type="exponential",
+    )
+)
+# Qwen2.5-VL-7B-Instruct, Qwen-Image's text encoder (its language model's last hidden state conditions the
+# transformer; the vision tower is built and never run, as in QwenImagePipeline). Sub-configs stay plain
+# dicts: transformers reads them with isinstance(..., dict).
+_QWEN25_VL_7B = dict(
+    text_config=dict(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000, rms_norm_eps=1e-6,
+        hidden_act="silu", tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645,
+        rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, rope_theta=1000000.0,
+    ),
+    vision_config=dict(
+        depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584, patch_size=14,
+        spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
+        in_channels=3, hidden_act="silu", tokens_per_second=2,
+    ),
+)  # fmt: skip
+# Tiny Qwen2.5-VL for CPU tests: one text layer of width 32 (mrope sections sum to head_dim / 2 = 8), a
+# one-block vision tower; special ids inside the 1000-word vocabulary.
+_TINY_QWEN25_VL = dict(
+    text_config=dict(
+        vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=1024, rms_norm_eps=1e-6, hidden_act="silu",
+        tie_word_embeddings=False, bos_token_id=998, eos_token_id=999, pad_token_id=999,
+        rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, rope_theta=1000000.0,
+    ),
+    vision_config=dict(
+        depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=14,
+        spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[0],
+    ),
+    image_token_id=990, video_token_id=991, vision_start_token_id=992, vision_end_token_id=993,
+)  # fmt: skip
+
+
+def _qwen_vl(config: dict[str, Any], max_length: int) -> TextEncoderSpec:
+    return TextEncoderSpec(
+        subfolder="text_encoder",
+        model_class="Qwen2_5_VLForConditionalGeneration",
+        config=_frozen(config),
+        tokenizer_subfolder="tokenizer",
+        tokenizer_class="Qwen2Tokenizer",
+        token_style="plain",
+        max_length=max_length,  # QwenImagePipeline's max_sequence_length (tokens after the template prefix)
+        role="sequence",
+    )
+
+
+def _qwen_vae(base_dim: int, dim_mult, num_res_blocks: int) -> Mapping[str, Any]:
+    # AutoencoderKLQwenImage: the Wan 2.1 VAE layout and latent statistics (16 channels, 8x spatial).
+    return _frozen(
+        dict(
+            base_dim=base_dim,
+            z_dim=16,
+            dim_mult=tuple(dim_mult),
+            num_res_blocks=num_res_blocks,
+            attn_scales=(),
+            temperal_downsample=(False, True, True),
+            dropout=0.0,
+            latents_mean=_WAN_LATENTS_MEAN,
+            latents_std=_WAN_LATENTS_STD,
+        )
+    )
+
+
+def _qwen_image(name: str, transformer: dict[str, Any], text_encoder, vae, limits, default_steps, dtype):
+    lo, hi = limits
+    return ModelPreset(
+        name=name,
+        family="qwen-image",
+        is_video=False,
+        transformer_config=_frozen(transformer),
+        vae_config=vae,
+        text_encoders=(text_encoder,),
+        latent_channels=16,
+        vae_scale_factor=8,
+        patch_size=(1, 2, 2),
+        min_width=lo,
+        max_width=hi,
+        min_height=lo,
+        max_height=hi,
+        size_multiple=16,
+        default_steps=default_steps,
+        default_guidance=4.0,  # QwenImagePipeline's true_cfg_scale default
+        default_dtype=dtype,
+        scheduler_config=_FLOW_QWEN,
+        uses_cfg=True,  # true CFG: guidance_scale is the pipeline's true_cfg_scale
+    )
 
 
 def _flux(name: str, transformer: dict[str, Any], text_encoders, vae, limits, default_steps, dtype):
@@ -444,7 +551,47 @@ def _builtin() -> dict[str, ModelPreset]:
         default_steps=50,
         dtype="bfloat16",
     )
-    return {p.name: p for p in (tiny_flux, tiny_wan, flux_dev, wan_13, wan_14)}
+    tiny_qwen = _qwen_image(
+        "tiny-qwen-image",
+        dict(
+            patch_size=2,
+            in_channels=64,
+            out_channels=16,
+            num_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=4,
+            joint_attention_dim=32,
+            guidance_embeds=False,
+            axes_dims_rope=(4, 6, 6),
+        ),  # fmt: skip
+        _qwen_vl(_TINY_QWEN25_VL, 64),
+        _qwen_vae(base_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1),
+        limits=(32, 256),
+        default_steps=4,
+        dtype="float32",
+    )
+    qwen = _qwen_image(
+        "qwen-image",
+        # transformer/config.json of Qwen/Qwen-Image (20 B parameters).
+        dict(
+            patch_size=2,
+            in_channels=64,
+            out_channels=16,
+            num_layers=60,
+            attention_head_dim=128,
+            num_attention_heads=24,
+            joint_attention_dim=3584,
+            guidance_embeds=False,
+            axes_dims_rope=(16, 56, 56),
+        ),  # fmt: skip
+        _qwen_vl(_QWEN25_VL_7B, 512),
+        _qwen_vae(base_dim=96, dim_mult=(1, 2, 4, 4), num_res_blocks=2),
+        limits=(256, 2048),
+        default_steps=50,
+        dtype="bfloat16",
+    )
+    presets = (tiny_flux, tiny_wan, tiny_qwen, flux_dev, wan_13, wan_14, qwen)
+    return {p.name: p for p in presets}
 
 
 PRESETS: Mapping[str, ModelPreset] = MappingProxyType(_builtin())

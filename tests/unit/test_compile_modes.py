@@ -4,7 +4,11 @@ with SP over gfcoll groups: tests/multiproc/test_compile.py.) About 45 s of cold
 
 import pytest
 
-CASES = {"tiny-flux": dict(width=64, height=64), "tiny-wan": dict(width=64, height=64, num_frames=5)}
+CASES = {
+    "tiny-flux": dict(width=64, height=64),
+    "tiny-wan": dict(width=64, height=64, num_frames=5),
+    "tiny-qwen-image": dict(width=64, height=64, guidance_scale=4.0),
+}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -31,8 +31,17 @@ def tiny():
 
 
 def test_preset_names_and_unknown_name():
-    assert set(PRESETS) == {"tiny-flux", "tiny-wan", "flux-dev", "wan2.1-1.3b", "wan2.1-14b"}
-    with pytest.raises(ValueError, match="known: flux-dev, tiny-flux, tiny-wan, wan2.1-1.3b, wan2.1-14b"):
+    names = {
+        "tiny-flux",
+        "tiny-wan",
+        "tiny-qwen-image",
+        "flux-dev",
+        "wan2.1-1.3b",
+        "wan2.1-14b",
+        "qwen-image",
+    }
+    assert set(PRESETS) == names
+    with pytest.raises(ValueError, match="known: " + ", ".join(sorted(names)).replace(".", r"\.")):
         get_preset("sdxl")
     with pytest.raises(ValueError):
         load_model("nope", device="cpu")
