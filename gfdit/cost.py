@@ -205,15 +205,20 @@ def _builtin_profiles() -> dict[str, ModelProfile]:
         encode_s=0.05, decode_s_per_mpx=0.1, finalize_s_per_mpx=0.02,
     )  # fmt: skip
     tiny_qwen = replace(tiny_flux, name="tiny-qwen-image", num_layers=2, hidden=64, text_tokens=16)
-    profiles = [
-        tiny_flux,
-        tiny_wan,
-        tiny_qwen,
-        flux,
-        wan("wan2.1-1.3b", heads=12, layers=30, hidden=1536),
-        wan("wan2.1-14b", heads=40, layers=40, hidden=5120),
-        qwen,
-    ]
+    wan_13 = wan("wan2.1-1.3b", heads=12, layers=30, hidden=1536)
+    wan_14 = wan("wan2.1-14b", heads=40, layers=40, hidden=5120)
+    # Wan2.2: A14B runs one 14B expert per step, each Wan2.1-14B's architecture: its step costs. TI2V-5B
+    # (an assumption until profiled): Wan2.1-1.3B's per-token constants scaled by the parameter ratio
+    # (5.0 / 1.42 B) for the linear part and the head ratio (24 / 12) for attention; its 16x VAE gives
+    # 48-channel latents, a quarter of the tokens per pixel.
+    a14b = replace(wan_14, name="wan2.2-t2v-a14b")
+    ti2v = replace(
+        wan_13, name="wan2.2-ti2v-5b", num_heads=24, hidden=3072, vae_spatial=16, latent_channels=48,
+        step_linear_s=wan_13.step_linear_s * 5.0 / 1.42, step_quadratic_s=wan_13.step_quadratic_s * 2,
+    )  # fmt: skip
+    tiny_wan22 = replace(tiny_wan, name="tiny-wan2.2")
+    tiny_ti2v = replace(tiny_wan, name="tiny-wan2.2-ti2v", vae_spatial=16, latent_channels=48)
+    profiles = [tiny_flux, tiny_wan, tiny_qwen, tiny_wan22, tiny_ti2v, flux, wan_13, wan_14, qwen, a14b, ti2v]
     return {p.name: p for p in profiles}
 
 

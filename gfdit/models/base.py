@@ -491,6 +491,8 @@ def load_model(
         from gfdit.models.flux import FluxModel as cls
     elif preset.family == "wan":
         from gfdit.models.wan import WanModel as cls
+    elif preset.family == "wan2.2":
+        from gfdit.models.wan22 import Wan22Model as cls
     elif preset.family == "qwen-image":
         from gfdit.models.qwen_image import QwenImageModel as cls
     else:

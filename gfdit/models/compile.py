@@ -83,11 +83,15 @@ def compile_model(model, mode: str, *, dynamic: bool | None = False) -> None:
                 block.compile(fullgraph=True, dynamic=dynamic)
         else:
             t.compile(dynamic=dynamic)
-    elif family == "wan":
+    elif family in ("wan", "wan2.2"):
         from gfdit.models import sp
 
         if mode == "regional":
-            t._gfdit_block_fn = torch.compile(sp.wan_block, fullgraph=True, dynamic=dynamic)
+            block_fn = torch.compile(sp.wan_block, fullgraph=True, dynamic=dynamic)
+            # Wan2.2 A14B: both experts share the compiled block function.
+            for expert in (t, getattr(model, "transformer_2", None)):
+                if expert is not None:
+                    expert._gfdit_block_fn = block_fn
         else:
             model._wan_forward = torch.compile(sp.wan_forward, dynamic=dynamic)
     else:

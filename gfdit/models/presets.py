@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -90,6 +90,11 @@ class ModelPreset:
     uses_cfg: bool = False  # classifier-free guidance with a negative prompt when guidance_scale > 1
     hd_flow_shift: float | None = None  # video: scheduler shift for >= hd_min_pixels per frame (else config)
     hd_min_pixels: int = 1280 * 720
+    # Two-expert models (Wan2.2 A14B): the low-noise transformer (folder transformer_2), same class as the
+    # first; None: one transformer. The first (high-noise) expert runs the steps whose timestep t >=
+    # boundary_ratio * num_train_timesteps, the second the rest (WanPipeline's boundary_ratio).
+    transformer_2_config: Mapping[str, Any] | None = None
+    boundary_ratio: float | None = None
 
     @property
     def token_dim(self) -> int:
@@ -291,6 +296,50 @@ def _wan_transformer(
     )
 
 
+# The Wan2.2 VAE of TI2V-5B (vae/config.json of Wan-AI/Wan2.2-TI2V-5B-Diffusers): 48 latent channels, 16x
+# spatial compression (8x in the network, then 2x2 pixel patches: 12 = 3 x 2 x 2 input channels), 4x
+# temporal, residual down/up blocks, a wider decoder.
+_WAN22_LATENTS_MEAN = (
+    -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557,
+    -0.1382, 0.0542, 0.2813, 0.0891, 0.1570, -0.0098, 0.0375, -0.1825,
+    -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+    -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230,
+    -0.0313, -0.1649, 0.0117, 0.0723, -0.2839, -0.2083, -0.0520, 0.3748,
+    0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667,
+)  # fmt: skip
+_WAN22_LATENTS_STD = (
+    0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013,
+    0.8158, 1.0344, 0.5894, 1.0901, 0.6885, 0.6165, 0.8454, 0.4978,
+    0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+    0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093,
+    0.5709, 0.6065, 0.6415, 0.4944, 0.5726, 1.2042, 0.5458, 1.6887,
+    0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744,
+)  # fmt: skip
+
+
+def _wan22_vae(base_dim: int, decoder_base_dim: int, dim_mult, num_res_blocks: int) -> Mapping[str, Any]:
+    return _frozen(
+        dict(
+            base_dim=base_dim,
+            decoder_base_dim=decoder_base_dim,
+            z_dim=48,
+            dim_mult=tuple(dim_mult),
+            num_res_blocks=num_res_blocks,
+            attn_scales=(),
+            temperal_downsample=(False, True, True),
+            dropout=0.0,
+            is_residual=True,
+            in_channels=12,
+            out_channels=12,
+            patch_size=2,
+            scale_factor_spatial=16,
+            scale_factor_temporal=4,
+            latents_mean=_WAN22_LATENTS_MEAN,
+            latents_std=_WAN22_LATENTS_STD,
+        )
+    )
+
+
 # CLIP-L/14 text tower and T5-v1.1-XXL encoder as FLUX.1-dev ships them (eos_token_id 2 is the legacy
 # value of that config: the pooled token is the argmax id, i.e. <|endoftext|>).
 _CLIP_L = dict(
@@ -478,6 +527,20 @@ def _wan(name: str, transformer, text_encoder, vae, limits, max_frames, default_
     )
 
 
+def _wan22(preset: ModelPreset, *, shift: float, guidance: float, transformer_2=None, boundary_ratio=None):
+    """A Wan preset as a Wan2.2 one: its own fixed flow shift at every size, its guidance, and the optional
+    low-noise expert."""
+    return replace(
+        preset,
+        family="wan2.2",
+        scheduler_config=_frozen({**_FLOW_WAN, "shift": shift}),
+        hd_flow_shift=None,
+        default_guidance=guidance,
+        transformer_2_config=transformer_2,
+        boundary_ratio=boundary_ratio,
+    )
+
+
 def _builtin() -> dict[str, ModelPreset]:
     tiny_flux = _flux(
         "tiny-flux",
@@ -590,7 +653,83 @@ def _builtin() -> dict[str, ModelPreset]:
         default_steps=50,
         dtype="bfloat16",
     )
-    presets = (tiny_flux, tiny_wan, tiny_qwen, flux_dev, wan_13, wan_14, qwen)
+    # Wan2.2 (the Wan2.2 repository's configs wan_t2v_A14B.py / wan_ti2v_5B.py for the sampling constants):
+    # the same WanTransformer3DModel blocks; A14B has two 14B experts split at boundary 0.875 with flow
+    # shift 12 (40 steps, guidance 4.0 high-noise / 3.0 low-noise: one guidance_scale here, used by both
+    # experts as WanPipeline does without guidance_scale_2); TI2V-5B has one 5B transformer on the
+    # 48-channel 16x VAE, shift 5, 50 steps, guidance 5, 121 frames at 24 fps, 1280x704 for "720p".
+    tiny_wan22 = _wan22(
+        _wan(
+            "tiny-wan2.2",
+            _wan_transformer(heads=4, layers=2, ffn_dim=64, head_dim=16, text_dim=32, freq_dim=32),
+            _t5(dict(_TINY_T5), 32, umt5=True),
+            _wan_vae(base_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1),
+            limits=(32, 128),
+            max_frames=17,
+            default_steps=4,
+            dtype="float32",
+        ),
+        shift=12.0,
+        guidance=4.0,
+        transformer_2=_wan_transformer(heads=4, layers=2, ffn_dim=64, head_dim=16, text_dim=32, freq_dim=32),
+        boundary_ratio=0.875,
+    )
+    tiny_ti2v = _wan22(
+        replace(
+            _wan(
+                "tiny-wan2.2-ti2v",
+                _wan_transformer(
+                    heads=4, layers=2, ffn_dim=64, head_dim=16, text_dim=32, freq_dim=32, channels=48
+                ),
+                _t5(dict(_TINY_T5), 32, umt5=True),
+                _wan22_vae(base_dim=8, decoder_base_dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1),
+                limits=(64, 256),
+                max_frames=17,
+                default_steps=4,
+                dtype="float32",
+            ),
+            latent_channels=48,
+            vae_scale_factor=16,
+            size_multiple=32,
+        ),
+        shift=5.0,
+        guidance=5.0,
+    )
+    a14b = _wan(
+        "wan2.2-t2v-a14b",
+        _wan_transformer(heads=40, layers=40, ffn_dim=13824, head_dim=128, text_dim=4096, freq_dim=256),
+        umt5,
+        wan_vae,
+        limits=(256, 1280),
+        max_frames=81,
+        default_steps=40,
+        dtype="bfloat16",
+    )
+    a14b = _wan22(a14b, shift=12.0, guidance=4.0, transformer_2=a14b.transformer_config, boundary_ratio=0.875)
+    ti2v = _wan22(
+        replace(
+            _wan(
+                "wan2.2-ti2v-5b",
+                _wan_transformer(
+                    heads=24, layers=30, ffn_dim=14336, head_dim=128, text_dim=4096, freq_dim=256, channels=48
+                ),
+                umt5,
+                _wan22_vae(base_dim=160, decoder_base_dim=256, dim_mult=(1, 2, 4, 4), num_res_blocks=2),
+                limits=(256, 1280),
+                max_frames=121,
+                default_steps=50,
+                dtype="bfloat16",
+            ),
+            latent_channels=48,
+            vae_scale_factor=16,
+            size_multiple=32,
+        ),
+        shift=5.0,
+        guidance=5.0,
+    )
+    presets = (
+        tiny_flux, tiny_wan, tiny_qwen, tiny_wan22, tiny_ti2v, flux_dev, wan_13, wan_14, qwen, a14b, ti2v,
+    )  # fmt: skip
     return {p.name: p for p in presets}
 
 

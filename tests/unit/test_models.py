@@ -35,10 +35,14 @@ def test_preset_names_and_unknown_name():
         "tiny-flux",
         "tiny-wan",
         "tiny-qwen-image",
+        "tiny-wan2.2",
+        "tiny-wan2.2-ti2v",
         "flux-dev",
         "wan2.1-1.3b",
         "wan2.1-14b",
         "qwen-image",
+        "wan2.2-t2v-a14b",
+        "wan2.2-ti2v-5b",
     }
     assert set(PRESETS) == names
     with pytest.raises(ValueError, match="known: " + ", ".join(sorted(names)).replace(".", r"\.")):
