@@ -98,3 +98,14 @@ def test_http_guidance_scale_is_true_cfg_scale_and_negative_prompt_reaches_the_m
     bad = httpx.post(server.url + "/v1/images/generations", json={"prompt": "a fox", "size": "120x128"},
                      timeout=30)  # fmt: skip
     assert bad.status_code == 400 and "multiple of 16" in bad.text
+
+
+def test_engine_compiled_regional_matches_eager_single_rank():
+    """Engine(compile="regional"), the GPU default: compiled double-stream blocks with SP over groups of
+    1 -> 2 -> 4 -> 1 ranks equal the eager single-rank run (fp32, <= 1e-5)."""
+    from tests.multiproc.test_compile import _engine_compiled
+
+    kwargs = {"width": 64, "height": 64, "guidance_scale": 4.0, "negative_prompt": "dark"}
+    diff, groups, _ = run_ranks(_engine_compiled, 4, NAME, kwargs, timeout=900)[0]
+    assert diff <= kTol, diff
+    assert [len(g) for g in groups[1:5]] == [1, 2, 4, 1], groups

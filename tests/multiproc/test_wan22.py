@@ -148,3 +148,13 @@ def test_video_job_of_nine_frames_at_the_default_size(server):
     with av.open(io.BytesIO(content.content)) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(frames) == 9 and frames[0].shape == (128, 128, 3)
+
+
+def test_engine_compiled_regional_matches_eager_single_rank():
+    """Engine(compile="regional"): both experts share the compiled block; SP over 1 -> 2 -> 4 -> 1 ranks,
+    one step per chunk across the switch, equals the eager single-rank run (fp32, <= 1e-5)."""
+    from tests.multiproc.test_compile import _engine_compiled
+
+    diff, groups, _ = run_ranks(_engine_compiled, 4, TWO, REQ, timeout=900)[0]
+    assert diff <= kTol, diff
+    assert [len(g) for g in groups[1:5]] == [1, 2, 4, 1], groups

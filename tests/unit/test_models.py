@@ -450,7 +450,8 @@ def test_loading_a_model_warns_of_nothing_it_does_not_use():
     import subprocess
     import sys
 
-    code = "from gfdit.models import load_model; load_model('tiny-flux', device='cpu'); load_model('tiny-wan', device='cpu')"
+    names = ("tiny-flux", "tiny-wan", "tiny-qwen-image", "tiny-wan2.2", "tiny-wan2.2-ti2v")
+    code = f"from gfdit.models import load_model\nfor n in {names!r}: load_model(n, device='cpu')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "torchvision" not in out.stderr, out.stderr
