@@ -95,6 +95,9 @@ class ModelPreset:
     # boundary_ratio * num_train_timesteps, the second the rest (WanPipeline's boundary_ratio).
     transformer_2_config: Mapping[str, Any] | None = None
     boundary_ratio: float | None = None
+    # (width, height) of a request that names no size; None: 1024x1024 for images, 832x480 for video,
+    # clamped to the limits.
+    default_size: tuple[int, int] | None = None
 
     @property
     def token_dim(self) -> int:
@@ -633,6 +636,7 @@ def _builtin() -> dict[str, ModelPreset]:
         default_steps=4,
         dtype="float32",
     )
+    tiny_qwen = replace(tiny_qwen, default_size=(128, 128))  # requests without a size: 128x128
     qwen = _qwen_image(
         "qwen-image",
         # transformer/config.json of Qwen/Qwen-Image (20 B parameters).

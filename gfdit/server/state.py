@@ -202,7 +202,9 @@ class ServerState:
     def _size(self, size: str | None) -> tuple[int, int]:
         p = self.preset
         if size is None or size == "auto":
-            if p.is_video:
+            if p.default_size is not None:
+                w, h = p.default_size
+            elif p.is_video:
                 w, h = 832, 480
             else:
                 w = h = 1024

@@ -90,11 +90,11 @@ def test_http_guidance_scale_is_true_cfg_scale_and_negative_prompt_reaches_the_m
     assert np.abs(other_neg.astype(int) - got.astype(int)).max() >= 4
     assert np.abs(unguided.astype(int) - got.astype(int)).max() >= 4
     assert np.abs(unguided.astype(int) - _local("a red fox in the snow", 1.0, None).astype(int)).max() <= 1
-    # Default size of an image model: 1024 clamped to the preset's largest, 256.
+    # The preset's default size.
     r = httpx.post(server.url + "/v1/images/generations", json={"prompt": "a fox", "num_inference_steps": 1},
                    timeout=180)  # fmt: skip
     assert r.status_code == 200, r.text
-    assert _png(r.json()["data"][0]["b64_json"]).shape == (256, 256, 3)
+    assert _png(r.json()["data"][0]["b64_json"]).shape == (128, 128, 3)
     bad = httpx.post(server.url + "/v1/images/generations", json={"prompt": "a fox", "size": "120x128"},
                      timeout=30)  # fmt: skip
     assert bad.status_code == 400 and "multiple of 16" in bad.text

@@ -49,6 +49,7 @@ def test_tiny_preset_loads_and_limits(tiny):
     ]:
         with pytest.raises(ValueError, match=field):
             m.validate(_bad(_req(), **change))
+    assert m.preset.default_size == (128, 128)  # what the server makes when a request names no size
     m.validate(_req(num_inference_steps=1))
     m.validate(_req(num_inference_steps=97))  # any step count
 
