@@ -191,7 +191,10 @@ def _qwen_tokenizer():
 
 def test_encode_matches_the_pipeline_with_a_real_tokenizer(tiny, tmp_path):
     """From a weights directory with a transformers Qwen2 tokenizer: encode() gives the pipeline's
-    prompt embeddings (template, the pipeline's 34-token drop, last hidden state)."""
+    prompt embeddings (template, the pipeline's 34-token drop, last hidden state, max_sequence_length).
+    With this byte-level tokenizer the templated prompt is 167 tokens, more than the 34 + 64 kept: the
+    pipeline runs the encoder on all 167 and keeps [34, 98), encode() runs it on the first 98 (causal
+    attention: the same values, up to the summation order of another length, hence 1e-6)."""
     from gfdit.models.tokenizer import HFTokenizer
 
     tiny.save_pretrained(tmp_path)
