@@ -4,9 +4,9 @@ Note [Compiled steps]
 ~~~~~~~~~~~~~~~~~~~~~
 - regional: every repeated transformer block is compiled (Flux: the double- and single-stream blocks,
   each block class once; Qwen-Image: its double-stream blocks; Wan: the block function of
-  gfdit.models.sp used for every block). Dynamo keeps
-  one compiled graph per block class and input shapes, shared by all blocks of that class: parameters
-  are graph inputs (inline_inbuilt_nn_modules), not constants. The code between blocks (embeddings,
+  gfdit.models.sp used for every block, of both experts for Wan2.2 A14B). Dynamo keeps one compiled
+  graph per block class and input shapes, shared by all blocks of that class: parameters are graph
+  inputs (inline_inbuilt_nn_modules), not constants. The code between blocks (embeddings,
   RoPE tables, final norm) stays eager. Compiling costs seconds per block class, not per block.
 - full: the whole transformer forward is compiled (graph breaks allowed; fewer kernels, longer compile).
 - off: eager.
