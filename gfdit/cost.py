@@ -190,13 +190,35 @@ def _builtin_profiles() -> dict[str, ModelProfile]:
         step_fixed_s=0.005, step_linear_s=3e-5, step_quadratic_s=1e-8,
         encode_s=0.005, decode_s_per_mpx=0.5, finalize_s_per_mpx=0.05,
     )  # fmt: skip
-    profiles = [
-        tiny_flux,
-        tiny_wan,
-        flux,
-        wan("wan2.1-1.3b", heads=12, layers=30, hidden=1536),
-        wan("wan2.1-14b", heads=40, layers=40, hidden=5120),
-    ]
+    # Qwen-Image (MMDiT, 60 double-stream blocks of width 3072): flux-dev's per-token constants scaled by
+    # the block count (an assumption until profiled); its text tokens vary per prompt, 128 taken as typical.
+    # True CFG runs the transformer twice per step: the step constants cover both passes.
+    qwen_layers = 60
+
+    def scaled(v: float) -> float:
+        return 2 * v * qwen_layers / flux.num_layers
+
+    qwen = ModelProfile(
+        "qwen-image", video=False, num_heads=24, num_layers=qwen_layers, hidden=3072, text_tokens=128,
+        step_fixed_s=scaled(flux.step_fixed_s), step_linear_s=scaled(flux.step_linear_s),
+        step_quadratic_s=scaled(flux.step_quadratic_s),
+        encode_s=0.05, decode_s_per_mpx=0.1, finalize_s_per_mpx=0.02,
+    )  # fmt: skip
+    tiny_qwen = replace(tiny_flux, name="tiny-qwen-image", num_layers=2, hidden=64, text_tokens=16)
+    wan_13 = wan("wan2.1-1.3b", heads=12, layers=30, hidden=1536)
+    wan_14 = wan("wan2.1-14b", heads=40, layers=40, hidden=5120)
+    # Wan2.2: A14B runs one 14B expert per step, each Wan2.1-14B's architecture: its step costs. TI2V-5B
+    # (an assumption until profiled): Wan2.1-1.3B's per-token constants scaled by the parameter ratio
+    # (5.0 / 1.42 B) for the linear part and the head ratio (24 / 12) for attention; its 16x VAE gives
+    # 48-channel latents, a quarter of the tokens per pixel.
+    a14b = replace(wan_14, name="wan2.2-t2v-a14b")
+    ti2v = replace(
+        wan_13, name="wan2.2-ti2v-5b", num_heads=24, hidden=3072, vae_spatial=16, latent_channels=48,
+        step_linear_s=wan_13.step_linear_s * 5.0 / 1.42, step_quadratic_s=wan_13.step_quadratic_s * 2,
+    )  # fmt: skip
+    tiny_wan22 = replace(tiny_wan, name="tiny-wan2.2")
+    tiny_ti2v = replace(tiny_wan, name="tiny-wan2.2-ti2v", vae_spatial=16, latent_channels=48)
+    profiles = [tiny_flux, tiny_wan, tiny_qwen, tiny_wan22, tiny_ti2v, flux, wan_13, wan_14, qwen, a14b, ti2v]
     return {p.name: p for p in profiles}
 
 

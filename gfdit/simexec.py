@@ -61,7 +61,8 @@ def cond_bytes(request: Request) -> int:
     itemsize = 2 if p.default_dtype == "bfloat16" else 4
     total = 0
     for e in p.text_encoders:
-        width = int(e.config.get("d_model", e.config.get("projection_dim", e.config.get("hidden_size", 0))))
+        cfg = e.config.get("text_config", e.config)  # Qwen2.5-VL nests its language model's config
+        width = int(cfg.get("d_model", cfg.get("projection_dim", cfg.get("hidden_size", 0))))
         total += (e.max_length if e.role == "sequence" else 1) * width * itemsize
     return total * (2 if p.uses_cfg else 1)
 

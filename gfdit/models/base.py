@@ -455,7 +455,9 @@ def _load_text_encoder(spec, device, dtype, weights):
 
     model_cls = getattr(transformers, spec.model_class)
     if weights is None:
-        config = model_cls.config_class(**dict(spec.config))
+        # Nested configurations (Qwen2.5-VL's text_config / vision_config) as the dicts transformers expects.
+        kwargs = {k: dict(v) if isinstance(v, Mapping) else v for k, v in spec.config.items()}
+        config = model_cls.config_class(**kwargs)
         with _random_init(device, dtype, spec.subfolder):
             model = model_cls(config)
     else:
@@ -489,6 +491,10 @@ def load_model(
         from gfdit.models.flux import FluxModel as cls
     elif preset.family == "wan":
         from gfdit.models.wan import WanModel as cls
+    elif preset.family == "wan2.2":
+        from gfdit.models.wan22 import Wan22Model as cls
+    elif preset.family == "qwen-image":
+        from gfdit.models.qwen_image import QwenImageModel as cls
     else:
         raise ValueError(f"unknown model family {preset.family!r}")
     dt = _dtype(dtype if dtype is not None else preset.default_dtype)

@@ -3,9 +3,10 @@
 Note [Compiled steps]
 ~~~~~~~~~~~~~~~~~~~~~
 - regional: every repeated transformer block is compiled (Flux: the double- and single-stream blocks,
-  each block class once; Wan: the block function of gfdit.models.sp used for every block). Dynamo keeps
-  one compiled graph per block class and input shapes, shared by all blocks of that class: parameters
-  are graph inputs (inline_inbuilt_nn_modules), not constants. The code between blocks (embeddings,
+  each block class once; Qwen-Image: its double-stream blocks; Wan: the block function of
+  gfdit.models.sp used for every block, of both experts for Wan2.2 A14B). Dynamo keeps one compiled
+  graph per block class and input shapes, shared by all blocks of that class: parameters are graph
+  inputs (inline_inbuilt_nn_modules), not constants. The code between blocks (embeddings,
   RoPE tables, final norm) stays eager. Compiling costs seconds per block class, not per block.
 - full: the whole transformer forward is compiled (graph breaks allowed; fewer kernels, longer compile).
 - off: eager.
@@ -76,11 +77,21 @@ def compile_model(model, mode: str, *, dynamic: bool | None = False) -> None:
                 block.compile(fullgraph=True, dynamic=dynamic)
         else:
             t.compile(dynamic=dynamic)
-    elif family == "wan":
+    elif family == "qwen-image":
+        if mode == "regional":
+            for block in t.transformer_blocks:
+                block.compile(fullgraph=True, dynamic=dynamic)
+        else:
+            t.compile(dynamic=dynamic)
+    elif family in ("wan", "wan2.2"):
         from gfdit.models import sp
 
         if mode == "regional":
-            t._gfdit_block_fn = torch.compile(sp.wan_block, fullgraph=True, dynamic=dynamic)
+            block_fn = torch.compile(sp.wan_block, fullgraph=True, dynamic=dynamic)
+            # Wan2.2 A14B: both experts share the compiled block function.
+            for expert in (t, getattr(model, "transformer_2", None)):
+                if expert is not None:
+                    expert._gfdit_block_fn = block_fn
         else:
             model._wan_forward = torch.compile(sp.wan_forward, dynamic=dynamic)
     else:
