@@ -1,0 +1,97 @@
+"""The batched-denoising scenario shared by tests/unit/test_batch_denoise.py (one rank) and
+tests/multiproc/test_batch_sp.py (SP over a group): three requests of one model and shape with different
+seeds, step counts and guidance, run in chunks where they join and leave a batch at different step
+indices, compared with each request denoised alone on one rank (Note [Batched steps])."""
+
+from __future__ import annotations
+
+REQUESTS = {
+    # 128x128 image: 8x8 = 64 latent tokens; 4 heads; distilled guidance per request.
+    "tiny-flux": dict(width=128, height=128),
+    # 5 frames of 64x64: 2x4x4 = 32 latent tokens; 4 heads; CFG for guidance > 1 (request 1 has none).
+    "tiny-wan": dict(width=64, height=64, num_frames=5, negative_prompt="blurry"),
+}
+STEPS = (4, 6, 5)
+SEEDS = (1, 2, 3)
+GUIDANCE = {"tiny-flux": (3.5, 2.0, 5.0), "tiny-wan": (5.0, 1.0, 3.0)}
+PROMPTS = ("a red fox in the snow", "a lighthouse at dusk", "a bowl of ramen")
+
+# Chunks in order: each a list of (request index, start, end) run together (one item: a request alone).
+#   chunk 0: request 0 alone for one step;
+#   chunk 1: all three batched at different step indices and lengths (the batch shrinks 3 -> 2);
+#   chunk 2: request 1 leaves and finishes alone; requests 0 and 2 stay batched (2 -> 1).
+CHUNKS = [
+    [(0, 0, 1)],
+    [(1, 0, 2), (0, 1, 3), (2, 0, 3)],
+    [(0, 3, 4), (2, 3, 5)],
+    [(1, 2, 6)],
+]
+
+
+def make_requests(name: str):
+    from gfdit.request import Request
+
+    out = []
+    for k in range(3):
+        out.append(
+            Request(
+                f"r{k}",
+                name,
+                prompt=PROMPTS[k],
+                num_inference_steps=STEPS[k],
+                seed=SEEDS[k],
+                guidance_scale=GUIDANCE[name][k],
+                **REQUESTS[name],
+            )  # fmt: skip
+        )
+    return out
+
+
+def run(model, name: str, group=None, *, batched_alone: bool = False):
+    """Runs the scenario on this rank (member of `group`, or alone with None) and returns
+    (max abs diff of each request's final latent against its solo run, the on_step calls of the batched
+    chunks as (request index, step), each request's max abs change from its initial noise).
+    With a group, the final latents are all_gathered over it. batched_alone: run one-item chunks through
+    denoise_batch too (a batch of one), instead of denoise()."""
+    import torch
+
+    from gfdit.models.batch import BatchItem
+
+    reqs = make_requests(name)
+    conds, x0 = [], []
+    for r in reqs:
+        model.validate(r)
+        conds.append(model.encode(r))
+        x0.append(model.init_latents(r))
+    s, c = model.seq_len(reqs[0]), model.token_dim
+    refs = [model.denoise(x0[k], (0, s), conds[k], 0, r.num_inference_steps, r) for k, r in enumerate(reqs)]
+    d = 1 if group is None else group.size
+    me = 0 if group is None else group.rank
+    lo, hi = me * s // d, (me + 1) * s // d
+    xs = [x[:, lo:hi].clone() for x in x0]
+    calls = []
+    for chunk in CHUNKS:
+        if len(chunk) == 1 and not batched_alone:
+            k, a, b = chunk[0]
+            xs[k] = model.denoise(xs[k], (lo, hi), conds[k], a, b, reqs[k], group=group)
+            continue
+        items = [BatchItem(reqs[k], xs[k], conds[k], a, b) for k, a, b in chunk]
+
+        def note(i, step, ch=chunk):
+            calls.append((ch[i][0], step))
+
+        out = model.denoise_batch(items, (lo, hi), group, on_step=note)
+        for (k, _, _), y in zip(chunk, out, strict=True):
+            assert y.shape == (1, hi - lo, c)
+            xs[k] = y
+    finals = []
+    for x in xs:
+        if group is None:
+            finals.append(x)
+        else:
+            full = torch.empty(d, *x.shape)
+            group.all_gather(full, x.contiguous())
+            finals.append(full.permute(1, 0, 2, 3).reshape(1, s, c))
+    diffs = [(f - r).abs().max().item() for f, r in zip(finals, refs, strict=True)]
+    moved = [(f - x).abs().max().item() for f, x in zip(finals, x0, strict=True)]
+    return diffs, calls, moved
