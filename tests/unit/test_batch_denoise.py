@@ -81,3 +81,56 @@ def test_denoise_batch_argument_checks(tiny):
     # start == end: the item comes back unchanged.
     (y,) = m.denoise_batch([BatchItem(r0, x0, c0, 1, 1)], (0, 64))
     assert torch.equal(y, x0)
+
+
+def _batch_ctx(m, name, scales):
+    reqs = [
+        Request(
+            f"k{k}",
+            name,
+            prompt="a cat",
+            num_inference_steps=2,
+            seed=k,
+            guidance_scale=g,
+            **batch_scenario.REQUESTS[name],
+        )  # fmt: skip
+        for k, g in enumerate(scales)
+    ]
+    x = torch.cat([m.init_latents(r) for r in reqs])
+    t = torch.stack([m.timesteps(r).timesteps[0] for r in reqs])
+    return x, t, m._prepare_batch([m.encode(r) for r in reqs], reqs, None)
+
+
+def test_step_graph_keys_include_the_batch_size(tiny):
+    """Note [Step graphs]: a captured step is keyed by batch size; requests of the same batch size and
+    layout share a key whatever their values (guidance, timesteps, seeds)."""
+    from gfdit.runtime.graphs import step_key
+
+    m = tiny["tiny-flux"]
+    keys = {}
+    for b, scales in ((1, (3.5,)), (2, (3.5, 2.0)), (2, (1.0, 9.0)), (3, (1.0, 2.0, 3.0))):
+        x, t, ctx = _batch_ctx(m, "tiny-flux", scales)
+        keys.setdefault(b, set()).add(step_key(m, x, t, ctx, None))
+    assert {b: len(k) for b, k in keys.items()} == {1: 1, 2: 1, 3: 1}
+    assert {next(iter(k))[2] for k in keys.values()} == {1, 2, 3}  # the batch-size field
+    # A request alone through denoise() (scalar t) and a batch of one are distinct entries.
+    req = batch_scenario.make_requests("tiny-flux")[0]
+    solo = m._prepare(m.encode(req), req, None)
+    x1 = m.init_latents(req)
+    assert step_key(m, x1, m.timesteps(req).timesteps[0], solo, None) not in keys[1]
+    # Wan: the CFG layout (which rows have an unconditional twin) is part of the key.
+    w = tiny["tiny-wan"]
+    all_cfg = step_key(w, *_batch_ctx(w, "tiny-wan", (5.0, 3.0)), None)
+    mixed = step_key(w, *_batch_ctx(w, "tiny-wan", (5.0, 1.0)), None)
+    assert all_cfg != mixed and all_cfg[2] == mixed[2] == 2
+    assert all_cfg == step_key(w, *_batch_ctx(w, "tiny-wan", (2.0, 7.0)), None)
+
+
+def test_warm_runs_every_batch_size(tiny):
+    from gfdit.models.compile import warm
+
+    rows = warm(tiny["tiny-flux"], [64], batch_sizes=(1, 3))
+    assert [(r["width"], r["batch"]) for r in rows] == [(64, 1), (64, 3)]
+    assert all(r["seconds"] > 0 for r in rows)
+    with pytest.raises(ValueError, match="batch sizes"):
+        warm(tiny["tiny-flux"], [64], batch_sizes=(0,))
