@@ -61,7 +61,8 @@ factor = estimate(N, d, B) / estimate(N, d, 1) with estimate the fitted model (m
 once DENOISE measurements exist, Note [Cost model]) or the analytic one above, times a per-(model, B)
 correction learned from profiled batched steps (`set_observed_batch`, from `gfdit profile
 --batch-sizes`): the mean of measured / predicted over the profiled keys of that batch size. A profiled
-key itself is estimated by its measurement. B = 1 is exactly step_time. The base CostModel, which knows
+key itself is estimated by its measurement, and `observe_batch` (a batched chunk the workers ran)
+keeps an exponential moving average per exact key, as `observe` does. B = 1 is exactly step_time. The base CostModel, which knows
 nothing of batching, charges B times a step (batching never pays): the safe side for deadlines.
 """
 
@@ -335,6 +336,21 @@ class CostModel(abc.ABC):
         ranks. This default knows nothing of batching: `batch` separate steps."""
         _check_batch(batch)
         return batch * self.step_time(model, width, height, frames, sp_degree)
+
+    def observe_batch(
+        self,
+        model: str,
+        width: int,
+        height: int,
+        frames: int | None,
+        sp_degree: int,
+        batch: int,
+        seconds: float,
+        num_steps: int = 1,
+    ) -> None:
+        """Learn from a measured batched chunk: `seconds` for `num_steps` steps of `batch` requests
+        together throughout (members that all ran the same steps). This default ignores it."""
+        _check_batch(batch)
 
     def batch_chunk_time(
         self, model: str, width: int, height: int, frames: int | None, sp_degree: int, steps: Sequence[int]
@@ -673,3 +689,29 @@ class AnalyticCostModel(CostModel):
         if predicted > 0:
             n, total = self._batch_corr.get((model, batch), (0, 0.0))
             self._batch_corr[(model, batch)] = (n + 1, total + seconds / predicted)
+
+    def observe_batch(
+        self,
+        model: str,
+        width: int,
+        height: int,
+        frames: int | None,
+        sp_degree: int,
+        batch: int,
+        seconds: float,
+        num_steps: int = 1,
+    ) -> None:
+        """An exponential moving average per exact batched key, like `observe` (batch 1 is observe)."""
+        self._check_degree(sp_degree)
+        _check_batch(batch)
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"observed seconds must be finite and >= 0, got {seconds}")
+        if num_steps < 1:
+            raise ValueError(f"a batched observation needs num_steps >= 1, got {num_steps}")
+        if batch == 1:
+            self.observe(TaskKind.DENOISE, model, width, height, frames, sp_degree, seconds, num_steps)
+            return
+        key = (model, width, height, frames, sp_degree, batch)
+        per_step = seconds / num_steps
+        old = self._batch_observed.get(key)
+        self._batch_observed[key] = per_step if old is None else (1 - self.ema) * old + self.ema * per_step

@@ -140,3 +140,15 @@ def test_simulator_prices_a_batched_chunk_from_the_profile(tmp_path):
         ex.batch_timing([_member("a", 0, 2, (0, 1)), _member("b", 0, 2, (1, 0))], now=1.0)
     with pytest.raises(ValueError, match="twice"):
         ex.batch_timing([_member("a", 0, 2, (0, 1)), _member("a", 2, 4, (0, 1))], now=1.0)
+
+
+def test_observed_batched_chunks_are_learned_per_key():
+    cost = AnalyticCostModel(ema=0.5)
+    cost.observe_batch(M, 512, 512, None, 1, 4, 0.6, num_steps=3)
+    assert cost.batch_step_time(M, 512, 512, None, 1, 4) == pytest.approx(0.2)
+    cost.observe_batch(M, 512, 512, None, 1, 4, 0.4, num_steps=1)
+    assert cost.batch_step_time(M, 512, 512, None, 1, 4) == pytest.approx(0.3)
+    cost.observe_batch(M, 512, 512, None, 1, 1, 0.07)  # batch 1: an ordinary DENOISE observation
+    assert cost.step_time(M, 512, 512, None, 1) == pytest.approx(0.07)
+    with pytest.raises(ValueError, match="num_steps"):
+        cost.observe_batch(M, 512, 512, None, 1, 2, 0.1, num_steps=0)
