@@ -406,6 +406,19 @@ class DiTModel(abc.ABC):
                     on_step(i + 1)
         return x
 
+    def denoise_batch(self, items, token_range, group=None, on_step=None):
+        """Several requests of this model and shape denoised as one batch, each at its own step index
+        and timestep, each latent a separate tensor in and out: Note [Batched steps] in
+        gfdit/models/batch.py (items are gfdit.models.batch.BatchItem)."""
+        from gfdit.models.batch import denoise_batch
+
+        return denoise_batch(self, items, token_range, group, on_step)
+
+    def _prepare_batch(self, conds, requests, group) -> dict[str, Any]:
+        """Like _prepare for a batch of requests of one shape (Note [Batched steps]): the per-call
+        inputs of _velocity for x [B, S/d, C_tok] and per-sample timesteps t [B]."""
+        raise NotImplementedError(f"{type(self).__name__} has no batched denoising")
+
     # -- helpers for the families --------------------------------------------------------------------
     def _cond(self, cond: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
         if key not in cond:

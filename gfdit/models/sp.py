@@ -19,6 +19,8 @@ The heads must divide by d as well. Every member of the group must call the forw
 inputs apart from its slice (the same step, text, timestep), in the same order: the collectives of
 one forward are issued in layer order (gfcoll ordering rule 1). Buffers handed to gfcoll are
 contiguous. With group None or of size 1 the processors are exactly the diffusers ones.
+The batch dimension B rides along unchanged (every exchanged block is [.., B, tokens, heads, D]): Wan's
+CFG rows and batched requests (Note [Batched steps] in gfdit/models/batch.py) use B > 1.
 
 The group reaches the processors per call, never through global state: Flux through
 `joint_attention_kwargs={"sp_group": g, "sp_text_len": T}` (FluxAttention filters kwargs by the
