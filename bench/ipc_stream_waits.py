@@ -75,7 +75,9 @@ def _finish(cp, streams: dict, words, bound: float) -> dict:
         for w in words:
             ones = cp.cuda.alloc_pinned_memory(w.nbytes)
             np.frombuffer(ones, dtype=np.int32, count=w.size)[:] = 1
-            cp.cuda.runtime.memcpyAsync(w.data.ptr, ones.ptr, w.nbytes, cp.cuda.runtime.memcpyHostToDevice, rel.ptr)
+            cp.cuda.runtime.memcpyAsync(
+                w.data.ptr, ones.ptr, w.nbytes, cp.cuda.runtime.memcpyHostToDevice, rel.ptr
+            )
         rel.synchronize()
     for s in streams.values():
         s.synchronize()

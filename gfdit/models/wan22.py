@@ -113,6 +113,12 @@ class Wan22Model(WanModel):
                 return x
             i = j
 
+    def _prepare_batch(self, conds, requests, group) -> dict[str, Any]:
+        raise NotImplementedError(
+            "Wan2.2 requests are not denoised in batches yet: a batch would have to split its steps where "
+            "the expert changes, as denoise() does for one request"
+        )
+
     def _prepare(self, cond: Mapping[str, torch.Tensor], request, group) -> dict[str, Any]:
         ctx = super()._prepare(cond, request, group)
         ctx["expert"] = getattr(self, "_current_expert", None) or kHighNoise

@@ -191,3 +191,21 @@ def test_full_size_configs_on_meta(name, experts, vae_channels, params):
         m.validate(Request("v", name, "a fox", width=1280, height=704, num_frames=121))  # 720p of TI2V-5B
     assert m.vae.config.z_dim == vae_channels == m.preset.latent_channels
     assert m.text_encoders["text_encoder"].config.d_model == 4096
+
+
+def test_batched_denoising_is_refused_with_the_reason():
+    import pytest
+
+    from gfdit.models import load_model
+    from gfdit.models.batch import BatchItem
+    from gfdit.request import Request
+
+    model = load_model("tiny-wan2.2", device="cpu", components=("transformer",))
+    req = Request("b", "tiny-wan2.2", "x", num_inference_steps=4, seed=1)
+    x = model.init_latents(req)
+    items = [
+        BatchItem(req, x, {}, 0, 1),
+        BatchItem(Request("c", "tiny-wan2.2", "y", num_inference_steps=4, seed=2), x, {}, 0, 1),
+    ]
+    with pytest.raises(NotImplementedError, match="expert"):
+        model.denoise_batch(items, (0, x.shape[1]))
