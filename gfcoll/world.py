@@ -298,7 +298,8 @@ def _split_bytes(b: Buf, splits, n: int, name: str) -> tuple[list[int], list[int
             raise GfcollValueError(
                 f"all_to_all: dim 0 ({rows}) is not divisible by the group size {n}; pass {name}"
             )
-        splits = [rows // n] * n
+        size = rows // n * row_bytes  # the common case, without the loop below
+        return [k * size for k in range(n)], [size] * n
     else:
         splits = [int(s) for s in splits]
         if len(splits) != n:
@@ -398,7 +399,8 @@ class World:
         if bufs[0].is_cuda:
             stream = bufs[0].stream
             native_ops = [(s, peer, b.ptr, b.nbytes) for s, peer, b in items]
-            peers = tuple(sorted({peer for _, peer, _ in items} | {self.rank}))
+            peers = [peer for _, peer, _ in items]
+            peers.append(self.rank)
             if self._select("batch_p2p", peers, bufs, 0) == "ipc":
                 self._ipc.batch_p2p(native_ops, stream)
                 check = self._ipc.check
@@ -498,7 +500,7 @@ class World:
 
     def _select(self, what: str, group, bufs: Sequence[Buf], nbytes: int) -> str:
         """The one selection function of CUDA operations: "ipc" or "nccl" (CPU tensors always use
-        host). ``group`` is a Group or a tuple of global ranks; ``nbytes`` what must fit the ipc
+        host). ``group`` is a Group or a sequence of global ranks; ``nbytes`` what must fit the ipc
         staging at once (all_to_all), 0 when the transport chunks."""
         index = self._dev_index
         for b in bufs:
@@ -506,11 +508,11 @@ class World:
                 raise GfcollValueError(
                     f"{what}: tensor is on {b.tensor.device}, but this rank's device is {self.device}"
                 )
-        ok = group._ipc if isinstance(group, Group) else None
+        is_group = isinstance(group, Group)
+        ok = group._ipc if is_group else None
         if ok is None:
-            ranks = group.ranks if isinstance(group, Group) else group
-            ok = self._ipc is not None and all(r in self._ipc_ranks for r in ranks)
-            if isinstance(group, Group):
+            ok = self._ipc is not None and self._ipc_ranks.issuperset(group.ranks if is_group else group)
+            if is_group:
                 group._ipc = ok
         force = self._force
         # auto prefers nccl where it exists: ipc is verified on one shared GPU only, not yet against
