@@ -14,10 +14,10 @@ Ordering rules (what callers must follow; tests/multiproc/test_concurrency.py ch
    the stream, so this rule applies to CUDA operations on every stream (Note [nccl masked
    collectives] in csrc/include/gfcoll/nccl_transport.h). On the ipc transport (CUDA tensors of
    ranks on one node) nothing in gfcoll couples two streams (Note [ipc signalling] in
-   csrc/include/gfcoll/ipc_transport.h), but on one H200 time-shared by 2 and 4 processes,
-   overlapping groups issued on two streams in opposite orders deadlocked (until the timeout):
-   the stream waits of one process did not progress independently across its streams there
-   (bench/results/2026-12-01-h200). Until shown otherwise on GPUs of their own, follow rule 3 on
+   csrc/include/gfcoll/ipc_transport.h), but where ranks share a GPU (one H200 and one H100, 2
+   and 4 processes), overlapping groups issued on two streams in opposite orders deadlocked (until
+   the timeout), with stream waits and with spinning waits alike (bench/results/2026-12-01-h200,
+   bench/results/2026-12-05-h100). Until shown otherwise on GPUs of their own, follow rule 3 on
    ipc too. Operations of one group issued on two streams run in issue order (the later stream
    waits for the earlier).
 4. Point-to-point messages between an ordered pair of ranks match in issue order, as in MPI.
