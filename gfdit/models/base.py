@@ -178,8 +178,8 @@ class DiTModel(abc.ABC):
         unknown = set(components) - set(COMPONENTS)
         if unknown:
             raise ValueError(f"unknown components {sorted(unknown)}; choose from {COMPONENTS}")
-        if weights is not None and not os.path.isdir(weights):
-            raise FileNotFoundError(f"weights directory {os.fspath(weights)!r} does not exist")
+        if weights is not None:
+            _check_weights_dir(cls, preset, os.fspath(weights), components)
         tokenizers, encoders = {}, {}
         for spec in preset.text_encoders:
             tok_dir = None if weights is None else os.path.join(weights, spec.tokenizer_subfolder)
@@ -434,6 +434,45 @@ def _log_loaded(name: str, module: torch.nn.Module, device: torch.device, t0: fl
         torch.cuda.synchronize(device)
     n = sum(p.numel() for p in module.parameters())
     log.info("%s: %.1fM parameters on %s in %.1f s", name, n / 1e6, device, time.perf_counter() - t0)
+
+
+def _check_weights_dir(cls, preset: ModelPreset, weights: str, components: tuple[str, ...]) -> None:
+    """Before anything loads: the directory is this family's pipeline layout and holds every part the
+    requested components need; otherwise one error naming every missing or mismatched part."""
+    if not os.path.isdir(weights):
+        raise FileNotFoundError(f"weights directory {weights!r} does not exist")
+    index_path = os.path.join(weights, "model_index.json")
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            try:
+                index = json.load(f)
+            except ValueError as e:
+                raise ValueError(
+                    f"weights directory {weights!r}: model_index.json is not JSON ({e})"
+                ) from None
+        found = index.get("_class_name")
+        if found is not None and found != cls.pipeline_class_name:
+            saved = f" (saved from preset {index['gfdit_preset']!r})" if "gfdit_preset" in index else ""
+            raise ValueError(
+                f"weights directory {weights!r} holds a {found}{saved}, but model {preset.name!r} needs a "
+                f"{cls.pipeline_class_name}"
+            )
+    needed = [spec.tokenizer_subfolder for spec in preset.text_encoders]
+    if "text" in components:
+        needed += [spec.subfolder for spec in preset.text_encoders]
+    needed += [c for c in ("transformer", "vae") if c in components]
+    missing = []
+    for sub in needed:
+        path = os.path.join(weights, sub)
+        if not os.path.isdir(path):
+            missing.append(f"{sub}/")
+        elif not sub.startswith("tokenizer") and not os.path.isfile(os.path.join(path, "config.json")):
+            missing.append(f"{sub}/config.json")
+    if missing:
+        raise FileNotFoundError(
+            f"weights directory {weights!r} lacks {', '.join(missing)} (model {preset.name!r}, components "
+            f"{list(components)}; expected the diffusers pipeline layout of a {cls.pipeline_class_name})"
+        )
 
 
 def _load_diffusers(model_cls, config: Mapping[str, Any], subfolder: str, device, dtype, weights):
