@@ -348,6 +348,7 @@ class DiTModel(abc.ABC):
         request,
         group=None,
         on_step=None,
+        cfg_group=None,
     ) -> torch.Tensor:
         """Run denoising steps [start, end) on this rank's tokens and return the new local slice (fp32).
 
@@ -359,7 +360,11 @@ class DiTModel(abc.ABC):
         Each step: transformer forward with Ulysses SP over the group, guidance (CFG for Wan), then the
         FlowMatch Euler step, elementwise on the local slice given the step's sigmas.
         on_step: called with i + 1 once step i is issued (on CUDA: enqueued on the current stream,
-        not necessarily finished), e.g. to report progress."""
+        not necessarily finished), e.g. to report progress.
+        cfg_group: CFG-parallel (Note [CFG-parallel]): a 2-member gfcoll.Group pairing this rank with
+        the rank that holds the same tokens in the other half; member 0 computes the conditional
+        prediction, member 1 the unconditional one, `group` is this rank's half. None: both branches
+        here (a batch of 2, or two passes)."""
         self._require("transformer")
         s = self.seq_len(request)
         d = 1 if group is None else group.size
@@ -392,8 +397,12 @@ class DiTModel(abc.ABC):
             from gfcoll.ops import traceable  # noqa: PLC0415 - registers the gfcoll custom ops
 
             sp = traceable(sp)  # Note [Traceable groups] in gfcoll/ops.py
+        pair = None if cfg_group is None else self._check_cfg_group(cfg_group, request)
         ctx = self._prepare(cond, request, sp)
         graphs = self.step_graphs
+        if pair is not None:
+            ctx["cfg_pair"] = pair
+            graphs = None  # a captured step would bake the pair in: CFG-parallel steps run eagerly
         with torch.no_grad():
             for i in range(start, end):
                 t = scheduler.timesteps[i]
@@ -418,6 +427,47 @@ class DiTModel(abc.ABC):
         """Like _prepare for a batch of requests of one shape (Note [Batched steps]): the per-call
         inputs of _velocity for x [B, S/d, C_tok] and per-sample timesteps t [B]."""
         raise NotImplementedError(f"{type(self).__name__} has no batched denoising")
+
+    # Note [CFG-parallel]
+    # A request with true classifier-free guidance needs two predictions per step, conditional and
+    # unconditional. Without CFG-parallel one group computes both (Wan: a batch of 2; Qwen-Image:
+    # two passes). With it, a group of 2k ranks is two halves of k: half A computes the conditional
+    # prediction, half B the unconditional one, each with Ulysses SP of degree k over its own
+    # subgroup and the same even token split, and member i of A is paired with member i of B (a
+    # 2-member gfcoll group, the pair, A's member first). After each forward the pair all-gathers its
+    # [1, S/k, C] fp32 predictions (S/k x C x 4 bytes per rank and step) and both members combine them
+    # identically, so the two halves hold bit-identical copies of the same latent slices: the state
+    # is the even split over A, replicated on B. Any two disjoint subgroups may be the halves, and a
+    # policy may choose CFG-parallel or plain SP per chunk (the state moves as usual: B's copy is
+    # simply not needed by a plain-SP layout). Graph-replayed steps are not used while CFG-parallel
+    # (a captured step would bake the pair in); compiled steps are (the pair is a traceable group).
+    def uses_cfg(self, request) -> bool:
+        """Whether the request runs true classifier-free guidance (two predictions per step)."""
+        return bool(self.preset.uses_cfg) and request.guidance_scale > 1.0
+
+    def _check_cfg_group(self, cfg_group, request):
+        if not self.uses_cfg(request):
+            raise ValueError(
+                f"denoise: cfg_group given, but {self.preset.name!r} runs no classifier-free guidance for this "
+                f"request (guidance_scale {request.guidance_scale}); CFG-parallel needs two predictions per step"
+            )
+        if cfg_group.size != 2 or cfg_group.rank < 0:
+            raise ValueError(
+                f"denoise: cfg_group must be a 2-member group holding this rank, got {cfg_group!r}"
+            )
+        if self.compile_mode != "off":
+            from gfcoll.ops import traceable  # noqa: PLC0415 - registers the gfcoll custom ops
+
+            return traceable(cfg_group)
+        return cfg_group
+
+    def _cfg_exchange(self, mine: torch.Tensor, ctx: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Note [CFG-parallel]: this rank's prediction [1, n, C] (fp32) of its branch in, both out
+        (conditional, unconditional), the same on the two members of the pair."""
+        pair = ctx["cfg_pair"]
+        both = torch.empty((2, *mine.shape[1:]), dtype=mine.dtype, device=mine.device)
+        pair.all_gather(both, mine.contiguous())
+        return both[0:1], both[1:2]
 
     # -- helpers for the families --------------------------------------------------------------------
     def _cond(self, cond: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:

@@ -127,10 +127,16 @@ class QwenImageModel(DiTModel):
                 return_dict=False,
             )[0].float()
 
-        cond = predict(ctx["prompt_embeds"])
-        if not ctx["cfg"]:
-            return cond
-        uncond = predict(ctx["negative_prompt_embeds"])
+        if ctx.get("cfg_pair") is not None:  # CFG-parallel: this rank's branch (Note [CFG-parallel])
+            branch = ctx["cfg_pair"].rank
+            cond, uncond = self._cfg_exchange(
+                predict(ctx["prompt_embeds"] if branch == 0 else ctx["negative_prompt_embeds"]), ctx
+            )
+        else:
+            cond = predict(ctx["prompt_embeds"])
+            if not ctx["cfg"]:
+                return cond
+            uncond = predict(ctx["negative_prompt_embeds"])
         guided = uncond + ctx["guidance_scale"] * (cond - uncond)
         # Per-token norm over channels: local to each token, so the same on any SP split.
         return guided * (cond.norm(dim=-1, keepdim=True) / guided.norm(dim=-1, keepdim=True))

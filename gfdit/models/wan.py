@@ -131,12 +131,22 @@ class WanModel(DiTModel):
     def _velocity(self, x: torch.Tensor, t: torch.Tensor, ctx: dict[str, Any], group) -> torch.Tensor:
         if "cfg_rows" in ctx:  # a batch of requests (_prepare_batch)
             return self._velocity_rows(x, t, ctx, group)
+        return self._guided(self.transformer, x, t, ctx, group)
+
+    def _guided(self, module, x: torch.Tensor, t: torch.Tensor, ctx: dict[str, Any], group) -> torch.Tensor:
+        """The guided prediction of `module` (Wan2.2: the step's expert): both branches as one batch
+        of 2, or, CFG-parallel (ctx["cfg_pair"], Note [CFG-parallel]), this rank's branch only."""
+        forward = getattr(self, "_wan_forward", wan_forward)  # compiled in --compile full
+        pair = ctx.get("cfg_pair")
+        if pair is not None:
+            branch = pair.rank
+            context = ctx["context"][branch : branch + 1]
+            mine = forward(module, x.to(self.dtype), t.expand(1), context, ctx["grid"], ctx["rotary"], group)
+            cond, uncond = self._cfg_exchange(mine.float(), ctx)
+            return uncond + ctx["guidance_scale"] * (cond - uncond)
         b = 2 if ctx["cfg"] else 1
         tokens = x.to(self.dtype).expand(b, -1, -1)
-        forward = getattr(self, "_wan_forward", wan_forward)  # compiled in --compile full
-        out = forward(
-            self.transformer, tokens, t.expand(b), ctx["context"], ctx["grid"], ctx["rotary"], group
-        ).float()
+        out = forward(module, tokens, t.expand(b), ctx["context"], ctx["grid"], ctx["rotary"], group).float()
         if not ctx["cfg"]:
             return out
         cond, uncond = out.chunk(2)

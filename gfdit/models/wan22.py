@@ -26,7 +26,7 @@ import torch
 
 from gfdit.models.base import _load_diffusers, _log_loaded
 from gfdit.models.presets import ModelPreset
-from gfdit.models.sp import install_wan_processors, wan_forward
+from gfdit.models.sp import install_wan_processors
 from gfdit.models.wan import WanModel
 
 __all__ = ["Wan22Model", "kHighNoise", "kLowNoise"]
@@ -92,6 +92,7 @@ class Wan22Model(WanModel):
         request,
         group=None,
         on_step=None,
+        cfg_group=None,
     ) -> torch.Tensor:
         """DiTModel.denoise, the step range split where the expert changes (each part one expert)."""
         steps = request.num_inference_steps
@@ -106,7 +107,9 @@ class Wan22Model(WanModel):
                 j += 1
             self._current_expert = experts[i] if i < end else kHighNoise
             try:
-                x = super().denoise(x, token_range, cond, i, j, request, group=group, on_step=on_step)
+                x = super().denoise(
+                    x, token_range, cond, i, j, request, group=group, on_step=on_step, cfg_group=cfg_group
+                )
             finally:
                 self._current_expert = None
             if j >= end:
@@ -125,15 +128,7 @@ class Wan22Model(WanModel):
         return ctx
 
     def _velocity(self, x: torch.Tensor, t: torch.Tensor, ctx: dict[str, Any], group) -> torch.Tensor:
-        b = 2 if ctx["cfg"] else 1
-        tokens = x.to(self.dtype).expand(b, -1, -1)
-        forward = getattr(self, "_wan_forward", wan_forward)  # compiled in --compile full
-        expert = self._expert(ctx["expert"])
-        out = forward(expert, tokens, t.expand(b), ctx["context"], ctx["grid"], ctx["rotary"], group).float()
-        if not ctx["cfg"]:
-            return out
-        cond, uncond = out.chunk(2)
-        return uncond + ctx["guidance_scale"] * (cond - uncond)
+        return self._guided(self._expert(ctx["expert"]), x, t, ctx, group)
 
     # -- weights -------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> None:
