@@ -182,6 +182,7 @@ def init(
     _init_count += 1
 
     world = World(rank, size, local_rank, local_size, device)
+    world.timeout_s = timeout_s
     world._async_threads = _env.get_int(_env.HOST_ASYNC_THREADS)
     world._force = force
     if ipc_bytes is None:
