@@ -81,6 +81,7 @@ class RequestRecord:
     num_group_changes: int = 0  # tasks whose group differed from the previous task's
     num_preemptions: int = 0  # times its last group's ranks went to another request (it waited or moved)
     num_retries: int = 0  # failed tasks that were retried
+    num_reruns: int = 0  # times it restarted from its first task after losing its state (rerun)
     first_start_s: float | None = None  # dispatch of its first task
     finish_s: float | None = None  # when it reached a terminal state
     error: str | None = None  # why it failed
@@ -155,6 +156,8 @@ class Scheduler:
         self._active: dict[str, RequestRecord] = {}  # the unfinished ones among them
         self._finished: collections.deque[str] = collections.deque()  # ids of kept finished, oldest first
         self._busy: dict[int, str] = {}  # rank -> request id of the task running there
+        self._lost: set[int] = set()  # ranks removed from service (lose_rank): never free again
+        self._fenced: set[int] = set()  # ranks still running an abandoned task (rerun): busy until unfenced
         self.num_preemptions = 0  # preemptions of all requests so far (see RequestRecord.num_preemptions)
 
     # Queries.
@@ -178,7 +181,16 @@ class Scheduler:
 
     @property
     def free_ranks(self) -> tuple[int, ...]:
-        return tuple(r for r in range(self.world_size) if r not in self._busy)
+        return tuple(
+            r
+            for r in range(self.world_size)
+            if r not in self._busy and r not in self._lost and r not in self._fenced
+        )
+
+    @property
+    def lost_ranks(self) -> frozenset[int]:
+        """Ranks removed from service by `lose_rank`."""
+        return frozenset(self._lost)
 
     @property
     def num_active(self) -> int:
@@ -272,6 +284,56 @@ class Scheduler:
             self._finish(rec, RequestState.FAILED, now)
             logger.warning("request %s failed in %s: %s", task.request_id, task, reason)
 
+    def lose_rank(self, rank: int) -> None:
+        """Removes `rank` from service for good: no policy sees it free again. Requests whose state
+        lived there are the caller's to `rerun` (the scheduler does not know where conditioning
+        copies live, only the latent's layout)."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is not in [0, {self.world_size})")
+        self._lost.add(rank)
+        self._fenced.discard(rank)
+
+    def rerun(self, request_id: str, now: float, reason: str, fence: Iterable[int] = ()) -> None:
+        """Restarts an unfinished request from its first task: its state was lost with a rank. A task
+        in flight is abandoned; its ranks in `fence` stay busy (they may still be running it) until
+        `unfence`, the others are free at once. A request whose cancel was asked ends CANCELLED."""
+        rec = self.record(request_id)
+        if rec.state.is_terminal:
+            raise ValueError(f"request {request_id!r} already ended ({rec.state.value})")
+        if rec.running is not None:
+            fenced = set(fence) & set(rec.running_ranks)
+            self._fenced |= {r for r in fenced if r not in self._lost}
+            self._release(rec, now, f"abandoned: {reason}")
+        if rec.cancel_requested:
+            self._finish(rec, RequestState.CANCELLED, now)
+            return
+        r = rec.request
+        rec.trajectory = Trajectory(request_id, r.num_inference_steps, self.chunk_steps)
+        rec.layout = None
+        rec.last_ranks = ()
+        rec.state = RequestState.QUEUED if rec.num_tasks == 0 else RequestState.WAITING
+        rec.runnable_since_s = now
+        rec.num_reruns += 1
+        rec.preempted = False
+        logger.warning("request %s re-runs from its first task: %s", request_id, reason)
+
+    def fail(self, request_id: str, reason: str, now: float, fence: Iterable[int] = ()) -> None:
+        """Ends an unfinished request FAILED now, with `reason`. A task in flight is abandoned as in
+        `rerun` (its ranks in `fence` stay busy until `unfence`)."""
+        rec = self.record(request_id)
+        if rec.state.is_terminal:
+            return
+        if rec.running is not None:
+            self._fenced |= {r for r in set(fence) & set(rec.running_ranks) if r not in self._lost}
+            self._release(rec, now, f"abandoned: {reason}")
+        rec.error = reason
+        self._finish(rec, RequestState.FAILED, now)
+        logger.warning("request %s failed: %s", request_id, reason)
+
+    def unfence(self, rank: int) -> None:
+        """A rank fenced by `rerun` finished its abandoned task: free again (unless lost)."""
+        self._fenced.discard(rank)
+
     # Decisions.
 
     def view(self, now: float) -> SchedulerView:
@@ -330,7 +392,7 @@ class Scheduler:
         return RunnableTask(
             task=head,
             request=r,
-            started=rec.num_tasks > 0,
+            started=bool(rec.last_ranks),  # a re-run (Scheduler.rerun) starts afresh
             remaining_steps=remaining,
             layout=rec.layout,
             dim_size=rec.dim_size,

@@ -78,8 +78,9 @@ def build_parser(prog: str = "python -m gfdit.serve") -> argparse.ArgumentParser
         "--task-timeout-factor",
         type=float,
         default=20.0,
-        help="a task running longer than this many times its estimate (and the floor) is hung: /health "
-        "fails naming the rank and its requests fail (default 20)",
+        help="a task running longer than this many times its estimate (and the floor), plus GFCOLL_TIMEOUT_S, "
+        "has hung members: they are dropped, their requests re-run on the others, /health says degraded "
+        "(default 20)",
     )
     p.add_argument(
         "--task-timeout-floor",

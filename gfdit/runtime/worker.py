@@ -1,11 +1,13 @@
 """The worker of one rank: executes the engine's commands in arrival order, holds the state of the
 requests whose slices live here, and moves state between ranks with gfcoll point-to-point.
 
-Commands (gfdit.runtime.messages, over ZeroMQ from gfdit.runtime.engine):
+Commands (gfdit.runtime.messages; from gfdit.runtime.channel: over ZeroMQ, or in process on rank 0):
   Task      run (this rank's part of) one trajectory task; see `Worker.run_task`
   Release   drop everything held for a request
+  Exclude   ranks the engine lost: gfcoll operations with them fail at once from now on
   Shutdown  (handled by the engine's worker loop)
-Events back: Ready (sent by the loop), Done, Failed.
+Events back: Ready (sent by the loop), StepDone, Done, Failed (with `peer` when a gfcoll peer died,
+hung or was excluded: the engine re-runs the request elsewhere).
 
 Note [Reshard execution]
 ~~~~~~~~~~~~~~~~~~~~~~~~
@@ -29,6 +31,7 @@ import torch
 
 import gfcoll
 from gfdit.layout import even_slices
+from gfdit.tasks import TaskKind
 
 from . import messages as msg
 
@@ -72,17 +75,23 @@ class Worker:
         if isinstance(cmd, msg.Release):
             self.held.pop(cmd.request_id, None)
             return []
+        if isinstance(cmd, msg.Exclude):
+            self.world.exclude([r for r in cmd.ranks if r != self.rank])
+            return []
         if isinstance(cmd, msg.Task):
             try:
                 return self.run_task(cmd)
             except Exception as e:  # reported to the engine; the worker keeps serving
                 log.error("rank %d: task %s failed: %s", self.rank, cmd.task_id, e)
+                # The request's state here may be half-updated: drop it (a re-run starts afresh).
+                self.held.pop(cmd.request.request_id, None)
                 return [
                     msg.Failed(
                         rank=self.rank,
                         task_id=cmd.task_id,
                         reason=f"rank {self.rank}: {type(e).__name__}: {e}",
                         trace=traceback.format_exc(limit=8),
+                        peer=isinstance(e, gfcoll.GfcollTimeoutError),
                     )
                 ]
         raise ValueError(f"unknown command {type(cmd).__name__}")
@@ -108,7 +117,7 @@ class Worker:
 
         cond_meta = result = latents = None
         group = self.world.group(list(ranks)) if len(ranks) > 1 else None
-        if kind == "ENCODE":
+        if kind is TaskKind.ENCODE:
             held.cond = self.model.encode(req)
             full = self.model.init_latents(req)
             lo, hi = even_slices(full.shape[1], len(ranks))[ranks.index(self.rank)]
@@ -117,7 +126,7 @@ class Worker:
                 msg.TensorMeta(k, tuple(v.shape), str(v.dtype).removeprefix("torch."))
                 for k, v in sorted(held.cond.items())
             )
-        elif kind == "DENOISE":
+        elif kind is TaskKind.DENOISE:
             steps: list[tuple[int, object]] = []  # (steps done, its CUDA event or None)
             report = self.notify is not None and self.rank == ranks[0]
 
@@ -134,22 +143,16 @@ class Worker:
                 if event is not None:
                     event.synchronize()
                     self.notify(msg.StepDone(rank=self.rank, task_id=cmd.task_id, step=step))
-        elif kind == "DECODE":
-            if group is not None:
-                full = torch.empty(
-                    (1, cmd.dim_size, held.latents.shape[2]),
-                    dtype=held.latents.dtype,
-                    device=held.latents.device,
-                )
-                group.all_gather(full, held.latents.contiguous())
-            else:
-                full = held.latents
+        elif kind is TaskKind.DECODE:
+            # Only ranks[0] decodes: the other members send it their slices (a gather, not an
+            # all-gather; the cost model charges DECODE as serial, gfdit.cost).
+            full = self._gather_latent(cmd, held, ranks)
             held.latents = None
-            if self.rank == ranks[0]:
+            if full is not None:
                 held.pixels = self.model.decode(full, req)
                 if cmd.keep_latents:
                     held.final_latents = full.float().cpu()
-        elif kind == "FINALIZE":
+        elif kind is TaskKind.FINALIZE:
             pixels = held.pixels
             result = msg.Array.from_numpy(pixels.cpu().numpy())
             if held.final_latents is not None:
@@ -178,6 +181,26 @@ class Worker:
             )
         ]
 
+    def _gather_latent(self, cmd: msg.Task, held: Held, ranks: tuple[int, ...]) -> torch.Tensor | None:
+        """DECODE: the whole latent on ranks[0] (returned there; None elsewhere), each member's
+        slice sent point to point to it in one batch."""
+        if len(ranks) == 1:
+            return held.latents
+        if self.rank != ranks[0]:
+            self.world.batch_p2p([gfcoll.P2P("send", held.latents.contiguous(), ranks[0])])
+            return None
+        lat = held.latents
+        full = torch.empty((1, cmd.dim_size, lat.shape[2]), dtype=lat.dtype, device=lat.device)
+        full[:, held.lo : held.hi].copy_(lat)
+        slices = even_slices(cmd.dim_size, len(ranks))
+        ops = [
+            gfcoll.P2P("recv", full[:, lo:hi], r)
+            for r, (lo, hi) in zip(ranks, slices, strict=True)
+            if r != self.rank
+        ]
+        self.world.batch_p2p(ops)
+        return full
+
     def _reshard(self, cmd: msg.Task, held: Held, ranks: tuple[int, ...], member: bool) -> int:
         """This rank's part of Note [Reshard execution]. Returns the bytes it received."""
         me = self.rank
@@ -186,7 +209,7 @@ class Worker:
         kind = cmd.kind
         transfers = cmd.transfers
         new = None
-        if kind in ("DENOISE", "DECODE") and (transfers or cmd.local):
+        if kind in (TaskKind.DENOISE, TaskKind.DECODE) and (transfers or cmd.local):
             # The latent moves onto an even split over `ranks`.
             if member:
                 lo, hi = even_slices(cmd.dim_size, len(ranks))[ranks.index(me)]
@@ -240,7 +263,7 @@ class Worker:
                     ops.append(gfcoll.P2P("recv", held.final_latents, pix))
         if ops:
             self.world.batch_p2p(ops)
-        if kind in ("DENOISE", "DECODE") and (transfers or cmd.local):
+        if kind in (TaskKind.DENOISE, TaskKind.DECODE) and (transfers or cmd.local):
             if member:
                 held.latents, held.lo, held.hi = (
                     new,

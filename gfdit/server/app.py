@@ -11,7 +11,7 @@ Endpoints (bodies in gfdit.server.schemas; errors are OpenAI-shaped, see gfdit.s
   GET    /v1/videos/{id}/content     the mp4: 404 until completed, 409 if failed
   DELETE /v1/videos/{id}             cancels (ranks freed at the next rescheduling point), drops content
   GET    /v1/models, /v1/models/{id} the served model
-  GET    /health                     200 only when every worker is up and work is admitted, else 503
+  GET    /health                     200 while work is admitted ("ok" or "degraded"), else 503
   GET    /metrics                    Prometheus text format
 The app does not own the engine: whoever made the engine closes it (gfdit.serve drains first).
 """
@@ -280,11 +280,14 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
 
     @app.get("/health", response_model=Health, responses={503: {"model": Health}})
     async def health():
-        """200 when every worker is up and the server admits work; 503 with the reason otherwise."""
-        ok, reason = state.health()
+        """200 while the server admits work ("ok": every rank up; "degraded": some lost or hung, still
+        serving on the others); 503 ("draining", "unavailable") with the reason otherwise."""
+        status, reason, ranks = state.health_report()
+        ok = status in ("ok", "degraded")
         body = {
-            "status": "ok" if ok else "unavailable",
+            "status": status,
             "reason": reason,
+            "ranks": [{"rank": i.rank, "pid": i.pid, "state": i.state} for i in ranks],
             "model": state.model_name,
             "policy": state.config.policy or engine.policy.spec(),
             "policy_spec": engine.policy.spec(),

@@ -8,6 +8,7 @@ the engine clock).
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 
 from gfdit.tasks import TaskKind
 
@@ -38,6 +39,11 @@ class ServerMetrics:
         self.healthy.set_function(lambda: 1.0 if health()[0] else 0.0)
         self.world_size = Gauge("gfdit_world_size", "Ranks of the engine", registry=r)
         self.world_size.set(engine.world.size)
+        self.ranks_alive = Gauge(
+            "gfdit_ranks_alive", "Ranks up (neither lost nor hung), rank 0 included", registry=r
+        )
+        self.ranks_alive.set_function(engine.ranks_alive)
+        r.register(_RerunCounter(engine))  # gfdit_requests_rerun_total
         self.requests = Counter(
             "gfdit_requests",
             "Engine requests that ended, by kind and outcome",
@@ -151,3 +157,20 @@ class ServerMetrics:
             if t.task.kind is TaskKind.DENOISE and t.outcome == "done":
                 self.step.labels(degree=str(len(t.ranks))).observe(seconds / t.task.num_steps)
                 self.chunk_degree.observe(len(t.ranks))
+
+
+class _RerunCounter:
+    """gfdit_requests_rerun_total: the engine's own count (Engine.num_reruns), read at scrape."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def collect(self):
+        yield CounterMetricFamily(
+            "gfdit_requests_rerun",
+            "Requests re-run from their first task after a rank was lost or a peer failed",
+            value=self.engine.num_reruns,
+        )
+
+    def describe(self):
+        return []

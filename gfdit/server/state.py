@@ -169,10 +169,18 @@ class ServerState:
 
     # -- health --------------------------------------------------------------------------------
     def health(self) -> tuple[bool, str]:
-        """(ok, reason). Any thread."""
+        """(admits work, reason). Any thread."""
         if self.draining:
             return False, "shutting down"
         return self.engine.healthy()
+
+    def health_report(self) -> tuple[str, str, list]:
+        """(status, reason, ranks) for /health: status "ok" | "degraded" (both admit work) |
+        "draining" | "unavailable"; ranks the engine's RankInfo list. Any thread."""
+        h = self.engine.health()
+        if self.draining:
+            return "draining", "shutting down", h.ranks
+        return h.status, h.reason, h.ranks
 
     @property
     def num_active(self) -> int:
