@@ -41,6 +41,17 @@ Online correction: `observe` keeps, per (kind, model, width, height, frames, deg
 moving average (EMA) of the observed seconds (per step for DENOISE) and, per (kind, model), an EMA of
 observed / analytic. An estimate is the EMA for that exact key when there is one, else the analytic
 estimate scaled by the per-model factor.
+DECODE runs on one rank (the group's first member gathers the latent and decodes), so its estimate
+does not shrink with the degree.
+
+Note [One model registry]
+~~~~~~~~~~~~~~~~~~~~~~~~~
+gfdit.models.presets is the one registry of models. A ModelProfile here holds only cost constants
+and its preset; heads, blocks, width, text tokens, the latent tokens S (`ModelPreset.seq_len`) and
+the valid SP degrees (`ModelPreset.valid_sp_degrees`: d divides S and the heads) are the preset's,
+read by the models (gfdit.models.base), the scheduler and this module alike. N, the self-attention
+length of the formula above, is S plus the text tokens joined into it (`attention_len`). A preset
+without built-in cost constants gets its family's, scaled by blocks x width^2 (`get_profile`).
 """
 
 from __future__ import annotations
@@ -49,6 +60,7 @@ import abc
 import math
 from dataclasses import dataclass, replace
 
+from gfdit.models.presets import ModelPreset, get_preset
 from gfdit.request import Request
 from gfdit.tasks import Task, TaskKind
 
@@ -58,6 +70,7 @@ __all__ = [
     "MEASURED_STEP_S",
     "register_model",
     "get_profile",
+    "derive_profile",
     "state_dim_size",
     "state_bytes_per_index",
     "valid_sp_degrees",
@@ -70,24 +83,15 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ModelProfile:
-    """Shape and cost constants of one model preset (what the scheduler needs, no weights)."""
+    """Cost constants of one model preset. Its shapes (heads, blocks, width, text tokens, latent
+    tokens, valid degrees) are the preset's own (Note [One model registry])."""
 
-    name: str  # preset name, e.g. "flux-dev"
-    video: bool  # True for video models (Wan): requests may give num_frames
-    num_heads: int  # attention heads; a Ulysses SP degree must divide it
-    num_layers: int  # transformer blocks with one self-attention each
-    hidden: int  # model width: bf16 elements per token in Ulysses' all-to-alls
-    text_tokens: int  # text tokens joined into the self-attention sequence (MMDiT); 0: cross-attention
-    vae_spatial: int = 8  # pixels per latent pixel along height and width
-    vae_temporal: int = 4  # video: latent frames = (frames - 1) // vae_temporal + 1
-    patch: int = 2  # latent pixels per token along height and width
-    latent_channels: int = 16  # channels of the VAE latent
+    preset: ModelPreset  # the model: every shape comes from here
     step_fixed_s: float = 0.0  # c0: per-step seconds that do not shrink with the SP degree
     step_linear_s: float = 0.0  # a: seconds per token per step at degree 1
     step_quadratic_s: float = 0.0  # b: seconds per token^2 per step at degree 1 (attention)
     encode_s: float = 0.0  # ENCODE seconds (text encoders + initial noise), any size
-    decode_s_per_mpx: float = 0.0  # DECODE seconds per million output pixels (all frames), one rank
-    decode_serial_fraction: float = 0.1  # part of DECODE that does not shrink with more ranks
+    decode_s_per_mpx: float = 0.0  # DECODE seconds per million output pixels (all frames), on one rank
     finalize_s_per_mpx: float = 0.0  # FINALIZE seconds per million output pixels (image/video encode)
     host_step_s: float = 0.0  # host seconds to issue one step at SP1 (the floor; 0: unknown, no floor)
     collectives_per_layer: int = (
@@ -95,6 +99,33 @@ class ModelProfile:
     )
     # Host seconds per gfcoll call: 19-32 us measured on an H200 for a one-member group (issue 12).
     host_per_collective_s: float = 25e-6
+
+    # -- shapes, from the preset -------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.preset.name
+
+    @property
+    def video(self) -> bool:
+        """True for video models: requests may give num_frames."""
+        return self.preset.is_video
+
+    @property
+    def num_heads(self) -> int:
+        return self.preset.num_heads
+
+    @property
+    def num_layers(self) -> int:
+        """Transformer blocks with one self-attention each."""
+        return self.preset.num_blocks
+
+    @property
+    def hidden(self) -> int:
+        return self.preset.hidden
+
+    @property
+    def text_tokens(self) -> int:
+        return self.preset.text_tokens
 
     def host_time(self, d: int) -> float:
         """host(d) of Note [Cost model] (0 when host_step_s is unknown)."""
@@ -104,24 +135,18 @@ class ModelProfile:
             self.num_layers * self.collectives_per_layer * self.host_per_collective_s if d > 1 else 0.0
         )
 
-    def latent_frames(self, frames: int | None) -> int:
-        if frames is None or not self.video:
-            return 1
-        return (frames - 1) // self.vae_temporal + 1
-
-    def image_tokens(self, width: int, height: int, frames: int | None) -> int:
-        """Latent patches: the tokens of the state that SP shards (text tokens excluded)."""
-        step = self.vae_spatial * self.patch
-        return (height // step) * (width // step) * self.latent_frames(frames)
-
     def seq_len(self, width: int, height: int, frames: int | None) -> int:
-        """The self-attention sequence length."""
-        return self.image_tokens(width, height, frames) + self.text_tokens
+        """S: the latent tokens, which SP shards (ModelPreset.seq_len, the one definition)."""
+        return self.preset.seq_len(width, height, frames)
+
+    def attention_len(self, width: int, height: int, frames: int | None) -> int:
+        """N of Note [Cost model]: the self-attention sequence, S plus the joined text tokens."""
+        return self.seq_len(width, height, frames) + self.text_tokens
 
     @property
     def state_bytes_per_token(self) -> int:
         """Bytes of the fp32 latent per token (the state carried between DENOISE chunks)."""
-        return self.latent_channels * self.patch * self.patch * 4
+        return self.preset.token_dim * 4
 
 
 # One H100, diffusers 0.42.1, torch 2.11, bf16 eager, random weights (DESIGN.md section 2):
@@ -149,7 +174,7 @@ def _solve(rows: list[list[float]], rhs: list[float]) -> list[float]:
 
 def _fit_step(profile: ModelProfile, fixed_s: float | None = None) -> ModelProfile:
     """Fit c0, a, b of `profile` exactly through its MEASURED_STEP_S points (see Note [Cost model])."""
-    points = [(profile.seq_len(w, h, f), t) for (w, h, f), t in MEASURED_STEP_S[profile.name].items()]
+    points = [(profile.attention_len(w, h, f), t) for (w, h, f), t in MEASURED_STEP_S[profile.name].items()]
     if fixed_s is None:
         c0, a, b = _solve([[1.0, n, n * n] for n, _ in points], [t for _, t in points])
     else:
@@ -165,60 +190,67 @@ def _builtin_profiles() -> dict[str, ModelProfile]:
     # Flux VAE decode ~0.1 s per megapixel; Wan's 3D VAE ~0.15 s per megapixel-frame; PNG/MP4 encode
     # ~50 megapixels/s on one CPU core.
     flux = _fit_step(
-        ModelProfile(
-            "flux-dev", video=False, num_heads=24, num_layers=57, hidden=3072, text_tokens=512,
-            encode_s=0.03, decode_s_per_mpx=0.1, finalize_s_per_mpx=0.02,
-        )
-    )  # fmt: skip
+        ModelProfile(get_preset("flux-dev"), encode_s=0.03, decode_s_per_mpx=0.1, finalize_s_per_mpx=0.02)
+    )
     launch_per_layer = flux.step_fixed_s / flux.num_layers
 
-    def wan(name: str, heads: int, layers: int, hidden: int) -> ModelProfile:
-        base = ModelProfile(
-            name, video=True, num_heads=heads, num_layers=layers, hidden=hidden, text_tokens=0,
-            encode_s=0.03, decode_s_per_mpx=0.15, finalize_s_per_mpx=0.02,
-        )  # fmt: skip
-        return _fit_step(base, fixed_s=launch_per_layer * layers)
+    def wan(name: str) -> ModelProfile:
+        base = ModelProfile(get_preset(name), encode_s=0.03, decode_s_per_mpx=0.15, finalize_s_per_mpx=0.02)
+        return _fit_step(base, fixed_s=launch_per_layer * base.num_layers)
 
     # Tiny presets run on CPU; their constants are rough guesses for a few-millisecond step.
-    tiny_flux = ModelProfile(
-        "tiny-flux", video=False, num_heads=4, num_layers=4, hidden=256, text_tokens=64,
-        step_fixed_s=0.005, step_linear_s=4e-5, step_quadratic_s=1e-8,
-        encode_s=0.005, decode_s_per_mpx=0.5, finalize_s_per_mpx=0.05,
-    )  # fmt: skip
-    tiny_wan = ModelProfile(
-        "tiny-wan", video=True, num_heads=4, num_layers=2, hidden=128, text_tokens=0,
-        step_fixed_s=0.005, step_linear_s=3e-5, step_quadratic_s=1e-8,
-        encode_s=0.005, decode_s_per_mpx=0.5, finalize_s_per_mpx=0.05,
-    )  # fmt: skip
+    tiny = dict(step_fixed_s=0.005, encode_s=0.005, decode_s_per_mpx=0.5, finalize_s_per_mpx=0.05)
     profiles = [
-        tiny_flux,
-        tiny_wan,
+        ModelProfile(get_preset("tiny-flux"), step_linear_s=4e-5, step_quadratic_s=1e-8, **tiny),
+        ModelProfile(get_preset("tiny-wan"), step_linear_s=3e-5, step_quadratic_s=1e-8, **tiny),
         flux,
-        wan("wan2.1-1.3b", heads=12, layers=30, hidden=1536),
-        wan("wan2.1-14b", heads=40, layers=40, hidden=5120),
+        wan("wan2.1-1.3b"),
+        wan("wan2.1-14b"),
     ]
     return {p.name: p for p in profiles}
+
+
+def derive_profile(preset: ModelPreset) -> ModelProfile:
+    """The cost profile of a preset without built-in constants (an assumption until profiled):
+    the built-in profile of its family scaled by blocks x width^2 (the per-token work of a block
+    grows with the square of the width)."""
+    ref = MODEL_PROFILES["wan2.1-14b" if preset.is_video else "flux-dev"]
+    if preset.name.startswith("tiny-"):
+        ref = MODEL_PROFILES["tiny-wan" if preset.is_video else "tiny-flux"]
+    k = (preset.num_blocks * preset.hidden**2) / (ref.num_layers * ref.hidden**2)
+    return replace(
+        ref,
+        preset=preset,
+        step_fixed_s=ref.step_fixed_s * preset.num_blocks / ref.num_layers,
+        step_linear_s=ref.step_linear_s * k,
+        step_quadratic_s=ref.step_quadratic_s
+        * preset.num_blocks
+        * preset.hidden
+        / (ref.num_layers * ref.hidden),
+    )
 
 
 MODEL_PROFILES: dict[str, ModelProfile] = _builtin_profiles()
 
 
 def register_model(profile: ModelProfile) -> None:
-    """Add or replace a model profile (e.g. from `gfdit profile` or a model loaded from disk)."""
+    """Add or replace the cost profile of a preset (e.g. from `gfdit profile`)."""
     MODEL_PROFILES[profile.name] = profile
 
 
 def get_profile(model: str) -> ModelProfile:
-    """The profile of `model`; ValueError naming the known presets if there is none."""
-    try:
-        return MODEL_PROFILES[model]
-    except KeyError:
-        raise ValueError(f"unknown model {model!r}; known: {', '.join(sorted(MODEL_PROFILES))}") from None
+    """The cost profile of preset `model` (derived from its family's when it has none built in);
+    ValueError naming the known presets if there is no such preset."""
+    p = MODEL_PROFILES.get(model)
+    if p is None:
+        p = derive_profile(get_preset(model))  # ValueError for an unknown name
+        MODEL_PROFILES[model] = p
+    return p
 
 
 def state_dim_size(request: Request) -> int:
-    """Size of the split dimension of the request's state: its latent tokens."""
-    return get_profile(request.model).image_tokens(request.width, request.height, request.num_frames)
+    """Size of the split dimension of the request's state: its latent tokens (ModelPreset.seq_len)."""
+    return get_preset(request.model).seq_len(request.width, request.height, request.num_frames)
 
 
 def state_bytes_per_index(request: Request, kind: TaskKind) -> float:
@@ -231,13 +263,9 @@ def state_bytes_per_index(request: Request, kind: TaskKind) -> float:
 
 
 def valid_sp_degrees(request: Request, max_degree: int) -> tuple[int, ...]:
-    """SP degrees in [1, max_degree] that divide the heads, the latent tokens and the text tokens."""
-    p = get_profile(request.model)
-    tokens = p.image_tokens(request.width, request.height, request.num_frames)
-    return tuple(
-        d
-        for d in range(1, max_degree + 1)
-        if p.num_heads % d == 0 and tokens % d == 0 and p.text_tokens % d == 0
+    """SP degrees in [1, max_degree] the preset allows (ModelPreset.valid_sp_degrees, the one rule)."""
+    return get_preset(request.model).valid_sp_degrees(
+        request.width, request.height, request.num_frames, max_degree
     )
 
 
@@ -378,7 +406,7 @@ class AnalyticCostModel(CostModel):
         """gpu(N, d) of Note [Cost model]: compute, plus Ulysses' all-to-alls for d > 1."""
         self._check_degree(d)
         p = self.profile(model)
-        n = p.seq_len(width, height, frames)
+        n = p.attention_len(width, height, frames)
         compute = p.step_fixed_s + (p.step_linear_s * n + p.step_quadratic_s * n * n) / d
         if d == 1:
             return compute
@@ -434,8 +462,9 @@ class AnalyticCostModel(CostModel):
         if kind is TaskKind.ENCODE:
             return p.encode_s
         if kind is TaskKind.DECODE:
-            serial = p.decode_serial_fraction
-            return p.decode_s_per_mpx * mpx * (serial + (1.0 - serial) / d)
+            # One rank decodes (the others send it their slices: gfdit.runtime.worker): no speed-up
+            # with d, only the gather of the latent, which reshard_time-like costs keep small.
+            return p.decode_s_per_mpx * mpx
         return p.finalize_s_per_mpx * mpx
 
     def _estimate(

@@ -28,17 +28,21 @@ from typing import NoReturn
 from gfdit.cost import (
     AnalyticCostModel,
     CostModel,
-    get_profile,
     state_bytes_per_index,
     state_dim_size,
     valid_sp_degrees,
 )
 from gfdit.layout import Layout, plan_reshard
+from gfdit.models.presets import check_request, get_preset
 from gfdit.policy import Assignment, Policy, RunnableTask, RunningTask, SchedulerView
 from gfdit.request import Request, RequestState
 from gfdit.tasks import Task, TaskKind, TaskTimings, Trajectory
 
-__all__ = ["PolicyError", "TaskRecord", "RequestRecord", "Scheduler"]
+__all__ = ["PolicyError", "TaskRecord", "RequestRecord", "Scheduler", "kDefaultChunkSteps"]
+
+# Denoising steps per DENOISE task unless a policy asks for another count: the one owner of the
+# default chunk size (the engine, `gfdit serve --chunk-steps`, the simulator and the tuner use it).
+kDefaultChunkSteps = 2
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +130,7 @@ class Scheduler:
         policy: Policy,
         cost_model: CostModel | None = None,
         *,
-        chunk_steps: int = 2,
+        chunk_steps: int = kDefaultChunkSteps,
         valid_degrees: ValidDegrees | None = None,
         dim_size: Callable[[Request], int] | None = None,
         state_dim: int = 1,
@@ -204,10 +208,10 @@ class Scheduler:
         an unknown model, frames for an image model, or a request no group size is valid for."""
         if request.request_id in self._records:
             raise ValueError(f"duplicate request id {request.request_id!r}")
-        if request.num_frames is not None and not get_profile(request.model).video:
-            raise ValueError(
-                f"request {request.request_id!r}: {request.model} is an image model (num_frames given)"
-            )
+        try:  # the one validation of a request's fields (the engine adds the prompt's token count)
+            check_request(get_preset(request.model), request)
+        except ValueError as e:
+            raise ValueError(f"request {request.request_id!r}: {e}") from None
         dim_size = self._dim_size(request)
         if dim_size < 1:
             raise ValueError(f"request {request.request_id!r}: {request.width}x{request.height} is too small")

@@ -59,7 +59,14 @@ def build_parser(prog: str = "python -m gfdit.serve") -> argparse.ArgumentParser
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--weights", default=None, help="local diffusers-layout directory (default: random init)")
     p.add_argument("--max-queue", type=int, default=1024, help="waiting requests before 429 (default 1024)")
-    p.add_argument("--chunk-steps", type=int, default=2, help="denoising steps per task (default 2)")
+    from gfdit.scheduler import kDefaultChunkSteps
+
+    p.add_argument(
+        "--chunk-steps",
+        type=int,
+        default=kDefaultChunkSteps,
+        help=f"denoising steps per task unless the policy says otherwise (default {kDefaultChunkSteps})",
+    )
     p.add_argument(
         "--max-steps", type=int, default=100, help="most num_inference_steps per request (default 100)"
     )

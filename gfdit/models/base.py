@@ -22,7 +22,6 @@ import abc
 import contextlib
 import json
 import logging
-import math
 import os
 import time
 import zlib
@@ -268,15 +267,15 @@ class DiTModel(abc.ABC):
         return self.preset.token_grid(request.width, request.height, request.num_frames)
 
     def seq_len(self, request) -> int:
-        """S: the number of latent tokens (text tokens excluded)."""
-        return math.prod(self.token_grid(request))
+        """S: the number of latent tokens (text tokens excluded): ModelPreset.seq_len."""
+        return self.preset.seq_len(request.width, request.height, request.num_frames)
 
     def valid_sp_degrees(self, request, max_degree: int) -> list[int]:
-        """Degrees d in [1, max_degree] that Ulysses SP can run: d divides the S latent tokens (even
-        contiguous slices) and the attention heads (each member takes H/d heads). Text tokens are
-        replicated, so their count does not constrain d. Other degrees are refused by denoise()."""
-        s = self.seq_len(request)
-        return [d for d in range(1, max_degree + 1) if s % d == 0 and self.num_heads % d == 0]
+        """Degrees Ulysses SP can run (ModelPreset.valid_sp_degrees, the one rule); others are
+        refused by denoise()."""
+        return list(
+            self.preset.valid_sp_degrees(request.width, request.height, request.num_frames, max_degree)
+        )
 
     # -- packed tokens -------------------------------------------------------------------------------
     def latent_shape(self, request) -> tuple[int, ...]:

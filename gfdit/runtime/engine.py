@@ -61,7 +61,7 @@ from gfdit.cost import AnalyticCostModel
 from gfdit.policy import Policy, make_policy
 from gfdit.profile import apply_profile, read_profile
 from gfdit.request import Request, RequestState
-from gfdit.scheduler import Scheduler
+from gfdit.scheduler import Scheduler, kDefaultChunkSteps
 from gfdit.tasks import TaskKind, TaskTimings
 
 from . import auth
@@ -173,7 +173,7 @@ class Engine:
         policy: str | Policy = "fcfs-elastic",
         *,
         weights: str | None = None,
-        chunk_steps: int = 2,
+        chunk_steps: int = kDefaultChunkSteps,
         max_queue: int = 1024,
         dtype: torch.dtype | None = None,
         model_obj=None,

@@ -32,6 +32,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
+from gfdit.runtime.handle import Status
+
 from .auth import ApiKeyAuth
 from .errors import ApiError, BodySizeLimit, error_body, install_error_handlers
 from .media import image_b64
@@ -242,10 +244,10 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
     async def get_video_content(video_id: str, variant: Literal["video"] = "video"):
         """The mp4 of a completed job: 404 until then, 409 if it failed."""
         job = _job(video_id)
-        if job.status == "failed":
+        if job.status == Status.FAILED:
             message = f"video {video_id} failed: {job.error['message']}"
             raise ApiError(409, message, param="video_id", code=job.error["code"])
-        if job.status != "completed":
+        if job.status != Status.COMPLETED:
             raise ApiError(404, f"video {video_id} is {job.status}: no content yet", code="video_not_ready")
         return Response(job.content, media_type="video/mp4")
 
@@ -256,7 +258,7 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
         forgets a finished one (GET then answers 404)."""
         job = _job(video_id)
         job.deleted, job.content = True, None
-        if job.status in ("completed", "failed"):
+        if job.status in (Status.COMPLETED, Status.FAILED):
             del state.jobs[video_id]
         else:
             job.tracked.handle.cancel()  # a no-op if it finished in the engine and only encoding is left

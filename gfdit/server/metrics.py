@@ -10,6 +10,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 
+from gfdit.runtime.handle import Status
 from gfdit.tasks import TaskKind
 
 __all__ = ["ServerMetrics", "kLatencyBuckets", "kStepBuckets"]
@@ -122,7 +123,7 @@ class ServerMetrics:
         for rank in range(engine.world.size):
             self.busy.labels(rank=str(rank))
         for kind in ("image", "video"):
-            for outcome in ("completed", "failed", "cancelled"):
+            for outcome in (Status.COMPLETED, Status.FAILED, Status.CANCELLED):
                 self.requests.labels(kind=kind, outcome=outcome)
 
     def count_error(self, status: int) -> None:
@@ -141,7 +142,7 @@ class ServerMetrics:
         if record is None:
             return
         self.preemptions.inc(record.num_preemptions)
-        if outcome != "cancelled" and record.request.deadline_s is not None:
+        if outcome != Status.CANCELLED and record.request.deadline_s is not None:
             (self.slo_met if record.met_deadline else self.slo_missed).inc()
             cls = record.request.slo_class or "none"
             counts = self._slo_counts.setdefault(cls, [0, 0])
