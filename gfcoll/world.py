@@ -136,6 +136,11 @@ class Group:
     def __repr__(self) -> str:
         return f"Group(ranks={list(self.ranks)}, rank={self.rank})"
 
+    @property
+    def world(self) -> World:
+        """The world this group belongs to."""
+        return self._world
+
     # -- helpers -------------------------------------------------------------------------------
     def _me(self, what: str) -> int:
         self._world._check_open()
@@ -342,6 +347,33 @@ class World:
 
     def __repr__(self) -> str:
         return f"World(rank={self.rank}, size={self.size}, device={self.device})"
+
+    # -- construction (gfcoll.init) ---------------------------------------------------------------
+    def configure(self, *, timeout_s: float, async_threads: int, force: str) -> None:
+        """gfcoll.init's settings: the peer timeout (GFCOLL_TIMEOUT_S), the threads of asynchronous
+        host operations, and GFCOLL_TRANSPORT for CUDA operations. Local; before any operation."""
+        self.timeout_s = float(timeout_s)
+        self._async_threads = int(async_threads)
+        self._force = force
+
+    def attach_transport(self, name: str, native, *, ipc_ranks=(), ipc_ring_bytes: int = 0) -> None:
+        """gfcoll.init hands the world a native transport it set up: "host", "ipc" (with the global
+        ranks reachable over it and the bytes one operation may stage) or "nccl". Local."""
+        if name == "host":
+            self._host = native
+        elif name == "ipc":
+            self._ipc, self._ipc_ranks, self._ipc_ring = native, frozenset(ipc_ranks), int(ipc_ring_bytes)
+        elif name == "nccl":
+            self._nccl = native
+        else:
+            raise GfcollValueError(f"attach_transport: unknown transport {name!r}")
+
+    def native_transport(self, name: str):
+        """The native transport object "host", "ipc" or "nccl" (gfcoll._gfcoll), or None: for
+        diagnostics and benchmarks that time the native calls themselves."""
+        if name not in ("host", "ipc", "nccl"):
+            raise GfcollValueError(f"native_transport: unknown transport {name!r}")
+        return {"host": self._host, "ipc": self._ipc, "nccl": self._nccl}[name]
 
     # -- excluded ranks --------------------------------------------------------------------------
     # Note [Excluded ranks]

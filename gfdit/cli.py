@@ -246,8 +246,7 @@ def _gen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if args.calibrate_url and args.cost_profile:
             parser.error("give --calibrate-url or --cost-profile, not both")
         if args.cost_profile:
-            from gfdit.cost import AnalyticCostModel
-            from gfdit.profile import apply_profile, read_profile
+            from gfdit.cost import AnalyticCostModel, apply_profile, read_profile
 
             cost = AnalyticCostModel()
             apply_profile(cost, read_profile(args.cost_profile, model=args.model))
@@ -349,7 +348,7 @@ def _tune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         meta, records = read_trace(args.trace)
         cost_profile = None
         if args.cost_profile is not None:
-            from gfdit.profile import read_profile
+            from gfdit.cost import read_profile
 
             cost_profile = read_profile(args.cost_profile, model=meta.get("spec", {}).get("model"))
         seeds = tuple(range(args.seeds))

@@ -57,6 +57,7 @@ without built-in cost constants gets its family's, scaled by blocks x width^2 (`
 from __future__ import annotations
 
 import abc
+import json
 import math
 from dataclasses import dataclass, replace
 
@@ -78,6 +79,9 @@ __all__ = [
     "AnalyticCostModel",
     "StepFit",
     "kFloorTolerance",
+    "kProfileFormat",
+    "read_profile",
+    "apply_profile",
 ]
 
 
@@ -551,3 +555,49 @@ class AnalyticCostModel(CostModel):
     def factor(self, kind: TaskKind, model: str) -> float:
         """The learned observed/analytic factor of (kind, model) (1.0 before any observation)."""
         return self._factor.get((kind, model), 1.0)
+
+
+# -- cost profiles (written by `gfdit profile`) ------------------------------------------------------------
+
+kProfileFormat = "gfdit-profile/1"
+kProfileKinds = ("ENCODE", "DENOISE", "DECODE", "FINALIZE")
+
+
+def read_profile(path: str, model: str | None = None) -> dict:
+    """The profile at `path`, checked; ValueError naming the problem (wrong format or model, bad rows)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as e:
+        raise ValueError(f"cost profile {path!r}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"cost profile {path!r} is not JSON: {e}") from None
+    if not isinstance(data, dict) or data.get("format") != kProfileFormat:
+        raise ValueError(
+            f"cost profile {path!r}: expected format {kProfileFormat!r} (written by `gfdit profile`)"
+        )
+    if model is not None and data.get("model") != model:
+        raise ValueError(f"cost profile {path!r} is for model {data.get('model')!r}, not {model!r}")
+    rows = data.get("observations")
+    if not isinstance(rows, list) or not rows:
+        raise ValueError(f"cost profile {path!r} has no observations")
+    for i, r in enumerate(rows):
+        ok = (
+            isinstance(r, dict) and r.get("kind") in kProfileKinds
+            and all(isinstance(r.get(k), int) and r[k] > 0 for k in ("width", "height", "degree"))
+            and (r.get("frames") is None or (isinstance(r["frames"], int) and r["frames"] > 0))
+            and isinstance(r.get("seconds"), int | float) and r["seconds"] >= 0
+        )  # fmt: skip
+        if not ok:
+            raise ValueError(f"cost profile {path!r}: observation {i} is malformed: {r!r}")
+    return data
+
+
+def apply_profile(cost_model, profile: dict) -> None:
+    """Load a profile's observations into `cost_model` (an AnalyticCostModel): each measured key
+    becomes exactly the measurement, and each kind's measured/analytic factor their mean."""
+    model = profile["model"]
+    for r in profile["observations"]:
+        kind = TaskKind[r["kind"]]
+        args = (kind, model, r["width"], r["height"], r["frames"], r["degree"])
+        cost_model.set_observed(*args, float(r["seconds"]))

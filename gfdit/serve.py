@@ -29,11 +29,12 @@ import logging
 import math
 import os
 import signal
-import socket
 import sys
 import threading
 
 import uvicorn
+
+from gfdit.runtime.bootstrap import init_world
 
 __all__ = ["build_parser", "check_args", "main", "kExitDrainFailed"]
 
@@ -163,7 +164,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.drain_timeout < 0:
         parser.error(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
     if args.cost_profile is not None:
-        from gfdit.profile import read_profile
+        from gfdit.cost import read_profile
 
         try:
             read_profile(args.cost_profile, model=args.model)
@@ -185,26 +186,6 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     check_fast_arguments(parser, args)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _init_world(device: str | None):
-    import gfcoll
-
-    if "RANK" in os.environ:
-        return gfcoll.init(device=device)
-    # Not under torchrun: a world of one rank, bootstrapped through an in-process store (no port).
-    from torch.distributed import HashStore
-
-    return gfcoll.init(
-        rank=0, world_size=1, local_rank=0, local_world_size=1,
-        master_addr="127.0.0.1", master_port=_free_port(), device=device, store=HashStore(),
-    )  # fmt: skip
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -215,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     # `kill -USR1 PID` prints every thread's stack of that rank to stderr (a stuck server, a slow load).
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    world = _init_world(args.device)
+    world = init_world(args.device)
     log.info("loading %s on %s", args.model, world.device)
     status = 0
     try:

@@ -26,9 +26,8 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from gfdit.cost import AnalyticCostModel, CostModel
+from gfdit.cost import AnalyticCostModel, CostModel, apply_profile
 from gfdit.policy import PolicySpecError, make_policy
-from gfdit.profile import apply_profile
 from gfdit.request import Request
 from gfdit.scheduler import Scheduler, kDefaultChunkSteps
 from gfdit.sim import SimulationStalled, simulate

@@ -132,7 +132,7 @@ def _sweep(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         profile = None
         if args.cost_profile:
-            from gfdit.profile import read_profile
+            from gfdit.cost import read_profile
 
             profile = read_profile(args.cost_profile, model=args.model)
         cfg = SweepConfig(

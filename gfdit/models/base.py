@@ -25,15 +25,15 @@ import logging
 import os
 import time
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
 
-from gfdit.models.presets import ModelPreset, check_request, get_preset
+from gfdit.models.presets import ModelPreset, check_request
 from gfdit.models.tokenizer import HashTokenizer, HFTokenizer, load_tokenizer
 
-__all__ = ["DiTModel", "load_model", "kInitSeed", "COMPONENTS"]
+__all__ = ["DiTModel", "kInitSeed", "COMPONENTS", "to_uint8", "torch_dtype"]
 
 log = logging.getLogger("gfdit.models")
 
@@ -41,7 +41,8 @@ kInitSeed = 0x6D_D17  # base seed of random initialisation (any fixed value: ran
 COMPONENTS = ("text", "transformer", "vae")
 
 
-def _dtype(name: str | torch.dtype) -> torch.dtype:
+def torch_dtype(name: str | torch.dtype) -> torch.dtype:
+    """The torch dtype named `name` ("float32", "bfloat16", ...), or `name` itself if it is one."""
     if isinstance(name, torch.dtype):
         return name
     dt = getattr(torch, str(name), None)
@@ -103,7 +104,7 @@ def _load_kwargs(device: torch.device, diffusers_model: bool) -> dict[str, Any]:
     return kw
 
 
-def _to_uint8(images: torch.Tensor) -> torch.Tensor:
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """[N, 3, H, W] in [-1, 1] -> uint8 [N, H, W, 3] on CPU, as diffusers' VaeImageProcessor.postprocess
     (denormalize, clamp, x255, round)."""
     x = (images.float() / 2 + 0.5).clamp(0, 1)
@@ -198,7 +199,7 @@ class DiTModel(abc.ABC):
             _log_loaded("transformer", transformer, device, t0)
         if "vae" in components:
             t0 = time.perf_counter()
-            vae_dtype = _dtype(preset.vae_dtype) if preset.vae_dtype else dtype
+            vae_dtype = torch_dtype(preset.vae_dtype) if preset.vae_dtype else dtype
             vae = _load_diffusers(cls.vae_class, preset.vae_config, "vae", device, vae_dtype, weights)
             _log_loaded("vae", vae, device, t0)
         return cls(
@@ -249,7 +250,8 @@ class DiTModel(abc.ABC):
         have["vae"] = self.vae is not None
         return tuple(c for c in COMPONENTS if have[c])
 
-    def _require(self, component: str) -> None:
+    def require(self, component: str) -> None:
+        """RuntimeError unless `component` ("text", "transformer", "vae") is loaded."""
         if component not in self.components:
             raise RuntimeError(f"{self.preset.name}: the {component!r} component is not loaded")
 
@@ -329,6 +331,15 @@ class DiTModel(abc.ABC):
     def _install_processors(self) -> None:
         """Put the sequence-parallel attention processors on the transformer."""
 
+    def prepare(self, cond: Mapping[str, torch.Tensor], request, group) -> dict[str, Any]:
+        """The per-request context of the transformer steps (the family's `_prepare` hook)."""
+        return self._prepare(cond, request, group)
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, ctx: dict[str, Any], group) -> torch.Tensor:
+        """One eager transformer step (the family's `_velocity` hook): what gfdit.runtime.graphs
+        captures and replays."""
+        return self._velocity(x, t, ctx, group)
+
     @abc.abstractmethod
     def _prepare(self, cond: Mapping[str, torch.Tensor], request, group) -> dict[str, Any]:
         """Per-call inputs of the transformer that do not change between steps."""
@@ -359,7 +370,7 @@ class DiTModel(abc.ABC):
         FlowMatch Euler step, elementwise on the local slice given the step's sigmas.
         on_step: called with i + 1 once step i is issued (on CUDA: enqueued on the current stream,
         not necessarily finished), e.g. to report progress."""
-        self._require("transformer")
+        self.require("transformer")
         s = self.seq_len(request)
         d = 1 if group is None else group.size
         me = 0 if group is None else group.rank
@@ -466,29 +477,3 @@ def _load_text_encoder(spec, device, dtype, weights):
         )
         model = model.to(device)
     return model.eval().requires_grad_(False)
-
-
-def load_model(
-    name_or_preset: str | ModelPreset,
-    *,
-    device: str | torch.device,
-    dtype: str | torch.dtype | None = None,
-    weights: str | os.PathLike | None = None,
-    components: Sequence[str] = COMPONENTS,
-) -> DiTModel:
-    """Build a model on `device` (every rank calls it for its own copy; Note [Model state and ranks]).
-
-    dtype: None for the preset's default (bf16 for full-size presets, fp32 for tiny ones).
-    weights: None for random initialisation from the preset, directly on `device` in `dtype`; or a local
-    directory in diffusers layout (transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/,
-    tokenizer_2/) loaded with from_pretrained(local_files_only=True). Nothing is downloaded.
-    components: which of "text", "transformer", "vae" to load (tokenizers always are)."""
-    preset = get_preset(name_or_preset) if isinstance(name_or_preset, str) else name_or_preset
-    if preset.family == "flux":
-        from gfdit.models.flux import FluxModel as cls
-    elif preset.family == "wan":
-        from gfdit.models.wan import WanModel as cls
-    else:
-        raise ValueError(f"unknown model family {preset.family!r}")
-    dt = _dtype(dtype if dtype is not None else preset.default_dtype)
-    return cls.load(preset, device=torch.device(device), dtype=dt, weights=weights, components=components)

@@ -66,7 +66,7 @@ def compile_model(model, mode: str, *, dynamic: bool | None = False) -> None:
         raise ValueError(f"model already compiled with mode {current!r}; cannot switch to {mode!r}")
     if mode == "off":
         return
-    model._require("transformer")
+    model.require("transformer")
     _raise_limits()
     t = model.transformer
     family = model.preset.family
@@ -80,9 +80,9 @@ def compile_model(model, mode: str, *, dynamic: bool | None = False) -> None:
         from gfdit.models import sp
 
         if mode == "regional":
-            t._gfdit_block_fn = torch.compile(sp.wan_block, fullgraph=True, dynamic=dynamic)
+            t.gfdit_block_fn = torch.compile(sp.wan_block, fullgraph=True, dynamic=dynamic)
         else:
-            model._wan_forward = torch.compile(sp.wan_forward, dynamic=dynamic)
+            model.wan_forward_fn = torch.compile(sp.wan_forward, dynamic=dynamic)
     else:
         raise ValueError(f"compile: unknown model family {family!r}")
     model.compile_mode = mode

@@ -57,9 +57,8 @@ import torch
 import zmq
 
 import gfcoll
-from gfdit.cost import AnalyticCostModel
+from gfdit.cost import AnalyticCostModel, apply_profile, read_profile
 from gfdit.policy import Policy, make_policy
-from gfdit.profile import apply_profile, read_profile
 from gfdit.request import Request, RequestState
 from gfdit.scheduler import Scheduler, kDefaultChunkSteps
 from gfdit.tasks import TaskKind, TaskTimings

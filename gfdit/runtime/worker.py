@@ -107,7 +107,7 @@ class Worker:
 
         t0 = time.perf_counter()
         e0 = self._mark()
-        moved = self._reshard(cmd, held, ranks, member)
+        moved = self.reshard(cmd, held, ranks, member)
         e1 = self._mark()  # no wait: the task's compute is enqueued behind the reshard on the same stream
         t1 = time.perf_counter()
         if not member:
@@ -201,8 +201,9 @@ class Worker:
         self.world.batch_p2p(ops)
         return full
 
-    def _reshard(self, cmd: msg.Task, held: Held, ranks: tuple[int, ...], member: bool) -> int:
-        """This rank's part of Note [Reshard execution]. Returns the bytes it received."""
+    def reshard(self, cmd: msg.Task, held: Held, ranks: tuple[int, ...], member: bool) -> int:
+        """This rank's part of Note [Reshard execution] (every rank the command names calls it).
+        Returns the bytes it received."""
         me = self.rank
         ops: list[gfcoll.P2P] = []
         received = 0
