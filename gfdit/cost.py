@@ -15,7 +15,7 @@ part (projections, MLPs), b*N^2 attention; comm is Ulysses' four all-to-alls per
 The per-model c0, a, b of the full-size presets are fitted at import from the one-H100 per-step
 measurements in `MEASURED_STEP_S` (DESIGN.md section 2): an exact 3x3 solve for flux-dev (3 sizes);
 for Wan (2 sizes each) c0 is fixed to flux-dev's launch cost per transformer block times the block
-count and a, b are solved exactly. The tiny presets, the stage costs (encode, VAE decode, finalize)
+count and a, b are solved exactly. The tiny presets, the stage costs (encode, VAE decode)
 and the communication constants are assumptions, not measurements: the online correction fixes them.
 
 The floor. A step cannot be faster than the host can issue it: an eager flux-dev step needs ~65 ms of
@@ -96,7 +96,6 @@ class ModelProfile:
     step_quadratic_s: float = 0.0  # b: seconds per token^2 per step at degree 1 (attention)
     encode_s: float = 0.0  # ENCODE seconds (text encoders + initial noise), any size
     decode_s_per_mpx: float = 0.0  # DECODE seconds per million output pixels (all frames), on one rank
-    finalize_s_per_mpx: float = 0.0  # FINALIZE seconds per million output pixels (image/video encode)
     host_step_s: float = 0.0  # host seconds to issue one step at SP1 (the floor; 0: unknown, no floor)
     collectives_per_layer: int = (
         3  # gfcoll calls per attention layer under SP (Ulysses: 2 all_to_all + 1 gather)
@@ -193,17 +192,15 @@ def _builtin_profiles() -> dict[str, ModelProfile]:
     # Stage constants are assumptions (not measured): T5-XXL-class text encoding ~30 ms on an H100;
     # Flux VAE decode ~0.1 s per megapixel; Wan's 3D VAE ~0.15 s per megapixel-frame; PNG/MP4 encode
     # ~50 megapixels/s on one CPU core.
-    flux = _fit_step(
-        ModelProfile(get_preset("flux-dev"), encode_s=0.03, decode_s_per_mpx=0.1, finalize_s_per_mpx=0.02)
-    )
+    flux = _fit_step(ModelProfile(get_preset("flux-dev"), encode_s=0.03, decode_s_per_mpx=0.1))
     launch_per_layer = flux.step_fixed_s / flux.num_layers
 
     def wan(name: str) -> ModelProfile:
-        base = ModelProfile(get_preset(name), encode_s=0.03, decode_s_per_mpx=0.15, finalize_s_per_mpx=0.02)
+        base = ModelProfile(get_preset(name), encode_s=0.03, decode_s_per_mpx=0.15)
         return _fit_step(base, fixed_s=launch_per_layer * base.num_layers)
 
     # Tiny presets run on CPU; their constants are rough guesses for a few-millisecond step.
-    tiny = dict(step_fixed_s=0.005, encode_s=0.005, decode_s_per_mpx=0.5, finalize_s_per_mpx=0.05)
+    tiny = dict(step_fixed_s=0.005, encode_s=0.005, decode_s_per_mpx=0.5)
     profiles = [
         ModelProfile(get_preset("tiny-flux"), step_linear_s=4e-5, step_quadratic_s=1e-8, **tiny),
         ModelProfile(get_preset("tiny-wan"), step_linear_s=3e-5, step_quadratic_s=1e-8, **tiny),
@@ -259,11 +256,8 @@ def state_dim_size(request: Request) -> int:
 
 def state_bytes_per_index(request: Request, kind: TaskKind) -> float:
     """Bytes per index of the split dimension of the state a task of `kind` starts from: the fp32
-    latent before DECODE; for FINALIZE the decoded uint8 RGB pixels (spread over the same indices)."""
-    profile = get_profile(request.model)
-    if kind is TaskKind.FINALIZE:
-        return 3 * request.num_pixels / max(1, state_dim_size(request))
-    return float(profile.state_bytes_per_token)
+    latent (every task that moves state moves the latent)."""
+    return float(get_profile(request.model).state_bytes_per_token)
 
 
 def valid_sp_degrees(request: Request, max_degree: int) -> tuple[int, ...]:
@@ -285,7 +279,7 @@ class CostModel(abc.ABC):
     def stage_time(
         self, kind: TaskKind, model: str, width: int, height: int, frames: int | None, sp_degree: int
     ) -> float:
-        """Seconds of an ENCODE, DECODE or FINALIZE task on `sp_degree` ranks (DENOISE: one step)."""
+        """Seconds of an ENCODE or DECODE task on `sp_degree` ranks (DENOISE: one step)."""
 
     @abc.abstractmethod
     def reshard_time(self, num_bytes: int) -> float:
@@ -321,7 +315,7 @@ class CostModel(abc.ABC):
         """Seconds from `head` to the end of the trajectory with DENOISE at `sp_degree` and the other
         stages at `stage_degree`; `remaining_steps` denoising steps are still to run."""
         r = request
-        order = [TaskKind.ENCODE, TaskKind.DENOISE, TaskKind.DECODE, TaskKind.FINALIZE]
+        order = [TaskKind.ENCODE, TaskKind.DENOISE, TaskKind.DECODE]
         total = 0.0
         for kind in order[order.index(head.kind) :]:
             if kind is TaskKind.DENOISE:
@@ -469,7 +463,7 @@ class AnalyticCostModel(CostModel):
             # One rank decodes (the others send it their slices: gfdit.runtime.worker): no speed-up
             # with d, only the gather of the latent, which reshard_time-like costs keep small.
             return p.decode_s_per_mpx * mpx
-        return p.finalize_s_per_mpx * mpx
+        raise ValueError(f"no stage time for {kind}")
 
     def _estimate(
         self, kind: TaskKind, model: str, width: int, height: int, frames: int | None, d: int
@@ -560,7 +554,7 @@ class AnalyticCostModel(CostModel):
 # -- cost profiles (written by `gfdit profile`) ------------------------------------------------------------
 
 kProfileFormat = "gfdit-profile/1"
-kProfileKinds = ("ENCODE", "DENOISE", "DECODE", "FINALIZE")
+kProfileKinds = ("ENCODE", "DENOISE", "DECODE")
 
 
 def read_profile(path: str, model: str | None = None) -> dict:

@@ -11,8 +11,8 @@ The scheduler tracks one Layout per request (its latent; conditioning such as te
 small, replicated by the worker over the group and not tracked), split along `state_dim`:
   - ENCODE on group G leaves the state SHARDED over G (even split; the initial noise is drawn there);
   - DENOISE and DECODE on G need it SHARDED over G first (a reshard from wherever it is);
-    DENOISE leaves it SHARDED over G; DECODE leaves the pixels on G[0] (OWNER);
-  - FINALIZE on rank r needs the pixels on r (OWNER) and releases the state.
+    DENOISE leaves it SHARDED over G; DECODE gathers it on G[0], which decodes and returns the
+    result, and ends the request (its state is released).
 A request not given ranks at a rescheduling point waits; its state stays on its last group.
 """
 
@@ -258,11 +258,9 @@ class Scheduler:
         group = rec.last_ranks
         if task.kind in (TaskKind.ENCODE, TaskKind.DENOISE):
             rec.layout = Layout.sharded(group, self.state_dim)
-        elif task.kind is TaskKind.DECODE:
-            rec.layout = Layout.owner(group[0], self.state_dim)
         if rec.cancel_requested:
             self._finish(rec, RequestState.CANCELLED, timings.end_s)
-        elif task.kind is TaskKind.FINALIZE:
+        elif task.kind is TaskKind.DECODE:  # the last task: the result went to the front end
             self._finish(rec, RequestState.DONE, timings.end_s)
         else:
             rec.state = RequestState.WAITING
@@ -448,10 +446,7 @@ class Scheduler:
             if taken & set(ranks):
                 fail(f"{a.task}: ranks {sorted(taken & set(ranks))} already assigned in this decision")
             taken |= set(ranks)
-            if a.task.kind is TaskKind.FINALIZE:
-                if len(ranks) != 1:
-                    fail(f"{a.task}: FINALIZE runs on exactly one rank, got {ranks}")
-            elif len(ranks) not in rt.valid_degrees:
+            if len(ranks) not in rt.valid_degrees:
                 fail(f"{a.task}: group size {len(ranks)} is not a valid degree {rt.valid_degrees}")
             n = a.num_steps
             if a.task.kind is TaskKind.DENOISE:
@@ -469,8 +464,6 @@ class Scheduler:
         needed = None
         if task.kind in (TaskKind.DENOISE, TaskKind.DECODE):
             needed = Layout.sharded(ranks, self.state_dim)
-        elif task.kind is TaskKind.FINALIZE:
-            needed = Layout.owner(ranks[0], self.state_dim)
         plan = None
         num_bytes = 0
         if needed is not None and rec.layout is not None:

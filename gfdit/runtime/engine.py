@@ -28,7 +28,7 @@ liveness]) or when the watchdog finds it hung (Note [Hung ranks]). The engine th
      surviving rank's gfcoll world to exclude it (msg.Exclude; Note [Excluded ranks] in
      gfcoll.world), so operations with it fail at once and groups without it keep working;
   2. re-runs from its first task every unfinished request whose state it held (a latent slice,
-     the pixels, the last copy of the conditioning: Placement.needs_rerun) or whose task in
+     the last copy of the conditioning: Placement.needs_rerun) or whose task in
      flight it was a member of; the request keeps its seed, so the re-run produces the same
      image. The survivors drop what they held of it (msg.Release). Members of an abandoned task
      that have not reported stay fenced (busy) until they do;
@@ -533,17 +533,8 @@ class Engine:
         tracked = self._tracked[rid]
         tracked.reshard_s += reshard_s
         tracked.bytes_moved += sum(e.bytes_moved for e in inf.events)
-        pixels_meta = None
-        if task.kind is TaskKind.DECODE:
-            r = rec.request
-            shape = (
-                (1, r.num_frames, r.height, r.width, 3)
-                if r.num_frames is not None
-                else (1, r.height, r.width, 3)
-            )
-            pixels_meta = msg.TensorMeta("pixels", shape, "uint8")
         cond_meta = next((e.cond_meta for e in inf.events if e.cond_meta is not None), None)
-        tracked.placement.on_done(task.kind, tuple(a.ranks), cond_meta, pixels_meta)
+        tracked.placement.on_done(task.kind, tuple(a.ranks), cond_meta)
         handle = tracked.handle
         step = task.end if task.kind is TaskKind.DENOISE else handle.progress().step
         handle.update(state=Status.IN_PROGRESS, step=step, degree=len(a.ranks), task=str(task))

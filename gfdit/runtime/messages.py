@@ -13,7 +13,7 @@ Note [Control-plane messages]
   the constraints below, and raise `MessageError` for anything else (bytes that are not MessagePack,
   an unknown kind or field, a wrong type, an oversized message). Callers drop such a message and
   log it with its source; a bad message never ends a loop and never changes state.
-- Tensors never travel here: the latent, the text conditioning and the pixels move over gfcoll. The
+- Tensors never travel here: the latent and the text conditioning move over gfcoll. The
   one exception is a finished request's result on its way to the caller, carried as an `Array`:
   raw little-endian bytes with a dtype from a fixed list and a shape, checked against each other.
 - The transport (ZeroMQ with CURVE, see gfdit.runtime.auth) authenticates the peer before a byte
@@ -125,13 +125,11 @@ class Task(_Message, tag="task"):
     dim_size: Dim  # tokens of the latent along its split dimension (dim 1 of [1, S, C])
     token_dim: Dim  # C: channels of one packed token
     latent_dtype: TensorDType = "float32"  # dtype of the latent state between tasks
-    keep_latents: bool = False  # FINALIZE also returns the final latent
+    keep_latents: bool = False  # DECODE also returns the final latent
     transfers: tuple[Transfer, ...] = ()  # latent slices that move between ranks, in plan order
     local: tuple[Transfer, ...] = ()  # latent slices that stay on their rank but move in its buffer
     cond_sends: tuple[tuple[Rank, Rank], ...] = ()  # (holder, member) copies of the text conditioning
     cond_meta: tuple[TensorMeta, ...] = ()  # the conditioning tensors, in name order (with cond_sends)
-    pixels_from: Rank | None = None  # FINALIZE: the rank that holds the decoded pixels
-    pixels_meta: TensorMeta | None = None  # FINALIZE: the pixels' shape and dtype (with pixels_from)
 
 
 class Release(_Message, tag="release"):
@@ -171,8 +169,10 @@ class Done(_Message, tag="done"):
     reshard_s: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0  # seconds spent moving state first
     compute_s: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0  # seconds spent computing after that
     cond_meta: tuple[TensorMeta, ...] | None = None  # ENCODE: the conditioning it produced, by name
-    result: Array | None = None  # FINALIZE: the images [N, H, W, 3] or frames [N, F, H, W, 3], uint8
-    latents: Array | None = None  # FINALIZE with keep_latents: the final latent [1, S, C], float32
+    result: Array | None = (
+        None  # DECODE, its first member: images [N, H, W, 3] or frames [N, F, H, W, 3], uint8
+    )
+    latents: Array | None = None  # DECODE with keep_latents: the final latent [1, S, C], float32
 
 
 class Failed(_Message, tag="failed"):

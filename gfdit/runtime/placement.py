@@ -3,7 +3,7 @@
 The scheduler tracks the latent's Layout (gfdit.scheduler, Note [State layout between tasks]); a
 Placement adds what the engine must know to build a task's command and to survive a lost rank:
 which ranks hold a copy of the text conditioning (and its tensors' shapes), which hold the
-latent's slices or the decoded pixels, and every rank that may hold anything of the request (to
+latent's slices, and every rank that may hold anything of the request (to
 release it there).
 
 Note [Conditioning copies]
@@ -33,8 +33,6 @@ class Placement:
     cond_holders: set[int] = field(default_factory=set)  # ranks with a full copy of the conditioning
     cond_meta: tuple[msg.TensorMeta, ...] = ()  # its tensors, in name order (from ENCODE's Done)
     latent_ranks: tuple[int, ...] = ()  # the group whose members hold the latent's slices
-    pixels_rank: int | None = None  # the rank holding the decoded pixels (after DECODE)
-    pixels_meta: msg.TensorMeta | None = None  # their shape and dtype (after DECODE)
     touched: set[int] = field(default_factory=set)  # ranks that may hold anything of it
 
     def command_fields(self, kind: TaskKind, ranks: tuple[int, ...], plan: ReshardPlan | None):
@@ -44,15 +42,10 @@ class Placement:
         fields: dict = {}
         involved = set(ranks)
         moves = plan is not None and not plan.is_noop
-        if moves and kind is not TaskKind.FINALIZE:
+        if moves:
             fields["transfers"] = tuple((t.src_rank, t.dst_rank, t.start, t.stop) for t in plan.transfers)
             fields["local"] = tuple((t.src_rank, t.dst_rank, t.start, t.stop) for t in plan.local)
             involved |= {t.src_rank for t in plan.transfers}
-        if kind is TaskKind.FINALIZE and moves:
-            src = plan.src.ranks[0]
-            fields["pixels_from"] = src
-            fields["pixels_meta"] = self.pixels_meta
-            involved.add(src)
         if kind in (TaskKind.DENOISE, TaskKind.DECODE):
             lacking = [m for m in ranks if m not in self.cond_holders]
             if lacking and self.cond_holders:
@@ -65,21 +58,21 @@ class Placement:
         self.touched |= involved
         return fields, involved
 
-    def on_done(self, kind: TaskKind, ranks: tuple[int, ...], cond_meta=None, pixels_meta=None) -> None:
+    def on_done(self, kind: TaskKind, ranks: tuple[int, ...], cond_meta=None) -> None:
         """A task finished on `ranks`: where the request's data lives now. `cond_meta`: ENCODE's
-        conditioning tensors; `pixels_meta`: DECODE's pixels."""
+        conditioning tensors."""
         if kind is TaskKind.ENCODE:
             self.cond_holders = set(ranks)
             self.cond_meta = tuple(cond_meta or ())
         if kind in (TaskKind.ENCODE, TaskKind.DENOISE):
             self.latent_ranks = ranks
         elif kind is TaskKind.DECODE:
-            self.latent_ranks, self.pixels_rank, self.pixels_meta = (), ranks[0], pixels_meta
+            self.latent_ranks = ()  # the request has ended
 
     def needs_rerun(self, rank: int) -> bool:
-        """Whether losing `rank` loses state this request cannot do without: a latent slice, the
-        pixels, or the last copy of the conditioning."""
-        if rank in self.latent_ranks or rank == self.pixels_rank:
+        """Whether losing `rank` loses state this request cannot do without: a latent slice or the
+        last copy of the conditioning."""
+        if rank in self.latent_ranks:
             return True
         return bool(self.cond_holders) and self.cond_holders <= {rank}
 

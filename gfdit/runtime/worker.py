@@ -12,8 +12,8 @@ hung or was excluded: the engine re-runs the request elsewhere).
 Note [Reshard execution]
 ~~~~~~~~~~~~~~~~~~~~~~~~
 A task's command carries the scheduler's ReshardPlan of the latent (token ranges along dim 1 of
-[1, S, C]), the text-conditioning copies to make (holder -> member, tensors in name order) and,
-for FINALIZE off the decoding rank, the pixels' source. Every rank named anywhere in it executes
+[1, S, C]) and the text-conditioning copies to make (holder -> member, tensors in name order).
+Every rank named anywhere in it executes
 its own sends and receives in ONE world.batch_p2p, in the plan's order, so the transfers of a pair
 of ranks match (gfcoll rule 4) and progress together. Slices of [1, S, C] along dim 1 are
 contiguous, so transfers use views, without copies. Ranks that only send (old holders outside the
@@ -46,8 +46,6 @@ class Held:
     lo: int = 0  # first token of the slice
     hi: int = 0  # one past its last token
     cond: dict[str, torch.Tensor] = field(default_factory=dict)  # text conditioning (replicated)
-    pixels: torch.Tensor | None = None  # decoded uint8 images/frames (owner rank only)
-    final_latents: torch.Tensor | None = None  # the full latent, kept when the engine asks for it
 
 
 class Worker:
@@ -111,7 +109,7 @@ class Worker:
         e1 = self._mark()  # no wait: the task's compute is enqueued behind the reshard on the same stream
         t1 = time.perf_counter()
         if not member:
-            if held.latents is None and not held.cond and held.pixels is None:
+            if held.latents is None and not held.cond:
                 self.held.pop(rid, None)
             return []
 
@@ -146,18 +144,14 @@ class Worker:
         elif kind is TaskKind.DECODE:
             # Only ranks[0] decodes: the other members send it their slices (a gather, not an
             # all-gather; the cost model charges DECODE as serial, gfdit.cost).
+            # It returns the result itself: the request ends here (no separate stage to hand it over).
             full = self._gather_latent(cmd, held, ranks)
-            held.latents = None
-            if full is not None:
-                held.pixels = self.model.decode(full, req)
-                if cmd.keep_latents:
-                    held.final_latents = full.float().cpu()
-        elif kind is TaskKind.FINALIZE:
-            pixels = held.pixels
-            result = msg.Array.from_numpy(pixels.cpu().numpy())
-            if held.final_latents is not None:
-                latents = msg.Array.from_numpy(held.final_latents.numpy())
             self.held.pop(rid, None)
+            if full is not None:
+                pixels = self.model.decode(full, req)
+                result = msg.Array.from_numpy(pixels.cpu().numpy())
+                if cmd.keep_latents:
+                    latents = msg.Array.from_numpy(full.float().cpu().numpy())
         else:
             raise ValueError(f"unknown task kind {kind!r}")
         e2 = self._mark()
@@ -244,24 +238,6 @@ class Worker:
                     held.cond[name] = t
                     ops.append(gfcoll.P2P("recv", t, src))
                     received += t.numel() * t.element_size()
-        pix = cmd.pixels_from
-        if pix is not None and pix != ranks[0]:
-            # FINALIZE away from the decoding rank: the pixels (and the kept latent) move, whole.
-            keep = cmd.keep_latents
-            if me == pix:
-                ops.append(gfcoll.P2P("send", held.pixels.contiguous(), ranks[0]))
-                if keep:
-                    ops.append(gfcoll.P2P("send", held.final_latents, ranks[0]))
-            elif me == ranks[0]:
-                meta = cmd.pixels_meta
-                if meta is None:
-                    raise ValueError("FINALIZE command: pixels_from without pixels_meta")
-                held.pixels = torch.empty(meta.shape, dtype=getattr(torch, meta.dtype))
-                ops.append(gfcoll.P2P("recv", held.pixels, pix))
-                received += held.pixels.numel()
-                if keep:
-                    held.final_latents = torch.empty((1, cmd.dim_size, cmd.token_dim), dtype=torch.float32)
-                    ops.append(gfcoll.P2P("recv", held.final_latents, pix))
         if ops:
             self.world.batch_p2p(ops)
         if kind in (TaskKind.DENOISE, TaskKind.DECODE) and (transfers or cmd.local):
@@ -272,8 +248,6 @@ class Worker:
                 )
             else:
                 held.latents = None
-        if pix is not None and pix != ranks[0] and me == pix:
-            held.pixels = held.final_latents = None
         return received
 
     def _device(self, like: torch.Tensor | None) -> torch.device:

@@ -37,9 +37,10 @@ class ScriptedPolicy:
         return out
 
 
-ELASTIC = {"ENCODE": [1], 0: [2], 1: [3, 1], 2: [2, 0, 3, 1], 3: [0], "DECODE": [0], "FINALIZE": [0]}
-ELASTIC_B = {"ENCODE": [3], 0: [1, 2], 1: [0], 2: [3, 2, 1, 0], 3: [2, 0], "DECODE": [2], "FINALIZE": [1]}
-SINGLE = {"ENCODE": [0], 0: [0], 1: [0], 2: [0], 3: [0], "DECODE": [0], "FINALIZE": [0]}
+ELASTIC = {"ENCODE": [1], 0: [2], 1: [3, 1], 2: [2, 0, 3, 1], 3: [0], "DECODE": [0]}
+# DECODE on two ranks: rank 2 gathers rank 0's slice and decodes.
+ELASTIC_B = {"ENCODE": [3], 0: [1, 2], 1: [0], 2: [3, 2, 1, 0], 3: [2, 0], "DECODE": [2, 0]}
+SINGLE = {"ENCODE": [0], 0: [0], 1: [0], 2: [0], 3: [0], "DECODE": [0]}
 
 
 def _elastic_equals_single(world, model, kwargs):
@@ -86,6 +87,7 @@ def test_elastic_sp_matches_single_rank(model, kwargs):
         assert pixel_diff <= 1, (rid, pixel_diff)
         assert reshards >= 4 and moved > 0, (rid, reshards, moved)
     assert out["elastic"][4][1:5] == [(2,), (3, 1), (2, 0, 3, 1), (0,)]
+    assert out["elastic-b"][4][-1] == (2, 0)  # the gathering DECODE
     if model == "tiny-wan":
         assert out["shape"][1] == 5  # frames
 

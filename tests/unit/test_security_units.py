@@ -33,7 +33,7 @@ def _task(**kw) -> msg.Task:
 # -- codec ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "command",
-    [_task(), _task(kind=TaskKind.FINALIZE, pixels_from=1, pixels_meta=msg.TensorMeta("pixels", (1, 48, 64, 3), "uint8")),
+    [_task(), _task(kind=TaskKind.DECODE, keep_latents=True),
      msg.Release(request_id="r1"), msg.Exclude(ranks=(2, 3)), msg.Shutdown()],
 )  # fmt: skip
 def test_commands_round_trip(command):

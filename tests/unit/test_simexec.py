@@ -35,7 +35,7 @@ def test_host_overhead_is_charged_per_task():
         execution=ExecutionModel(host_overhead_s=0.01),
     )  # fmt: skip
     num_tasks = len(over.trace)
-    assert num_tasks == 6  # ENCODE, 3 DENOISE, DECODE, FINALIZE
+    assert num_tasks == 5  # ENCODE, 3 DENOISE, DECODE
     assert over.outcomes["a"].latency_s == pytest.approx(plain.outcomes["a"].latency_s + 0.01 * num_tasks)
 
 
