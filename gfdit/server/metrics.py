@@ -35,7 +35,9 @@ class ServerMetrics:
         self.running = Gauge("gfdit_running_requests", "Requests with a task in flight", registry=r)
         self.running.set_function(engine.num_running)
         self.healthy = Gauge(
-            "gfdit_healthy", "1 when every worker is up and the server admits work", registry=r
+            "gfdit_healthy",
+            "1 while the server admits work (every rank up, or degraded: some lost, the others serving)",
+            registry=r,
         )
         self.healthy.set_function(lambda: 1.0 if health()[0] else 0.0)
         self.world_size = Gauge("gfdit_world_size", "Ranks of the engine", registry=r)
