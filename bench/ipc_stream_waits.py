@@ -67,10 +67,17 @@ def _finish(cp, streams: dict, words, bound: float) -> dict:
                 done[name] = round((time.monotonic() - t0) * 1e3, 3)
     blocked = sorted(set(streams) - set(done))
     if blocked:
+        # Released by host-to-device copies (a copy engine), not by a kernel that could queue
+        # behind the blocked work.
+        import numpy as np
+
         rel = cp.cuda.Stream(non_blocking=True)
-        with rel:
-            for w in words:
-                w.fill(1)
+        for w in words:
+            ones = cp.cuda.alloc_pinned_memory(w.nbytes)
+            np.frombuffer(ones, dtype=np.int32, count=w.size)[:] = 1
+            cp.cuda.runtime.memcpyAsync(
+                w.data.ptr, ones.ptr, w.nbytes, cp.cuda.runtime.memcpyHostToDevice, rel.ptr
+            )
         rel.synchronize()
     for s in streams.values():
         s.synchronize()
@@ -137,17 +144,39 @@ def two_process(how: str, bound: float) -> list[dict]:
     return out
 
 
+def _run_isolated(fn, args, bound: float) -> list[dict]:
+    """Runs one scenario in its own process, so that a scenario that hangs past its release is
+    reported (as hung) instead of stopping the probe."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_isolated_child, args=(fn, args, q))
+    p.start()
+    try:
+        out = q.get(timeout=bound * 4 + 60)
+    except Exception:
+        p.kill()
+        return [{"scenario": fn.__name__, "args": list(args), "hung": True}]
+    p.join(timeout=30)
+    return out if isinstance(out, list) else [out]
+
+
+def _isolated_child(fn, args, q) -> None:
+    try:
+        q.put(fn(*args))
+    except Exception as e:
+        q.put({"scenario": fn.__name__, "args": list(args), "error": repr(e)})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bound", type=float, default=3.0, help="seconds before a wait counts as blocked")
     ap.add_argument("--signal", choices=["kernel", "memop", "both"], default="both")
     args = ap.parse_args()
     hows = ["kernel", "memop"] if args.signal == "both" else [args.signal]
-    for how in hows:
-        print(json.dumps(one_process(how, args.bound)), flush=True)
-    for how in hows:
-        for r in two_process(how, args.bound):
-            print(json.dumps(r), flush=True)
+    for fn in (one_process, two_process):
+        for how in hows:
+            for r in _run_isolated(fn, (how, args.bound), args.bound):
+                print(json.dumps(r), flush=True)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,9 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--tag", default="", help="file name suffix (several models in one directory)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a smoke test (no graphs)")
+    p.add_argument("--fp32-reference", action="store_true",
+                   help="also compare every mode's velocity with an eager float32 forward of the same weights "
+                        "(the transformer upcast in place, then cast back: bf16 -> fp32 -> bf16 is exact)")  # fmt: skip
     args = p.parse_args()
     modes = [m for m in args.modes.split(",") if m]
     bad = set(modes) - set(kModes)
@@ -142,6 +145,18 @@ def main() -> None:
                 return model.step_graphs.velocity(model, x, sched.timesteps[0], ctx, None).clone()
             return model.velocity(x, sched.timesteps[0], ctx, None).clone()
 
+    fp32_refs = {}
+    if args.fp32_reference:
+        saved = model.dtype
+        model.step_graphs = None
+        model.transformer.float()
+        model.dtype = torch.float32
+        for key in sizes:
+            fp32_refs[key] = velocity(key).float()
+        model.transformer.to(saved)
+        model.dtype = saved
+        _sync(device)
+
     for mode in modes:
         compiled, graphs = mode.startswith("regional"), mode.endswith("+graph")
         if compiled and model.compile_mode == "off":
@@ -166,12 +181,17 @@ def main() -> None:
             print(f"{args.model} {key} {mode}: {r['step_ms']:.1f} ms/step (host {r['host_ms']:.1f} ms), "
                   f"warm-up {warm_s:.1f} s", flush=True)  # fmt: skip
             v = velocity(key)
+            check = {"mode": mode, "width": key[0], "height": key[1], "frames": key[2]}
             if mode == "eager":
                 refs[key] = v
             elif key in refs:
-                checks.append({"mode": mode, "width": key[0], "height": key[1], "frames": key[2],
-                               "rel_l2_vs_eager": _rel_l2(v, refs[key])})  # fmt: skip
-                print(f"  {mode} vs eager: relative L2 {checks[-1]['rel_l2_vs_eager']:.2e}", flush=True)
+                check["rel_l2_vs_eager"] = _rel_l2(v, refs[key])
+            if key in fp32_refs:
+                check["rel_l2_vs_fp32"] = _rel_l2(v, fp32_refs[key])
+            if len(check) > 4:
+                checks.append(check)
+                print(f"  {mode}: relative L2 " + ", ".join(f"{k[7:]} {check[k]:.2e}" for k in check if
+                                                           k.startswith("rel_l2")), flush=True)  # fmt: skip
             if mode in ("eager", "regional+graph"):
                 first = args.warmup + args.steps * args.reps
                 b = step_breakdown(model, req, cond, x, (0, n), None, steps=args.breakdown_steps, start=first)
@@ -217,8 +237,14 @@ def _markdown(env, rows, checks, modes) -> str:
             + " | ".join(f"{by_mode[m]['host_ms']:.1f}" if m in by_mode else "—" for m in modes)
             + " |"
         )
-    lines += ["", "Correctness (one step's velocity vs eager, relative L2):", ""]
-    lines += [f"- {c['mode']} {c['width']}x{c['height']}: {c['rel_l2_vs_eager']:.2e}" for c in checks]
+    lines += ["", "Correctness (one step's velocity, relative L2 against eager bf16 and against eager fp32 of the "
+              "same weights where measured):", ""]  # fmt: skip
+
+    def cell(c, k):
+        return f"{c[k]:.2e}" if k in c else "—"
+
+    lines += [f"- {c['mode']} {c['width']}x{c['height']}: vs eager {cell(c, 'rel_l2_vs_eager')}, "
+              f"vs fp32 {cell(c, 'rel_l2_vs_fp32')}" for c in checks]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -14,10 +14,10 @@ Ordering rules (what callers must follow; tests/multiproc/test_concurrency.py ch
    the stream, so this rule applies to CUDA operations on every stream (Note [nccl masked
    collectives] in csrc/include/gfcoll/nccl_transport.h). On the ipc transport (CUDA tensors of
    ranks on one node) nothing in gfcoll couples two streams (Note [ipc signalling] in
-   csrc/include/gfcoll/ipc_transport.h), but on one H200 time-shared by 2 and 4 processes,
-   overlapping groups issued on two streams in opposite orders deadlocked (until the timeout):
-   the stream waits of one process did not progress independently across its streams there
-   (bench/results/2026-12-01-h200). Until shown otherwise on GPUs of their own, follow rule 3 on
+   csrc/include/gfcoll/ipc_transport.h), but where ranks share a GPU (one H200 and one H100, 2
+   and 4 processes), overlapping groups issued on two streams in opposite orders deadlocked (until
+   the timeout), with stream waits and with spinning waits alike (bench/results/2026-12-01-h200,
+   bench/results/2026-12-05-h100). Until shown otherwise on GPUs of their own, follow rule 3 on
    ipc too. Operations of one group issued on two streams run in issue order (the later stream
    waits for the earlier).
 4. Point-to-point messages between an ordered pair of ranks match in issue order, as in MPI.
@@ -304,7 +304,8 @@ def _split_bytes(b: Buf, splits, n: int, name: str) -> tuple[list[int], list[int
             raise GfcollValueError(
                 f"all_to_all: dim 0 ({rows}) is not divisible by the group size {n}; pass {name}"
             )
-        splits = [rows // n] * n
+        size = rows // n * row_bytes  # the common case, without the loop below
+        return [k * size for k in range(n)], [size] * n
     else:
         splits = [int(s) for s in splits]
         if len(splits) != n:
@@ -330,6 +331,8 @@ class World:
         self.local_rank = local_rank
         self.local_size = local_size
         self.device = device
+        # CUDA device index compared with tensor.get_device() on every call (-1: not a CUDA world)
+        self._dev_index = device.index if device.type == "cuda" and device.index is not None else -1
         self._host = None  # native HostTransport (ranks of this node), or None
         self._nccl = None  # native NcclTransport, or None
         self._ipc = None  # native IpcTransport (CUDA ranks of this node), or None
@@ -472,7 +475,8 @@ class World:
         if bufs[0].is_cuda:
             stream = bufs[0].stream
             native_ops = [(s, peer, b.ptr, b.nbytes) for s, peer, b in items]
-            peers = tuple(sorted({peer for _, peer, _ in items} | {self.rank}))
+            peers = [peer for _, peer, _ in items]
+            peers.append(self.rank)
             if self._select("batch_p2p", peers, bufs, 0) == "ipc":
                 self._ipc.batch_p2p(native_ops, stream)
                 check = self._ipc.check
@@ -572,20 +576,19 @@ class World:
 
     def _select(self, what: str, group, bufs: Sequence[Buf], nbytes: int) -> str:
         """The one selection function of CUDA operations: "ipc" or "nccl" (CPU tensors always use
-        host). ``group`` is a Group or a tuple of global ranks; ``nbytes`` what must fit the ipc
+        host). ``group`` is a Group or a sequence of global ranks; ``nbytes`` what must fit the ipc
         staging at once (all_to_all), 0 when the transport chunks."""
-        dev = self.device
-        index = dev.index if dev.type == "cuda" and dev.index is not None else -1
+        index = self._dev_index
         for b in bufs:
             if b.tensor.get_device() != index:  # an int compare: t.device builds an object
                 raise GfcollValueError(
-                    f"{what}: tensor is on {b.tensor.device}, but this rank's device is {dev}"
+                    f"{what}: tensor is on {b.tensor.device}, but this rank's device is {self.device}"
                 )
-        ok = group._ipc if isinstance(group, Group) else None
+        is_group = isinstance(group, Group)
+        ok = group._ipc if is_group else None
         if ok is None:
-            ranks = group.ranks if isinstance(group, Group) else group
-            ok = self._ipc is not None and all(r in self._ipc_ranks for r in ranks)
-            if isinstance(group, Group):
+            ok = self._ipc is not None and self._ipc_ranks.issuperset(group.ranks if is_group else group)
+            if is_group:
                 group._ipc = ok
         force = self._force
         # auto prefers nccl where it exists: ipc is verified on one shared GPU only, not yet against

@@ -61,6 +61,13 @@ def synthetic_cond(model, request, seed: int = 0) -> dict[str, torch.Tensor]:
     if model.preset.family == "flux":
         return {"prompt_embeds": rand(1, spec.max_length, cfg.joint_attention_dim),
                 "pooled_prompt_embeds": rand(1, cfg.pooled_projection_dim)}  # fmt: skip
+    if model.preset.family == "qwen-image":
+        # Unpadded embeddings whose length follows the prompt: 128 tokens taken as typical (gfdit.cost).
+        t = min(128, spec.max_length)
+        out = {"prompt_embeds": rand(1, t, cfg.joint_attention_dim)}
+        if model.uses_cfg(request):
+            out["negative_prompt_embeds"] = rand(1, t, cfg.joint_attention_dim)
+        return out
     out = {"prompt_embeds": rand(1, spec.max_length, cfg.text_dim)}
     if model.uses_cfg(request):
         out["negative_prompt_embeds"] = rand(1, spec.max_length, cfg.text_dim)

@@ -52,6 +52,29 @@ the valid SP degrees (`ModelPreset.valid_sp_degrees`: d divides S and the heads)
 read by the models (gfdit.models.base), the scheduler and this module alike. N, the self-attention
 length of the formula above, is S plus the text tokens joined into it (`attention_len`). A preset
 without built-in cost constants gets its family's, scaled by blocks x width^2 (`get_profile`).
+
+Note [Batched step cost]
+~~~~~~~~~~~~~~~~~~~~~~~~
+A batched step runs B requests of one model and shape through one forward (Note [Batched steps] in
+gfdit/models/batch.py). What is paid once per forward and what per request:
+
+  gpu(N, d, B) = c0 + B * (a*N + b*N^2) / d + comm(d, B)
+  comm(d, B)   = 4 * layers * (lat0 + lat1*(d-1) + B * (N/d) * hidden * 2 B * (d-1)/d / bw)   d > 1
+  step(N, d, B) = max(host(d), gpu(N, d, B))
+
+c0 (launch-bound small ops) and the host floor are paid once per batched step (one forward issues the
+same kernels whatever B); the compute and the all-to-all bytes grow with B; attention stays per
+request (N^2 per row, not (B*N)^2), and the all-to-alls' latency is paid once. So small, host-bound
+steps batch almost for free and large, compute-bound ones gain nothing: the analytic default.
+
+The per-batch-size factor: batch_step_time = step_time(N, d) * factor(N, d, B), where
+factor = estimate(N, d, B) / estimate(N, d, 1) with estimate the fitted model (max(floor(d), s * gpu)
+once DENOISE measurements exist, Note [Cost model]) or the analytic one above, times a per-(model, B)
+correction learned from profiled batched steps (`set_observed_batch`, from `gfdit profile
+--batch-sizes`): the mean of measured / predicted over the profiled keys of that batch size. A profiled
+key itself is estimated by its measurement, and `observe_batch` (a batched chunk the workers ran)
+keeps an exponential moving average per exact key, as `observe` does. B = 1 is exactly step_time. The base CostModel, which knows
+nothing of batching, charges B times a step (batching never pays): the safe side for deadlines.
 """
 
 from __future__ import annotations
@@ -59,6 +82,7 @@ from __future__ import annotations
 import abc
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from gfdit.models.presets import ModelPreset, get_preset
@@ -201,13 +225,35 @@ def _builtin_profiles() -> dict[str, ModelProfile]:
 
     # Tiny presets run on CPU; their constants are rough guesses for a few-millisecond step.
     tiny = dict(step_fixed_s=0.005, encode_s=0.005, decode_s_per_mpx=0.5)
-    profiles = [
-        ModelProfile(get_preset("tiny-flux"), step_linear_s=4e-5, step_quadratic_s=1e-8, **tiny),
-        ModelProfile(get_preset("tiny-wan"), step_linear_s=3e-5, step_quadratic_s=1e-8, **tiny),
-        flux,
-        wan("wan2.1-1.3b"),
-        wan("wan2.1-14b"),
-    ]
+    tiny_flux = ModelProfile(get_preset("tiny-flux"), step_linear_s=4e-5, step_quadratic_s=1e-8, **tiny)
+    tiny_wan = ModelProfile(get_preset("tiny-wan"), step_linear_s=3e-5, step_quadratic_s=1e-8, **tiny)
+    # Qwen-Image (MMDiT, 60 double-stream blocks of width 3072): flux-dev's per-token constants scaled by
+    # the block count (an assumption until profiled). True CFG runs the transformer twice per step: the
+    # step constants cover both passes.
+    qwen_preset = get_preset("qwen-image")
+
+    def scaled(v: float) -> float:
+        return 2 * v * qwen_preset.num_blocks / flux.num_layers
+
+    qwen = ModelProfile(
+        qwen_preset,
+        step_fixed_s=scaled(flux.step_fixed_s), step_linear_s=scaled(flux.step_linear_s),
+        step_quadratic_s=scaled(flux.step_quadratic_s), encode_s=0.05, decode_s_per_mpx=0.1,
+    )  # fmt: skip
+    tiny_qwen = replace(tiny_flux, preset=get_preset("tiny-qwen-image"))
+    wan_13 = wan("wan2.1-1.3b")
+    wan_14 = wan("wan2.1-14b")
+    # Wan2.2: A14B runs one 14B expert per step, each Wan2.1-14B's architecture: its step costs. TI2V-5B
+    # (an assumption until profiled): Wan2.1-1.3B's per-token constants scaled by the parameter ratio
+    # (5.0 / 1.42 B) for the linear part and the head ratio (24 / 12) for attention.
+    a14b = replace(wan_14, preset=get_preset("wan2.2-t2v-a14b"))
+    ti2v = replace(
+        wan_13, preset=get_preset("wan2.2-ti2v-5b"),
+        step_linear_s=wan_13.step_linear_s * 5.0 / 1.42, step_quadratic_s=wan_13.step_quadratic_s * 2,
+    )  # fmt: skip
+    tiny_wan22 = replace(tiny_wan, preset=get_preset("tiny-wan2.2"))
+    tiny_ti2v = replace(tiny_wan, preset=get_preset("tiny-wan2.2-ti2v"))
+    profiles = [tiny_flux, tiny_wan, tiny_qwen, tiny_wan22, tiny_ti2v, flux, wan_13, wan_14, qwen, a14b, ti2v]
     return {p.name: p for p in profiles}
 
 
@@ -329,8 +375,55 @@ class CostModel(abc.ABC):
         head = Task(request.request_id, TaskKind.ENCODE)
         return self.remaining_time(request, head, sp_degree, request.num_inference_steps)
 
+    # Batched steps (Note [Batched step cost]).
+
+    def batch_step_time(
+        self, model: str, width: int, height: int, frames: int | None, sp_degree: int, batch: int
+    ) -> float:
+        """Seconds of one denoising step of `batch` requests of this shape together on `sp_degree`
+        ranks. This default knows nothing of batching: `batch` separate steps."""
+        _check_batch(batch)
+        return batch * self.step_time(model, width, height, frames, sp_degree)
+
+    def observe_batch(
+        self,
+        model: str,
+        width: int,
+        height: int,
+        frames: int | None,
+        sp_degree: int,
+        batch: int,
+        seconds: float,
+        num_steps: int = 1,
+    ) -> None:
+        """Learn from a measured batched chunk: `seconds` for `num_steps` steps of `batch` requests
+        together throughout (members that all ran the same steps). This default ignores it."""
+        _check_batch(batch)
+
+    def batch_chunk_time(
+        self, model: str, width: int, height: int, frames: int | None, sp_degree: int, steps: Sequence[int]
+    ) -> float:
+        """Seconds of a batched DENOISE chunk whose member k runs steps[k] steps (Note [Batched steps]:
+        the batch runs in lockstep and shrinks as members finish, so step j is a batched step of the
+        members with steps[k] > j)."""
+        if not steps or any(not isinstance(n, int) or n < 0 for n in steps):
+            raise ValueError(f"steps must be a non-empty list of integers >= 0, got {list(steps)!r}")
+        total, done = 0.0, 0
+        for j, n in enumerate(sorted(steps)):
+            batch = len(steps) - j  # members still running over steps [done, n)
+            if n > done:
+                total += (n - done) * self.batch_step_time(model, width, height, frames, sp_degree, batch)
+                done = n
+        return total
+
 
 _Key = tuple[TaskKind, str, int, int, "int | None", int]
+
+
+def _check_batch(batch: int) -> None:
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise ValueError(f"batch must be a positive integer, got {batch!r}")
+
 
 # A measurement more than this above its GPU estimate is host-bound (Note [Cost model]: the floor).
 kFloorTolerance = 0.1
@@ -383,6 +476,10 @@ class AnalyticCostModel(CostModel):
         self._factor: dict[tuple[TaskKind, str], float] = {}
         self._profiled: dict[tuple[TaskKind, str], tuple[int, float]] = {}  # count, sum of ratios
         self._fits: dict[str, StepFit] = {}  # model -> fit of its DENOISE measurements (Note [Cost model])
+        # Note [Batched step cost]: profiled batched steps, (model, w, h, frames, d, batch) -> seconds,
+        # and per (model, batch) the count and sum of measured / predicted.
+        self._batch_observed: dict[tuple[str, int, int, int | None, int, int], float] = {}
+        self._batch_corr: dict[tuple[str, int], tuple[int, float]] = {}
 
     def profile(self, model: str) -> ModelProfile:
         if self._profiles is not None:
@@ -550,6 +647,124 @@ class AnalyticCostModel(CostModel):
         """The learned observed/analytic factor of (kind, model) (1.0 before any observation)."""
         return self._factor.get((kind, model), 1.0)
 
+    # -- batched steps (Note [Batched step cost]) -------------------------------------------------------
+
+    def analytic_batch_gpu_time(
+        self, model: str, width: int, height: int, frames: int | None, d: int, batch: int
+    ) -> float:
+        """gpu(N, d, B) of Note [Batched step cost]; batch 1 is analytic_gpu_time."""
+        self._check_degree(d)
+        _check_batch(batch)
+        p = self.profile(model)
+        n = p.attention_len(width, height, frames)
+        compute = p.step_fixed_s + batch * (p.step_linear_s * n + p.step_quadratic_s * n * n) / d
+        if d == 1:
+            return compute
+        a2a_bytes = batch * (n / d) * p.hidden * 2 * (d - 1) / d
+        latency = self.a2a_latency_s + self.a2a_latency_per_peer_s * (d - 1)
+        return compute + 4 * p.num_layers * (latency + a2a_bytes / self.a2a_bandwidth)
+
+    def _batch_model_time(
+        self, model: str, width: int, height: int, frames: int | None, d: int, batch: int
+    ) -> float:
+        gpu = self.analytic_batch_gpu_time(model, width, height, frames, d, batch)
+        fit = self._fits.get(model)
+        if fit is not None:
+            return max(fit.floor(d), fit.gpu_scale * gpu)
+        return max(self.profile(model).host_time(d), gpu)
+
+    def analytic_batch_factor(
+        self, model: str, width: int, height: int, frames: int | None, d: int, batch: int
+    ) -> float:
+        """estimate(N, d, B) / estimate(N, d, 1) of the fitted (else analytic) model, uncorrected."""
+        one = self._batch_model_time(model, width, height, frames, d, 1)
+        if one <= 0:
+            return float(batch)
+        return self._batch_model_time(model, width, height, frames, d, batch) / one
+
+    def batch_correction(self, model: str, batch: int) -> float:
+        """The learned measured / predicted ratio of `model`'s batched steps of size `batch` (1.0 before
+        any profiled batched step of that size)."""
+        n, total = self._batch_corr.get((model, batch), (0, 0.0))
+        return total / n if n else 1.0
+
+    def batch_factor(
+        self, model: str, width: int, height: int, frames: int | None, d: int, batch: int
+    ) -> float:
+        """batch_step_time / step_time for this key (Note [Batched step cost])."""
+        _check_batch(batch)
+        if batch == 1:
+            return 1.0
+        factor = self.analytic_batch_factor(model, width, height, frames, d, batch)
+        return factor * self.batch_correction(model, batch)
+
+    def batch_step_time(
+        self, model: str, width: int, height: int, frames: int | None, sp_degree: int, batch: int
+    ) -> float:
+        self._check_degree(sp_degree)
+        _check_batch(batch)
+        if batch == 1:
+            return self.step_time(model, width, height, frames, sp_degree)
+        seen = self._batch_observed.get((model, width, height, frames, sp_degree, batch))
+        if seen is not None:
+            return seen
+        step = self.step_time(model, width, height, frames, sp_degree)
+        return step * self.batch_factor(model, width, height, frames, sp_degree, batch)
+
+    def set_observed_batch(
+        self,
+        model: str,
+        width: int,
+        height: int,
+        frames: int | None,
+        sp_degree: int,
+        batch: int,
+        seconds: float,
+    ) -> None:
+        """Take `seconds` per batched step of `batch` requests as the estimate of exactly this key (a
+        profiled measurement, gfdit.profile --batch-sizes); its measured / predicted ratio joins the
+        (model, batch) correction for unmeasured keys. Load the batch-1 measurements first: the
+        prediction is step_time x the analytic batch factor. Batch 1 is set_observed(DENOISE, ...)."""
+        self._check_degree(sp_degree)
+        _check_batch(batch)
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"profiled seconds must be finite and >= 0, got {seconds}")
+        if batch == 1:
+            self.set_observed(TaskKind.DENOISE, model, width, height, frames, sp_degree, seconds)
+            return
+        self._batch_observed[(model, width, height, frames, sp_degree, batch)] = seconds
+        step = self.step_time(model, width, height, frames, sp_degree)
+        predicted = step * self.analytic_batch_factor(model, width, height, frames, sp_degree, batch)
+        if predicted > 0:
+            n, total = self._batch_corr.get((model, batch), (0, 0.0))
+            self._batch_corr[(model, batch)] = (n + 1, total + seconds / predicted)
+
+    def observe_batch(
+        self,
+        model: str,
+        width: int,
+        height: int,
+        frames: int | None,
+        sp_degree: int,
+        batch: int,
+        seconds: float,
+        num_steps: int = 1,
+    ) -> None:
+        """An exponential moving average per exact batched key, like `observe` (batch 1 is observe)."""
+        self._check_degree(sp_degree)
+        _check_batch(batch)
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"observed seconds must be finite and >= 0, got {seconds}")
+        if num_steps < 1:
+            raise ValueError(f"a batched observation needs num_steps >= 1, got {num_steps}")
+        if batch == 1:
+            self.observe(TaskKind.DENOISE, model, width, height, frames, sp_degree, seconds, num_steps)
+            return
+        key = (model, width, height, frames, sp_degree, batch)
+        per_step = seconds / num_steps
+        old = self._batch_observed.get(key)
+        self._batch_observed[key] = per_step if old is None else (1 - self.ema) * old + self.ema * per_step
+
 
 # -- cost profiles (written by `gfdit profile`) ------------------------------------------------------------
 
@@ -584,6 +799,18 @@ def read_profile(path: str, model: str | None = None) -> dict:
         )  # fmt: skip
         if not ok:
             raise ValueError(f"cost profile {path!r}: observation {i} is malformed: {r!r}")
+    batched = data.get("batch_observations", [])
+    if not isinstance(batched, list):
+        raise ValueError(f"cost profile {path!r}: batch_observations must be a list")
+    for i, r in enumerate(batched):
+        ok = (
+            isinstance(r, dict) and r.get("kind") == "DENOISE"
+            and all(isinstance(r.get(k), int) and r[k] > 0 for k in ("width", "height", "degree", "batch"))
+            and (r.get("frames") is None or (isinstance(r["frames"], int) and r["frames"] > 0))
+            and isinstance(r.get("seconds"), int | float) and r["seconds"] >= 0
+        )  # fmt: skip
+        if not ok:
+            raise ValueError(f"cost profile {path!r}: batch observation {i} is malformed: {r!r}")
     return data
 
 
@@ -595,3 +822,7 @@ def apply_profile(cost_model, profile: dict) -> None:
         kind = TaskKind[r["kind"]]
         args = (kind, model, r["width"], r["height"], r["frames"], r["degree"])
         cost_model.set_observed(*args, float(r["seconds"]))
+    # Batched steps after every batch-1 step: their correction is relative to step_time.
+    for r in profile.get("batch_observations", []):
+        args = (model, r["width"], r["height"], r["frames"], r["degree"], r["batch"])
+        cost_model.set_observed_batch(*args, float(r["seconds"]))

@@ -1,6 +1,7 @@
 """Measure a model's task times on this machine and write them as a cost profile.
 
     gfdit profile --nproc 4 --model flux-dev --sizes 512,1024,2048 --degrees 1,2,4 --out flux-h100.json
+    gfdit profile --nproc 1 --model flux-dev --sizes 512,1024 --batch-sizes 1,2,4 --out flux-batch.json
     torchrun --nproc-per-node 4 -m gfdit.profile --model flux-dev ... --out flux-h100.json   # the same
 
 Every rank loads the model. Rank 0 times ENCODE (text encoders and initial noise) and DECODE (VAE,
@@ -10,11 +11,19 @@ observations in the cost model's terms (Note [Cost model] in gfdit.cost):
 
     {"format": "gfdit-profile/1", "model": ..., "card": ..., "world_size": ..., "observations": [
         {"kind": "DENOISE", "width": 1024, "height": 1024, "frames": null, "degree": 2, "seconds": 0.157},
-        ...]}    (DENOISE: seconds per step; other kinds: seconds per task)
+        ...],
+     "batch_observations": [   (only with --batch-sizes beyond 1)
+        {"kind": "DENOISE", "width": 512, "height": 512, "frames": null, "degree": 1, "batch": 4,
+         "seconds": 0.21}, ...]}
+    (DENOISE: seconds per step, for batch_observations per step of the whole batch; other kinds:
+    seconds per task). Batched steps (Note [Batched steps] in gfdit/models/batch.py) run `batch`
+requests of one size with different seeds and prompts together; their rows live under their own key so
+that a reader that does not know them reads the rest of the profile unchanged.
 
 `gfdit serve --cost-profile FILE` and `gfdit tune --cost-profile FILE` load it into the analytic cost
 model (`apply_profile`): measured keys are estimated from the measurement, others from the analytic
-formula scaled by the measured/analytic factor of their kind.
+formula scaled by the measured/analytic factor of their kind; batched steps the same way with the
+per-batch-size factor of Note [Batched step cost] in gfdit.cost.
 """
 
 from __future__ import annotations
@@ -26,11 +35,21 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime, timezone
 
 import torch
 
-__all__ = ["kFormat", "step_times", "stage_times", "breakdown", "read_profile", "apply_profile", "main"]
+__all__ = [
+    "kFormat",
+    "step_times",
+    "batch_step_times",
+    "stage_times",
+    "breakdown",
+    "read_profile",
+    "apply_profile",
+    "main",
+]
 
 from gfdit.cost import apply_profile, kProfileFormat, read_profile
 
@@ -87,6 +106,44 @@ def step_times(
         if step > 0:
             per.append(dt)
     return {"width": width, "height": height, "frames": frames, "degree": degree, "tokens": seq,
+            "step_s": statistics.median(per), "samples_s": per}  # fmt: skip
+
+
+def batch_step_times(
+    world, model, width: int, height: int, degree: int, batch: int, steps: int, frames: int | None = None
+) -> dict:
+    """Collective: seconds per batched denoising step of `batch` requests of this size (different seeds
+    and prompts) on the group [0..degree-1], as step_times (median over `steps` steps after one warm-up,
+    the slowest member's). The other ranks wait."""
+    from gfdit.models.batch import BatchItem
+
+    reqs = [_request(model, width, height, frames, steps + 1, f"b{width}x{height}-{degree}-{batch}-{k}")
+            for k in range(batch)]  # fmt: skip
+    reqs = [replace(r, seed=1 + k, prompt=f"{r.prompt} #{k}") for k, r in enumerate(reqs)]
+    ranks = list(range(degree))
+    member = world.rank in ranks
+    xs, conds = [], []
+    per = []
+    if member:
+        idx = ranks.index(world.rank)
+        for r in reqs:
+            full = model.init_latents(r).to(world.device)
+            seq = full.shape[1]
+            lo, hi = idx * seq // degree, (idx + 1) * seq // degree
+            xs.append(full[:, lo:hi].contiguous())
+            conds.append(model.encode(r))
+        group = world.group(ranks) if degree > 1 else None
+    for step in range(steps + 1):
+        sync(world)
+        t0 = time.perf_counter()
+        if member:
+            items = [BatchItem(r, x, c, step, step + 1) for r, x, c in zip(reqs, xs, conds, strict=True)]
+            xs = model.denoise_batch(items, (lo, hi), group)
+            cuda_sync(world)
+        dt = max_over_world(world, time.perf_counter() - t0 if member else 0.0)
+        if step > 0:
+            per.append(dt)
+    return {"width": width, "height": height, "frames": frames, "degree": degree, "batch": batch,
             "step_s": statistics.median(per), "samples_s": per}  # fmt: skip
 
 
@@ -180,6 +237,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--degrees", type=lambda t: _ints(t, "--degrees"), default=None,
                    help="SP degrees to time (default 1, 2, 4, ... up to the world size)")  # fmt: skip
     p.add_argument("--steps", type=int, default=3, help="timed steps per size and degree (default 3)")
+    p.add_argument("--batch-sizes", type=lambda t: _ints(t, "--batch-sizes"), default=[1],
+                   help="also time batched steps of these many requests together per size and degree "
+                   "(Note [Batched steps]; default 1: no batched steps)")  # fmt: skip
     p.add_argument("--reps", type=int, default=3, help="timed ENCODE/DECODE repetitions (default 3)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--weights", default=None, help="local diffusers-layout directory (default: random)")
@@ -220,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         breakdown_rows: list[dict] = []
         degrees = args.degrees or [d for d in (1, 2, 4, 8, 16) if d <= world.size]
         rows: list[dict] = []
+        batch_rows: list[dict] = []
         for size in args.sizes:
             req = _request(model, size, size, args.frames, 2, "check")
             valid = set(model.valid_sp_degrees(req, world.size))
@@ -242,6 +303,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     _say(
                         f"{args.model} {size}x{size} ({r['tokens']} tokens) SP{d}: {r['step_s'] * 1e3:.1f} ms/step"
                     )
+                for b in args.batch_sizes:
+                    if b == 1:
+                        continue
+                    rb = batch_step_times(world, model, size, size, d, b, args.steps, args.frames)
+                    batch_rows.append({**_obs("DENOISE", size, args.frames, d, rb["step_s"]), "batch": b})
+                    if world.rank == 0:
+                        _say(f"{args.model} {size}x{size} SP{d} batch {b}: {rb['step_s'] * 1e3:.1f} ms/step "
+                             f"({rb['step_s'] / r['step_s']:.2f}x one request's step)")  # fmt: skip
         if world.rank == 0:
             device = world.device
             data = {
@@ -258,10 +327,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "cuda_graphs": fast.cuda_graphs,
                 "observations": rows,
             }
+            if batch_rows:
+                data["batch_observations"] = batch_rows
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
             with open(args.out, "w") as f:
                 json.dump(data, f, indent=2)
-            _say(f"wrote {len(rows)} observations to {args.out}")
+            _say(f"wrote {len(rows)} observations ({len(batch_rows)} batched) to {args.out}")
             if args.breakdown:
                 _write_breakdown(args.breakdown, data, breakdown_rows)
         sync(world)

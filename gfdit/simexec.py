@@ -21,13 +21,15 @@ gfdit.runtime.worker, Note [Reshard execution]):
   - shared CPU cores (CPU runs only): with `cores` > 0 the ranks are processes sharing that many
     cores, so a task dispatched while b ranks (its own included) are busy computes max(1, b / cores)
     times slower (the slowdown is fixed at dispatch: a first-order model of processor sharing).
-`ExecutionModel()` (all off) is the plain simulator.
+`ExecutionModel()` (all off) is the plain simulator. `ExecutionState.batch_timing` prices a batched
+DENOISE chunk (several requests' chunks as one command on one group, Note [Batched step cost] in
+gfdit.cost).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from gfdit.cost import CostModel, get_profile, state_bytes_per_index, state_dim_size
@@ -61,7 +63,8 @@ def cond_bytes(request: Request) -> int:
     itemsize = 2 if p.default_dtype == "bfloat16" else 4
     total = 0
     for e in p.text_encoders:
-        width = int(e.config.get("d_model", e.config.get("projection_dim", e.config.get("hidden_size", 0))))
+        cfg = e.config.get("text_config", e.config)  # Qwen2.5-VL nests its language model's config
+        width = int(cfg.get("d_model", cfg.get("projection_dim", cfg.get("hidden_size", 0))))
         total += (e.max_length if e.role == "sequence" else 1) * width * itemsize
     return total * (2 if p.uses_cfg else 1)
 
@@ -122,8 +125,62 @@ class ExecutionState:
 
     def timing(self, a: Assignment, request: Request, now: float) -> tuple[float, float, float]:
         """(start, reshard seconds, compute seconds) of assignment `a` dispatched at `now`."""
-        m, truth, rid = self.model, self.truth, request.request_id
+        m, truth = self.model, self.truth
         ranks = tuple(a.ranks)
+        num_bytes, senders = self._moves(a, request, ranks)
+        reshard_s = m.move_time(truth, num_bytes)
+        if m.decode_on_first_rank and a.task.kind is TaskKind.DECODE:
+            r = request
+            compute_s = truth.stage_time(TaskKind.DECODE, r.model, r.width, r.height, r.num_frames, 1)
+            if len(ranks) > 1:
+                latent = state_dim_size(r) * get_profile(r.model).state_bytes_per_token
+                compute_s += m.move_time(truth, latent * (len(ranks) - 1) / len(ranks))
+        else:
+            compute_s = truth.task_time(a.task, request, len(ranks))
+        return self._dispatch(ranks, senders, reshard_s, compute_s, now)
+
+    def batch_timing(
+        self, members: Sequence[tuple[Assignment, Request]], now: float
+    ) -> tuple[float, float, float]:
+        """(start, reshard seconds, compute seconds) of a batched DENOISE chunk dispatched at `now`
+        (Note [Batched steps] in gfdit/models/batch.py): every member's DENOISE assignment on the same
+        group, requests of one model and shape. Each member's state and text conditioning move as for
+        a task alone (one reshard for all); the compute is the cost model's batched chunk
+        (CostModel.batch_chunk_time: members may run different step counts); the host overhead is paid
+        once, for the one command of the batch."""
+        if not members:
+            raise ValueError("batch_timing: no members")
+        ranks = tuple(members[0][0].ranks)
+        r0 = members[0][1]
+        ids = [r.request_id for _, r in members]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"batch_timing: a request appears twice: {ids}")
+        for a, r in members:
+            if a.task.kind is not TaskKind.DENOISE:
+                raise ValueError(f"batch_timing: only DENOISE chunks are batched, got {a.task.kind.name}")
+            if tuple(a.ranks) != ranks:
+                raise ValueError(f"batch_timing: members on different groups {ranks} and {tuple(a.ranks)}")
+            if (r.model, r.width, r.height, r.num_frames) != (r0.model, r0.width, r0.height, r0.num_frames):
+                raise ValueError(
+                    f"batch_timing: {r.request_id!r} ({r.model} {r.width}x{r.height}) cannot be batched "
+                    f"with {r0.request_id!r} ({r0.model} {r0.width}x{r0.height})"
+                )
+        num_bytes, senders = 0.0, set()
+        for a, r in members:
+            b, s = self._moves(a, r, ranks)
+            num_bytes += b
+            senders |= s
+        reshard_s = self.model.move_time(self.truth, num_bytes)
+        steps = [a.task.num_steps for a, _ in members]
+        compute_s = self.truth.batch_chunk_time(
+            r0.model, r0.width, r0.height, r0.num_frames, len(ranks), steps
+        )
+        return self._dispatch(ranks, senders, reshard_s, compute_s, now)
+
+    def _moves(self, a: Assignment, request: Request, ranks: tuple[int, ...]) -> tuple[float, set[int]]:
+        """Bytes that move before assignment `a` runs (its reshard, text-conditioning copies) and the
+        ranks that send them; records the new text-conditioning holders."""
+        m, rid = self.model, request.request_id
         num_bytes = a.reshard.bytes_moved(state_bytes_per_index(request, a.task.kind)) if a.reshard else 0
         senders: set[int] = set()
         if a.reshard is not None and not a.reshard.is_noop:
@@ -139,15 +196,12 @@ class ExecutionState:
                 holders |= set(lacking)
         if a.task.kind is TaskKind.ENCODE:
             self.cond_holders[rid] = set(ranks)
-        reshard_s = m.move_time(truth, num_bytes)
-        if m.decode_on_first_rank and a.task.kind is TaskKind.DECODE:
-            r = request
-            compute_s = truth.stage_time(TaskKind.DECODE, r.model, r.width, r.height, r.num_frames, 1)
-            if len(ranks) > 1:
-                latent = state_dim_size(r) * get_profile(r.model).state_bytes_per_token
-                compute_s += m.move_time(truth, latent * (len(ranks) - 1) / len(ranks))
-        else:
-            compute_s = truth.task_time(a.task, request, len(ranks))
+        return num_bytes, senders
+
+    def _dispatch(
+        self, ranks: tuple[int, ...], senders: set[int], reshard_s: float, compute_s: float, now: float
+    ) -> tuple[float, float, float]:
+        m = self.model
         if m.cores > 0:
             busy = {x for x, t in self.rank_busy_until.items() if t > now} | set(ranks)
             compute_s *= max(1.0, len(busy) / m.cores)

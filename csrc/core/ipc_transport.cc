@@ -183,6 +183,9 @@ void IpcTransport::attach(const std::vector<int>& local_ranks, const std::vector
   recv_seq_.assign(L, 0);
   pair_last_.assign(2 * L, {nullptr, 0});
   GF_CHECK_CUDA(cudaStreamCreateWithFlags(&wd_stream_, cudaStreamNonBlocking));
+  GF_CHECK_CUDA(cudaEventCreateWithFlags(&release_event_, cudaEventDisableTiming));
+  GF_CHECK_CUDA(cudaHostAlloc(&abort_host_, signal_end_ - signal_begin_, cudaHostAllocDefault));
+  std::memset(abort_host_, ipc::kAbortByte, signal_end_ - signal_begin_);
   attached_ = true;
   watchdog_ = std::thread([this] { watchdog(); });
 }
@@ -211,8 +214,15 @@ void IpcTransport::close() {
   peer_bases_.clear();
   if (ws_ != nullptr) cudaFree(ws_);
   ws_ = nullptr;
-  if (wd_stream_ != nullptr) cudaStreamDestroy(wd_stream_);
+  if (wd_stream_ != nullptr) {
+    cudaStreamSynchronize(wd_stream_);
+    cudaStreamDestroy(wd_stream_);
+  }
   wd_stream_ = nullptr;
+  if (release_event_ != nullptr) cudaEventDestroy(release_event_);
+  release_event_ = nullptr;
+  if (abort_host_ != nullptr) cudaFreeHost(abort_host_);
+  abort_host_ = nullptr;
   cudaGetLastError();
 }
 
@@ -295,7 +305,9 @@ bool IpcTransport::record_done_locked(uint64_t id) {
 }
 
 void IpcTransport::prune_locked() {
-  for (int k = 0; k < 8 && !pending_.empty(); ++k) {
+  // At most two event queries on the issuing path (each costs about a microsecond); the watchdog
+  // drops the rest every few milliseconds.
+  for (int k = 0; k < 2 && !pending_.empty(); ++k) {
     Record& r = pending_.front();
     if (cudaEventQuery(r.event) != cudaSuccess) break;
     event_pool_.push_back(r.event);
@@ -749,9 +761,14 @@ void IpcTransport::fail(ErrorCode code, const std::string& message) {
     error_ = message;
     failed_.store(true, std::memory_order_release);
   }
-  // Release every stream wait of this rank: the abort word and all counters and p2p words.
-  cudaMemsetAsync(ws_ + signal_begin_, ipc::kAbortByte, signal_end_ - signal_begin_, wd_stream_);
-  cudaStreamSynchronize(wd_stream_);
+  // Release every stream wait of this rank: the abort word and all counters and p2p words, copied
+  // from pinned host memory by a copy engine (not a memset kernel, which would queue behind the
+  // blocked work it is meant to release). Never waited for: the watchdog holds mu_ here; the next
+  // copy is issued once this one finished, for as long as operations stay in flight.
+  if (release_pending_ && cudaEventQuery(release_event_) == cudaErrorNotReady) return;
+  cudaMemcpyAsync(ws_ + signal_begin_, abort_host_, signal_end_ - signal_begin_, cudaMemcpyHostToDevice, wd_stream_);
+  cudaEventRecord(release_event_, wd_stream_);
+  release_pending_ = true;
   cudaGetLastError();
 }
 
@@ -795,17 +812,20 @@ void IpcTransport::watchdog() {
         }
       }
       if (dead >= 0) {
-        fail(ErrorCode::kPeerDied, detail::concat(r.what, " on group ", ranks_text(r.ranks), ": rank ",
-                                                  global_of_[dead], " (pid ", pids_[dead], ") died"));
+        // Plain string building: the watchdog thread uses no iostreams.
+        fail(ErrorCode::kPeerDied, std::string(r.what) + " on group " + ranks_text(r.ranks) + ": rank " +
+                                       std::to_string(global_of_[dead]) + " (pid " + std::to_string(pids_[dead]) +
+                                       ") died");
         break;
       }
       if (now > r.deadline) {
         std::vector<int> waited;
         for (int l : r.peers) waited.push_back(global_of_[l]);
-        fail(ErrorCode::kTimeout,
-             detail::concat(r.what, " on group ", ranks_text(r.ranks), ": rank ", rank_,
-                            " gave up after GFCOLL_TIMEOUT_S=", options_.timeout_s,
-                            " s waiting for ranks ", ranks_text(waited)));
+        char bound[32];
+        std::snprintf(bound, sizeof(bound), "%g", options_.timeout_s);
+        fail(ErrorCode::kTimeout, std::string(r.what) + " on group " + ranks_text(r.ranks) + ": rank " +
+                                      std::to_string(rank_) + " gave up after GFCOLL_TIMEOUT_S=" + bound +
+                                      " s waiting for ranks " + ranks_text(waited));
         break;
       }
     }

@@ -33,7 +33,7 @@ import torch
 from gfdit.models.presets import ModelPreset, check_request
 from gfdit.models.tokenizer import HashTokenizer, HFTokenizer, load_tokenizer
 
-__all__ = ["DiTModel", "kInitSeed", "COMPONENTS", "to_uint8", "torch_dtype"]
+__all__ = ["DiTModel", "kInitSeed", "COMPONENTS", "load_diffusers", "log_loaded", "to_uint8", "torch_dtype"]
 
 log = logging.getLogger("gfdit.models")
 
@@ -189,19 +189,19 @@ class DiTModel(abc.ABC):
             if "text" in components:
                 t0 = time.perf_counter()
                 encoders[spec.subfolder] = _load_text_encoder(spec, device, dtype, weights)
-                _log_loaded(spec.subfolder, encoders[spec.subfolder], device, t0)
+                log_loaded(spec.subfolder, encoders[spec.subfolder], device, t0)
         transformer = vae = None
         if "transformer" in components:
             t0 = time.perf_counter()
-            transformer = _load_diffusers(
+            transformer = load_diffusers(
                 cls.transformer_class, preset.transformer_config, "transformer", device, dtype, weights
             )
-            _log_loaded("transformer", transformer, device, t0)
+            log_loaded("transformer", transformer, device, t0)
         if "vae" in components:
             t0 = time.perf_counter()
             vae_dtype = torch_dtype(preset.vae_dtype) if preset.vae_dtype else dtype
-            vae = _load_diffusers(cls.vae_class, preset.vae_config, "vae", device, vae_dtype, weights)
-            _log_loaded("vae", vae, device, t0)
+            vae = load_diffusers(cls.vae_class, preset.vae_config, "vae", device, vae_dtype, weights)
+            log_loaded("vae", vae, device, t0)
         return cls(
             preset,
             device=device,
@@ -416,6 +416,23 @@ class DiTModel(abc.ABC):
                     on_step(i + 1)
         return x
 
+    def denoise_batch(self, items, token_range, group=None, on_step=None):
+        """Several requests of this model and shape denoised as one batch, each at its own step index
+        and timestep, each latent a separate tensor in and out: Note [Batched steps] in
+        gfdit/models/batch.py (items are gfdit.models.batch.BatchItem)."""
+        from gfdit.models.batch import denoise_batch
+
+        return denoise_batch(self, items, token_range, group, on_step)
+
+    def prepare_batch(self, conds, requests, group) -> dict[str, Any]:
+        """The context of a batched step of several requests (the family's `_prepare_batch` hook)."""
+        return self._prepare_batch(conds, requests, group)
+
+    def _prepare_batch(self, conds, requests, group) -> dict[str, Any]:
+        """Like _prepare for a batch of requests of one shape (Note [Batched steps]): the per-call
+        inputs of _velocity for x [B, S/d, C_tok] and per-sample timesteps t [B]."""
+        raise NotImplementedError(f"{type(self).__name__} has no batched denoising")
+
     # -- helpers for the families --------------------------------------------------------------------
     def _cond(self, cond: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
         if key not in cond:
@@ -426,14 +443,14 @@ class DiTModel(abc.ABC):
         return next(self.vae.parameters()).dtype
 
 
-def _log_loaded(name: str, module: torch.nn.Module, device: torch.device, t0: float) -> None:
+def log_loaded(name: str, module: torch.nn.Module, device: torch.device, t0: float) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     n = sum(p.numel() for p in module.parameters())
     log.info("%s: %.1fM parameters on %s in %.1f s", name, n / 1e6, device, time.perf_counter() - t0)
 
 
-def _load_diffusers(model_cls, config: Mapping[str, Any], subfolder: str, device, dtype, weights):
+def load_diffusers(model_cls, config: Mapping[str, Any], subfolder: str, device, dtype, weights):
     if weights is None:
         # Lists where the config has tuples: constructors concatenate them with lists, as loaded JSON has.
         kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
@@ -465,7 +482,9 @@ def _load_text_encoder(spec, device, dtype, weights):
 
     model_cls = getattr(transformers, spec.model_class)
     if weights is None:
-        config = model_cls.config_class(**dict(spec.config))
+        # Nested configurations (Qwen2.5-VL's text_config / vision_config) as the dicts transformers expects.
+        kwargs = {k: dict(v) if isinstance(v, Mapping) else v for k, v in spec.config.items()}
+        config = model_cls.config_class(**kwargs)
         with _random_init(device, dtype, spec.subfolder):
             model = model_cls(config)
     else:

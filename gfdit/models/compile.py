@@ -3,16 +3,20 @@
 Note [Compiled steps]
 ~~~~~~~~~~~~~~~~~~~~~
 - regional: every repeated transformer block is compiled (Flux: the double- and single-stream blocks,
-  each block class once; Wan: the block function of gfdit.models.sp used for every block). Dynamo keeps
-  one compiled graph per block class and input shapes, shared by all blocks of that class: parameters
-  are graph inputs (inline_inbuilt_nn_modules), not constants. The code between blocks (embeddings,
+  each block class once; Qwen-Image: its double-stream blocks; Wan: the block function of
+  gfdit.models.sp used for every block, of both experts for Wan2.2 A14B). Dynamo keeps one compiled
+  graph per block class and input shapes, shared by all blocks of that class: parameters are graph
+  inputs (inline_inbuilt_nn_modules), not constants. The code between blocks (embeddings,
   RoPE tables, final norm) stays eager. Compiling costs seconds per block class, not per block.
 - full: the whole transformer forward is compiled (graph breaks allowed; fewer kernels, longer compile).
 - off: eager.
 Under sequence parallelism the attention processors see the group as a gfcoll.ops.TracedGroup (Note
 [Traceable groups] in gfcoll/ops.py): the gfcoll collectives are custom operators, so a block traces
 as one graph, specialised on (input shapes, group size, member index) only — a new group of the same
-size with the same member index reuses the compiled code.
+size with the same member index reuses the compiled code. The input shapes include the batch size (the
+number of requests stepped together, Note [Batched steps] in gfdit/models/batch.py; Wan with CFG doubles
+the rows), so each batch size is its own specialisation, like each image size; `warm(...,
+batch_sizes=...)` compiles them ahead.
 
 Shapes. With `dynamic=False` (the default on CUDA: static shapes give inductor's best kernels) every
 new (size, degree, member index) compiles on first use; `warm(...)` compiles given sizes at start-up
@@ -35,8 +39,9 @@ __all__ = ["kModes", "kRecompileLimit", "default_mode", "compile_model", "warm"]
 
 log = logging.getLogger("gfdit.compile")
 
-# Per compiled code object: sizes x SP degrees x member indices a server may see (4 x 4 x 8 = 128).
-kRecompileLimit = 128
+# Per compiled code object: sizes x SP degrees x member indices x batch sizes a server may see
+# (4 x 4 x 8 x 4 = 512).
+kRecompileLimit = 512
 
 
 def default_mode(device: torch.device | str) -> str:
@@ -76,11 +81,21 @@ def compile_model(model, mode: str, *, dynamic: bool | None = False) -> None:
                 block.compile(fullgraph=True, dynamic=dynamic)
         else:
             t.compile(dynamic=dynamic)
-    elif family == "wan":
+    elif family == "qwen-image":
+        if mode == "regional":
+            for block in t.transformer_blocks:
+                block.compile(fullgraph=True, dynamic=dynamic)
+        else:
+            t.compile(dynamic=dynamic)
+    elif family in ("wan", "wan2.2"):
         from gfdit.models import sp
 
         if mode == "regional":
-            t.gfdit_block_fn = torch.compile(sp.wan_block, fullgraph=True, dynamic=dynamic)
+            block_fn = torch.compile(sp.wan_block, fullgraph=True, dynamic=dynamic)
+            # Wan2.2 A14B: both experts share the compiled block function.
+            for expert in (t, getattr(model, "transformer_2", None)):
+                if expert is not None:
+                    expert.gfdit_block_fn = block_fn
         else:
             model.wan_forward_fn = torch.compile(sp.wan_forward, dynamic=dynamic)
     else:
@@ -89,31 +104,54 @@ def compile_model(model, mode: str, *, dynamic: bool | None = False) -> None:
     log.info("%s: compile mode %s (dynamic=%s)", model.preset.name, mode, dynamic)
 
 
-def warm(model, sizes, *, frames: int | None = None, steps: int = 1) -> list[dict]:
+def warm(model, sizes, *, frames: int | None = None, steps: int = 1, batch_sizes=(1,)) -> list[dict]:
     """Compile (and run once; with step graphs: capture) the step for each size (pixels: an int for a
-    square, or (width, height)) on this rank alone (SP1); returns [{"width", "height", "frames",
+    square, or (width, height)) and each batch size (1: denoise(); B > 1: denoise_batch() of B requests,
+    Note [Batched steps]) on this rank alone (SP1); returns [{"width", "height", "frames", "batch",
     "seconds"}] and logs each. Collective-free: any rank may call it."""
     from gfdit.request import Request
 
+    batch_sizes = list(batch_sizes)
+    if not batch_sizes or any(not isinstance(b, int) or b < 1 for b in batch_sizes):
+        raise ValueError(f"warm: batch sizes must be positive integers, got {batch_sizes!r}")
     out = []
     for size in sizes:
         w, h = (size, size) if isinstance(size, int) else size
-        req = Request(f"warm-{w}x{h}", model.preset.name, "warm-up", width=w, height=h,
-                      num_frames=frames, num_inference_steps=max(steps, 1), seed=0)  # fmt: skip
-        model.validate(req)
-        if "text" in model.components:
-            cond = model.encode(req)
-        else:
-            from gfdit.breakdown import synthetic_cond
+        for batch in batch_sizes:
+            reqs = [
+                Request(
+                    f"warm-{w}x{h}-{k}",
+                    model.preset.name,
+                    "warm-up",
+                    width=w,
+                    height=h,
+                    num_frames=frames,
+                    num_inference_steps=max(steps, 1),
+                    seed=k,
+                )  # fmt: skip
+                for k in range(batch)
+            ]
+            model.validate(reqs[0])
+            if "text" in model.components:
+                conds = [model.encode(r) for r in reqs]
+            else:
+                from gfdit.breakdown import synthetic_cond
 
-            cond = synthetic_cond(model, req)
-        x = model.init_latents(req)
-        t0 = time.perf_counter()
-        model.denoise(x, (0, x.shape[1]), cond, 0, 1, req)
-        if model.device.type == "cuda":
-            torch.cuda.synchronize(model.device)
-        dt = time.perf_counter() - t0
-        log.info("%s: warmed %dx%d%s (SP1, compile %s) in %.1f s", model.preset.name, w, h,
-                 f"x{frames}" if frames else "", getattr(model, "compile_mode", "off"), dt)  # fmt: skip
-        out.append({"width": w, "height": h, "frames": frames, "seconds": dt})
+                conds = [synthetic_cond(model, r) for r in reqs]
+            xs = [model.init_latents(r) for r in reqs]
+            n = xs[0].shape[1]
+            t0 = time.perf_counter()
+            if batch == 1:
+                model.denoise(xs[0], (0, n), conds[0], 0, 1, reqs[0])
+            else:
+                from gfdit.models.batch import BatchItem
+
+                items = [BatchItem(r, x, c, 0, 1) for r, x, c in zip(reqs, xs, conds, strict=True)]
+                model.denoise_batch(items, (0, n))
+            if model.device.type == "cuda":
+                torch.cuda.synchronize(model.device)
+            dt = time.perf_counter() - t0
+            log.info("%s: warmed %dx%d%s batch %d (SP1, compile %s) in %.1f s", model.preset.name, w, h,
+                     f"x{frames}" if frames else "", batch, getattr(model, "compile_mode", "off"), dt)  # fmt: skip
+            out.append({"width": w, "height": h, "frames": frames, "batch": batch, "seconds": dt})
     return out

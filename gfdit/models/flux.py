@@ -93,7 +93,27 @@ class FluxModel(DiTModel):
             "joint_attention_kwargs": None if group is None else {"sp_group": group, "sp_text_len": t_len},
         }
 
+    def _prepare_batch(self, conds, requests, group) -> dict[str, Any]:
+        """_prepare for a batch (Note [Batched steps] in gfdit/models/batch.py): text embeddings and the
+        distilled guidance stacked one row per request; position ids shared (one token grid)."""
+        embeds = torch.cat([self._cond(c, "prompt_embeds") for c in conds])
+        pooled = torch.cat([self._cond(c, "pooled_prompt_embeds") for c in conds])
+        t_len = embeds.shape[1]
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            scales = [float(r.guidance_scale) for r in requests]
+            guidance = torch.tensor(scales, device=self.device, dtype=torch.float32)
+        return {
+            "encoder_hidden_states": embeds,
+            "pooled_projections": pooled,
+            "guidance": guidance,
+            "img_ids": self.image_ids(requests[0]),
+            "txt_ids": torch.zeros(t_len, 3, device=self.device),
+            "joint_attention_kwargs": None if group is None else {"sp_group": group, "sp_text_len": t_len},
+        }
+
     def _velocity(self, x: torch.Tensor, t: torch.Tensor, ctx: dict[str, Any], group) -> torch.Tensor:
+        # t: one timestep (a request alone) or one per row [B] (Note [Batched steps]).
         timestep = t.expand(x.shape[0]).to(self.dtype)
         return self.transformer(
             hidden_states=x.to(self.dtype), timestep=timestep / 1000, return_dict=False, **ctx

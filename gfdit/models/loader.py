@@ -14,12 +14,16 @@ import torch
 from gfdit.models.base import COMPONENTS, DiTModel, torch_dtype
 from gfdit.models.flux import FluxModel
 from gfdit.models.presets import ModelPreset, get_preset
+from gfdit.models.qwen_image import QwenImageModel
 from gfdit.models.wan import WanModel
+from gfdit.models.wan22 import Wan22Model
 
 __all__ = ["kFamilies", "load_model"]
 
 # ModelPreset.family -> its DiTModel class.
-kFamilies: dict[str, type[DiTModel]] = {"flux": FluxModel, "wan": WanModel}
+kFamilies: dict[str, type[DiTModel]] = {
+    "flux": FluxModel, "wan": WanModel, "wan2.2": Wan22Model, "qwen-image": QwenImageModel,
+}  # fmt: skip
 
 
 def load_model(

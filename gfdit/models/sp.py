@@ -1,4 +1,5 @@
-"""Ulysses sequence parallelism for the diffusers Flux and Wan transformers, over a group given per call.
+"""Ulysses sequence parallelism for the diffusers Flux, Wan and Qwen-Image transformers, over a group given
+per call.
 
 Note [Ulysses over a gfcoll group]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -18,6 +19,8 @@ The heads must divide by d as well. Every member of the group must call the forw
 inputs apart from its slice (the same step, text, timestep), in the same order: the collectives of
 one forward are issued in layer order (gfcoll ordering rule 1). Buffers handed to gfcoll are
 contiguous. With group None or of size 1 the processors are exactly the diffusers ones.
+The batch dimension B rides along unchanged (every exchanged block is [.., B, tokens, heads, D]): Wan's
+CFG rows and batched requests (Note [Batched steps] in gfdit/models/batch.py) use B > 1.
 
 The group reaches the processors per call, never through global state: Flux through
 `joint_attention_kwargs={"sp_group": g, "sp_text_len": T}` (FluxAttention filters kwargs by the
@@ -36,6 +39,10 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
 from diffusers.models.transformers.transformer_flux import _get_qkv_projections as _flux_qkv
+from diffusers.models.transformers.transformer_qwenimage import (
+    QwenDoubleStreamAttnProcessor2_0,
+    apply_rotary_emb_qwen,
+)
 from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor
 from diffusers.models.transformers.transformer_wan import _get_qkv_projections as _wan_qkv
 
@@ -47,6 +54,8 @@ __all__ = [
     "WanSPAttnProcessor",
     "install_flux_processors",
     "install_wan_processors",
+    "QwenSPAttnProcessor",
+    "install_qwen_processors",
     "seq_to_heads",
     "heads_to_seq",
     "gather_heads",
@@ -266,3 +275,91 @@ def wan_forward(
     x = transformer.proj_out(x)  # channels in (pt, ph, pw, c) order
     patch = math.prod(cfg.patch_size)
     return x.unflatten(-1, (patch, -1)).transpose(-1, -2).flatten(2)
+
+
+# -- Qwen-Image ---------------------------------------------------------------------------------------------
+
+
+class QwenSPAttnProcessor(QwenDoubleStreamAttnProcessor2_0):
+    """QwenDoubleStreamAttnProcessor2_0 with Ulysses SP over `sp_group` (Note [Ulysses over a gfcoll group]),
+    the text stream handled as in Flux's double-stream blocks: every member projects all T text tokens and
+    keeps its head block; the text output is gathered over heads.
+
+    `image_rotary_emb` is (image freqs, text freqs) as QwenEmbedRope gives them for the FULL token grid: the
+    transformer's forward computes it from `img_shapes`, which name the full grid however many tokens this
+    member holds. The group arrives through the transformer's `attention_kwargs={"sp_group": g}` (Attention
+    filters the kwargs by this signature). No text mask under SP: a single prompt's embeddings are unpadded
+    (QwenImagePipeline passes no mask then either)."""
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_hidden_states_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        sp_group=None,
+    ):
+        if not _is_parallel(sp_group):
+            return super().__call__(
+                attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, attention_mask,
+                image_rotary_emb,
+            )  # fmt: skip
+        if encoder_hidden_states is None:
+            raise ValueError("Qwen-Image attention needs the text stream (encoder_hidden_states)")
+        if encoder_hidden_states_mask is not None or attention_mask is not None:
+            raise NotImplementedError(
+                "sequence-parallel Qwen-Image attention takes no text or attention mask"
+            )
+        head_dim = attn.inner_dim // attn.heads
+
+        def heads(x):
+            return x.unflatten(-1, (-1, head_dim))
+
+        q, k, v = (
+            heads(attn.to_q(hidden_states)),
+            heads(attn.to_k(hidden_states)),
+            heads(attn.to_v(hidden_states)),
+        )
+        tq = heads(attn.add_q_proj(encoder_hidden_states))
+        tk = heads(attn.add_k_proj(encoder_hidden_states))
+        tv = heads(attn.add_v_proj(encoder_hidden_states))
+        if attn.norm_q is not None:  # RMS norm per head: before the exchange, as on one rank
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        if attn.norm_added_q is not None:
+            tq = attn.norm_added_q(tq)
+        if attn.norm_added_k is not None:
+            tk = attn.norm_added_k(tk)
+        t_len = encoder_hidden_states.shape[1]
+        q, k, v = seq_to_heads(torch.stack([q, k, v]), sp_group).unbind(0)  # [B, S, H/d, D]
+        tq, tk, tv = head_slice(torch.stack([tq, tk, tv]), sp_group).unbind(0)  # [B, T, H/d, D]
+        if image_rotary_emb is not None:
+            img_freqs, txt_freqs = image_rotary_emb
+            q = apply_rotary_emb_qwen(q, img_freqs, use_real=False)
+            k = apply_rotary_emb_qwen(k, img_freqs, use_real=False)
+            tq = apply_rotary_emb_qwen(tq, txt_freqs, use_real=False)
+            tk = apply_rotary_emb_qwen(tk, txt_freqs, use_real=False)
+        out = dispatch_attention_fn(
+            torch.cat([tq, q], dim=1),  # [text; image], as QwenDoubleStreamAttnProcessor2_0
+            torch.cat([tk, k], dim=1),
+            torch.cat([tv, v], dim=1),
+            attn_mask=None,
+            dropout_p=0.0,
+            is_causal=False,
+            backend=self._attention_backend,
+        ).to(q.dtype)
+        txt_out = gather_heads(out[:, :t_len], sp_group).flatten(2, 3)
+        img_out = heads_to_seq(out[:, t_len:], sp_group).flatten(2, 3)
+        img_out = attn.to_out[0](img_out.contiguous())
+        if len(attn.to_out) > 1:
+            img_out = attn.to_out[1](img_out)  # dropout (identity in eval)
+        return img_out, attn.to_add_out(txt_out.contiguous())
+
+
+def install_qwen_processors(transformer) -> None:
+    """Every block of a QwenImageTransformer2DModel gets a QwenSPAttnProcessor."""
+    for block in transformer.transformer_blocks:
+        block.attn.set_processor(QwenSPAttnProcessor())

@@ -30,11 +30,13 @@ class HashTokenizer:
     Styles (special tokens as the real tokenizers place them):
       "clip": [bos] words [eos], padded with pad (= eos); bos = vocab-2, eos = vocab-1, words in [0, vocab-2).
       "t5":   words [eos], padded with pad; pad = 0, eos = 1, unk = 2, words in [3, vocab).
+      "plain": words only (no special tokens added, as Qwen2's tokenizer), padded with pad = vocab-1,
+              words in [0, vocab-1).
     """
 
     def __init__(self, style: str, vocab_size: int, model_max_length: int):
-        if style not in ("clip", "t5"):
-            raise ValueError(f"style must be 'clip' or 't5', got {style!r}")
+        if style not in ("clip", "t5", "plain"):
+            raise ValueError(f"style must be 'clip', 't5' or 'plain', got {style!r}")
         if vocab_size < 8:
             raise ValueError(f"vocab_size must be at least 8, got {vocab_size}")
         self.style = style
@@ -43,6 +45,9 @@ class HashTokenizer:
         if style == "clip":
             self.bos_id, self.eos_id, self.pad_id = vocab_size - 2, vocab_size - 1, vocab_size - 1
             self._first, self._num = 0, vocab_size - 2
+        elif style == "plain":
+            self.bos_id, self.eos_id, self.pad_id = None, None, vocab_size - 1
+            self._first, self._num = 0, vocab_size - 1
         else:
             self.bos_id, self.eos_id, self.pad_id = None, 1, 0
             self._first, self._num = 3, vocab_size - 3
@@ -52,15 +57,17 @@ class HashTokenizer:
         return [self._first + zlib.crc32(w.encode("utf-8")) % self._num for w in _WORD.findall(text.lower())]
 
     def _with_specials(self, ids: list[int]) -> list[int]:
-        return ([self.bos_id] if self.bos_id is not None else []) + ids + [self.eos_id]
+        bos = [self.bos_id] if self.bos_id is not None else []
+        return bos + ids + ([self.eos_id] if self.eos_id is not None else [])
 
     def count(self, text: str) -> int:
         return len(self._with_specials(self.word_ids(text)))
 
     def encode(self, texts: Sequence[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        n_special = 2 if self.bos_id is not None else 1
-        if max_length < n_special:
-            raise ValueError(f"max_length must be at least {n_special}, got {max_length}")
+        n_special = (self.bos_id is not None) + (self.eos_id is not None)
+        least = max(n_special, 1)
+        if max_length < least:
+            raise ValueError(f"max_length must be at least {least}, got {max_length}")
         ids = torch.full((len(texts), max_length), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(texts), max_length), dtype=torch.long)
         for i, text in enumerate(texts):

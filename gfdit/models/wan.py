@@ -88,7 +88,49 @@ class WanModel(DiTModel):
             "group": group,
         }
 
+    def _prepare_batch(self, conds, requests, group) -> dict[str, Any]:
+        """_prepare for a batch (Note [Batched steps] in gfdit/models/batch.py): the context rows are
+        every request's prompt embeddings, then the negative prompt embeddings of the requests that use
+        CFG ("cfg_rows": their batch indices), with their guidance scales [U, 1, 1] (fp32)."""
+        rows = tuple(k for k, r in enumerate(requests) if self.uses_cfg(r))
+        context = [self._cond(c, "prompt_embeds") for c in conds]
+        context += [self._cond(conds[k], "negative_prompt_embeds") for k in rows]
+        scales = [float(requests[k].guidance_scale) for k in rows]
+        grid = self.token_grid(requests[0])
+        return {
+            "context": torch.cat(context),
+            "cfg_rows": rows,
+            "guidance": torch.tensor(scales, device=self.device, dtype=torch.float32).view(-1, 1, 1),
+            "grid": grid,
+            "rotary": wan_rotary(self.transformer, grid, self.device),
+            "group": group,
+        }
+
+    def _velocity_rows(self, x: torch.Tensor, t: torch.Tensor, ctx: dict[str, Any], group) -> torch.Tensor:
+        """_velocity of a batch: x [B, S/d, C_tok], t [B] (Note [Batched steps])."""
+        b, rows = x.shape[0], ctx["cfg_rows"]
+        tokens, ts = x.to(self.dtype), t
+        if rows:
+            # Slices and cat, not index tensors: nothing here copies from the host (graph capture).
+            every = len(rows) == b
+            extra = tokens if every else torch.cat([tokens[k : k + 1] for k in rows])
+            extra_t = t if every else torch.cat([t[k : k + 1] for k in rows])
+            tokens, ts = torch.cat([tokens, extra]), torch.cat([t, extra_t])
+        forward = getattr(self, "wan_forward_fn", wan_forward)  # compiled in --compile full
+        out = forward(self.transformer, tokens, ts, ctx["context"], ctx["grid"], ctx["rotary"], group).float()
+        if not rows:
+            return out
+        cond, uncond, g = out[:b], out[b:], ctx["guidance"]
+        if len(rows) == b:
+            return uncond + g * (cond - uncond)
+        pieces = [cond[k : k + 1] for k in range(b)]
+        for u, k in enumerate(rows):
+            pieces[k] = uncond[u : u + 1] + g[u : u + 1] * (cond[k : k + 1] - uncond[u : u + 1])
+        return torch.cat(pieces)
+
     def _velocity(self, x: torch.Tensor, t: torch.Tensor, ctx: dict[str, Any], group) -> torch.Tensor:
+        if "cfg_rows" in ctx:  # a batch of requests (_prepare_batch)
+            return self._velocity_rows(x, t, ctx, group)
         b = 2 if ctx["cfg"] else 1
         tokens = x.to(self.dtype).expand(b, -1, -1)
         forward = getattr(self, "wan_forward_fn", wan_forward)  # compiled in --compile full

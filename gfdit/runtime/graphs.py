@@ -8,7 +8,10 @@ forward of one step (DiTModel.velocity: the forward, and Wan's CFG combination) 
 replays it; the scheduler's Euler update stays eager (a few elementwise kernels whose Python bookkeeping
 is not capturable).
 
-- Key: (model, every input tensor's shape and dtype, the non-tensor inputs, the SP group's key). The
+- Key (`step_key`): (model, compile mode, batch size, every input tensor's shape and dtype, the
+  non-tensor inputs, the SP group's key). The batch size is the number of requests stepped together
+  (Note [Batched steps] in gfdit/models/batch.py; 1 for a request alone): it is in the tensor shapes
+  too, and named on its own so that the key says it and stats can count graphs per batch size. The
   group key is (size, member index) plus, where the transport's captured kernels name the peers (nccl:
   the rank list is baked into the captured sends and receives), the exact ranks: `group_key()` is the
   one place that decides, and the hook for group-agnostic transports (the ipc transport's graph slots
@@ -37,7 +40,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["StepGraphs", "group_key", "kDefaultMaxBytes", "kDefaultMaxGraphs"]
+__all__ = ["StepGraphs", "group_key", "step_key", "kDefaultMaxBytes", "kDefaultMaxGraphs"]
 
 log = logging.getLogger("gfdit.graphs")
 
@@ -71,6 +74,27 @@ def _flatten(obj, path: str, tensors: list, consts: list) -> None:
         consts.append((path, obj))
     else:
         consts.append((path, ("group",) + group_key(obj)))
+
+
+def step_key(model, x: torch.Tensor, t: torch.Tensor, ctx: dict[str, Any], group) -> tuple:
+    """The cache key of one step (Note [Step graphs]): (id(model), compile mode, batch size = x.shape[0],
+    (path, shape, dtype, device) of every tensor input, the non-tensor inputs, group_key(group)).
+    Pure bookkeeping (no CUDA): two steps share a graph exactly when their keys are equal."""
+    tensors: list = []
+    consts: list = []
+    _flatten({"x": x, "t": t, "ctx": ctx}, "", tensors, consts)
+    return _key(model, x, tensors, consts, group)
+
+
+def _key(model, x: torch.Tensor, tensors: list, consts: list, group) -> tuple:
+    return (
+        id(model),
+        getattr(model, "compile_mode", "off"),
+        int(x.shape[0]),
+        tuple((p, tuple(v.shape), v.dtype, v.device) for p, v in tensors),
+        tuple(consts),
+        group_key(group),
+    )
 
 
 def _restore(obj, static: dict[str, torch.Tensor], path: str):
@@ -122,13 +146,7 @@ class StepGraphs:
         tensors: list = []
         consts: list = []
         _flatten(inputs, "", tensors, consts)
-        key = (
-            id(model),
-            getattr(model, "compile_mode", "off"),
-            tuple((p, tuple(v.shape), v.dtype, v.device) for p, v in tensors),
-            tuple(consts),
-            group_key(group),
-        )
+        key = _key(model, x, tensors, consts, group)  # = step_key(model, x, t, ctx, group)
         entry = self._entries.get(key)
         if entry is not None:
             for p, v in tensors:
@@ -205,6 +223,14 @@ class StepGraphs:
             for e in self._entries.values():
                 e.graph.reset()
             self._entries.clear()
+
+    def batch_sizes(self) -> dict[int, int]:
+        """Cached graphs per batch size (the key's third field)."""
+        with self._lock:
+            out: dict[int, int] = {}
+            for key in self._entries:
+                out[key[2]] = out.get(key[2], 0) + 1
+            return out
 
     def stats(self) -> dict[str, float]:
         """{"graphs", "bytes", "captures", "evictions", "eager_only", "capture_s"} of this rank."""

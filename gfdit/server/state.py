@@ -59,14 +59,25 @@ kTerminal = Status.TERMINAL  # Progress.state values that end a request
 #   flux-dev     1000: ~0.18-0.21 s per MP-step, so <= ~3.5 min of one GPU; covers n=4 at 2048x2048 x 50 steps
 #   wan2.1-1.3b  8000: ~0.02-0.034 s per MP-step, <= ~4.5 min of one GPU; 720p x 81 frames x 100 steps
 #   wan2.1-14b   4000: ~0.1-0.17 s per MP-step, <= ~11 min of one GPU; 720p x 81 frames x 50 steps
+#   qwen-image    400: estimated (not measured), ~0.5-1 s per MP-step with its two CFG passes of a 20 B
+#                      transformer; covers n=4 at 1328x1328 x 50 steps
+#   wan2.2-t2v-a14b 4000: one Wan2.1-14B-sized expert per step, as wan2.1-14b
+#   wan2.2-ti2v-5b 8000: estimated (not measured): 16x VAE, a quarter of Wan2.1's tokens per pixel;
+#                      covers 1280x704 x 121 frames x 50 steps (5451)
 #   tiny-*         64: CPU test presets: the largest size x 200 steps x n=4 (tiny-flux 52.4)
 # Any other preset: 4 x its largest output at its default steps.
 kDefaultMaxRequestCost = {
     "flux-dev": 1000.0,
     "wan2.1-1.3b": 8000.0,
     "wan2.1-14b": 4000.0,
+    "qwen-image": 400.0,
+    "wan2.2-t2v-a14b": 4000.0,
+    "wan2.2-ti2v-5b": 8000.0,
     "tiny-flux": 64.0,
     "tiny-wan": 64.0,
+    "tiny-qwen-image": 64.0,
+    "tiny-wan2.2": 64.0,
+    "tiny-wan2.2-ti2v": 64.0,
 }
 
 
@@ -200,7 +211,9 @@ class ServerState:
     def _size(self, size: str | None) -> tuple[int, int]:
         p = self.preset
         if size is None or size == "auto":
-            if p.is_video:
+            if p.default_size is not None:
+                w, h = p.default_size
+            elif p.is_video:
                 w, h = 832, 480
             else:
                 w = h = 1024

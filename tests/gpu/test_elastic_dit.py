@@ -1,4 +1,4 @@
-"""Elastic SP on GPUs (4 x CUDA, nccl transport, bf16): a request whose group changes at every
+"""Elastic SP on GPUs (4 x CUDA with nccl, or 4 ranks sharing one GPU over ipc; bf16): a request whose group changes at every
 chunk (1 -> 2 -> 4 -> 1, shuffled orders) against the same request on one rank, on a model with
 flux-dev's layer sizes (24 heads x 128, hidden 3072, its text encoders and VAE) and fewer blocks.
 
@@ -15,7 +15,7 @@ from tests.launch import run_ranks
 pytestmark = pytest.mark.gpu
 
 
-def _elastic_bf16(world):
+def _elastic_bf16(world, size=1024, compile=None, cuda_graphs=None):
     import dataclasses
 
     import numpy as np
@@ -32,14 +32,15 @@ def _elastic_bf16(world):
     model = load_model(preset, device=world.device)
     scripts = {"single": SINGLE, "elastic": ELASTIC}
     engine = Engine(
-        world, "flux-dev", ScriptedPolicy(scripts), model_obj=model, chunk_steps=1, keep_latents=True
-    )
+        world, "flux-dev", ScriptedPolicy(scripts), model_obj=model, chunk_steps=1, keep_latents=True,
+        compile=compile, cuda_graphs=cuda_graphs,
+    )  # fmt: skip
     out = None
     try:
         if world.rank == 0:
             res = {}
             for rid in scripts:
-                req = Request(rid, "flux-dev", "a lighthouse at dusk", width=1024, height=1024,
+                req = Request(rid, "flux-dev", "a lighthouse at dusk", width=size, height=size,
                               num_inference_steps=4, seed=11)  # fmt: skip
                 res[rid] = engine.submit(req).result(timeout=600)
             a, b = res["elastic"].latents, res["single"].latents
@@ -64,6 +65,25 @@ def test_elastic_bf16_matches_single_rank(n):
     rel, max_abs, pixel_mean, reshards, reshard_s = run_ranks(_elastic_bf16, n, device="cuda", timeout=900)[0]
     print(f"elastic vs single (bf16): rel L2 {rel:.3e}, max abs {max_abs:.3e}, mean pixel diff {pixel_mean:.3f}, "
           f"{reshards} reshards in {reshard_s * 1e3:.1f} ms")  # fmt: skip
+    assert rel < 5e-2, rel
+    assert pixel_mean < 8.0, pixel_mean
+    assert reshards >= 4
+
+
+@pytest.mark.ipc
+@pytest.mark.parametrize("fast", ["eager", "graphs", "compiled+graphs"])
+def test_elastic_bf16_four_ranks_on_one_gpu_over_ipc(fast):
+    """The same request, 4 ranks sharing the GPUs there are (one suffices) over the ipc transport:
+    eager, graph-replayed steps (group-agnostic graphs: one graph per size and member index serves
+    every group of that size as the group changes between chunks), and compiled + replayed."""
+    compile = "regional" if fast.startswith("compiled") else "off"
+    graphs = fast.endswith("graphs")
+    env = {"GFCOLL_TRANSPORT": "ipc"}
+    rel, max_abs, pixel_mean, reshards, reshard_s = run_ranks(
+        _elastic_bf16, 4, 512, compile, graphs, device="cuda", timeout=900, env=env
+    )[0]
+    print(f"[{fast}] elastic vs single (bf16, ipc): rel L2 {rel:.3e}, max abs {max_abs:.3e}, "
+          f"mean pixel diff {pixel_mean:.3f}, {reshards} reshards in {reshard_s * 1e3:.1f} ms")  # fmt: skip
     assert rel < 5e-2, rel
     assert pixel_mean < 8.0, pixel_mean
     assert reshards >= 4

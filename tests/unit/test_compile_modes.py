@@ -1,10 +1,15 @@
-"""`--compile full` on CPU (inductor): the whole compiled forward of tiny-flux and tiny-wan denoises like
+"""`--compile full` on CPU (inductor): the whole compiled forward of the tiny presets denoises like
 eager (fp32, <= 1e-5); bad modes are refused; a compiled model cannot switch modes. (Regional mode,
 with SP over gfcoll groups: tests/multiproc/test_compile.py.) About 45 s of cold compilation."""
 
 import pytest
 
-CASES = {"tiny-flux": dict(width=64, height=64), "tiny-wan": dict(width=64, height=64, num_frames=5)}
+CASES = {
+    "tiny-flux": dict(width=64, height=64),
+    "tiny-wan": dict(width=64, height=64, num_frames=5),
+    "tiny-qwen-image": dict(width=64, height=64, guidance_scale=4.0),
+    "tiny-wan2.2": dict(width=64, height=64, num_frames=5),  # both experts (the switch at step 1 of 2)
+}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -31,8 +31,21 @@ def tiny():
 
 
 def test_preset_names_and_unknown_name():
-    assert set(PRESETS) == {"tiny-flux", "tiny-wan", "flux-dev", "wan2.1-1.3b", "wan2.1-14b"}
-    with pytest.raises(ValueError, match="known: flux-dev, tiny-flux, tiny-wan, wan2.1-1.3b, wan2.1-14b"):
+    names = {
+        "tiny-flux",
+        "tiny-wan",
+        "tiny-qwen-image",
+        "tiny-wan2.2",
+        "tiny-wan2.2-ti2v",
+        "flux-dev",
+        "wan2.1-1.3b",
+        "wan2.1-14b",
+        "qwen-image",
+        "wan2.2-t2v-a14b",
+        "wan2.2-ti2v-5b",
+    }
+    assert set(PRESETS) == names
+    with pytest.raises(ValueError, match="known: " + ", ".join(sorted(names)).replace(".", r"\.")):
         get_preset("sdxl")
     with pytest.raises(ValueError):
         load_model("nope", device="cpu")
@@ -437,7 +450,8 @@ def test_loading_a_model_warns_of_nothing_it_does_not_use():
     import subprocess
     import sys
 
-    code = "from gfdit.models import load_model; load_model('tiny-flux', device='cpu'); load_model('tiny-wan', device='cpu')"
+    names = ("tiny-flux", "tiny-wan", "tiny-qwen-image", "tiny-wan2.2", "tiny-wan2.2-ti2v")
+    code = f"from gfdit.models import load_model\nfor n in {names!r}: load_model(n, device='cpu')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "torchvision" not in out.stderr, out.stderr

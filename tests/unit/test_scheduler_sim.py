@@ -130,7 +130,7 @@ def test_analytic_cost_model_reproduces_measurements_and_scales():
     small = [cost.step_time("flux-dev", 512, 512, None, d) for d in (1, 2, 4, 8)]
     assert small[0] / small[3] < 1.5 and small[3] > 0.95 * small[2]  # fixed cost and communication
     assert cost.reshard_time(0) == 0 and cost.reshard_time(10**9) > cost.reshard_time(10**6) > 0
-    with pytest.raises(ValueError, match="unknown model preset 'nope'; known: flux-dev, tiny-flux"):
+    with pytest.raises(ValueError, match="unknown model preset 'nope'; known: flux-dev, .*tiny-flux"):
         cost.step_time("nope", 512, 512, None, 1)
 
 

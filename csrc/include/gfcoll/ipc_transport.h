@@ -33,11 +33,16 @@
 // hold arrivals of the current epoch only, which is also what lets a CUDA graph replay the same
 // wait values forever. Operations of one group issued on two streams are ordered by an event
 // (the second stream waits for the first's last operation on that channel); gfcoll adds no wait
-// between operations on different groups. Measured on one H200 time-shared by 2 and 4 processes
-// (bench/results/2026-12-01-h200): overlapping groups issued on two streams in opposite orders
-// still deadlocked until the watchdog's bound, so there the driver does not serve one process's
-// stream waits independently across its streams, and rule 3 stays in force for ipc until GPUs of
-// their own show otherwise.
+// between operations on different groups. Yet where ranks share a GPU, overlapping groups issued
+// on two streams in opposite orders deadlock (until the watchdog's bound): measured on one H200
+// (2026-12-01) and one H100 (2026-12-05), 2 and 4 processes, also with a variant whose waits were
+// spinning kernels instead of stream waits. The stress test, whose ranks issue groups in one global
+// order on two streams, passes there. Hypothesis: an operation is several stream items (stage
+// kernel, wait, data kernel, wait), and a blocked item stalls the hardware queue it sits in or the
+// time slice of its context, so work of another stream of the same process queued behind it
+// cannot run; a one-kernel operation (all phases inside one kernel) would not leave a blocked
+// item in a queue. So rule 3 stays in force for ipc where ranks share a GPU; whether it holds on
+// GPUs of their own is for the multi-GPU measurements.
 //
 // Point to point uses per ordered pair a ring of kP2PDepth message slots keyed by (pair, seq)
 // (rule 4): the sender stages message seq, publishes its offset in mbox[dst][seq % depth] and
@@ -58,13 +63,16 @@
 // Bounded waits: stream waits have no timeout, so a host watchdog thread watches every operation
 // in flight (a CUDA event per operation) and the liveness of its peers (their pids). When one
 // passes GFCOLL_TIMEOUT_S or a peer died, it records the error, sets the abort word and fills the
-// signal area with kAbortByte (which satisfies every wait), again while operations remain in
+// signal area with kAbortByte (which satisfies every wait) by a host-to-device copy (a copy
+// engine: a memset kernel would queue behind the blocked work), again while operations remain in
 // flight; kernels that see the abort word return without touching anything. The transport is
 // then unusable: every later call raises the recorded GfcollTimeoutError/GfcollPeerDiedError.
 // The watchdog also keeps a mask of dead local peers, and no operation with a dead member is
 // enqueued (it raises GfcollPeerDiedError at once), so this rank's kernels do not touch the
-// workspace of a process known to be gone. Open problem: on the one-GPU H200 a survivor of a
-// killed peer crashed (SIGSEGV, not in a Python thread) in its next device synchronisation.
+// workspace of a process known to be gone. On one H100 (2026-12-05) the watchdog thread itself
+// crashed (SIGSEGV in gfcoll-ipc-wd) whenever it failed the transport, formatting its message with
+// iostreams and releasing with a memset kernel; it now builds messages from plain strings and
+// releases with a copy.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -222,6 +230,9 @@ class IpcTransport {
   std::condition_variable cv_;
   bool stop_ = false;
   cudaStream_t wd_stream_ = nullptr;
+  cudaEvent_t release_event_ = nullptr;  // the watchdog's last release copy
+  bool release_pending_ = false;
+  void* abort_host_ = nullptr;  // pinned, kAbortByte over the signal area's size
 };
 
 }  // namespace gfcoll

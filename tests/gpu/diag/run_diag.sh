@@ -54,3 +54,10 @@ if [ -n "${DIAG_TESTS:-}" ]; then
   echo "tests rc $?"
   grep -E "PASSED|FAILED|SKIPPED|ERROR|passed|failed" "$OUT/diag-tests.log" | tail -20
 fi
+if [ "${DIAG_HOST_TIME:-0}" = 1 ]; then
+  for n in 2 4; do
+    timeout 100 python3 -m torch.distributed.run --nproc-per-node "$n" -m gfcoll.bench --host-time \
+      -n "${HOST_TIME_ITERS:-1000}" --json "$OUT/host-time-$n.json" >"$OUT/host-time-$n.log" 2>&1
+    echo "host-time $n rc $?"; grep -E "^\|" "$OUT/host-time-$n.log" | head -12
+  done
+fi

@@ -1,0 +1,175 @@
+"""Which ready DENOISE chunks to run together as one batch (Note [Batched steps] in
+gfdit/models/batch.py): a pure function of the runnable requests and the cost model, for policies.
+
+Note [Choosing batches]
+~~~~~~~~~~~~~~~~~~~~~~~
+`choose_batches(runnable, cost, now_s=..., degree=..., max_batch=...)` partitions the runnable DENOISE
+chunks and returns every one of them in exactly one `Batch` (a batch of one is a chunk alone):
+  - Only chunks with the same `BatchKey` share a batch: model, width, height, frames (one token grid),
+    CFG mode (Wan: a negative-prompt row per request or none) and expert (Wan2.2's high/low-noise
+    transformer, from `expert_of(request, step)`; None for single-expert models).
+  - Within a key, chunks are taken most urgent first (earliest deadline, then arrival, then id); each
+    unassigned chunk starts a batch and the later ones join it in order while
+      (1) the batch has fewer than max_batch members;
+      (2) batching pays: the batched chunk with the newcomer costs less than the batch without it plus
+          the newcomer's chunk alone (CostModel.batch_chunk_time; with a cost model that knows nothing
+          of batching, B steps cost B steps and nothing is ever batched);
+      (3) no member misses a deadline that it would meet alone, per the cost model: a member that
+          alone finishes by its deadline (now + remaining_time at `degree`) must still finish by it
+          when its chunk runs batched (now + batched chunk + the rest of its trajectory alone).
+          Members that would miss alone are not protected (they cannot be made later than "missed").
+    A chunk that cannot join is left for a later batch of the same key.
+  - Batches come back most urgent first (by their first member). The members of a batch share one
+    group of `degree` ranks; each member keeps its own chunk length (the batch shrinks as members
+    finish, Note [Batched steps]).
+max_batch = 1 gives every chunk alone, in urgency order: no batching.
+
+The time a member waits while others run is not modelled here: like the "alone" it is compared with,
+the batch is assumed to start now. A policy that cannot run every batch at once decides the order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass
+
+from gfdit.cost import CostModel
+from gfdit.policy import RunnableTask
+from gfdit.request import Request
+from gfdit.tasks import Task, TaskKind
+
+__all__ = ["BatchKey", "Batch", "batch_key", "uses_cfg", "choose_batches"]
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """What the members of one batch share (Note [Choosing batches])."""
+
+    model: str  # model preset
+    width: int  # pixels
+    height: int  # pixels
+    frames: int | None  # video frames; None for images
+    cfg: bool  # classifier-free guidance rows (Wan with guidance_scale > 1)
+    expert: Hashable = None  # the transformer of a multi-expert model at the chunk's first step; None
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batched DENOISE chunk: the members run together on one group of `degree` ranks."""
+
+    key: BatchKey  # what the members share
+    tasks: tuple[Task, ...]  # each member's DENOISE chunk, most urgent first
+    degree: int  # the group size it was costed at
+    seconds: float  # estimated seconds of the whole batched chunk (CostModel.batch_chunk_time)
+
+    @property
+    def size(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def request_ids(self) -> tuple[str, ...]:
+        return tuple(t.request_id for t in self.tasks)
+
+
+def uses_cfg(request: Request) -> bool:
+    """True when the request's model runs classifier-free guidance rows for it (its preset uses CFG and
+    guidance_scale > 1). Models known only to the cost model (no preset) run none."""
+    from gfdit.models.presets import get_preset  # pure Python, no torch
+
+    try:
+        preset = get_preset(request.model)
+    except ValueError:
+        return False
+    return bool(preset.uses_cfg) and request.guidance_scale > 1.0
+
+
+def batch_key(
+    request: Request, step: int, expert_of: Callable[[Request, int], Hashable] | None = None
+) -> BatchKey:
+    """The BatchKey of `request`'s chunk starting at `step`."""
+    expert = None if expert_of is None else expert_of(request, step)
+    return BatchKey(
+        request.model, request.width, request.height, request.num_frames, uses_cfg(request), expert
+    )
+
+
+def _urgency(rt: RunnableTask) -> tuple:
+    d = rt.request.deadline_s
+    return (d is None, d if d is not None else 0.0, rt.request.arrival_s, rt.request_id)
+
+
+def choose_batches(
+    runnable: Iterable[RunnableTask],
+    cost: CostModel,
+    *,
+    now_s: float,
+    degree: int,
+    max_batch: int,
+    expert_of: Callable[[Request, int], Hashable] | None = None,
+) -> list[Batch]:
+    """Note [Choosing batches]. `runnable`: the ready requests whose next task is DENOISE (each chunk as
+    listed: task.start .. task.end); `degree`: the SP degree of the group the batches would run on (it
+    must be a valid degree of every chunk); `max_batch` >= 1. Returns every chunk in exactly one Batch."""
+    if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
+        raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+    if not isinstance(degree, int) or isinstance(degree, bool) or degree < 1:
+        raise ValueError(f"degree must be a positive integer, got {degree!r}")
+    chunks = list(runnable)
+    seen: set[str] = set()
+    for rt in chunks:
+        if rt.kind is not TaskKind.DENOISE:
+            raise ValueError(f"choose_batches: {rt.task} is not a DENOISE chunk")
+        if rt.request_id in seen:
+            raise ValueError(f"choose_batches: request {rt.request_id!r} is listed twice")
+        seen.add(rt.request_id)
+        if degree not in rt.valid_degrees:
+            raise ValueError(
+                f"choose_batches: degree {degree} is not valid for {rt.request_id!r} (valid: {rt.valid_degrees})"
+            )
+    by_key: dict[BatchKey, list[RunnableTask]] = {}
+    for rt in sorted(chunks, key=_urgency):
+        by_key.setdefault(batch_key(rt.request, rt.task.start, expert_of), []).append(rt)
+    batches: list[tuple[tuple, Batch]] = []
+    for key, group in by_key.items():
+        left = list(group)
+        while left:
+            members = [left.pop(0)]
+            seconds = _chunk_time(cost, key, degree, members)
+            rest = []
+            for rt in left:
+                if len(members) < max_batch:
+                    trial = [*members, rt]
+                    trial_s = _chunk_time(cost, key, degree, trial)
+                    alone_s = _chunk_time(cost, key, degree, [rt])
+                    if trial_s < seconds + alone_s and _deadlines_hold(cost, trial, trial_s, now_s, degree):
+                        members, seconds = trial, trial_s
+                        continue
+                rest.append(rt)
+            left = rest
+            batch = Batch(key, tuple(m.task for m in members), degree, seconds)
+            batches.append((_urgency(members[0]), batch))
+    batches.sort(key=lambda item: item[0])
+    return [b for _, b in batches]
+
+
+def _chunk_time(cost: CostModel, key: BatchKey, degree: int, members: Sequence[RunnableTask]) -> float:
+    steps = [m.task.num_steps for m in members]
+    return cost.batch_chunk_time(key.model, key.width, key.height, key.frames, degree, steps)
+
+
+def _deadlines_hold(
+    cost: CostModel, members: Sequence[RunnableTask], batch_s: float, now_s: float, degree: int
+) -> bool:
+    """Condition (3) of Note [Choosing batches] for every member of a candidate batch."""
+    for m in members:
+        deadline = m.request.deadline_s
+        if deadline is None:
+            continue
+        r = m.request
+        alone_total = cost.remaining_time(r, m.task, degree, m.remaining_steps)
+        if now_s + alone_total > deadline:
+            continue  # misses alone: not protected
+        alone_chunk = m.task.num_steps * cost.step_time(r.model, r.width, r.height, r.num_frames, degree)
+        if now_s + batch_s + (alone_total - alone_chunk) > deadline + 1e-12 * max(1.0, abs(deadline)):
+            return False
+    return True

@@ -1,0 +1,50 @@
+"""`gfdit profile --batch-sizes` on 2 CPU ranks: batched steps per size and degree in the profile's
+batch_observations, loaded into the cost model as the batched step estimates (Note [Batched step cost])."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_profile_measures_batch_sizes(tmp_path):
+    from gfdit.cost import AnalyticCostModel
+    from gfdit.profile import apply_profile, read_profile
+
+    out = str(tmp_path / "tiny-batch.json")
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    }
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    run = subprocess.run(
+        [sys.executable, "-m", "gfdit.cli", "profile", "--nproc", "2", "--model", "tiny-flux", "--device", "cpu",
+         "--sizes", "64", "--steps", "2", "--reps", "1", "--batch-sizes", "1,3", "--out", out],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "batch 3" in run.stdout
+    data = json.load(open(out))
+    rows = data["batch_observations"]
+    assert {(r["kind"], r["width"], r["degree"], r["batch"]) for r in rows} == {
+        ("DENOISE", 64, d, 3) for d in (1, 2)
+    }
+    assert all(r["seconds"] > 0 for r in rows)
+    # The batch-1 rows are where they always were.
+    assert {(o["kind"], o["degree"]) for o in data["observations"] if o["kind"] == "DENOISE"} == {
+        ("DENOISE", 1),
+        ("DENOISE", 2),
+    }
+    cost = AnalyticCostModel()
+    apply_profile(cost, read_profile(out, "tiny-flux"))
+    for r in rows:
+        assert cost.batch_step_time("tiny-flux", 64, 64, None, r["degree"], 3) == r["seconds"]
+    assert cost.batch_correction("tiny-flux", 3) > 0
+    bad = subprocess.run(
+        [sys.executable, "-m", "gfdit.cli", "profile", "--nproc", "2", "--model", "tiny-flux",
+         "--batch-sizes", "0", "--out", out], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "--batch-sizes" in bad.stderr
