@@ -23,7 +23,7 @@ import torch
 import gfcoll
 from gfdit.layout import Layout, plan_reshard
 from gfdit.models import load_model
-from gfdit.profile import _cuda_sync, _max_over_world, _sync, step_times
+from gfdit.profile import cuda_sync, max_over_world, step_times, sync
 from gfdit.request import Request
 from gfdit.runtime.worker import Held, Worker
 
@@ -52,11 +52,11 @@ def migrations(world, model, size: int, reps: int) -> list[dict]:
                 i = src.index(world.rank)
                 held.lo, held.hi = i * seq // len(src), (i + 1) * seq // len(src)
                 held.latents = full[:, held.lo : held.hi].contiguous()
-            _sync(world)
+            sync(world)
             t0 = time.perf_counter()
-            worker._reshard(cmd, held, dst, world.rank in dst)
-            _cuda_sync(world)
-            times.append(_max_over_world(world, time.perf_counter() - t0))
+            worker.reshard(cmd, held, dst, world.rank in dst)
+            cuda_sync(world)
+            times.append(max_over_world(world, time.perf_counter() - t0))
             if world.rank in dst:
                 j = dst.index(world.rank)
                 lo, hi = j * seq // len(dst), (j + 1) * seq // len(dst)

@@ -138,12 +138,12 @@ def main() -> None:
     def velocity(key):
         req, cond, x = reqs[key], conds[key], x0s[key]
         sched = model.timesteps(req)
-        ctx = model._prepare(cond, req, None)
+        ctx = model.prepare(cond, req, None)
         with torch.no_grad():
             if model.step_graphs is not None:
                 model.step_graphs.velocity(model, x, sched.timesteps[0], ctx, None)  # capture (or hit)
                 return model.step_graphs.velocity(model, x, sched.timesteps[0], ctx, None).clone()
-            return model._velocity(x, sched.timesteps[0], ctx, None).clone()
+            return model.velocity(x, sched.timesteps[0], ctx, None).clone()
 
     fp32_refs = {}
     if args.fp32_reference:

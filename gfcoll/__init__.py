@@ -1,8 +1,7 @@
 """gfcoll: group-free collectives. Any ordered subset of ranks is a group, formed without
 communication; setup is paid once, at ``init``. See gfcoll.world for the ordering rules."""
 
-from ._bootstrap import init
-from ._native import build_info
+from ._bootstrap import build_info, init
 from .errors import (
     GfcollClosedError,
     GfcollCudaError,

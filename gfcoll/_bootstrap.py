@@ -109,6 +109,21 @@ def load_nccl():
     raise GfcollError("cannot load NCCL: " + " | ".join(errors))
 
 
+def build_info() -> dict:
+    """Which transports were built, and the CUDA and NCCL versions the build saw."""
+    info = dict(_native.lib().build_info())
+    info["nccl_runtime"] = None
+    if "nccl" in info["transports"]:
+        try:
+            t = load_nccl()
+            v = t.version()
+            info["nccl_runtime"] = f"{v // 10000}.{v // 100 % 100}.{v % 100}"
+            info["nccl_library"] = t.library_path()
+        except GfcollError as e:
+            info["nccl_runtime_error"] = str(e)
+    return info
+
+
 def init(
     *,
     rank: int | None = None,
@@ -182,8 +197,7 @@ def init(
     _init_count += 1
 
     world = World(rank, size, local_rank, local_size, device)
-    world._async_threads = _env.get_int(_env.HOST_ASYNC_THREADS)
-    world._force = force
+    world.configure(timeout_s=timeout_s, async_threads=_env.get_int(_env.HOST_ASYNC_THREADS), force=force)
     if ipc_bytes is None:
         ipc_bytes = _env.get_int(_env.IPC_BYTES)
     try:
@@ -200,7 +214,7 @@ def init(
                 log.info("gfcoll: %d ranks share %s GPUs: no NCCL communicator, ipc only", size, shared)
             elif "nccl" in info["transports"] and force in ("auto", "nccl"):
                 _setup_nccl(world, store, timeout_s)
-            if world._ipc is None and world._nccl is None:
+            if world.native_transport("ipc") is None and world.native_transport("nccl") is None:
                 raise GfcollValueError("gfcoll.init: no CUDA transport could be set up (see the log)")
     except BaseException:
         world.close()
@@ -225,7 +239,7 @@ def _setup_host(world: World, store, timeout_s: float) -> None:
     opts.chunk_bytes = _env.get_int(_env.HOST_CHUNK_BYTES)
     opts.timeout_s = timeout_s
     host = _native.lib().HostTransport(rank, size, opts)
-    world._host = host
+    world.attach_transport("host", host)
     if rank == local[0]:
         store.set(f"token/{node}", uuid.uuid4().hex[:16])
     token = store.get(f"token/{node}").decode()
@@ -291,9 +305,7 @@ def _setup_ipc(world: World, store, timeout_s: float, local: list[int], ipc_byte
     store.set(f"ipcok/{rank}", "1" if ok else "0")
     _wait(store, [f"ipcok/{r}" for r in local], timeout_s, "local peers to map ipc workspaces")
     if ok and all(store.get(f"ipcok/{r}") == b"1" for r in local):
-        world._ipc = ipc
-        world._ipc_ranks = frozenset(local)
-        world._ipc_ring = ipc.staging_bytes() * 4
+        world.attach_transport("ipc", ipc, ipc_ranks=local, ipc_ring_bytes=ipc.staging_bytes() * 4)
         return
     if ipc is not None:
         ipc.close()
@@ -307,6 +319,6 @@ def _setup_nccl(world: World, store, timeout_s: float) -> None:
     _wait(store, ["nccl/id"], timeout_s, "rank 0's NCCL id")
     uid = store.get("nccl/id")
     nccl.init(world.rank, world.size, uid, world.device.index)
-    world._nccl = nccl
+    world.attach_transport("nccl", nccl)
     nccl.warmup()
     nccl.start_watchdog(timeout_s)  # bounds every operation; aborts the communicator on failure

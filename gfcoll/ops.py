@@ -82,8 +82,8 @@ def traceable(group: Group) -> TracedGroup:
     if isinstance(group, TracedGroup):
         return group
     if group.rank < 0:
-        raise GfcollValueError(f"traceable: rank {group._world.rank} is not a member of {list(group.ranks)}")
-    world = group._world
+        raise GfcollValueError(f"traceable: rank {group.world.rank} is not a member of {list(group.ranks)}")
+    world = group.world
     with _lock:
         key = _world_keys.get(world)
         if key is None:

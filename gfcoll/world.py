@@ -61,7 +61,7 @@ import torch
 
 from . import _native
 from ._tensor import Buf, as_buf, check_same, op_code
-from .errors import GfcollClosedError, GfcollUnsupportedError, GfcollValueError
+from .errors import GfcollClosedError, GfcollPeerDiedError, GfcollUnsupportedError, GfcollValueError
 
 log = logging.getLogger("gfcoll")
 
@@ -136,9 +136,15 @@ class Group:
     def __repr__(self) -> str:
         return f"Group(ranks={list(self.ranks)}, rank={self.rank})"
 
+    @property
+    def world(self) -> World:
+        """The world this group belongs to."""
+        return self._world
+
     # -- helpers -------------------------------------------------------------------------------
     def _me(self, what: str) -> int:
         self._world._check_open()
+        self._world.check_members(self.ranks, what)
         if self.rank < 0:
             raise GfcollValueError(
                 f"{what}: rank {self._world.rank} is not a member of group {list(self.ranks)}"
@@ -339,9 +345,78 @@ class World:
         self._pool: ThreadPoolExecutor | None = None
         self._async_threads = 64
         self._closed = False
+        self._lost: frozenset[int] = frozenset()  # ranks excluded by exclude(): Note [Excluded ranks]
+        self.timeout_s = 300.0  # how long an operation waits for a peer (set by init: GFCOLL_TIMEOUT_S)
 
     def __repr__(self) -> str:
         return f"World(rank={self.rank}, size={self.size}, device={self.device})"
+
+    # -- construction (gfcoll.init) ---------------------------------------------------------------
+    def configure(self, *, timeout_s: float, async_threads: int, force: str) -> None:
+        """gfcoll.init's settings: the peer timeout (GFCOLL_TIMEOUT_S), the threads of asynchronous
+        host operations, and GFCOLL_TRANSPORT for CUDA operations. Local; before any operation."""
+        self.timeout_s = float(timeout_s)
+        self._async_threads = int(async_threads)
+        self._force = force
+
+    def attach_transport(self, name: str, native, *, ipc_ranks=(), ipc_ring_bytes: int = 0) -> None:
+        """gfcoll.init hands the world a native transport it set up: "host", "ipc" (with the global
+        ranks reachable over it and the bytes one operation may stage) or "nccl". Local."""
+        if name == "host":
+            self._host = native
+        elif name == "ipc":
+            self._ipc, self._ipc_ranks, self._ipc_ring = native, frozenset(ipc_ranks), int(ipc_ring_bytes)
+        elif name == "nccl":
+            self._nccl = native
+        else:
+            raise GfcollValueError(f"attach_transport: unknown transport {name!r}")
+
+    def native_transport(self, name: str):
+        """The native transport object "host", "ipc" or "nccl" (gfcoll._gfcoll), or None: for
+        diagnostics and benchmarks that time the native calls themselves."""
+        if name not in ("host", "ipc", "nccl"):
+            raise GfcollValueError(f"native_transport: unknown transport {name!r}")
+        return {"host": self._host, "ipc": self._ipc, "nccl": self._nccl}[name]
+
+    # -- excluded ranks --------------------------------------------------------------------------
+    # Note [Excluded ranks]
+    # ~~~~~~~~~~~~~~~~~~~~~
+    # A serving runtime that survives a dead or hung rank tells gfcoll so with `exclude`. From then
+    # on, on this rank, any operation whose group or peers include an excluded rank raises
+    # GfcollPeerDiedError at once, before touching a transport (fail fast instead of waiting for
+    # the liveness check or GFCOLL_TIMEOUT_S). Groups without excluded ranks are unaffected: the
+    # host transport's operations only touch their members' segments, so they keep working.
+    # An operation already waiting on the excluded rank when exclude() is called ends as the
+    # transport decides (host: peer-died within a liveness period for a dead process, the timeout
+    # for a stopped one). nccl needs the global communicator shrunk to the survivors
+    # (gfcoll.nccl_shrink, not yet wired to the native transport); ipc drops the peer's mapping in
+    # the native transport (not done here: csrc is unchanged).
+    def exclude(self, ranks: Sequence[int]) -> None:
+        """Marks global ranks as lost on this rank (Note [Excluded ranks]). Local, no communication;
+        any thread. Excluding this rank itself or an out-of-range rank is an error."""
+        new = set()
+        for r in ranks:
+            if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < self.size:
+                raise GfcollValueError(f"exclude: rank {r!r} is not in [0, {self.size})")
+            if r == self.rank:
+                raise GfcollValueError(f"exclude: rank {r} cannot exclude itself")
+            new.add(r)
+        with self._lock:
+            self._lost = self._lost | new
+        if new:
+            log.warning("rank %d: excluded ranks %s from the world", self.rank, sorted(new))
+
+    @property
+    def lost_ranks(self) -> frozenset[int]:
+        """The ranks excluded so far (Note [Excluded ranks])."""
+        return self._lost
+
+    def check_members(self, ranks: Sequence[int], what: str) -> None:
+        """Raises GfcollPeerDiedError if any of `ranks` was excluded (Note [Excluded ranks])."""
+        lost = self._lost
+        if lost and not lost.isdisjoint(ranks):
+            gone = sorted(lost.intersection(ranks))
+            raise GfcollPeerDiedError(f"{what}: rank(s) {gone} were excluded from the world (lost)")
 
     # -- groups ----------------------------------------------------------------------------------
     def group(self, ranks: Sequence[int]) -> Group:
@@ -381,6 +456,7 @@ class World:
         self._check_open()
         if not ops:
             return None
+        self.check_members([p.peer for p in ops if isinstance(p, P2P)], "batch_p2p")
         bufs, items = [], []
         for k, p in enumerate(ops):
             if not isinstance(p, P2P):

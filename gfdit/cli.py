@@ -22,6 +22,8 @@ import os
 import shlex
 import sys
 
+from gfdit.scheduler import kDefaultChunkSteps
+
 __all__ = ["main", "build_parser"]
 
 kShutdownMarginS = 15.0  # after the drain: the engine closes, every rank leaves; later ones are killed
@@ -129,7 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--baseline", action="append", default=[], help="a fixed policy spec to compare; repeat")
     t.add_argument("--objective", default="slo", choices=("slo", "mean", "p99", "throughput"))
-    t.add_argument("--chunk-steps", type=int, default=2, help="the server's --chunk-steps (default 2)")
+    t.add_argument(
+        "--chunk-steps",
+        type=int,
+        default=kDefaultChunkSteps,
+        help=f"the server's --chunk-steps (default {kDefaultChunkSteps})",
+    )
     t.add_argument("--noise", type=float, default=0.0, help="log-normal sigma on task times (default 0)")
     t.add_argument("--seeds", type=int, default=1, help="simulations per candidate with noise (default 1)")
     t.add_argument("--out", default=None, help="directory for results.json and results.md")
@@ -239,8 +246,7 @@ def _gen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if args.calibrate_url and args.cost_profile:
             parser.error("give --calibrate-url or --cost-profile, not both")
         if args.cost_profile:
-            from gfdit.cost import AnalyticCostModel
-            from gfdit.profile import apply_profile, read_profile
+            from gfdit.cost import AnalyticCostModel, apply_profile, read_profile
 
             cost = AnalyticCostModel()
             apply_profile(cost, read_profile(args.cost_profile, model=args.model))
@@ -342,7 +348,7 @@ def _tune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         meta, records = read_trace(args.trace)
         cost_profile = None
         if args.cost_profile is not None:
-            from gfdit.profile import read_profile
+            from gfdit.cost import read_profile
 
             cost_profile = read_profile(args.cost_profile, model=meta.get("spec", {}).get("model"))
         seeds = tuple(range(args.seeds))

@@ -15,7 +15,7 @@ part (projections, MLPs), b*N^2 attention; comm is Ulysses' four all-to-alls per
 The per-model c0, a, b of the full-size presets are fitted at import from the one-H100 per-step
 measurements in `MEASURED_STEP_S` (DESIGN.md section 2): an exact 3x3 solve for flux-dev (3 sizes);
 for Wan (2 sizes each) c0 is fixed to flux-dev's launch cost per transformer block times the block
-count and a, b are solved exactly. The tiny presets, the stage costs (encode, VAE decode, finalize)
+count and a, b are solved exactly. The tiny presets, the stage costs (encode, VAE decode)
 and the communication constants are assumptions, not measurements: the online correction fixes them.
 
 The floor. A step cannot be faster than the host can issue it: an eager flux-dev step needs ~65 ms of
@@ -41,6 +41,17 @@ Online correction: `observe` keeps, per (kind, model, width, height, frames, deg
 moving average (EMA) of the observed seconds (per step for DENOISE) and, per (kind, model), an EMA of
 observed / analytic. An estimate is the EMA for that exact key when there is one, else the analytic
 estimate scaled by the per-model factor.
+DECODE runs on one rank (the group's first member gathers the latent and decodes), so its estimate
+does not shrink with the degree.
+
+Note [One model registry]
+~~~~~~~~~~~~~~~~~~~~~~~~~
+gfdit.models.presets is the one registry of models. A ModelProfile here holds only cost constants
+and its preset; heads, blocks, width, text tokens, the latent tokens S (`ModelPreset.seq_len`) and
+the valid SP degrees (`ModelPreset.valid_sp_degrees`: d divides S and the heads) are the preset's,
+read by the models (gfdit.models.base), the scheduler and this module alike. N, the self-attention
+length of the formula above, is S plus the text tokens joined into it (`attention_len`). A preset
+without built-in cost constants gets its family's, scaled by blocks x width^2 (`get_profile`).
 
 Note [Batched step cost]
 ~~~~~~~~~~~~~~~~~~~~~~~~
@@ -69,10 +80,12 @@ nothing of batching, charges B times a step (batching never pays): the safe side
 from __future__ import annotations
 
 import abc
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from gfdit.models.presets import ModelPreset, get_preset
 from gfdit.request import Request
 from gfdit.tasks import Task, TaskKind
 
@@ -82,6 +95,7 @@ __all__ = [
     "MEASURED_STEP_S",
     "register_model",
     "get_profile",
+    "derive_profile",
     "state_dim_size",
     "state_bytes_per_index",
     "valid_sp_degrees",
@@ -89,36 +103,56 @@ __all__ = [
     "AnalyticCostModel",
     "StepFit",
     "kFloorTolerance",
+    "kProfileFormat",
+    "read_profile",
+    "apply_profile",
 ]
 
 
 @dataclass(frozen=True)
 class ModelProfile:
-    """Shape and cost constants of one model preset (what the scheduler needs, no weights)."""
+    """Cost constants of one model preset. Its shapes (heads, blocks, width, text tokens, latent
+    tokens, valid degrees) are the preset's own (Note [One model registry])."""
 
-    name: str  # preset name, e.g. "flux-dev"
-    video: bool  # True for video models (Wan): requests may give num_frames
-    num_heads: int  # attention heads; a Ulysses SP degree must divide it
-    num_layers: int  # transformer blocks with one self-attention each
-    hidden: int  # model width: bf16 elements per token in Ulysses' all-to-alls
-    text_tokens: int  # text tokens joined into the self-attention sequence (MMDiT); 0: cross-attention
-    vae_spatial: int = 8  # pixels per latent pixel along height and width
-    vae_temporal: int = 4  # video: latent frames = (frames - 1) // vae_temporal + 1
-    patch: int = 2  # latent pixels per token along height and width
-    latent_channels: int = 16  # channels of the VAE latent
+    preset: ModelPreset  # the model: every shape comes from here
     step_fixed_s: float = 0.0  # c0: per-step seconds that do not shrink with the SP degree
     step_linear_s: float = 0.0  # a: seconds per token per step at degree 1
     step_quadratic_s: float = 0.0  # b: seconds per token^2 per step at degree 1 (attention)
     encode_s: float = 0.0  # ENCODE seconds (text encoders + initial noise), any size
-    decode_s_per_mpx: float = 0.0  # DECODE seconds per million output pixels (all frames), one rank
-    decode_serial_fraction: float = 0.1  # part of DECODE that does not shrink with more ranks
-    finalize_s_per_mpx: float = 0.0  # FINALIZE seconds per million output pixels (image/video encode)
+    decode_s_per_mpx: float = 0.0  # DECODE seconds per million output pixels (all frames), on one rank
     host_step_s: float = 0.0  # host seconds to issue one step at SP1 (the floor; 0: unknown, no floor)
     collectives_per_layer: int = (
         3  # gfcoll calls per attention layer under SP (Ulysses: 2 all_to_all + 1 gather)
     )
     # Host seconds per gfcoll call: 19-32 us measured on an H200 for a one-member group (issue 12).
     host_per_collective_s: float = 25e-6
+
+    # -- shapes, from the preset -------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.preset.name
+
+    @property
+    def video(self) -> bool:
+        """True for video models: requests may give num_frames."""
+        return self.preset.is_video
+
+    @property
+    def num_heads(self) -> int:
+        return self.preset.num_heads
+
+    @property
+    def num_layers(self) -> int:
+        """Transformer blocks with one self-attention each."""
+        return self.preset.num_blocks
+
+    @property
+    def hidden(self) -> int:
+        return self.preset.hidden
+
+    @property
+    def text_tokens(self) -> int:
+        return self.preset.text_tokens
 
     def host_time(self, d: int) -> float:
         """host(d) of Note [Cost model] (0 when host_step_s is unknown)."""
@@ -128,24 +162,18 @@ class ModelProfile:
             self.num_layers * self.collectives_per_layer * self.host_per_collective_s if d > 1 else 0.0
         )
 
-    def latent_frames(self, frames: int | None) -> int:
-        if frames is None or not self.video:
-            return 1
-        return (frames - 1) // self.vae_temporal + 1
-
-    def image_tokens(self, width: int, height: int, frames: int | None) -> int:
-        """Latent patches: the tokens of the state that SP shards (text tokens excluded)."""
-        step = self.vae_spatial * self.patch
-        return (height // step) * (width // step) * self.latent_frames(frames)
-
     def seq_len(self, width: int, height: int, frames: int | None) -> int:
-        """The self-attention sequence length."""
-        return self.image_tokens(width, height, frames) + self.text_tokens
+        """S: the latent tokens, which SP shards (ModelPreset.seq_len, the one definition)."""
+        return self.preset.seq_len(width, height, frames)
+
+    def attention_len(self, width: int, height: int, frames: int | None) -> int:
+        """N of Note [Cost model]: the self-attention sequence, S plus the joined text tokens."""
+        return self.seq_len(width, height, frames) + self.text_tokens
 
     @property
     def state_bytes_per_token(self) -> int:
         """Bytes of the fp32 latent per token (the state carried between DENOISE chunks)."""
-        return self.latent_channels * self.patch * self.patch * 4
+        return self.preset.token_dim * 4
 
 
 # One H100, diffusers 0.42.1, torch 2.11, bf16 eager, random weights (DESIGN.md section 2):
@@ -173,7 +201,7 @@ def _solve(rows: list[list[float]], rhs: list[float]) -> list[float]:
 
 def _fit_step(profile: ModelProfile, fixed_s: float | None = None) -> ModelProfile:
     """Fit c0, a, b of `profile` exactly through its MEASURED_STEP_S points (see Note [Cost model])."""
-    points = [(profile.seq_len(w, h, f), t) for (w, h, f), t in MEASURED_STEP_S[profile.name].items()]
+    points = [(profile.attention_len(w, h, f), t) for (w, h, f), t in MEASURED_STEP_S[profile.name].items()]
     if fixed_s is None:
         c0, a, b = _solve([[1.0, n, n * n] for n, _ in points], [t for _, t in points])
     else:
@@ -188,102 +216,100 @@ def _builtin_profiles() -> dict[str, ModelProfile]:
     # Stage constants are assumptions (not measured): T5-XXL-class text encoding ~30 ms on an H100;
     # Flux VAE decode ~0.1 s per megapixel; Wan's 3D VAE ~0.15 s per megapixel-frame; PNG/MP4 encode
     # ~50 megapixels/s on one CPU core.
-    flux = _fit_step(
-        ModelProfile(
-            "flux-dev", video=False, num_heads=24, num_layers=57, hidden=3072, text_tokens=512,
-            encode_s=0.03, decode_s_per_mpx=0.1, finalize_s_per_mpx=0.02,
-        )
-    )  # fmt: skip
+    flux = _fit_step(ModelProfile(get_preset("flux-dev"), encode_s=0.03, decode_s_per_mpx=0.1))
     launch_per_layer = flux.step_fixed_s / flux.num_layers
 
-    def wan(name: str, heads: int, layers: int, hidden: int) -> ModelProfile:
-        base = ModelProfile(
-            name, video=True, num_heads=heads, num_layers=layers, hidden=hidden, text_tokens=0,
-            encode_s=0.03, decode_s_per_mpx=0.15, finalize_s_per_mpx=0.02,
-        )  # fmt: skip
-        return _fit_step(base, fixed_s=launch_per_layer * layers)
+    def wan(name: str) -> ModelProfile:
+        base = ModelProfile(get_preset(name), encode_s=0.03, decode_s_per_mpx=0.15)
+        return _fit_step(base, fixed_s=launch_per_layer * base.num_layers)
 
     # Tiny presets run on CPU; their constants are rough guesses for a few-millisecond step.
-    tiny_flux = ModelProfile(
-        "tiny-flux", video=False, num_heads=4, num_layers=4, hidden=256, text_tokens=64,
-        step_fixed_s=0.005, step_linear_s=4e-5, step_quadratic_s=1e-8,
-        encode_s=0.005, decode_s_per_mpx=0.5, finalize_s_per_mpx=0.05,
-    )  # fmt: skip
-    tiny_wan = ModelProfile(
-        "tiny-wan", video=True, num_heads=4, num_layers=2, hidden=128, text_tokens=0,
-        step_fixed_s=0.005, step_linear_s=3e-5, step_quadratic_s=1e-8,
-        encode_s=0.005, decode_s_per_mpx=0.5, finalize_s_per_mpx=0.05,
-    )  # fmt: skip
+    tiny = dict(step_fixed_s=0.005, encode_s=0.005, decode_s_per_mpx=0.5)
+    tiny_flux = ModelProfile(get_preset("tiny-flux"), step_linear_s=4e-5, step_quadratic_s=1e-8, **tiny)
+    tiny_wan = ModelProfile(get_preset("tiny-wan"), step_linear_s=3e-5, step_quadratic_s=1e-8, **tiny)
     # Qwen-Image (MMDiT, 60 double-stream blocks of width 3072): flux-dev's per-token constants scaled by
-    # the block count (an assumption until profiled); its text tokens vary per prompt, 128 taken as typical.
-    # True CFG runs the transformer twice per step: the step constants cover both passes.
-    qwen_layers = 60
+    # the block count (an assumption until profiled). True CFG runs the transformer twice per step: the
+    # step constants cover both passes.
+    qwen_preset = get_preset("qwen-image")
 
     def scaled(v: float) -> float:
-        return 2 * v * qwen_layers / flux.num_layers
+        return 2 * v * qwen_preset.num_blocks / flux.num_layers
 
     qwen = ModelProfile(
-        "qwen-image", video=False, num_heads=24, num_layers=qwen_layers, hidden=3072, text_tokens=128,
+        qwen_preset,
         step_fixed_s=scaled(flux.step_fixed_s), step_linear_s=scaled(flux.step_linear_s),
-        step_quadratic_s=scaled(flux.step_quadratic_s),
-        encode_s=0.05, decode_s_per_mpx=0.1, finalize_s_per_mpx=0.02,
+        step_quadratic_s=scaled(flux.step_quadratic_s), encode_s=0.05, decode_s_per_mpx=0.1,
     )  # fmt: skip
-    tiny_qwen = replace(tiny_flux, name="tiny-qwen-image", num_layers=2, hidden=64, text_tokens=16)
-    wan_13 = wan("wan2.1-1.3b", heads=12, layers=30, hidden=1536)
-    wan_14 = wan("wan2.1-14b", heads=40, layers=40, hidden=5120)
+    tiny_qwen = replace(tiny_flux, preset=get_preset("tiny-qwen-image"))
+    wan_13 = wan("wan2.1-1.3b")
+    wan_14 = wan("wan2.1-14b")
     # Wan2.2: A14B runs one 14B expert per step, each Wan2.1-14B's architecture: its step costs. TI2V-5B
     # (an assumption until profiled): Wan2.1-1.3B's per-token constants scaled by the parameter ratio
-    # (5.0 / 1.42 B) for the linear part and the head ratio (24 / 12) for attention; its 16x VAE gives
-    # 48-channel latents, a quarter of the tokens per pixel.
-    a14b = replace(wan_14, name="wan2.2-t2v-a14b")
+    # (5.0 / 1.42 B) for the linear part and the head ratio (24 / 12) for attention.
+    a14b = replace(wan_14, preset=get_preset("wan2.2-t2v-a14b"))
     ti2v = replace(
-        wan_13, name="wan2.2-ti2v-5b", num_heads=24, hidden=3072, vae_spatial=16, latent_channels=48,
+        wan_13, preset=get_preset("wan2.2-ti2v-5b"),
         step_linear_s=wan_13.step_linear_s * 5.0 / 1.42, step_quadratic_s=wan_13.step_quadratic_s * 2,
     )  # fmt: skip
-    tiny_wan22 = replace(tiny_wan, name="tiny-wan2.2")
-    tiny_ti2v = replace(tiny_wan, name="tiny-wan2.2-ti2v", vae_spatial=16, latent_channels=48)
+    tiny_wan22 = replace(tiny_wan, preset=get_preset("tiny-wan2.2"))
+    tiny_ti2v = replace(tiny_wan, preset=get_preset("tiny-wan2.2-ti2v"))
     profiles = [tiny_flux, tiny_wan, tiny_qwen, tiny_wan22, tiny_ti2v, flux, wan_13, wan_14, qwen, a14b, ti2v]
     return {p.name: p for p in profiles}
+
+
+def derive_profile(preset: ModelPreset) -> ModelProfile:
+    """The cost profile of a preset without built-in constants (an assumption until profiled):
+    the built-in profile of its family scaled by blocks x width^2 (the per-token work of a block
+    grows with the square of the width)."""
+    ref = MODEL_PROFILES["wan2.1-14b" if preset.is_video else "flux-dev"]
+    if preset.name.startswith("tiny-"):
+        ref = MODEL_PROFILES["tiny-wan" if preset.is_video else "tiny-flux"]
+    k = (preset.num_blocks * preset.hidden**2) / (ref.num_layers * ref.hidden**2)
+    return replace(
+        ref,
+        preset=preset,
+        step_fixed_s=ref.step_fixed_s * preset.num_blocks / ref.num_layers,
+        step_linear_s=ref.step_linear_s * k,
+        step_quadratic_s=ref.step_quadratic_s
+        * preset.num_blocks
+        * preset.hidden
+        / (ref.num_layers * ref.hidden),
+    )
 
 
 MODEL_PROFILES: dict[str, ModelProfile] = _builtin_profiles()
 
 
 def register_model(profile: ModelProfile) -> None:
-    """Add or replace a model profile (e.g. from `gfdit profile` or a model loaded from disk)."""
+    """Add or replace the cost profile of a preset (e.g. from `gfdit profile`)."""
     MODEL_PROFILES[profile.name] = profile
 
 
 def get_profile(model: str) -> ModelProfile:
-    """The profile of `model`; ValueError naming the known presets if there is none."""
-    try:
-        return MODEL_PROFILES[model]
-    except KeyError:
-        raise ValueError(f"unknown model {model!r}; known: {', '.join(sorted(MODEL_PROFILES))}") from None
+    """The cost profile of preset `model` (derived from its family's when it has none built in);
+    ValueError naming the known presets if there is no such preset."""
+    p = MODEL_PROFILES.get(model)
+    if p is None:
+        p = derive_profile(get_preset(model))  # ValueError for an unknown name
+        MODEL_PROFILES[model] = p
+    return p
 
 
 def state_dim_size(request: Request) -> int:
-    """Size of the split dimension of the request's state: its latent tokens."""
-    return get_profile(request.model).image_tokens(request.width, request.height, request.num_frames)
+    """Size of the split dimension of the request's state: its latent tokens (ModelPreset.seq_len)."""
+    return get_preset(request.model).seq_len(request.width, request.height, request.num_frames)
 
 
 def state_bytes_per_index(request: Request, kind: TaskKind) -> float:
     """Bytes per index of the split dimension of the state a task of `kind` starts from: the fp32
-    latent before DECODE; for FINALIZE the decoded uint8 RGB pixels (spread over the same indices)."""
-    profile = get_profile(request.model)
-    if kind is TaskKind.FINALIZE:
-        return 3 * request.num_pixels / max(1, state_dim_size(request))
-    return float(profile.state_bytes_per_token)
+    latent (every task that moves state moves the latent)."""
+    return float(get_profile(request.model).state_bytes_per_token)
 
 
 def valid_sp_degrees(request: Request, max_degree: int) -> tuple[int, ...]:
-    """SP degrees in [1, max_degree] that divide the heads, the latent tokens and the text tokens."""
-    p = get_profile(request.model)
-    tokens = p.image_tokens(request.width, request.height, request.num_frames)
-    return tuple(
-        d
-        for d in range(1, max_degree + 1)
-        if p.num_heads % d == 0 and tokens % d == 0 and p.text_tokens % d == 0
+    """SP degrees in [1, max_degree] the preset allows (ModelPreset.valid_sp_degrees, the one rule)."""
+    return get_preset(request.model).valid_sp_degrees(
+        request.width, request.height, request.num_frames, max_degree
     )
 
 
@@ -299,7 +325,7 @@ class CostModel(abc.ABC):
     def stage_time(
         self, kind: TaskKind, model: str, width: int, height: int, frames: int | None, sp_degree: int
     ) -> float:
-        """Seconds of an ENCODE, DECODE or FINALIZE task on `sp_degree` ranks (DENOISE: one step)."""
+        """Seconds of an ENCODE or DECODE task on `sp_degree` ranks (DENOISE: one step)."""
 
     @abc.abstractmethod
     def reshard_time(self, num_bytes: int) -> float:
@@ -335,7 +361,7 @@ class CostModel(abc.ABC):
         """Seconds from `head` to the end of the trajectory with DENOISE at `sp_degree` and the other
         stages at `stage_degree`; `remaining_steps` denoising steps are still to run."""
         r = request
-        order = [TaskKind.ENCODE, TaskKind.DENOISE, TaskKind.DECODE, TaskKind.FINALIZE]
+        order = [TaskKind.ENCODE, TaskKind.DENOISE, TaskKind.DECODE]
         total = 0.0
         for kind in order[order.index(head.kind) :]:
             if kind is TaskKind.DENOISE:
@@ -475,7 +501,7 @@ class AnalyticCostModel(CostModel):
         """gpu(N, d) of Note [Cost model]: compute, plus Ulysses' all-to-alls for d > 1."""
         self._check_degree(d)
         p = self.profile(model)
-        n = p.seq_len(width, height, frames)
+        n = p.attention_len(width, height, frames)
         compute = p.step_fixed_s + (p.step_linear_s * n + p.step_quadratic_s * n * n) / d
         if d == 1:
             return compute
@@ -531,9 +557,10 @@ class AnalyticCostModel(CostModel):
         if kind is TaskKind.ENCODE:
             return p.encode_s
         if kind is TaskKind.DECODE:
-            serial = p.decode_serial_fraction
-            return p.decode_s_per_mpx * mpx * (serial + (1.0 - serial) / d)
-        return p.finalize_s_per_mpx * mpx
+            # One rank decodes (the others send it their slices: gfdit.runtime.worker): no speed-up
+            # with d, only the gather of the latent, which reshard_time-like costs keep small.
+            return p.decode_s_per_mpx * mpx
+        raise ValueError(f"no stage time for {kind}")
 
     def _estimate(
         self, kind: TaskKind, model: str, width: int, height: int, frames: int | None, d: int
@@ -629,7 +656,7 @@ class AnalyticCostModel(CostModel):
         self._check_degree(d)
         _check_batch(batch)
         p = self.profile(model)
-        n = p.seq_len(width, height, frames)
+        n = p.attention_len(width, height, frames)
         compute = p.step_fixed_s + batch * (p.step_linear_s * n + p.step_quadratic_s * n * n) / d
         if d == 1:
             return compute
@@ -737,3 +764,65 @@ class AnalyticCostModel(CostModel):
         per_step = seconds / num_steps
         old = self._batch_observed.get(key)
         self._batch_observed[key] = per_step if old is None else (1 - self.ema) * old + self.ema * per_step
+
+
+# -- cost profiles (written by `gfdit profile`) ------------------------------------------------------------
+
+kProfileFormat = "gfdit-profile/1"
+kProfileKinds = ("ENCODE", "DENOISE", "DECODE")
+
+
+def read_profile(path: str, model: str | None = None) -> dict:
+    """The profile at `path`, checked; ValueError naming the problem (wrong format or model, bad rows)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as e:
+        raise ValueError(f"cost profile {path!r}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"cost profile {path!r} is not JSON: {e}") from None
+    if not isinstance(data, dict) or data.get("format") != kProfileFormat:
+        raise ValueError(
+            f"cost profile {path!r}: expected format {kProfileFormat!r} (written by `gfdit profile`)"
+        )
+    if model is not None and data.get("model") != model:
+        raise ValueError(f"cost profile {path!r} is for model {data.get('model')!r}, not {model!r}")
+    rows = data.get("observations")
+    if not isinstance(rows, list) or not rows:
+        raise ValueError(f"cost profile {path!r} has no observations")
+    for i, r in enumerate(rows):
+        ok = (
+            isinstance(r, dict) and r.get("kind") in kProfileKinds
+            and all(isinstance(r.get(k), int) and r[k] > 0 for k in ("width", "height", "degree"))
+            and (r.get("frames") is None or (isinstance(r["frames"], int) and r["frames"] > 0))
+            and isinstance(r.get("seconds"), int | float) and r["seconds"] >= 0
+        )  # fmt: skip
+        if not ok:
+            raise ValueError(f"cost profile {path!r}: observation {i} is malformed: {r!r}")
+    batched = data.get("batch_observations", [])
+    if not isinstance(batched, list):
+        raise ValueError(f"cost profile {path!r}: batch_observations must be a list")
+    for i, r in enumerate(batched):
+        ok = (
+            isinstance(r, dict) and r.get("kind") == "DENOISE"
+            and all(isinstance(r.get(k), int) and r[k] > 0 for k in ("width", "height", "degree", "batch"))
+            and (r.get("frames") is None or (isinstance(r["frames"], int) and r["frames"] > 0))
+            and isinstance(r.get("seconds"), int | float) and r["seconds"] >= 0
+        )  # fmt: skip
+        if not ok:
+            raise ValueError(f"cost profile {path!r}: batch observation {i} is malformed: {r!r}")
+    return data
+
+
+def apply_profile(cost_model, profile: dict) -> None:
+    """Load a profile's observations into `cost_model` (an AnalyticCostModel): each measured key
+    becomes exactly the measurement, and each kind's measured/analytic factor their mean."""
+    model = profile["model"]
+    for r in profile["observations"]:
+        kind = TaskKind[r["kind"]]
+        args = (kind, model, r["width"], r["height"], r["frames"], r["degree"])
+        cost_model.set_observed(*args, float(r["seconds"]))
+    # Batched steps after every batch-1 step: their correction is relative to step_time.
+    for r in profile.get("batch_observations", []):
+        args = (model, r["width"], r["height"], r["frames"], r["degree"], r["batch"])
+        cost_model.set_observed_batch(*args, float(r["seconds"]))

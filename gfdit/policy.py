@@ -6,7 +6,7 @@ rescheduling point, both in the server and in the simulator (`gfdit.sim`). Contr
   - every assignment names a task that is in `view.runnable` (as given, `RunnableTask.task`), at most
     one per request;
   - its ranks are free, distinct, in [0, world_size), disjoint from the other assignments' ranks;
-  - the group size is one of `RunnableTask.valid_degrees` (FINALIZE: exactly one rank);
+  - the group size is one of `RunnableTask.valid_degrees`;
   - DENOISE may set `num_steps` (1..remaining_steps) to run more or fewer steps than listed;
   - a runnable request that gets nothing simply waits (preemption): its state stays where it is;
   - it must not mutate the view. The Scheduler validates the output and raises PolicyError otherwise.
@@ -285,7 +285,7 @@ def _static_groups(
     view: SchedulerView, degree_of: typing.Callable[[RunnableTask], int], chunk: int | None
 ) -> list[Assignment]:
     """Static parallelism: a request gets a group of `degree_of(rt)` ranks (the largest valid degree <=
-    it) when it starts and keeps it, reserved, for its whole life; FINALIZE on the group's first rank.
+    it) when it starts and keeps it, reserved, for its whole life.
     Groups are aligned blocks [k*d, (k+1)*d) when one is free. FCFS, no overtaking within a degree."""
     free = set(view.free_ranks)
     reserved = {r for t in view.running for r in t.ranks}
@@ -293,7 +293,7 @@ def _static_groups(
     out = []
     for rt in view.runnable:
         if rt.started:
-            group = rt.last_ranks[:1] if rt.kind is TaskKind.FINALIZE else rt.last_ranks
+            group = rt.last_ranks
             if set(group) <= free:
                 free -= set(group)
                 out.append(Assignment(rt.task, group, _steps(rt, chunk)))
@@ -306,8 +306,6 @@ def _static_groups(
             continue
         blocks = [tuple(range(s, s + d)) for s in range(0, view.world_size - d + 1, d)]
         group = next((b for b in blocks if set(b) <= set(available)), tuple(available[:d]))
-        if rt.kind is TaskKind.FINALIZE:  # a request submitted straight at FINALIZE (not normal)
-            group = group[:1]
         free -= set(group)
         reserved |= set(group)
         out.append(Assignment(rt.task, group, _steps(rt, chunk)))
@@ -405,8 +403,7 @@ def _validate_common(p: Policy, chunk: int | None, max_sp: int, tol: float) -> N
 @dataclass
 class StaticPolicy(Policy):
     """Baseline: every request gets a fixed group of `sp` ranks (the largest valid degree <= sp) when
-    it starts and keeps it, reserved, for its whole life; all its tasks run on that group (FINALIZE on
-    the group's first rank). Groups are aligned blocks [k*sp, (k+1)*sp) when one is free. FCFS."""
+    it starts and keeps it, reserved, for its whole life; all its tasks run on that group. Groups are aligned blocks [k*sp, (k+1)*sp) when one is free. FCFS."""
 
     name: ClassVar[str] = "static"
     sp: int = 1  # SP degree of every request
@@ -558,7 +555,7 @@ class TetriServePolicy(Policy):
     """A TetriServe-style policy: each request's SP degree is chosen once, at admission (its first
     task), as the smallest valid degree whose estimated finish (now + margin * standalone remaining
     time) meets its deadline (the fastest degree within `tol` when none does or it has none). It keeps
-    that degree for ENCODE, every DENOISE chunk and DECODE (FINALIZE: one rank), but runs each chunk
+    that degree for ENCODE, every DENOISE chunk and DECODE, but runs each chunk
     on whichever ranks are free (step-level packing, no reserved group). No preemption: admitted
     requests are served first, in arrival order, and a new request (earliest deadline first) is
     admitted only onto ranks that no waiting admitted request needs now."""
@@ -589,7 +586,7 @@ class TetriServePolicy(Policy):
         held = 0  # free ranks kept for admitted requests that do not fit yet
         admitted = sorted((rt for rt in view.runnable if rt.started), key=lambda rt: rt.request.arrival_s)
         for rt in admitted:
-            d = 1 if rt.kind is TaskKind.FINALIZE else len(rt.last_ranks)
+            d = len(rt.last_ranks)
             if d > len(free) - held:
                 held += d
                 continue
@@ -598,7 +595,7 @@ class TetriServePolicy(Policy):
             out.append(Assignment(rt.task, ranks, _steps(rt, self.chunk)))
         new = sorted((rt for rt in view.runnable if not rt.started), key=_edf_key)
         for rt in new:
-            d = self.admission_degree(rt, view.now_s, cap) if rt.kind is not TaskKind.FINALIZE else 1
+            d = self.admission_degree(rt, view.now_s, cap)
             if d > len(free) - held:
                 continue  # later, smaller requests may still fit (backfilling)
             ranks = place(rt, free, d, _others(holders, rt.request_id))
@@ -697,14 +694,14 @@ class EdfGreedyPolicy(GreedyOrderPolicy):
 @register_policy
 @dataclass
 class DisaggregatedPolicy(Policy):
-    """Disaggregated stages: the last `stage_ranks` ranks run only ENCODE, DECODE and FINALIZE (one
+    """Disaggregated stages: the last `stage_ranks` ranks run only ENCODE and DECODE (one
     rank each); the others run only DENOISE, earliest deadline first with the fastest degree within
     `tol` (as edf-greedy). The latent moves from its stage rank to the denoise group after ENCODE and
     to one stage rank for DECODE (two reshards per request). With world_size <= stage_ranks, every
     rank runs everything."""
 
     name: ClassVar[str] = "disaggregated"
-    stage_ranks: int = 1  # ranks reserved for ENCODE / DECODE / FINALIZE
+    stage_ranks: int = 1  # ranks reserved for ENCODE / DECODE
     max_sp: int = 0  # largest DENOISE degree; 0: the denoise ranks
     chunk: int | None = None  # DENOISE steps per task; None: the scheduler's chunk_steps; 0: all remaining
     tol: float = 0.05  # relative step-time gain below which more ranks are not worth taking

@@ -51,21 +51,22 @@ __all__ = [
     "main",
 ]
 
-kFormat = "gfdit-profile/1"
-kKinds = ("ENCODE", "DENOISE", "DECODE", "FINALIZE")
+from gfdit.cost import apply_profile, kProfileFormat, read_profile
+
+kFormat = kProfileFormat  # the format this command writes (gfdit.cost reads it)
 
 
-def _cuda_sync(world) -> None:
+def cuda_sync(world) -> None:
     if world.device.type == "cuda":
         torch.cuda.synchronize(world.device)
 
 
-def _sync(world) -> None:
-    _cuda_sync(world)
+def sync(world) -> None:
+    cuda_sync(world)
     world.group(list(range(world.size))).barrier()
 
 
-def _max_over_world(world, value: float) -> float:
+def max_over_world(world, value: float) -> float:
     t = torch.tensor([value], dtype=torch.float32, device=world.device)
     world.group(list(range(world.size))).all_reduce(t, op="max")
     return float(t.item())
@@ -96,12 +97,12 @@ def step_times(
         x = full[:, lo:hi].contiguous()
         group = world.group(ranks) if degree > 1 else None
     for step in range(steps + 1):
-        _sync(world)
+        sync(world)
         t0 = time.perf_counter()
         if member:
             x = model.denoise(x, (lo, hi), cond, step, step + 1, req, group=group)
-            _cuda_sync(world)
-        dt = _max_over_world(world, time.perf_counter() - t0 if member else 0.0)
+            cuda_sync(world)
+        dt = max_over_world(world, time.perf_counter() - t0 if member else 0.0)
         if step > 0:
             per.append(dt)
     return {"width": width, "height": height, "frames": frames, "degree": degree, "tokens": seq,
@@ -133,13 +134,13 @@ def batch_step_times(
             conds.append(model.encode(r))
         group = world.group(ranks) if degree > 1 else None
     for step in range(steps + 1):
-        _sync(world)
+        sync(world)
         t0 = time.perf_counter()
         if member:
             items = [BatchItem(r, x, c, step, step + 1) for r, x, c in zip(reqs, xs, conds, strict=True)]
             xs = model.denoise_batch(items, (lo, hi), group)
-            _cuda_sync(world)
-        dt = _max_over_world(world, time.perf_counter() - t0 if member else 0.0)
+            cuda_sync(world)
+        dt = max_over_world(world, time.perf_counter() - t0 if member else 0.0)
         if step > 0:
             per.append(dt)
     return {"width": width, "height": height, "frames": frames, "degree": degree, "batch": batch,
@@ -156,7 +157,7 @@ def breakdown(
     req = _request(model, width, height, frames, 1 + 2 * steps, f"b{width}x{height}-{degree}")
     ranks = list(range(degree))
     row = None
-    _sync(world)
+    sync(world)
     if world.rank in ranks:
         cond = model.encode(req)
         full = model.init_latents(req).to(world.device)
@@ -165,7 +166,7 @@ def breakdown(
         group = world.group(ranks) if degree > 1 else None
         x = full[:, lo:hi].contiguous()
         row = step_breakdown(model, req, cond, x, (lo, hi), group, steps=steps, warmup=1)
-    _sync(world)
+    sync(world)
     return row if world.rank == 0 else None
 
 
@@ -210,62 +211,6 @@ def stage_times(model, width: int, height: int, frames: int | None, reps: int) -
 
 
 # -- reading and applying ----------------------------------------------------------------------------
-
-
-def read_profile(path: str, model: str | None = None) -> dict:
-    """The profile at `path`, checked; ValueError naming the problem (wrong format or model, bad rows)."""
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except OSError as e:
-        raise ValueError(f"cost profile {path!r}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"cost profile {path!r} is not JSON: {e}") from None
-    if not isinstance(data, dict) or data.get("format") != kFormat:
-        raise ValueError(f"cost profile {path!r}: expected format {kFormat!r} (written by `gfdit profile`)")
-    if model is not None and data.get("model") != model:
-        raise ValueError(f"cost profile {path!r} is for model {data.get('model')!r}, not {model!r}")
-    rows = data.get("observations")
-    if not isinstance(rows, list) or not rows:
-        raise ValueError(f"cost profile {path!r} has no observations")
-    for i, r in enumerate(rows):
-        ok = (
-            isinstance(r, dict) and r.get("kind") in kKinds
-            and all(isinstance(r.get(k), int) and r[k] > 0 for k in ("width", "height", "degree"))
-            and (r.get("frames") is None or (isinstance(r["frames"], int) and r["frames"] > 0))
-            and isinstance(r.get("seconds"), int | float) and r["seconds"] >= 0
-        )  # fmt: skip
-        if not ok:
-            raise ValueError(f"cost profile {path!r}: observation {i} is malformed: {r!r}")
-    batched = data.get("batch_observations", [])
-    if not isinstance(batched, list):
-        raise ValueError(f"cost profile {path!r}: batch_observations must be a list")
-    for i, r in enumerate(batched):
-        ok = (
-            isinstance(r, dict) and r.get("kind") == "DENOISE"
-            and all(isinstance(r.get(k), int) and r[k] > 0 for k in ("width", "height", "degree", "batch"))
-            and (r.get("frames") is None or (isinstance(r["frames"], int) and r["frames"] > 0))
-            and isinstance(r.get("seconds"), int | float) and r["seconds"] >= 0
-        )  # fmt: skip
-        if not ok:
-            raise ValueError(f"cost profile {path!r}: batch observation {i} is malformed: {r!r}")
-    return data
-
-
-def apply_profile(cost_model, profile: dict) -> None:
-    """Load a profile's observations into `cost_model` (an AnalyticCostModel): each measured key
-    becomes exactly the measurement, and each kind's measured/analytic factor their mean."""
-    from gfdit.tasks import TaskKind
-
-    model = profile["model"]
-    for r in profile["observations"]:
-        kind = TaskKind[r["kind"]]
-        args = (kind, model, r["width"], r["height"], r["frames"], r["degree"])
-        cost_model.set_observed(*args, float(r["seconds"]))
-    # Batched steps after every batch-1 step: their correction is relative to step_time.
-    for r in profile.get("batch_observations", []):
-        args = (model, r["width"], r["height"], r["frames"], r["degree"], r["batch"])
-        cost_model.set_observed_batch(*args, float(r["seconds"]))
 
 
 # -- the command ----------------------------------------------------------------------------------------
@@ -325,9 +270,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     check_arguments(parser, args)
     from gfdit.models import load_model
+    from gfdit.runtime.bootstrap import init_world
     from gfdit.runtime.fast import apply as apply_fast_steps
 
-    world = _init_world(args.device)
+    world = init_world(args.device)
     try:
         model = load_model(args.model, device=world.device, weights=args.weights)
         fast = apply_fast_steps(model, **fast_kwargs(args))
@@ -389,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _say(f"wrote {len(rows)} observations ({len(batch_rows)} batched) to {args.out}")
             if args.breakdown:
                 _write_breakdown(args.breakdown, data, breakdown_rows)
-        _sync(world)
+        sync(world)
     finally:
         world.close()
     return 0
@@ -409,12 +355,6 @@ def _obs(kind: str, size: int, frames: int | None, degree: int, seconds: float) 
 def _say(text: str) -> None:
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
-
-
-def _init_world(device: str | None):
-    from gfdit.serve import _init_world as init
-
-    return init(device)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ class RequestState(enum.Enum):
     QUEUED = "queued"  # submitted; none of its tasks has run yet
     RUNNING = "running"  # one of its tasks is executing on a group of ranks
     WAITING = "waiting"  # between two tasks (a rescheduling point); its state stays where it is
-    DONE = "done"  # FINALIZE completed: the result went to the front end
+    DONE = "done"  # DECODE completed: the result went to the front end
     FAILED = "failed"  # a task failed and was not retried; the record says why
     CANCELLED = "cancelled"  # cancelled by the client or the server
 

@@ -11,8 +11,8 @@ The scheduler tracks one Layout per request (its latent; conditioning such as te
 small, replicated by the worker over the group and not tracked), split along `state_dim`:
   - ENCODE on group G leaves the state SHARDED over G (even split; the initial noise is drawn there);
   - DENOISE and DECODE on G need it SHARDED over G first (a reshard from wherever it is);
-    DENOISE leaves it SHARDED over G; DECODE leaves the pixels on G[0] (OWNER);
-  - FINALIZE on rank r needs the pixels on r (OWNER) and releases the state.
+    DENOISE leaves it SHARDED over G; DECODE gathers it on G[0], which decodes and returns the
+    result, and ends the request (its state is released).
 A request not given ranks at a rescheduling point waits; its state stays on its last group.
 """
 
@@ -28,17 +28,21 @@ from typing import NoReturn
 from gfdit.cost import (
     AnalyticCostModel,
     CostModel,
-    get_profile,
     state_bytes_per_index,
     state_dim_size,
     valid_sp_degrees,
 )
 from gfdit.layout import Layout, plan_reshard
+from gfdit.models.presets import check_request, get_preset
 from gfdit.policy import Assignment, Policy, RunnableTask, RunningTask, SchedulerView
 from gfdit.request import Request, RequestState
 from gfdit.tasks import Task, TaskKind, TaskTimings, Trajectory
 
-__all__ = ["PolicyError", "TaskRecord", "RequestRecord", "Scheduler"]
+__all__ = ["PolicyError", "TaskRecord", "RequestRecord", "Scheduler", "kDefaultChunkSteps"]
+
+# Denoising steps per DENOISE task unless a policy asks for another count: the one owner of the
+# default chunk size (the engine, `gfdit serve --chunk-steps`, the simulator and the tuner use it).
+kDefaultChunkSteps = 2
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +85,7 @@ class RequestRecord:
     num_group_changes: int = 0  # tasks whose group differed from the previous task's
     num_preemptions: int = 0  # times its last group's ranks went to another request (it waited or moved)
     num_retries: int = 0  # failed tasks that were retried
+    num_reruns: int = 0  # times it restarted from its first task after losing its state (rerun)
     first_start_s: float | None = None  # dispatch of its first task
     finish_s: float | None = None  # when it reached a terminal state
     error: str | None = None  # why it failed
@@ -125,7 +130,7 @@ class Scheduler:
         policy: Policy,
         cost_model: CostModel | None = None,
         *,
-        chunk_steps: int = 2,
+        chunk_steps: int = kDefaultChunkSteps,
         valid_degrees: ValidDegrees | None = None,
         dim_size: Callable[[Request], int] | None = None,
         state_dim: int = 1,
@@ -155,6 +160,8 @@ class Scheduler:
         self._active: dict[str, RequestRecord] = {}  # the unfinished ones among them
         self._finished: collections.deque[str] = collections.deque()  # ids of kept finished, oldest first
         self._busy: dict[int, str] = {}  # rank -> request id of the task running there
+        self._lost: set[int] = set()  # ranks removed from service (lose_rank): never free again
+        self._fenced: set[int] = set()  # ranks still running an abandoned task (rerun): busy until unfenced
         self.num_preemptions = 0  # preemptions of all requests so far (see RequestRecord.num_preemptions)
 
     # Queries.
@@ -178,7 +185,16 @@ class Scheduler:
 
     @property
     def free_ranks(self) -> tuple[int, ...]:
-        return tuple(r for r in range(self.world_size) if r not in self._busy)
+        return tuple(
+            r
+            for r in range(self.world_size)
+            if r not in self._busy and r not in self._lost and r not in self._fenced
+        )
+
+    @property
+    def lost_ranks(self) -> frozenset[int]:
+        """Ranks removed from service by `lose_rank`."""
+        return frozenset(self._lost)
 
     @property
     def num_active(self) -> int:
@@ -192,10 +208,10 @@ class Scheduler:
         an unknown model, frames for an image model, or a request no group size is valid for."""
         if request.request_id in self._records:
             raise ValueError(f"duplicate request id {request.request_id!r}")
-        if request.num_frames is not None and not get_profile(request.model).video:
-            raise ValueError(
-                f"request {request.request_id!r}: {request.model} is an image model (num_frames given)"
-            )
+        try:  # the one validation of a request's fields (the engine adds the prompt's token count)
+            check_request(get_preset(request.model), request)
+        except ValueError as e:
+            raise ValueError(f"request {request.request_id!r}: {e}") from None
         dim_size = self._dim_size(request)
         if dim_size < 1:
             raise ValueError(f"request {request.request_id!r}: {request.width}x{request.height} is too small")
@@ -242,11 +258,9 @@ class Scheduler:
         group = rec.last_ranks
         if task.kind in (TaskKind.ENCODE, TaskKind.DENOISE):
             rec.layout = Layout.sharded(group, self.state_dim)
-        elif task.kind is TaskKind.DECODE:
-            rec.layout = Layout.owner(group[0], self.state_dim)
         if rec.cancel_requested:
             self._finish(rec, RequestState.CANCELLED, timings.end_s)
-        elif task.kind is TaskKind.FINALIZE:
+        elif task.kind is TaskKind.DECODE:  # the last task: the result went to the front end
             self._finish(rec, RequestState.DONE, timings.end_s)
         else:
             rec.state = RequestState.WAITING
@@ -271,6 +285,56 @@ class Scheduler:
             rec.error = reason
             self._finish(rec, RequestState.FAILED, now)
             logger.warning("request %s failed in %s: %s", task.request_id, task, reason)
+
+    def lose_rank(self, rank: int) -> None:
+        """Removes `rank` from service for good: no policy sees it free again. Requests whose state
+        lived there are the caller's to `rerun` (the scheduler does not know where conditioning
+        copies live, only the latent's layout)."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is not in [0, {self.world_size})")
+        self._lost.add(rank)
+        self._fenced.discard(rank)
+
+    def rerun(self, request_id: str, now: float, reason: str, fence: Iterable[int] = ()) -> None:
+        """Restarts an unfinished request from its first task: its state was lost with a rank. A task
+        in flight is abandoned; its ranks in `fence` stay busy (they may still be running it) until
+        `unfence`, the others are free at once. A request whose cancel was asked ends CANCELLED."""
+        rec = self.record(request_id)
+        if rec.state.is_terminal:
+            raise ValueError(f"request {request_id!r} already ended ({rec.state.value})")
+        if rec.running is not None:
+            fenced = set(fence) & set(rec.running_ranks)
+            self._fenced |= {r for r in fenced if r not in self._lost}
+            self._release(rec, now, f"abandoned: {reason}")
+        if rec.cancel_requested:
+            self._finish(rec, RequestState.CANCELLED, now)
+            return
+        r = rec.request
+        rec.trajectory = Trajectory(request_id, r.num_inference_steps, self.chunk_steps)
+        rec.layout = None
+        rec.last_ranks = ()
+        rec.state = RequestState.QUEUED if rec.num_tasks == 0 else RequestState.WAITING
+        rec.runnable_since_s = now
+        rec.num_reruns += 1
+        rec.preempted = False
+        logger.warning("request %s re-runs from its first task: %s", request_id, reason)
+
+    def fail(self, request_id: str, reason: str, now: float, fence: Iterable[int] = ()) -> None:
+        """Ends an unfinished request FAILED now, with `reason`. A task in flight is abandoned as in
+        `rerun` (its ranks in `fence` stay busy until `unfence`)."""
+        rec = self.record(request_id)
+        if rec.state.is_terminal:
+            return
+        if rec.running is not None:
+            self._fenced |= {r for r in set(fence) & set(rec.running_ranks) if r not in self._lost}
+            self._release(rec, now, f"abandoned: {reason}")
+        rec.error = reason
+        self._finish(rec, RequestState.FAILED, now)
+        logger.warning("request %s failed: %s", request_id, reason)
+
+    def unfence(self, rank: int) -> None:
+        """A rank fenced by `rerun` finished its abandoned task: free again (unless lost)."""
+        self._fenced.discard(rank)
 
     # Decisions.
 
@@ -330,7 +394,7 @@ class Scheduler:
         return RunnableTask(
             task=head,
             request=r,
-            started=rec.num_tasks > 0,
+            started=bool(rec.last_ranks),  # a re-run (Scheduler.rerun) starts afresh
             remaining_steps=remaining,
             layout=rec.layout,
             dim_size=rec.dim_size,
@@ -382,10 +446,7 @@ class Scheduler:
             if taken & set(ranks):
                 fail(f"{a.task}: ranks {sorted(taken & set(ranks))} already assigned in this decision")
             taken |= set(ranks)
-            if a.task.kind is TaskKind.FINALIZE:
-                if len(ranks) != 1:
-                    fail(f"{a.task}: FINALIZE runs on exactly one rank, got {ranks}")
-            elif len(ranks) not in rt.valid_degrees:
+            if len(ranks) not in rt.valid_degrees:
                 fail(f"{a.task}: group size {len(ranks)} is not a valid degree {rt.valid_degrees}")
             n = a.num_steps
             if a.task.kind is TaskKind.DENOISE:
@@ -403,8 +464,6 @@ class Scheduler:
         needed = None
         if task.kind in (TaskKind.DENOISE, TaskKind.DECODE):
             needed = Layout.sharded(ranks, self.state_dim)
-        elif task.kind is TaskKind.FINALIZE:
-            needed = Layout.owner(ranks[0], self.state_dim)
         plan = None
         num_bytes = 0
         if needed is not None and rec.layout is not None:

@@ -29,11 +29,12 @@ import logging
 import math
 import os
 import signal
-import socket
 import sys
 import threading
 
 import uvicorn
+
+from gfdit.runtime.bootstrap import init_world
 
 __all__ = ["build_parser", "check_args", "main", "kExitDrainFailed"]
 
@@ -59,7 +60,14 @@ def build_parser(prog: str = "python -m gfdit.serve") -> argparse.ArgumentParser
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--weights", default=None, help="local diffusers-layout directory (default: random init)")
     p.add_argument("--max-queue", type=int, default=1024, help="waiting requests before 429 (default 1024)")
-    p.add_argument("--chunk-steps", type=int, default=2, help="denoising steps per task (default 2)")
+    from gfdit.scheduler import kDefaultChunkSteps
+
+    p.add_argument(
+        "--chunk-steps",
+        type=int,
+        default=kDefaultChunkSteps,
+        help=f"denoising steps per task unless the policy says otherwise (default {kDefaultChunkSteps})",
+    )
     p.add_argument(
         "--max-steps", type=int, default=100, help="most num_inference_steps per request (default 100)"
     )
@@ -78,8 +86,9 @@ def build_parser(prog: str = "python -m gfdit.serve") -> argparse.ArgumentParser
         "--task-timeout-factor",
         type=float,
         default=20.0,
-        help="a task running longer than this many times its estimate (and the floor) is hung: /health "
-        "fails naming the rank and its requests fail (default 20)",
+        help="a task running longer than this many times its estimate (and the floor), plus GFCOLL_TIMEOUT_S, "
+        "has hung members: they are dropped, their requests re-run on the others, /health says degraded "
+        "(default 20)",
     )
     p.add_argument(
         "--task-timeout-floor",
@@ -155,7 +164,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.drain_timeout < 0:
         parser.error(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
     if args.cost_profile is not None:
-        from gfdit.profile import read_profile
+        from gfdit.cost import read_profile
 
         try:
             read_profile(args.cost_profile, model=args.model)
@@ -177,26 +186,6 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     check_fast_arguments(parser, args)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _init_world(device: str | None):
-    import gfcoll
-
-    if "RANK" in os.environ:
-        return gfcoll.init(device=device)
-    # Not under torchrun: a world of one rank, bootstrapped through an in-process store (no port).
-    from torch.distributed import HashStore
-
-    return gfcoll.init(
-        rank=0, world_size=1, local_rank=0, local_world_size=1,
-        master_addr="127.0.0.1", master_port=_free_port(), device=device, store=HashStore(),
-    )  # fmt: skip
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -207,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     # `kill -USR1 PID` prints every thread's stack of that rank to stderr (a stuck server, a slow load).
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    world = _init_world(args.device)
+    world = init_world(args.device)
     log.info("loading %s on %s", args.model, world.device)
     status = 0
     try:

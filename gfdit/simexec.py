@@ -16,8 +16,8 @@ gfdit.runtime.worker, Note [Reshard execution]):
     task waits for the send (commands run in arrival order on each rank);
   - text-conditioning copies: members that do not hold the request's text embeddings receive them
     (bytes from the model preset's text encoders) with the reshard;
-  - decode placement: DECODE all-gathers the latent onto the group and only ranks[0] decodes, so it
-    costs the one-rank decode plus the all-gather, whatever the degree;
+  - decode placement: DECODE gathers the latent onto ranks[0], which alone decodes, so it
+    costs the one-rank decode plus the gather, whatever the degree;
   - shared CPU cores (CPU runs only): with `cores` > 0 the ranks are processes sharing that many
     cores, so a task dispatched while b ranks (its own included) are busy computes max(1, b / cores)
     times slower (the slowdown is fixed at dispatch: a first-order model of processor sharing).
@@ -75,10 +75,10 @@ class ExecutionModel:
 
     host_overhead_s: float = 0.0  # seconds added to every task (engine <-> worker round trip, syncs)
     reshard_latency_s: float | None = None  # per reshard; None: the true cost model's reshard_time
-    reshard_bandwidth: float | None = None  # bytes/s of reshards, cond copies and DECODE's all-gather
+    reshard_bandwidth: float | None = None  # bytes/s of reshards, cond copies and DECODE's gather
     busy_senders: bool = False  # a command starts when every rank it names has finished what came before
     cond_copies: bool = False  # members lacking the text conditioning receive it with the reshard
-    decode_on_first_rank: bool = False  # DECODE = all-gather + one-rank decode on ranks[0]
+    decode_on_first_rank: bool = False  # DECODE = gather to ranks[0] + one-rank decode there
     cores: int = 0  # CPU cores the ranks share; 0: each rank has its own device (no sharing)
 
     def __post_init__(self) -> None:

@@ -1,6 +1,6 @@
 """Trajectory tasks: the units a request is cut into.
 
-A request runs as ENCODE -> DENOISE(steps [0, c)) -> DENOISE([c, 2c)) ... -> DECODE -> FINALIZE. The
+A request runs as ENCODE -> DENOISE(steps [0, c)) -> DENOISE([c, 2c)) ... -> DECODE. The
 boundary after every task is a rescheduling point: the next task may run on a different group of ranks
 (with a different sequence-parallel degree), or wait. Tasks are never interrupted once started.
 """
@@ -19,8 +19,9 @@ __all__ = ["TaskKind", "Task", "TaskTimings", "Trajectory", "make_trajectory"]
 class TaskKind(enum.Enum):
     ENCODE = "encode"  # text encoders; also draws the initial noise latent
     DENOISE = "denoise"  # a chunk of denoising steps of the transformer
-    DECODE = "decode"  # VAE decode of the final latent into pixels
-    FINALIZE = "finalize"  # encode the pixels (PNG/MP4) and hand the result to the front end
+    DECODE = "decode"  # VAE decode of the final latent into pixels, handed to the front end
+    # (A FINALIZE stage that moved the pixels and copied them to the host was folded into DECODE: it
+    # did no work of its own; the front end encodes PNG/MP4 on rank 0.)
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class Trajectory:
         self.request_id = request_id
         self.num_steps = num_steps
         self.chunk_steps = chunk_steps
-        self._kind: TaskKind | None = TaskKind.ENCODE  # None once FINALIZE is done
+        self._kind: TaskKind | None = TaskKind.ENCODE  # None once DECODE is done
         self._next_step = 0
 
     @property
@@ -130,14 +131,13 @@ class Trajectory:
             return
         self._kind = {
             TaskKind.ENCODE: TaskKind.DENOISE,
-            TaskKind.DECODE: TaskKind.FINALIZE,
-            TaskKind.FINALIZE: None,
+            TaskKind.DECODE: None,
         }[task.kind]
 
 
 def make_trajectory(request: Request, chunk_steps: int = 2) -> list[Task]:
     """The default task chain of `request`: ENCODE, DENOISE chunks of `chunk_steps` (the last one may be
-    shorter), DECODE, FINALIZE."""
+    shorter), DECODE."""
     trajectory = Trajectory(request.request_id, request.num_inference_steps, chunk_steps)
     tasks = []
     while (task := trajectory.head()) is not None:

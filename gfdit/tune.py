@@ -26,11 +26,10 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from gfdit.cost import AnalyticCostModel, CostModel
+from gfdit.cost import AnalyticCostModel, CostModel, apply_profile
 from gfdit.policy import PolicySpecError, make_policy
-from gfdit.profile import apply_profile
 from gfdit.request import Request
-from gfdit.scheduler import Scheduler
+from gfdit.scheduler import Scheduler, kDefaultChunkSteps
 from gfdit.sim import SimulationStalled, simulate
 
 __all__ = [
@@ -88,7 +87,7 @@ def evaluate(
     requests: Sequence[Request],
     *,
     world_size: int,
-    chunk_steps: int = 2,
+    chunk_steps: int = kDefaultChunkSteps,
     noise: float = 0.0,
     seeds: Sequence[int] = (0,),
     cost_model_factory=AnalyticCostModel,
@@ -137,7 +136,7 @@ def tune(
     searches: Sequence[str],
     baselines: Sequence[str] = (),
     objective: str = "slo",
-    chunk_steps: int = 2,
+    chunk_steps: int = kDefaultChunkSteps,
     noise: float = 0.0,
     seeds: Sequence[int] = (0,),
     max_candidates: int = 1000,

@@ -257,8 +257,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         format=f"[rank {opts.rank}] %(levelname)s %(name)s: %(message)s",
     )
     from .driver import run  # noqa: PLC0415
+    from .formation import measure  # noqa: PLC0415
 
-    return run(opts)
+    return run(opts, measure)
 
 
 if __name__ == "__main__":

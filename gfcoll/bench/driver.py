@@ -502,17 +502,17 @@ def _options_json(opts: Options) -> dict:
 
 
 # -- the run -------------------------------------------------------------------------------------
-def run(opts: Options) -> int:
+def run(opts: Options, measure_formation: Callable | None = None) -> int:
     """Runs the whole benchmark on this rank. Returns the exit status: 0, or 1 when a check found
-    wrong results or a gfcoll operation failed."""
-    from . import formation  # noqa: PLC0415 - imports the driver's helpers
-
+    wrong results or a gfcoll operation failed. `measure_formation(bench, groups)`: the group-formation
+    measurements (gfcoll.bench.formation.measure, which builds on this module), run when
+    opts.formation."""
     b = setup(opts)
     try:
         environment = collect_environment(b)
         if opts.baseline:
             make_baseline_groups(b)
-        forms = formation.measure(b, opts.groups) if opts.formation else []
+        forms = measure_formation(b, opts.groups) if opts.formation and measure_formation else []
         printer = report.TablePrinter(b.backend, opts) if b.rank == 0 else None
         if printer:
             printer.preamble(environment)

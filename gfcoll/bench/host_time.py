@@ -95,7 +95,7 @@ def _run(world, args) -> int:
     nxt, prv = (r + 1) % n, (r - 1) % n
     members = list(g.ranks)
     stream = torch.cuda.current_stream(dev).cuda_stream if cuda else 0
-    ipc = world._ipc if (cuda and "ipc" in world.transports()) else None
+    ipc = world.native_transport("ipc") if (cuda and "ipc" in world.transports()) else None
     transport = "ipc" if ipc is not None else ("nccl" if cuda else "host")
     me = g.rank
 

@@ -14,6 +14,8 @@ import shlex
 import sys
 from dataclasses import replace
 
+from gfdit.scheduler import kDefaultChunkSteps
+
 __all__ = ["add_eval_parser", "run_eval"]
 
 log = logging.getLogger("gfdit.eval")
@@ -76,7 +78,12 @@ def add_eval_parser(sub) -> None:
     s.add_argument("--policies", type=_policies, required=True, help='policy specs separated by ";"')
     s.add_argument("--seeds", type=int, default=1, help="traces per load (default 1)")
     s.add_argument("--num-requests", type=int, default=200, help="requests per trace (default 200)")
-    s.add_argument("--chunk-steps", type=int, default=2, help="the scheduler's chunk_steps (default 2)")
+    s.add_argument(
+        "--chunk-steps",
+        type=int,
+        default=kDefaultChunkSteps,
+        help=f"the scheduler's chunk_steps (default {kDefaultChunkSteps})",
+    )
     s.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     s.add_argument("--out", required=True, help="directory for results.json, results.md and plots")
     _execution_args(s)
@@ -94,7 +101,12 @@ def add_eval_parser(sub) -> None:
     f.add_argument(
         "--cost-profile", default=None, help="calibrate the simulation with `gfdit profile`'s output"
     )
-    f.add_argument("--chunk-steps", type=int, default=2, help="the server's --chunk-steps (default 2)")
+    f.add_argument(
+        "--chunk-steps",
+        type=int,
+        default=kDefaultChunkSteps,
+        help=f"the server's --chunk-steps (default {kDefaultChunkSteps})",
+    )
     f.add_argument("--time-scale", type=float, default=1.0, help="multiply arrival times (default 1)")
     f.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
     f.add_argument(
@@ -120,7 +132,7 @@ def _sweep(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         profile = None
         if args.cost_profile:
-            from gfdit.profile import read_profile
+            from gfdit.cost import read_profile
 
             profile = read_profile(args.cost_profile, model=args.model)
         cfg = SweepConfig(

@@ -248,7 +248,7 @@ def run_fidelity(args, execution: ExecutionModel, command: str) -> dict:
     )
     profile = None
     if args.cost_profile:
-        from gfdit.profile import read_profile
+        from gfdit.cost import read_profile
 
         profile = read_profile(args.cost_profile, model=model)
     os.makedirs(args.out, exist_ok=True)

@@ -86,7 +86,7 @@ class SweepConfig:
         """A fresh cost model (the scheduler's learns as it runs)."""
         cost = AnalyticCostModel()
         if self.cost_profile is not None:
-            from gfdit.profile import apply_profile
+            from gfdit.cost import apply_profile
 
             apply_profile(cost, self.cost_profile)
         return cost
@@ -445,7 +445,7 @@ def degree_check(profile: dict) -> dict:
             )
         predicted = cost.step_time(model, w, h, f, held)
         full = AnalyticCostModel()
-        from gfdit.profile import apply_profile
+        from gfdit.cost import apply_profile
 
         apply_profile(full, profile)
         out.append({
@@ -455,7 +455,7 @@ def degree_check(profile: dict) -> dict:
             f"estimate_degree_{2 * top}_s": full.step_time(model, w, h, f, 2 * top),
         })  # fmt: skip
     full = AnalyticCostModel()
-    from gfdit.profile import apply_profile
+    from gfdit.cost import apply_profile
 
     apply_profile(full, profile)
     return {"model": model, "factor": full.factor(TaskKind.DENOISE, model), "sizes": out}

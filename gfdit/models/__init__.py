@@ -29,8 +29,12 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name in ("DiTModel", "load_model"):
+    if name == "DiTModel":
         from gfdit.models import base
 
-        return getattr(base, name)
+        return base.DiTModel
+    if name == "load_model":
+        from gfdit.models import loader
+
+        return loader.load_model
     raise AttributeError(f"module 'gfdit.models' has no attribute {name!r}")

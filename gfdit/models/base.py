@@ -22,19 +22,18 @@ import abc
 import contextlib
 import json
 import logging
-import math
 import os
 import time
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
 
-from gfdit.models.presets import ModelPreset, check_request, get_preset
+from gfdit.models.presets import ModelPreset, check_request
 from gfdit.models.tokenizer import HashTokenizer, HFTokenizer, load_tokenizer
 
-__all__ = ["DiTModel", "load_model", "kInitSeed", "COMPONENTS"]
+__all__ = ["DiTModel", "kInitSeed", "COMPONENTS", "load_diffusers", "log_loaded", "to_uint8", "torch_dtype"]
 
 log = logging.getLogger("gfdit.models")
 
@@ -42,7 +41,8 @@ kInitSeed = 0x6D_D17  # base seed of random initialisation (any fixed value: ran
 COMPONENTS = ("text", "transformer", "vae")
 
 
-def _dtype(name: str | torch.dtype) -> torch.dtype:
+def torch_dtype(name: str | torch.dtype) -> torch.dtype:
+    """The torch dtype named `name` ("float32", "bfloat16", ...), or `name` itself if it is one."""
     if isinstance(name, torch.dtype):
         return name
     dt = getattr(torch, str(name), None)
@@ -104,7 +104,7 @@ def _load_kwargs(device: torch.device, diffusers_model: bool) -> dict[str, Any]:
     return kw
 
 
-def _to_uint8(images: torch.Tensor) -> torch.Tensor:
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """[N, 3, H, W] in [-1, 1] -> uint8 [N, H, W, 3] on CPU, as diffusers' VaeImageProcessor.postprocess
     (denormalize, clamp, x255, round)."""
     x = (images.float() / 2 + 0.5).clamp(0, 1)
@@ -189,19 +189,19 @@ class DiTModel(abc.ABC):
             if "text" in components:
                 t0 = time.perf_counter()
                 encoders[spec.subfolder] = _load_text_encoder(spec, device, dtype, weights)
-                _log_loaded(spec.subfolder, encoders[spec.subfolder], device, t0)
+                log_loaded(spec.subfolder, encoders[spec.subfolder], device, t0)
         transformer = vae = None
         if "transformer" in components:
             t0 = time.perf_counter()
-            transformer = _load_diffusers(
+            transformer = load_diffusers(
                 cls.transformer_class, preset.transformer_config, "transformer", device, dtype, weights
             )
-            _log_loaded("transformer", transformer, device, t0)
+            log_loaded("transformer", transformer, device, t0)
         if "vae" in components:
             t0 = time.perf_counter()
-            vae_dtype = _dtype(preset.vae_dtype) if preset.vae_dtype else dtype
-            vae = _load_diffusers(cls.vae_class, preset.vae_config, "vae", device, vae_dtype, weights)
-            _log_loaded("vae", vae, device, t0)
+            vae_dtype = torch_dtype(preset.vae_dtype) if preset.vae_dtype else dtype
+            vae = load_diffusers(cls.vae_class, preset.vae_config, "vae", device, vae_dtype, weights)
+            log_loaded("vae", vae, device, t0)
         return cls(
             preset,
             device=device,
@@ -250,7 +250,8 @@ class DiTModel(abc.ABC):
         have["vae"] = self.vae is not None
         return tuple(c for c in COMPONENTS if have[c])
 
-    def _require(self, component: str) -> None:
+    def require(self, component: str) -> None:
+        """RuntimeError unless `component` ("text", "transformer", "vae") is loaded."""
         if component not in self.components:
             raise RuntimeError(f"{self.preset.name}: the {component!r} component is not loaded")
 
@@ -268,15 +269,15 @@ class DiTModel(abc.ABC):
         return self.preset.token_grid(request.width, request.height, request.num_frames)
 
     def seq_len(self, request) -> int:
-        """S: the number of latent tokens (text tokens excluded)."""
-        return math.prod(self.token_grid(request))
+        """S: the number of latent tokens (text tokens excluded): ModelPreset.seq_len."""
+        return self.preset.seq_len(request.width, request.height, request.num_frames)
 
     def valid_sp_degrees(self, request, max_degree: int) -> list[int]:
-        """Degrees d in [1, max_degree] that Ulysses SP can run: d divides the S latent tokens (even
-        contiguous slices) and the attention heads (each member takes H/d heads). Text tokens are
-        replicated, so their count does not constrain d. Other degrees are refused by denoise()."""
-        s = self.seq_len(request)
-        return [d for d in range(1, max_degree + 1) if s % d == 0 and self.num_heads % d == 0]
+        """Degrees Ulysses SP can run (ModelPreset.valid_sp_degrees, the one rule); others are
+        refused by denoise()."""
+        return list(
+            self.preset.valid_sp_degrees(request.width, request.height, request.num_frames, max_degree)
+        )
 
     # -- packed tokens -------------------------------------------------------------------------------
     def latent_shape(self, request) -> tuple[int, ...]:
@@ -330,6 +331,15 @@ class DiTModel(abc.ABC):
     def _install_processors(self) -> None:
         """Put the sequence-parallel attention processors on the transformer."""
 
+    def prepare(self, cond: Mapping[str, torch.Tensor], request, group) -> dict[str, Any]:
+        """The per-request context of the transformer steps (the family's `_prepare` hook)."""
+        return self._prepare(cond, request, group)
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, ctx: dict[str, Any], group) -> torch.Tensor:
+        """One eager transformer step (the family's `_velocity` hook): what gfdit.runtime.graphs
+        captures and replays."""
+        return self._velocity(x, t, ctx, group)
+
     @abc.abstractmethod
     def _prepare(self, cond: Mapping[str, torch.Tensor], request, group) -> dict[str, Any]:
         """Per-call inputs of the transformer that do not change between steps."""
@@ -365,7 +375,7 @@ class DiTModel(abc.ABC):
         the rank that holds the same tokens in the other half; member 0 computes the conditional
         prediction, member 1 the unconditional one, `group` is this rank's half. None: both branches
         here (a batch of 2, or two passes)."""
-        self._require("transformer")
+        self.require("transformer")
         s = self.seq_len(request)
         d = 1 if group is None else group.size
         me = 0 if group is None else group.rank
@@ -423,6 +433,10 @@ class DiTModel(abc.ABC):
 
         return denoise_batch(self, items, token_range, group, on_step)
 
+    def prepare_batch(self, conds, requests, group) -> dict[str, Any]:
+        """The context of a batched step of several requests (the family's `_prepare_batch` hook)."""
+        return self._prepare_batch(conds, requests, group)
+
     def _prepare_batch(self, conds, requests, group) -> dict[str, Any]:
         """Like _prepare for a batch of requests of one shape (Note [Batched steps]): the per-call
         inputs of _velocity for x [B, S/d, C_tok] and per-sample timesteps t [B]."""
@@ -461,7 +475,7 @@ class DiTModel(abc.ABC):
             return traceable(cfg_group)
         return cfg_group
 
-    def _cfg_exchange(self, mine: torch.Tensor, ctx: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def cfg_exchange(self, mine: torch.Tensor, ctx: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Note [CFG-parallel]: this rank's prediction [1, n, C] (fp32) of its branch in, both out
         (conditional, unconditional), the same on the two members of the pair."""
         pair = ctx["cfg_pair"]
@@ -479,7 +493,7 @@ class DiTModel(abc.ABC):
         return next(self.vae.parameters()).dtype
 
 
-def _log_loaded(name: str, module: torch.nn.Module, device: torch.device, t0: float) -> None:
+def log_loaded(name: str, module: torch.nn.Module, device: torch.device, t0: float) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     n = sum(p.numel() for p in module.parameters())
@@ -525,7 +539,7 @@ def _check_weights_dir(cls, preset: ModelPreset, weights: str, components: tuple
         )
 
 
-def _load_diffusers(model_cls, config: Mapping[str, Any], subfolder: str, device, dtype, weights):
+def load_diffusers(model_cls, config: Mapping[str, Any], subfolder: str, device, dtype, weights):
     if weights is None:
         # Lists where the config has tuples: constructors concatenate them with lists, as loaded JSON has.
         kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
@@ -571,33 +585,3 @@ def _load_text_encoder(spec, device, dtype, weights):
         )
         model = model.to(device)
     return model.eval().requires_grad_(False)
-
-
-def load_model(
-    name_or_preset: str | ModelPreset,
-    *,
-    device: str | torch.device,
-    dtype: str | torch.dtype | None = None,
-    weights: str | os.PathLike | None = None,
-    components: Sequence[str] = COMPONENTS,
-) -> DiTModel:
-    """Build a model on `device` (every rank calls it for its own copy; Note [Model state and ranks]).
-
-    dtype: None for the preset's default (bf16 for full-size presets, fp32 for tiny ones).
-    weights: None for random initialisation from the preset, directly on `device` in `dtype`; or a local
-    directory in diffusers layout (transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/,
-    tokenizer_2/) loaded with from_pretrained(local_files_only=True). Nothing is downloaded.
-    components: which of "text", "transformer", "vae" to load (tokenizers always are)."""
-    preset = get_preset(name_or_preset) if isinstance(name_or_preset, str) else name_or_preset
-    if preset.family == "flux":
-        from gfdit.models.flux import FluxModel as cls
-    elif preset.family == "wan":
-        from gfdit.models.wan import WanModel as cls
-    elif preset.family == "wan2.2":
-        from gfdit.models.wan22 import Wan22Model as cls
-    elif preset.family == "qwen-image":
-        from gfdit.models.qwen_image import QwenImageModel as cls
-    else:
-        raise ValueError(f"unknown model family {preset.family!r}")
-    dt = _dtype(dtype if dtype is not None else preset.default_dtype)
-    return cls.load(preset, device=torch.device(device), dtype=dt, weights=weights, components=components)

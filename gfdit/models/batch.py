@@ -125,7 +125,7 @@ def denoise_batch(
     group: a gfcoll.Group whose members all call denoise_batch with the same items in the same order;
     None or size 1: this rank holds all tokens. on_step(k, i + 1) is called once item k's step i is
     issued (on CUDA: enqueued, not necessarily finished)."""
-    model._require("transformer")
+    model.require("transformer")
     _, d = _check(model, items, token_range, group)
     xs = [it.latents_local.to(device=model.device, dtype=torch.float32) for it in items]
     schedulers = []
@@ -147,7 +147,7 @@ def denoise_batch(
             active = tuple(k for k, it in enumerate(items) if it.start + j < it.end)
             if active != active_prev:  # the batch shrank: conditioning of the remaining members
                 members = [items[k] for k in active]
-                ctx = model._prepare_batch([m.cond for m in members], [m.request for m in members], sp)
+                ctx = model.prepare_batch([m.cond for m in members], [m.request for m in members], sp)
                 active_prev = active
             x = torch.cat([xs[k] for k in active]) if len(active) > 1 else xs[active[0]]
             ts = [schedulers[k].timesteps[items[k].start + j] for k in active]
@@ -155,7 +155,7 @@ def denoise_batch(
             if graphs is not None:  # Note [Step graphs] in gfdit/runtime/graphs.py (keyed by batch size)
                 v = graphs.velocity(model, x, t, ctx, sp)
             else:
-                v = model._velocity(x, t, ctx, sp)
+                v = model.velocity(x, t, ctx, sp)
             v = v.float()
             for row, k in enumerate(active):
                 xs[k] = schedulers[k].step(v[row : row + 1], ts[row], xs[k], return_dict=False)[0]

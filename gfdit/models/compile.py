@@ -71,7 +71,7 @@ def compile_model(model, mode: str, *, dynamic: bool | None = False) -> None:
         raise ValueError(f"model already compiled with mode {current!r}; cannot switch to {mode!r}")
     if mode == "off":
         return
-    model._require("transformer")
+    model.require("transformer")
     _raise_limits()
     t = model.transformer
     family = model.preset.family
@@ -95,9 +95,9 @@ def compile_model(model, mode: str, *, dynamic: bool | None = False) -> None:
             # Wan2.2 A14B: both experts share the compiled block function.
             for expert in (t, getattr(model, "transformer_2", None)):
                 if expert is not None:
-                    expert._gfdit_block_fn = block_fn
+                    expert.gfdit_block_fn = block_fn
         else:
-            model._wan_forward = torch.compile(sp.wan_forward, dynamic=dynamic)
+            model.wan_forward_fn = torch.compile(sp.wan_forward, dynamic=dynamic)
     else:
         raise ValueError(f"compile: unknown model family {family!r}")
     model.compile_mode = mode

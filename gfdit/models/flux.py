@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
-from gfdit.models.base import DiTModel, _to_uint8
+from gfdit.models.base import DiTModel, to_uint8
 from gfdit.models.sp import install_flux_processors
 
 __all__ = ["FluxModel", "flux_shift"]
@@ -41,7 +41,7 @@ class FluxModel(DiTModel):
         """{"prompt_embeds": [1, T, joint_attention_dim] (T5, T = its max length),
         "pooled_prompt_embeds": [1, pooled_projection_dim] (CLIP pooled output)}. FluxPipeline truncates
         the CLIP prompt silently; the T5 prompt length is checked by validate()."""
-        self._require("text")
+        self.require("text")
         out = {}
         with torch.no_grad():
             for spec in self.preset.text_encoders:
@@ -121,10 +121,10 @@ class FluxModel(DiTModel):
 
     def decode(self, latents_full: torch.Tensor, request) -> torch.Tensor:
         """uint8 [1, H, W, 3] on CPU (FluxPipeline: unpack, / scaling_factor + shift_factor, VAE decode)."""
-        self._require("vae")
+        self.require("vae")
         cfg = self.vae.config
         with torch.no_grad():
             lat = self.unpack_latents(latents_full.to(device=self.device, dtype=torch.float32), request)
             lat = lat / cfg.scaling_factor + cfg.shift_factor
             image = self.vae.decode(lat.to(self._vae_dtype()), return_dict=False)[0]
-        return _to_uint8(image)
+        return to_uint8(image)

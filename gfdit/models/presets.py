@@ -128,6 +128,43 @@ class ModelPreset:
         s = self.vae_scale_factor
         return (self.latent_frames(num_frames) // pt, height // (s * ph), width // (s * pw))
 
+    # -- shapes the planning core reads (Note [One model registry] in gfdit.cost) ---------------------
+    @property
+    def num_blocks(self) -> int:
+        """Transformer blocks, each with one self-attention (Flux: double- plus single-stream)."""
+        c = self.transformer_config
+        return int(c.get("num_layers", 0)) + int(c.get("num_single_layers", 0))
+
+    @property
+    def hidden(self) -> int:
+        """Model width: heads x head dim (elements per token in Ulysses' all-to-alls)."""
+        return self.num_heads * self.head_dim
+
+    @property
+    def text_tokens(self) -> int:
+        """Text tokens joined into the self-attention sequence: the sequence encoder's length for
+        MMDiT (joint attention: "flux"; "qwen-image", whose prompts are not padded, counts a typical
+        128 at most); 0 where text enters by cross-attention ("wan", "wan2.2")."""
+        if self.family == "flux":
+            return self.sequence_encoder.max_length
+        if self.family == "qwen-image":
+            return min(128, self.sequence_encoder.max_length)
+        return 0
+
+    def seq_len(self, width: int, height: int, num_frames: int | None) -> int:
+        """S: the latent tokens of a request of this size, text excluded. The one definition: the
+        models, the scheduler's state layout and the cost model all use it."""
+        return math.prod(self.token_grid(width, height, num_frames))
+
+    def valid_sp_degrees(
+        self, width: int, height: int, num_frames: int | None, max_degree: int
+    ) -> tuple[int, ...]:
+        """The one rule for sequence-parallel degrees: d in [1, max_degree] divides the S latent
+        tokens (even contiguous slices) and the attention heads (each member takes H/d heads). Text
+        tokens are replicated on every member, so their count does not constrain d."""
+        s = self.seq_len(width, height, num_frames)
+        return tuple(d for d in range(1, max_degree + 1) if s % d == 0 and self.num_heads % d == 0)
+
 
 def check_request(
     preset: ModelPreset, request: Any, count_tokens: Callable[[str], int] | None = None

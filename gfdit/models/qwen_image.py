@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
 
-from gfdit.models.base import DiTModel, _to_uint8
+from gfdit.models.base import DiTModel, to_uint8
 from gfdit.models.flux import flux_shift
 from gfdit.models.sp import install_qwen_processors
 from gfdit.models.tokenizer import HFTokenizer
@@ -61,7 +61,7 @@ class QwenImageModel(DiTModel):
         [1, T', hidden] (of negative_prompt, " " if None): the text encoder's last hidden states of the
         templated prompt without the template's prefix, at most max_length tokens, unpadded (so T varies
         with the prompt, as in QwenImagePipeline for one prompt, which then passes no mask)."""
-        self._require("text")
+        self.require("text")
         spec = self.preset.sequence_encoder
         tok, enc = self.tokenizers[spec.subfolder], self.text_encoders[spec.subfolder]
         drop = self._drop_tokens(tok)
@@ -129,7 +129,7 @@ class QwenImageModel(DiTModel):
 
         if ctx.get("cfg_pair") is not None:  # CFG-parallel: this rank's branch (Note [CFG-parallel])
             branch = ctx["cfg_pair"].rank
-            cond, uncond = self._cfg_exchange(
+            cond, uncond = self.cfg_exchange(
                 predict(ctx["prompt_embeds"] if branch == 0 else ctx["negative_prompt_embeds"]), ctx
             )
         else:
@@ -144,7 +144,7 @@ class QwenImageModel(DiTModel):
     def decode(self, latents_full: torch.Tensor, request) -> torch.Tensor:
         """uint8 [1, H, W, 3] on CPU (QwenImagePipeline: unpack to [1, C, 1, h, w], x std + mean, VAE
         decode, first frame)."""
-        self._require("vae")
+        self.require("vae")
         cfg = self.vae.config
         with torch.no_grad():
             lat = self.unpack_latents(latents_full.to(device=self.device, dtype=torch.float32), request)
@@ -153,4 +153,4 @@ class QwenImageModel(DiTModel):
             inv_std = 1.0 / torch.tensor(cfg.latents_std, device=self.device).view(1, cfg.z_dim, 1, 1, 1)
             lat = lat / inv_std + mean
             image = self.vae.decode(lat.to(self._vae_dtype()), return_dict=False)[0][:, :, 0]
-        return _to_uint8(image)
+        return to_uint8(image)

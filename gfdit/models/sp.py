@@ -267,7 +267,7 @@ def wan_forward(
     temb, timestep_proj, context, _ = transformer.condition_embedder(timestep, encoder_hidden_states, None)
     timestep_proj = timestep_proj.unflatten(1, (6, -1))
     # A compiled wan_block when gfdit.models.compile set one (Note [Compiled steps]).
-    block_fn = getattr(transformer, "_gfdit_block_fn", wan_block)
+    block_fn = getattr(transformer, "gfdit_block_fn", wan_block)
     for block in transformer.blocks:
         x = block_fn(block, x, context, timestep_proj, rotary, group)
     shift, scale = (transformer.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)

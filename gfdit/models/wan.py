@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 
-from gfdit.models.base import DiTModel, _to_uint8
+from gfdit.models.base import DiTModel, to_uint8
 from gfdit.models.sp import install_wan_processors, wan_forward, wan_rotary
 
 __all__ = ["WanModel"]
@@ -41,7 +41,7 @@ class WanModel(DiTModel):
     def encode(self, request) -> dict[str, torch.Tensor]:
         """{"prompt_embeds": [1, L, text_dim]} and, when guidance_scale > 1, "negative_prompt_embeds"
         (of negative_prompt, "" if None); L is the encoder's max length, padding positions zeroed."""
-        self._require("text")
+        self.require("text")
         spec = self.preset.sequence_encoder
         tok, enc = self.tokenizers[spec.subfolder], self.text_encoders[spec.subfolder]
 
@@ -116,7 +116,7 @@ class WanModel(DiTModel):
             extra = tokens if every else torch.cat([tokens[k : k + 1] for k in rows])
             extra_t = t if every else torch.cat([t[k : k + 1] for k in rows])
             tokens, ts = torch.cat([tokens, extra]), torch.cat([t, extra_t])
-        forward = getattr(self, "_wan_forward", wan_forward)  # compiled in --compile full
+        forward = getattr(self, "wan_forward_fn", wan_forward)  # compiled in --compile full
         out = forward(self.transformer, tokens, ts, ctx["context"], ctx["grid"], ctx["rotary"], group).float()
         if not rows:
             return out
@@ -136,13 +136,13 @@ class WanModel(DiTModel):
     def _guided(self, module, x: torch.Tensor, t: torch.Tensor, ctx: dict[str, Any], group) -> torch.Tensor:
         """The guided prediction of `module` (Wan2.2: the step's expert): both branches as one batch
         of 2, or, CFG-parallel (ctx["cfg_pair"], Note [CFG-parallel]), this rank's branch only."""
-        forward = getattr(self, "_wan_forward", wan_forward)  # compiled in --compile full
+        forward = getattr(self, "wan_forward_fn", wan_forward)  # compiled in --compile full
         pair = ctx.get("cfg_pair")
         if pair is not None:
             branch = pair.rank
             context = ctx["context"][branch : branch + 1]
             mine = forward(module, x.to(self.dtype), t.expand(1), context, ctx["grid"], ctx["rotary"], group)
-            cond, uncond = self._cfg_exchange(mine.float(), ctx)
+            cond, uncond = self.cfg_exchange(mine.float(), ctx)
             return uncond + ctx["guidance_scale"] * (cond - uncond)
         b = 2 if ctx["cfg"] else 1
         tokens = x.to(self.dtype).expand(b, -1, -1)
@@ -154,7 +154,7 @@ class WanModel(DiTModel):
 
     def decode(self, latents_full: torch.Tensor, request) -> torch.Tensor:
         """uint8 [1, F, H, W, 3] on CPU (WanPipeline: unpack, x std + mean, VAE decode)."""
-        self._require("vae")
+        self.require("vae")
         cfg = self.vae.config
         with torch.no_grad():
             lat = self.unpack_latents(latents_full.to(device=self.device, dtype=torch.float32), request)
@@ -163,5 +163,5 @@ class WanModel(DiTModel):
             lat = lat / inv_std + mean
             video = self.vae.decode(lat.to(self._vae_dtype()), return_dict=False)[0]  # [1, 3, F, H, W]
         b, c, f, h, w = video.shape
-        frames = _to_uint8(video.transpose(1, 2).reshape(b * f, c, h, w))
+        frames = to_uint8(video.transpose(1, 2).reshape(b * f, c, h, w))
         return frames.reshape(b, f, h, w, c)

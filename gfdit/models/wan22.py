@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from gfdit.models.base import _load_diffusers, _log_loaded
+from gfdit.models.base import load_diffusers, log_loaded
 from gfdit.models.presets import ModelPreset
 from gfdit.models.sp import install_wan_processors
 from gfdit.models.wan import WanModel
@@ -53,10 +53,10 @@ class Wan22Model(WanModel):
         model = super().load(preset, device=device, dtype=dtype, weights=weights, components=components)
         if preset.transformer_2_config is not None and "transformer" in components:
             t0 = time.perf_counter()
-            model.transformer_2 = _load_diffusers(
+            model.transformer_2 = load_diffusers(
                 cls.transformer_class, preset.transformer_2_config, kLowNoise, device, dtype, weights
             )
-            _log_loaded(kLowNoise, model.transformer_2, device, t0)
+            log_loaded(kLowNoise, model.transformer_2, device, t0)
             install_wan_processors(model.transformer_2)
         return model
 

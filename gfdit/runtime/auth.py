@@ -15,7 +15,7 @@ ROUTER (server) and of the workers' DEALERs (client), and the key of the livenes
 - ZeroMQ: the ROUTER is a CURVE server whose ZAP handler admits the workers' public key only; a peer
   that does not hold the secret fails the handshake before any frame of its messages is read (libzmq
   drops it; a socket monitor logs the failure with the endpoint). The traffic is encrypted, too.
-- Liveness (Note [Worker liveness] in gfdit.runtime.engine): rank 0 sends a fresh random nonce on
+- Liveness (Note [Worker liveness] in gfdit.runtime.channel): rank 0 sends a fresh random nonce on
   every accepted connection; the peer answers with its rank and HMAC(key, nonce, rank) within
   kLivenessAuthTimeoutS. Until it has, the connection counts for nothing: a stranger's connection,
   its bytes and its closing never touch the liveness bookkeeping, and it is closed and logged.

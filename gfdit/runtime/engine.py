@@ -8,34 +8,36 @@
     engine.close()                                                      # every rank
 
 Every rank runs a Worker (gfdit.runtime.worker) in a thread of its own; rank 0 also runs the
-control loop: the Scheduler with its Policy (pure Python), fed by submissions and by the workers'
-events, dispatching assignments over ZeroMQ (one ROUTER on rank 0, one DEALER per worker).
+control thread: the Scheduler with its Policy (pure Python), fed by submissions and by the
+workers' events, dispatching assignments. The engine is split by job:
+  - the handle API (gfdit.runtime.handle): RequestHandle, Progress, Result, the Status vocabulary;
+  - the control channel (gfdit.runtime.channel): ZeroMQ to the other ranks, their liveness, the
+    in-process link to rank 0's own worker, and the wake-ups (Note [Event-driven control loop]);
+  - request placement (gfdit.runtime.placement): where each request's data lives, held in its
+    record (`_Tracked`);
+  - the watchdog (gfdit.runtime.watchdog): tasks in flight, their limits, hung ranks;
+and this module, which wires them: the control loop and what each event does.
 Tensors never travel over ZeroMQ, except the finished images on their way to the caller. Every
-message is one of gfdit.runtime.messages' typed Structs (Note [Control-plane messages]); every
-connection to rank 0's internal ports proves the launch secret first (Note [Control-plane
-authentication] in gfdit.runtime.auth), and they listen on loopback or the ranks' interface only
-(Note [Internal addresses]).
+message is one of gfdit.runtime.messages' typed Structs (Note [Control-plane messages]).
 
-Note [Worker liveness]
-~~~~~~~~~~~~~~~~~~~~~~
-Besides its DEALER, every rank opens one plain TCP connection to a listener on rank 0 and proves
-its rank over it (rank 0's nonce, answered with the rank and an HMAC of both under the launch
-secret's liveness key); a connection that has not proven a rank counts for nothing, and one that
-fails or takes longer than kLivenessAuthTimeoutS is closed and logged. A proven connection stays
-open, silent, for as long as the rank's worker loop runs. When a worker process dies (or its
-worker loop ends) the kernel closes the connection, and rank 0's control loop, which polls these
-sockets with the ROUTER, sees end-of-file at once: no heartbeat timing to tune and nothing for a
-busy worker to send. (ZeroMQ's ROUTER_NOTIFY would say the same, but it is a draft API that the
-libzmq bundled with pyzmq leaves out.) A dead rank ends the engine's service: the gfcoll world
-has lost a member, so every request not yet finished fails with the reason, `healthy()` reports
-the rank, and `submit` refuses new work.
-
-A hung (not dead) worker keeps its connection open, so rank 0 also watches the clock: a task that
-runs past max(task_timeout_floor_s, task_timeout_factor x the cost model's estimate) marks the members
-that have not reported as lost, with the same consequences. Their threads cannot be stopped from
-here, and their gfcoll peers may be stuck in a collective with them, so the engine stops serving
-rather than guess which ranks are still sound; /health then tells the orchestrator to restart the
-job. (A member stuck in a collective is also ended by gfcoll's GFCOLL_TIMEOUT_S on its peers.)
+Note [Surviving a lost rank]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+A non-zero rank is lost when its liveness connection closes (its process died, Note [Worker
+liveness]) or when the watchdog finds it hung (Note [Hung ranks]). The engine then
+  1. removes it from the scheduler for good (no policy sees it free again) and tells every
+     surviving rank's gfcoll world to exclude it (msg.Exclude; Note [Excluded ranks] in
+     gfcoll.world), so operations with it fail at once and groups without it keep working;
+  2. re-runs from its first task every unfinished request whose state it held (a latent slice,
+     the last copy of the conditioning: Placement.needs_rerun) or whose task in
+     flight it was a member of; the request keeps its seed, so the re-run produces the same
+     image. The survivors drop what they held of it (msg.Release). Members of an abandoned task
+     that have not reported stay fenced (busy) until they do;
+  3. keeps serving on the others: /health says "degraded" and names the rank.
+A member's task may also fail because a peer died or hung (gfcoll's peer-died or timeout error,
+msg.Failed.peer) before the rank is known lost: that request re-runs too (at most
+kMaxReruns times, then it fails). Rank 0 (engine + HTTP) is the one single point of failure.
+A control-thread exception (a bug) fails every unfinished request with the reason and turns
+`health()` unavailable: the thread never dies silently, and nothing is dispatched after it.
 """
 
 from __future__ import annotations
@@ -44,149 +46,72 @@ import dataclasses
 import itertools
 import logging
 import os
-import queue
 import random
 import secrets
-import socket
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import zmq
-import zmq.utils.monitor
 
 import gfcoll
-from gfdit.cost import AnalyticCostModel
+from gfdit.cost import AnalyticCostModel, apply_profile, read_profile
 from gfdit.policy import Policy, make_policy
-from gfdit.profile import apply_profile, read_profile
 from gfdit.request import Request, RequestState
-from gfdit.scheduler import Scheduler
+from gfdit.scheduler import Scheduler, kDefaultChunkSteps
 from gfdit.tasks import TaskKind, TaskTimings
 
 from . import auth
 from . import messages as msg
+from .channel import ControlChannel, RankLost, RemoteLink
 from .fast import apply as apply_fast_steps
 from .fast import graph_pool_stats
+from .handle import RequestHandle, Result, Status
+from .placement import Placement
+from .watchdog import Inflight, Watchdog
 from .worker import Worker
+
+__all__ = ["Engine", "EngineHealth", "RankInfo", "kMaxReruns"]
 
 log = logging.getLogger("gfdit.engine")
 
-# Liveness connections accepted but not yet proven at once; more are refused (a flood of strangers
-# cannot exhaust rank 0's file descriptors). A real job has at most world_size of them, briefly.
-kMaxUnprovenLiveness = 64
+kMaxReruns = 3  # re-runs of one request after peer failures before it fails (Note [Surviving a lost rank])
+kHungGraceS = 5.0  # added to gfcoll's timeout for the watchdog's grace (Note [Hung ranks])
 
 
 @dataclass
-class Result:
-    """A finished request."""
+class RankInfo:
+    """One rank as /health shows it."""
 
-    images: np.ndarray  # uint8, [N, H, W, 3] (images) or [N, F, H, W, 3] (video frames)
-    latency_s: float  # submit to result
-    queue_s: float  # submit to first task start
-    reshard_s: float  # time the request's tasks spent moving state between ranks (max over members)
-    bytes_moved: int  # bytes its reshards received, over all ranks
-    num_reshards: int  # tasks that first moved state
-    groups: list[tuple[str, tuple[int, ...]]]  # (task, ranks) of every task, in order
-    latents: np.ndarray | None = None  # the final latent [1, S, C] (float32), with keep_latents
+    rank: int  # global rank
+    pid: int  # its process id (0 until it reported ready)
+    state: str  # "starting" | "up" | "lost" | "hung"
+    reason: str = ""  # why lost or hung
 
 
 @dataclass
-class Progress:
-    """One progress event (also kept as the handle's latest)."""
+class EngineHealth:
+    """What the engine says about itself (rank 0)."""
 
-    state: str  # queued | in_progress | completed | failed | cancelled
-    step: int  # denoising steps done
-    num_steps: int  # total denoising steps
-    degree: int  # size of the group of the last task
-    task: str = ""  # the last task that finished or started
-
-
-class RequestHandle:
-    """Returned by Engine.submit (rank 0): progress, result, cancel."""
-
-    def __init__(self, engine: Engine, request: Request):
-        self.engine = engine
-        self.request = request
-        self.request_id = request.request_id
-        self._done = threading.Event()
-        self._result: Result | None = None
-        self._error: str | None = None
-        self._progress = Progress("queued", 0, request.num_inference_steps, 0)
-        self._listeners: list[queue.Queue] = []
-        self._lock = threading.Lock()
-
-    def progress(self) -> Progress:
-        return self._progress
-
-    def subscribe(self, sink=None) -> queue.Queue:
-        """A queue that receives every later Progress event; the last one has a terminal state, and
-        once it is there, result() returns without waiting. `sink`: use this object instead of a new
-        queue.Queue: anything with a put(progress) that never blocks (e.g. an adapter into an
-        asyncio loop); it is called on the engine's control thread, and returned."""
-        q = sink if sink is not None else queue.Queue()
-        with self._lock:
-            self._listeners.append(q)
-            if self._done.is_set():
-                q.put(self._progress)
-        return q
-
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def result(self, timeout: float | None = None) -> Result:
-        """Blocks until the request ends. Raises RuntimeError with the reason if it failed or was
-        cancelled, TimeoutError if `timeout` passes first."""
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"request {self.request_id} not finished after {timeout} s")
-        if self._error is not None:
-            raise RuntimeError(f"request {self.request_id} {self._progress.state}: {self._error}")
-        return self._result
-
-    def cancel(self) -> None:
-        """Asks to cancel; the ranks are freed at the next rescheduling point."""
-        self.engine._post(("cancel", self.request_id))
+    status: str  # "ok" (all ranks up), "degraded" (some lost or hung, still serving), "unavailable"
+    reason: str  # "ok" or why not
+    ranks: list[RankInfo]  # every rank, 0 included
 
     @property
-    def error(self) -> str | None:
-        return self._error
-
-    def _emit(self, p: Progress) -> None:
-        with self._lock:
-            self._progress = p
-            for q in self._listeners:
-                q.put(p)
-
-    def _finish(self, result: Result | None, error: str | None, state: str) -> None:
-        # Done before the terminal event goes out: a listener that gets it can call result() at once.
-        with self._lock:
-            self._result, self._error = result, error
-            self._progress = p = dataclasses.replace(self._progress, state=state)
-            self._done.set()
-            for q in self._listeners:
-                q.put(p)
+    def serving(self) -> bool:
+        return self.status in ("ok", "degraded")
 
 
 @dataclass
-class _Inflight:
-    assignment: object  # the scheduler's Assignment
-    start_s: float
-    waiting: set[int]  # members that have not reported yet
-    limit_s: float  # running longer than this: the members still waiting are hung
-    events: list[msg.Done] = field(default_factory=list)
+class _Tracked:
+    """Rank 0's record of one unfinished request."""
 
-
-@dataclass
-class _LiveConn:
-    """An accepted liveness connection (Note [Worker liveness])."""
-
-    sock: socket.socket
-    peer: str  # the remote address, for the log
-    nonce: bytes  # the challenge sent to it
-    deadline: float  # monotonic time by which it must have proven a rank
-    buf: bytes = b""  # its bytes so far, until it has proven a rank
-    rank: int | None = None  # the rank it proved; None: a stranger so far
+    handle: RequestHandle
+    placement: Placement = field(default_factory=Placement)  # where its data lives
+    reshard_s: float = 0.0  # seconds its tasks spent moving state, so far
+    bytes_moved: int = 0  # bytes its reshards received, so far
 
 
 def _broadcast_int(world: gfcoll.World, value: int) -> int:
@@ -223,11 +148,6 @@ def _launch_secret(world: gfcoll.World, one_node: bool) -> bytes:
     return bytes(t.cpu().numpy().tobytes())
 
 
-def _tcp_endpoint(host: str, port: int | None = None) -> str:
-    h = f"[{host}]" if ":" in host else host
-    return f"tcp://{h}" if port is None else f"tcp://{h}:{port}"
-
-
 class Engine:
     """Collective: every rank constructs it with the same arguments and calls close().
 
@@ -235,7 +155,8 @@ class Engine:
     A server runs for days: the bound keeps its memory and each scheduling decision independent of
     the number of requests served. Results live in the RequestHandle, not there.
     `task_timeout_factor`, `task_timeout_floor_s`: a task running longer than the larger of the floor
-    and factor x its estimated time is hung (Note [Worker liveness]); a floor of None disables it.
+    and factor x its estimated time, plus gfcoll's timeout, has hung members (Note [Hung ranks]); a
+    floor of None disables the check.
     `cost_profile`: a file written by `gfdit profile` for this model, loaded into the scheduler's cost
     model (rank 0) so that its estimates start from this machine's measurements.
     `control_host`: the address rank 0's internal ports listen on and the ranks connect to (Note
@@ -251,7 +172,7 @@ class Engine:
         policy: str | Policy = "fcfs-elastic",
         *,
         weights: str | None = None,
-        chunk_steps: int = 2,
+        chunk_steps: int = kDefaultChunkSteps,
         max_queue: int = 1024,
         dtype: torch.dtype | None = None,
         model_obj=None,
@@ -296,15 +217,12 @@ class Engine:
         self.keep_latents = keep_latents  # return each request's final latent too (tests, debugging)
         self._closed = False
         self._ctx = zmq.Context()
-        self._worker_sock = None  # the worker thread's DEALER (set by _worker_loop)
-        self._worker = Worker(world, self.model, notify=self._notify)
         # Every rank parses the policy, so a bad spec fails everywhere before any collective.
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
         one_node = world.local_size == world.size
         master_addr = os.environ.get("MASTER_ADDR")
-        self._keys = auth.derive_keys(_launch_secret(world, one_node))
-        bind_host = auth.control_bind_host(one_node, control_host, master_addr) if world.rank == 0 else ""
-        port = 0
+        keys = auth.derive_keys(_launch_secret(world, one_node))
+        self.channel: ControlChannel | None = None
         if world.rank == 0:
             cost = AnalyticCostModel()
             if profile is not None:
@@ -318,45 +236,28 @@ class Engine:
                 dim_size=self.model.seq_len,
                 keep_finished=keep_finished,
             )
-            # Note [Control-plane authentication]: CURVE, and a ZAP handler that admits the workers only.
-            self._zap = auth.start_zap(self._ctx, self._keys)
-            self._router = self._ctx.socket(zmq.ROUTER)
-            self._router.setsockopt(zmq.LINGER, 0)
-            self._router.setsockopt(zmq.MAXMSGSIZE, msg.kMaxMessageBytes)
-            self._router.setsockopt(zmq.IPV6, int(":" in bind_host))
-            self._keys.make_server(self._router)
-            self._monitor = self._router.get_monitor_socket(
-                zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-                | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            bind_host = auth.control_bind_host(one_node, control_host, master_addr)
+            self.channel = ControlChannel(self._ctx, keys, world.size, bind_host)
+            self.watchdog = Watchdog(
+                task_timeout_floor_s, self.task_timeout_factor, world.timeout_s + kHungGraceS
             )
-            port = self._router.bind_to_random_port(_tcp_endpoint(bind_host))
-            self._inbox: queue.Queue = queue.Queue()
-            self._lock = threading.Lock()
-            self._handles: dict[str, RequestHandle] = {}
-            self._inflight: dict[int, _Inflight] = {}
+            self._lock = threading.Lock()  # the scheduler, the records, the ranks' states
+            self._tracked: dict[str, _Tracked] = {}  # unfinished requests
+            self._handles: dict[str, RequestHandle] = {}  # every request's handle until forgotten
             self._task_ids = itertools.count()
-            self._cond_holders: dict[str, set[int]] = {}
-            self._cond_meta: dict[str, list] = {}
-            self._pixel_meta: dict[str, tuple] = {}
-            self._touched: dict[str, set[int]] = {}  # ranks that may hold some of a request's state
-            self._stats: dict[str, dict] = {}  # per request: reshard seconds and bytes so far
-            self._ready: set[int] = set()
-            self._dead: dict[int, str] = {}
+            self._ranks = [RankInfo(r, os.getpid() if r == 0 else 0, "starting") for r in range(world.size)]
+            self._fault: str | None = None  # a control-thread exception: the engine stopped serving
+            self._ready = threading.Event()
+            self.num_reruns = 0  # requests re-run after a lost rank or a peer failure, in total
             self._t0 = time.monotonic()
-            # Note [Worker liveness]: fd of an accepted connection -> its state.
-            family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
-            self._live_listener = socket.create_server((bind_host, 0), family=family)
-            self._live_conns: dict[int, _LiveConn] = {}
-        port = _broadcast_int(world, port)
-        live_port = _broadcast_int(world, self._live_listener.getsockname()[1] if world.rank == 0 else 0)
+        port = _broadcast_int(world, self.channel.port if world.rank == 0 else 0)
+        live_port = _broadcast_int(world, self.channel.live_port if world.rank == 0 else 0)
         if world.rank == 0:
-            addr = "127.0.0.1" if auth.is_wildcard(bind_host) else bind_host
+            self._link = self.channel.local
         else:
             addr = auth.control_connect_host(one_node, control_host, master_addr)
-        self._endpoint = _tcp_endpoint(addr, port)
-        # Connected here, proven in the worker thread (rank 0's control thread answers it).
-        self._live = socket.create_connection((addr, live_port), timeout=120)
+            self._link = RemoteLink(self._ctx, keys, world.rank, addr, port, live_port)
+        self._worker = Worker(world, self.model, notify=self._link.send)
         self._worker_thread = threading.Thread(target=self._worker_loop, name="gfdit-worker", daemon=True)
         self._worker_thread.start()
         if world.rank == 0:
@@ -364,13 +265,9 @@ class Engine:
                 target=self._control_loop, name="gfdit-control", daemon=True
             )
             self._control_thread.start()
-            deadline = time.monotonic() + 120
-            while len(self._ready) < world.size:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"workers {sorted(set(range(world.size)) - self._ready)} never became ready"
-                    )
-                time.sleep(0.01)
+            if not self._ready.wait(120):
+                starting = [i.rank for i in self._ranks if i.state == "starting"]
+                raise RuntimeError(f"workers {starting} never became ready")
 
     # -- public API (rank 0) ---------------------------------------------------------------------
     def now(self) -> float:
@@ -379,12 +276,14 @@ class Engine:
 
     def submit(self, request: Request) -> RequestHandle:
         """Validates and queues a request. Raises ValueError (before any rank does work) for an
-        invalid request, RuntimeError when the engine is closed or the queue is full."""
+        invalid request, RuntimeError when the engine is closed or cannot serve, OverflowError when
+        the queue is full."""
         self._require_rank0("submit")
         if self._closed:
             raise RuntimeError("the engine is closed")
-        if self._dead:
-            raise RuntimeError(f"the engine lost a worker: {self.healthy()[1]}")
+        h = self.health()
+        if not h.serving:
+            raise RuntimeError(f"the engine cannot serve: {h.reason}")
         if request.model != self.model_name:
             raise ValueError(f"model: this engine serves {self.model_name!r}, not {request.model!r}")
         self.model.validate(request)
@@ -395,9 +294,10 @@ class Engine:
             if self.num_queued() >= self.max_queue:
                 raise OverflowError(f"queue full ({self.max_queue} requests waiting)")
             self.scheduler.submit(request)
-            handle = RequestHandle(self, request)
+            handle = RequestHandle(self.channel.post, request)
             self._handles[request.request_id] = handle
-        self._post(("wake", None))
+            self._tracked[request.request_id] = _Tracked(handle)
+        self.channel.post(msg.Wake())
         return handle
 
     def graph_pool_stats(self) -> dict[str, float]:
@@ -419,12 +319,30 @@ class Engine:
             if handle is not None and handle.done():
                 del self._handles[request_id]
 
+    def health(self) -> EngineHealth:
+        """Status, reason and every rank's state (Note [Surviving a lost rank]). Any thread."""
+        ranks = [dataclasses.replace(i) for i in self._ranks]
+        if self._fault is not None:
+            return EngineHealth("unavailable", self._fault, ranks)
+        gone = [i for i in ranks if i.state in ("lost", "hung")]
+        starting = [i for i in ranks if i.state == "starting"]
+        if starting and not self._ready.is_set():
+            return EngineHealth(
+                "unavailable", f"{len(ranks) - len(starting)} of {len(ranks)} workers ready", ranks
+            )
+        if gone:
+            why = "; ".join(f"rank {i.rank} {i.state}: {i.reason}" for i in gone)
+            return EngineHealth("degraded", why, ranks)
+        return EngineHealth("ok", "ok", ranks)
+
     def healthy(self) -> tuple[bool, str]:
-        if self._dead:
-            return False, "; ".join(f"rank {r}: {why}" for r, why in sorted(self._dead.items()))
-        if len(self._ready) < self.world.size:
-            return False, f"{len(self._ready)} of {self.world.size} workers ready"
-        return True, "ok"
+        """(serving, reason): True while the engine serves, degraded included."""
+        h = self.health()
+        return h.serving, h.reason
+
+    def ranks_alive(self) -> int:
+        """Ranks not lost or hung (rank 0 included)."""
+        return sum(1 for i in self._ranks if i.state not in ("lost", "hung"))
 
     def close(self, timeout: float = 300.0) -> None:
         """Collective teardown. Rank 0 waits for the running tasks to end, then stops every worker."""
@@ -432,259 +350,100 @@ class Engine:
             return
         self._closed = True
         if self.world.rank == 0:
-            self._post(("shutdown", None))
+            self.channel.post(msg.Stop())
             self._control_thread.join(timeout)
         self._worker_thread.join(timeout)
-        self._live.close()
+        self._link.close()
         if self.world.rank == 0:
-            self._router.disable_monitor()
-            self._monitor.close(0)
-            self._router.close(0)
-            self._zap.stop()
-            for conn in [self._live_listener, *(c.sock for c in self._live_conns.values())]:
-                conn.close()
+            self.channel.close()
         self._ctx.term()
 
-    # -- internals -------------------------------------------------------------------------------
+    # -- the worker thread (every rank) -----------------------------------------------------------
     def _require_rank0(self, what: str) -> None:
         if self.world.rank != 0:
             raise RuntimeError(f"{what} is called on rank 0 only (this is rank {self.world.rank})")
 
-    def _post(self, item) -> None:
-        self._inbox.put(item)
-
-    def _prove_liveness(self) -> None:
-        """Answers rank 0's nonce on the liveness connection (Note [Worker liveness])."""
-        nonce = b""
-        while len(nonce) < auth.kLivenessNonceBytes:
-            chunk = self._live.recv(auth.kLivenessNonceBytes - len(nonce))  # bounded: the socket's timeout
-            if not chunk:
-                raise ConnectionError("rank 0 closed the liveness connection before its challenge")
-            nonce += chunk
-        self._live.sendall(auth.liveness_proof(self._keys.liveness, nonce, self.world.rank))
-
-    def _notify(self, event: msg.Event) -> None:
-        """The worker's events sent while a task runs: on the worker thread, over its socket."""
-        self._worker_sock.send(msg.encode(event))
-
     def _worker_loop(self) -> None:
+        link = self._link
+        if isinstance(link, RemoteLink):
+            try:
+                link.start()
+            except OSError as e:
+                log.error("rank %d: liveness handshake with rank 0 failed: %s", self.world.rank, e)
+                link.close()
+                return
         try:
-            self._prove_liveness()
-        except OSError as e:
-            log.error("rank %d: liveness handshake with rank 0 failed: %s", self.world.rank, e)
-            self._live.close()
-            return
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, str(self.world.rank).encode())
-        sock.setsockopt(zmq.LINGER, 1000)
-        sock.setsockopt(zmq.MAXMSGSIZE, msg.kMaxMessageBytes)
-        self._keys.make_client(sock)
-        sock.connect(self._endpoint)
-        self._worker_sock = sock  # used by this thread only (the worker's notify runs on it)
-        sock.send(msg.encode(msg.Ready(rank=self.world.rank)))
-        try:
+            link.send(msg.Ready(rank=self.world.rank, pid=os.getpid()))
             while True:
-                raw = sock.recv()
-                try:
-                    cmd = msg.decode_command(raw)
-                except msg.MessageError as e:  # only rank 0 can reach this socket: a bug, not an attack
-                    log.error("rank %d: dropped a command from rank 0: %s", self.world.rank, e)
-                    continue
+                cmd = link.recv()
                 if isinstance(cmd, msg.Shutdown):
                     break
                 for event in self._worker.handle(cmd):
-                    sock.send(msg.encode(event))
+                    link.send(event)
         finally:
-            sock.close()
-            self._live.close()  # Note [Worker liveness]: rank 0 sees this loop end
+            if isinstance(link, RemoteLink):
+                link.close()  # Note [Worker liveness]: rank 0 sees this loop end
 
+    # -- the control thread (rank 0) --------------------------------------------------------------
     def _control_loop(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._router, zmq.POLLIN)
-        poller.register(self._live_listener.fileno(), zmq.POLLIN)
-        poller.register(self._monitor, zmq.POLLIN)
         stopping = False
         while True:
             try:
-                while True:
-                    kind, arg = self._inbox.get_nowait()
-                    if kind == "shutdown":
+                wait = self.watchdog.next_deadline_s(self.now())
+                for item in self.channel.poll(1.0 if wait is None else wait):
+                    if isinstance(item, msg.Stop):
                         stopping = True
-                    elif kind == "cancel":
-                        self._cancel(arg)
-            except queue.Empty:
-                pass
-            try:
-                for sock, _ in poller.poll(5):
-                    if sock is self._router:
-                        self._on_message(sock.recv_multipart())
-                    elif sock is self._monitor:
-                        self._on_monitor()
+                    elif isinstance(item, msg.Cancel):
+                        self._cancel(item.request_id)
+                    elif isinstance(item, RankLost):
+                        self._on_rank_lost(item.rank, item.reason, "lost")
+                    elif isinstance(item, msg.Wake):
+                        pass  # the dispatch below
                     else:
-                        self._on_liveness(sock, poller)
-                self._expire_unproven(poller)
-                self._check_hung()
+                        self._on_event(item)
+                for rank, inf in self.watchdog.hung(self.now()):
+                    self._on_rank_lost(
+                        rank,
+                        f"task {inf.assignment.task} ran past its {inf.limit_s:.1f} s limit without reporting",
+                        "hung",
+                    )
                 if self._step(stopping):
                     return
-            except Exception as e:  # a bug or a PolicyError: fail what waits, keep serving
-                log.exception("control loop: %s", e)
-                with self._lock:
-                    for rid, rec in list(self.scheduler.active.items()):
-                        if rec.running is None:
-                            self.scheduler.cancel(rid, self.now())
-                            self._fail_request(rid, f"engine error: {type(e).__name__}: {e}")
+            except Exception as e:  # a bug: fail every unfinished request, /health 503 (Note above)
+                self._on_fault(e)
+                if stopping:
+                    self._shutdown_workers()
+                    return
+
+    def _on_fault(self, e: Exception) -> None:
+        why = f"engine error: {type(e).__name__}: {e}"
+        log.error("control thread: %s\n%s", why, traceback.format_exc())
+        with self._lock:
+            if self._fault is None:
+                self._fault = why
+            for rid in list(self._tracked):
+                self._fail_request(rid, why)
 
     def _step(self, stopping: bool) -> bool:
         """Dispatches what the policy decides; on shutdown, once nothing runs, fails what is left
         and stops the workers. True once shut down."""
         with self._lock:
             if not stopping:
-                if not self._dead:
+                if self._fault is None:
                     self._dispatch()
                 return False
-            if self._inflight:
+            if self.watchdog.running() and self._fault is None:
                 return False
-            for rid in list(self.scheduler.active):
+            for rid in list(self._tracked):
                 self._fail_request(rid, "engine shut down before the request finished")
-            for r in range(self.world.size):
-                self._send(r, msg.Shutdown())
-            return True
+        self._shutdown_workers()
+        return True
 
-    def _on_message(self, frames: list[bytes]) -> None:
-        """One message on the ROUTER: (sender identity, payload). Anything that does not decode to
-        an event of the rank that sent it is dropped and logged (Note [Control-plane messages])."""
-        if len(frames) != 2:
-            log.warning("control: dropped a message of %d frames (expected 2)", len(frames))
-            return
-        ident, payload = frames
-        source = ident.decode(errors="replace")
-        try:
-            ev = msg.decode_event(payload)
-        except msg.MessageError as e:
-            log.warning("control: dropped a message from rank %s: %s", source, e)
-            return
-        if str(ev.rank) != source:
-            log.warning(
-                "control: dropped a %s event claiming rank %d from rank %s",
-                type(ev).__name__,
-                ev.rank,
-                source,
-            )
-            return
-        self._on_event(ev)
-
-    def _on_monitor(self) -> None:
-        """A connection to the ROUTER failed its handshake: a peer without the launch secret."""
-        try:
-            event = zmq.utils.monitor.recv_monitor_message(self._monitor, zmq.NOBLOCK)
-        except zmq.Again:
-            return
-        log.warning(
-            "control socket %s: refused a connection (%s, errno %s): it did not prove the launch secret",
-            event.get("endpoint", b"").decode(errors="replace"),
-            zmq.Event(event["event"]).name,
-            event.get("value"),
-        )
-
-    def _drop_live(self, fd: int, poller: zmq.Poller) -> _LiveConn:
-        poller.unregister(fd)
-        entry = self._live_conns.pop(fd)
-        entry.sock.close()
-        return entry
-
-    def _on_liveness(self, fd: int, poller: zmq.Poller) -> None:
-        """A liveness socket is readable (Note [Worker liveness]); the poller names it by its fd."""
-        if fd == self._live_listener.fileno():
-            conn, peer = self._live_listener.accept()
-            where = f"{peer[0]}:{peer[1]}"
-            if sum(c.rank is None for c in self._live_conns.values()) >= kMaxUnprovenLiveness:
-                log.warning("liveness: refused a connection from %s: too many unproven connections", where)
-                conn.close()
-                return
-            nonce = secrets.token_bytes(auth.kLivenessNonceBytes)
-            try:
-                conn.setblocking(False)
-                conn.send(nonce)  # 32 bytes into an empty send buffer: all of it goes
-            except OSError as e:
-                log.warning("liveness: connection from %s dropped before its challenge: %s", where, e)
-                conn.close()
-                return
-            deadline = time.monotonic() + auth.kLivenessAuthTimeoutS
-            self._live_conns[conn.fileno()] = _LiveConn(conn, where, nonce, deadline)
-            poller.register(conn.fileno(), zmq.POLLIN)
-            return
-        entry = self._live_conns[fd]
-        try:
-            data = entry.sock.recv(4096)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._drop_live(fd, poller)
-            if entry.rank is not None:
-                self._on_rank_lost(entry.rank, "its worker process exited (liveness connection closed)")
-            else:
-                log.warning("liveness: %s closed its connection without proving a rank", entry.peer)
-            return
-        if entry.rank is not None:
-            return  # a proven rank never sends more; nothing it sends is read
-        entry.buf += data
-        if len(entry.buf) < auth.kLivenessProofBytes:
-            return
-        rank = auth.check_liveness_proof(self._keys.liveness, entry.nonce, entry.buf)
-        if rank is None or not 0 <= rank < self.world.size or len(entry.buf) != auth.kLivenessProofBytes:
-            self._drop_live(fd, poller)
-            log.warning(
-                "liveness: closed the connection from %s: it did not prove the launch secret", entry.peer
-            )
-            return
-        entry.rank, entry.buf = rank, b""
-
-    def _expire_unproven(self, poller: zmq.Poller) -> None:
-        """Closes liveness connections that did not prove a rank in time."""
-        now = time.monotonic()
-        for fd, entry in list(self._live_conns.items()):
-            if entry.rank is None and now > entry.deadline:
-                self._drop_live(fd, poller)
-                log.warning(
-                    "liveness: closed the connection from %s: no proof within %.0f s",
-                    entry.peer,
-                    auth.kLivenessAuthTimeoutS,
-                )
-
-    def _check_hung(self) -> None:
-        """Marks the unreported members of a task past its time limit as lost (Note [Worker liveness])."""
-        if self.task_timeout_floor_s is None:
-            return
-        now = self.now()
-        with self._lock:
-            late = [inf for inf in self._inflight.values() if now - inf.start_s > inf.limit_s]
-            hung = [(r, inf) for inf in late for r in sorted(inf.waiting)]
-        for rank, inf in hung:
-            self._on_rank_lost(
-                rank,
-                f"hung: task {inf.assignment.task} ran past its {inf.limit_s:.1f} s limit without reporting",
-            )
-
-    def _on_rank_lost(self, rank: int, reason: str) -> None:
-        """Fails every unfinished request: the world has lost a member (Note [Worker liveness])."""
-        with self._lock:
-            if rank in self._dead:
-                return
-            self._dead[rank] = reason
-            log.error("rank %d lost: %s; failing every unfinished request", rank, reason)
-            why = f"rank {rank} lost: {reason}"
-            for tid, inf in list(self._inflight.items()):
-                del self._inflight[tid]
-                self.scheduler.on_task_failed(inf.assignment.task, inf.assignment.ranks, why, self.now())
-                self._fail_request(inf.assignment.task.request_id, why)
-            for rid in list(self.scheduler.active):
-                self.scheduler.cancel(rid, self.now())
-                self._fail_request(rid, why)
-
-    def _send(self, rank: int, cmd: msg.Command) -> None:
-        self._router.send_multipart([str(rank).encode(), msg.encode(cmd)])
+    def _shutdown_workers(self) -> None:
+        # A hung rank gets it too: if it ever comes back, it leaves; a dead one cannot read it.
+        for info in self._ranks:
+            if info.state != "lost":
+                self.channel.send(info.rank, msg.Shutdown())
 
     def _dispatch(self) -> None:
         now = self.now()
@@ -692,151 +451,207 @@ class Engine:
             self._start(a, now)
 
     def _start(self, a, now: float) -> None:
-        task, ranks, plan = a.task, tuple(a.ranks), a.reshard
+        task, ranks = a.task, tuple(a.ranks)
         rid = task.request_id
-        req = self.scheduler.record(rid).request
-        tid = next(self._task_ids)
-        fields: dict = {}
-        involved = set(ranks)
-        if plan is not None and not plan.is_noop and task.kind is not TaskKind.FINALIZE:
-            fields["transfers"] = tuple((t.src_rank, t.dst_rank, t.start, t.stop) for t in plan.transfers)
-            fields["local"] = tuple((t.src_rank, t.dst_rank, t.start, t.stop) for t in plan.local)
-            involved |= {t.src_rank for t in plan.transfers}
-        if task.kind is TaskKind.FINALIZE and plan is not None and not plan.is_noop:
-            src = plan.src.ranks[0]
-            fields["pixels_from"] = src
-            fields["pixels_meta"] = self._pixel_meta[rid]
-            involved.add(src)
-        if task.kind in (TaskKind.DENOISE, TaskKind.DECODE):
-            holders = self._cond_holders.get(rid, set())
-            lacking = [m for m in ranks if m not in holders]
-            if lacking and holders:
-                inside = [h for h in ranks if h in holders]
-                pool = inside or sorted(holders)
-                fields["cond_sends"] = tuple((pool[i % len(pool)], m) for i, m in enumerate(lacking))
-                fields["cond_meta"] = self._cond_meta[rid]
-                involved |= {s for s, _ in fields["cond_sends"]}
-                holders |= set(lacking)
+        rec = self.scheduler.record(rid)
+        tracked = self._tracked[rid]
+        fields, involved = tracked.placement.command_fields(task.kind, ranks, a.reshard)
         cmd = msg.Task(
-            task_id=tid,
-            request=req,
-            kind=task.kind.name,
+            task_id=next(self._task_ids),
+            request=rec.request,
+            kind=task.kind,
             start=task.start,
             end=task.end,
             ranks=ranks,
-            dim_size=self.scheduler.record(rid).dim_size,
+            dim_size=rec.dim_size,
             token_dim=self.model.token_dim,
             latent_dtype="float32",  # the latent state is fp32 whatever the model's dtype
             keep_latents=self.keep_latents,
             **fields,
         )
-        self._touched.setdefault(rid, set()).update(involved)
-        expected_s = max(0.0, (self.scheduler.record(rid).expected_end_s or now) - now)
-        limit_s = max(self.task_timeout_floor_s or 0.0, self.task_timeout_factor * expected_s)
-        self._inflight[tid] = _Inflight(a, now, set(ranks), limit_s)
+        expected_s = max(0.0, (rec.expected_end_s or now) - now)
+        self.watchdog.start(cmd.task_id, a, now, expected_s, ranks)
         for r in sorted(involved):
-            self._send(r, cmd)
-        handle = self._handles.get(rid)
-        if handle is not None:
-            p = handle.progress()
-            handle._emit(dataclasses.replace(p, state="in_progress", degree=len(ranks), task=str(task)))
+            self.channel.send(r, cmd)
+        tracked.handle.update(state=Status.IN_PROGRESS, degree=len(ranks), task=str(task))
 
     def _on_event(self, ev: msg.Event) -> None:
         with self._lock:
             if isinstance(ev, msg.Ready):
-                self._ready.add(ev.rank)
+                info = self._ranks[ev.rank]
+                if info.state == "starting":
+                    info.state, info.pid = "up", ev.pid
+                if all(i.state != "starting" for i in self._ranks):
+                    self._ready.set()
                 return
-            inf = self._inflight.get(ev.task_id)
+            inf = self.watchdog.get(ev.task_id)
             if inf is None:
-                return  # a late report of a task that already failed
+                return  # a late report of a task already settled
             if isinstance(ev, msg.StepDone):
                 a = inf.assignment
-                handle = self._handles.get(a.task.request_id)
-                if handle is not None and ev.rank == a.ranks[0]:
-                    total = self.scheduler.record(a.task.request_id).request.num_inference_steps
-                    handle._emit(Progress("in_progress", ev.step, total, len(a.ranks), str(a.task)))
-                return
-            if isinstance(ev, msg.Failed):
-                del self._inflight[ev.task_id]
-                a = inf.assignment
-                log.warning("task %s failed: %s\n%s", a.task, ev.reason, ev.trace)
-                self.scheduler.on_task_failed(a.task, a.ranks, ev.reason, self.now())
-                self._fail_request(a.task.request_id, ev.reason)
+                tracked = self._tracked.get(a.task.request_id)
+                if tracked is not None and not inf.abandoned and ev.rank == a.ranks[0]:
+                    tracked.handle.update(
+                        state=Status.IN_PROGRESS, step=ev.step, degree=len(a.ranks), task=str(a.task)
+                    )
                 return
             if ev.rank not in inf.waiting:
                 log.warning(
                     "control: dropped a report of task %d from rank %d, not a member", ev.task_id, ev.rank
                 )
                 return
-            inf.events.append(ev)
             inf.waiting.discard(ev.rank)
-            if inf.waiting:
+            if inf.abandoned:
+                self.scheduler.unfence(ev.rank)
+                if not inf.waiting:
+                    self.watchdog.pop(ev.task_id)
                 return
-            del self._inflight[ev.task_id]
-            self._complete(inf)
+            if isinstance(ev, msg.Failed):
+                self._on_failed(inf, ev)
+                return
+            inf.events.append(ev)
+            if not inf.waiting:
+                self.watchdog.pop(ev.task_id)
+                self._complete(inf)
 
-    def _complete(self, inf: _Inflight) -> None:
+    def _on_failed(self, inf: Inflight, ev: msg.Failed) -> None:
+        a = inf.assignment
+        rid = a.task.request_id
+        log.warning("task %s failed: %s\n%s", a.task, ev.reason, ev.trace)
+        if ev.peer and self.scheduler.record(rid).num_reruns < kMaxReruns:
+            self._rerun(rid, f"a peer failed during {a.task}: {ev.reason}")
+        else:
+            self._fail_request(rid, ev.reason)
+
+    def _complete(self, inf: Inflight) -> None:
         a = inf.assignment
         task, rid = a.task, a.task.request_id
         now = self.now()
-        reshard_s = max(e.reshard_s for e in inf.events)
-        reshard_s = min(reshard_s, now - inf.start_s)
+        reshard_s = min(max(e.reshard_s for e in inf.events), now - inf.start_s)
         self.scheduler.on_task_done(task, a.ranks, TaskTimings(inf.start_s, now, reshard_s))
         rec = self.scheduler.record(rid)
-        stats = self._stats.setdefault(rid, {"reshard_s": 0.0, "bytes": 0})
-        stats["reshard_s"] += reshard_s
-        stats["bytes"] += sum(e.bytes_moved for e in inf.events)
-        if task.kind is TaskKind.ENCODE:
-            self._cond_holders[rid] = set(a.ranks)
-            self._cond_meta[rid] = next(e.cond_meta for e in inf.events if e.cond_meta is not None)
-        if task.kind is TaskKind.DECODE:
-            r = rec.request
-            h, w = r.height, r.width
-            shape = (1, r.num_frames, h, w, 3) if r.num_frames is not None else (1, h, w, 3)
-            self._pixel_meta[rid] = msg.TensorMeta("pixels", shape, "uint8")
-        handle = self._handles.get(rid)
-        if handle is None:
-            return
+        tracked = self._tracked[rid]
+        tracked.reshard_s += reshard_s
+        tracked.bytes_moved += sum(e.bytes_moved for e in inf.events)
+        cond_meta = next((e.cond_meta for e in inf.events if e.cond_meta is not None), None)
+        tracked.placement.on_done(task.kind, tuple(a.ranks), cond_meta)
+        handle = tracked.handle
         step = task.end if task.kind is TaskKind.DENOISE else handle.progress().step
-        handle._emit(Progress("in_progress", step, rec.request.num_inference_steps, len(a.ranks), str(task)))
+        handle.update(state=Status.IN_PROGRESS, step=step, degree=len(a.ranks), task=str(task))
         if rec.state is RequestState.DONE:
             images = next(e.result for e in inf.events if e.result is not None).to_numpy()
             result = Result(
                 images=images,
                 latency_s=now - rec.request.arrival_s,
                 queue_s=(rec.first_start_s or now) - rec.request.arrival_s,
-                reshard_s=stats["reshard_s"],
-                bytes_moved=stats["bytes"],
+                reshard_s=tracked.reshard_s,
+                bytes_moved=tracked.bytes_moved,
                 num_reshards=rec.num_reshards,
-                groups=[(str(t.task), t.ranks) for t in rec.history],
+                groups=[(str(t.task), t.ranks) for t in rec.history if t.outcome == "done"],
                 latents=next((e.latents.to_numpy() for e in inf.events if e.latents is not None), None),
+                num_reruns=rec.num_reruns,
             )
             self._release(rid)
-            handle._finish(result, None, "completed")
+            handle.finish(result, None, Status.COMPLETED)
         elif rec.state is RequestState.CANCELLED:
             self._release(rid)
-            handle._finish(None, "cancelled", "cancelled")
+            handle.finish(None, "cancelled", Status.CANCELLED)
 
     def _cancel(self, rid: str) -> None:
         with self._lock:
+            if rid not in self._tracked:
+                return  # ended (or forgotten) already
             rec = self.scheduler.record(rid)
-            if rec.state.is_terminal:
-                return
             self.scheduler.cancel(rid, self.now())
             if rec.state is RequestState.CANCELLED:
+                handle = self._tracked[rid].handle
                 self._release(rid)
-                self._handles[rid]._finish(None, "cancelled", "cancelled")
+                handle.finish(None, "cancelled", Status.CANCELLED)
 
     def _fail_request(self, rid: str, reason: str) -> None:
-        self._release(rid)
-        handle = self._handles.get(rid)
-        if handle is not None and not handle.done():
-            handle._finish(None, reason, "failed")
+        """Ends a request as failed, wherever it is (the scheduler too); members of its task in
+        flight stay fenced until they report."""
+        tracked = self._tracked.get(rid)
+        if tracked is None:
+            return
+        try:
+            fence: set[int] = set()
+            for inf in self.watchdog.running():
+                if inf.assignment.task.request_id == rid:
+                    inf.abandoned = True
+                    fence |= inf.waiting
+                    if not inf.waiting:
+                        self.watchdog.pop(inf.task_id)
+            self.scheduler.fail(rid, reason, self.now(), fence=fence)
+        except Exception:  # the scheduler's own bug must not keep the caller from its answer
+            log.exception("failing request %s", rid)
+        finally:
+            self._release(rid)
+            tracked.handle.finish(None, reason, Status.FAILED)
 
     def _release(self, rid: str) -> None:
-        for r in sorted(self._touched.pop(rid, set())):
-            self._send(r, msg.Release(request_id=rid))
-        self._stats.pop(rid, None)
-        self._cond_holders.pop(rid, None)
-        self._cond_meta.pop(rid, None)
-        self._pixel_meta.pop(rid, None)
+        tracked = self._tracked.pop(rid, None)
+        if tracked is None:
+            return
+        for r in sorted(tracked.placement.touched):
+            if self._ranks[r].state == "up":
+                self.channel.send(r, msg.Release(request_id=rid))
+
+    # -- surviving a lost rank (Note [Surviving a lost rank]) ----------------------------------------
+    def _rerun(self, rid: str, reason: str) -> None:
+        """Restarts a request from its first task; its task in flight (if any) is abandoned."""
+        tracked = self._tracked[rid]
+        fence: set[int] = set()
+        for inf in self.watchdog.running():
+            if inf.assignment.task.request_id == rid:
+                inf.abandoned = True
+                fence |= inf.waiting
+                if not inf.waiting:
+                    self.watchdog.pop(inf.task_id)
+        self.scheduler.rerun(rid, self.now(), reason, fence=fence)
+        if self.scheduler.record(rid).state.is_terminal:  # its cancel was asked meanwhile
+            self._release(rid)
+            tracked.handle.finish(None, "cancelled", Status.CANCELLED)
+            return
+        for r in sorted(tracked.placement.touched):
+            if self._ranks[r].state == "up":
+                self.channel.send(r, msg.Release(request_id=rid))
+        tracked.placement = Placement()
+        tracked.reshard_s, tracked.bytes_moved = 0.0, 0
+        self.num_reruns += 1
+        tracked.handle.update(state=Status.IN_PROGRESS, step=0, task=f"re-run: {reason}")
+
+    def _on_rank_lost(self, rank: int, reason: str, state: str) -> None:
+        with self._lock:
+            info = self._ranks[rank]
+            if info.state in ("lost", "hung"):
+                return
+            info.state, info.reason = state, reason
+            log.error("rank %d %s: %s; serving on the others", rank, state, reason)
+            self.scheduler.lose_rank(rank)
+            self.world.exclude([rank])
+            lost = tuple(sorted(i.rank for i in self._ranks if i.state in ("lost", "hung")))
+            for i in self._ranks:
+                if i.rank != 0 and i.state == "up":
+                    self.channel.send(i.rank, msg.Exclude(ranks=lost))
+            why = f"rank {rank} {state}: {reason}"
+            for inf in self.watchdog.all():
+                if rank in inf.waiting:
+                    inf.waiting.discard(rank)
+                    if inf.abandoned and not inf.waiting:
+                        self.watchdog.pop(inf.task_id)
+            running = {
+                inf.assignment.task.request_id
+                for inf in self.watchdog.running()
+                if rank in inf.assignment.ranks
+            }
+            for rid, tracked in list(self._tracked.items()):
+                if rid in running or tracked.placement.needs_rerun(rank):
+                    if self.scheduler.record(rid).num_reruns >= kMaxReruns:
+                        self._fail_request(rid, why)
+                    else:
+                        self._rerun(rid, why)
+                else:
+                    tracked.placement.drop_rank(rank)
+            if not self.scheduler.free_ranks and not self.watchdog.running() and self._tracked:
+                log.error("no rank left to serve on")

@@ -4,7 +4,7 @@ Note [Step graphs]
 ~~~~~~~~~~~~~~~~~~
 An eager step of a full-size DiT costs ~55 ms of host time on an H200 however small the image (kernel
 launches; DESIGN.md section 2), so small steps are host-bound. `StepGraphs` captures the transformer
-forward of one step (DiTModel._velocity: the forward, and Wan's CFG combination) as a CUDA graph and
+forward of one step (DiTModel.velocity: the forward, and Wan's CFG combination) as a CUDA graph and
 replays it; the scheduler's Euler update stays eager (a few elementwise kernels whose Python bookkeeping
 is not capturable).
 
@@ -141,7 +141,7 @@ class StepGraphs:
 
     # -- the step ------------------------------------------------------------------------------------
     def velocity(self, model, x: torch.Tensor, t: torch.Tensor, ctx: dict[str, Any], group) -> torch.Tensor:
-        """model._velocity(x, t, ctx, group), replayed from a graph when one is cached."""
+        """model.velocity(x, t, ctx, group), replayed from a graph when one is cached."""
         inputs = {"x": x, "t": t, "ctx": ctx}
         tensors: list = []
         consts: list = []
@@ -157,7 +157,7 @@ class StepGraphs:
                 self._entries.move_to_end(key)
             return entry.out
         if key in self._eager_only:
-            return model._velocity(x, t, ctx, group)
+            return model.velocity(x, t, ctx, group)
         return self._capture(key, model, inputs, tensors, group)
 
     def _capture(self, key, model, inputs, tensors, group) -> torch.Tensor:
@@ -168,7 +168,7 @@ class StepGraphs:
         static = {p: v.clone() for p, v in tensors}
         s_inputs = _restore(inputs, static, "")
         args = (s_inputs["x"], s_inputs["t"], s_inputs["ctx"], group)
-        result = model._velocity(*args)  # the step's one execution (compiles if needed)
+        result = model.velocity(*args)  # the step's one execution (compiles if needed)
         self._evict(reserve=True)
         # torch.cuda.graph synchronises and empties the allocator's cache on entry (once per capture,
         # never on a replay); doing it first makes the reserved-memory growth the graph's own pool.
@@ -179,7 +179,7 @@ class StepGraphs:
         stream.wait_stream(torch.cuda.current_stream(self.device))
         try:
             with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
-                out = model._velocity(*args)
+                out = model.velocity(*args)
         except Exception as e:  # a step that cannot be captured: run it eagerly from now on
             reason = f"{type(e).__name__}: {e}"
             self._eager_only[key] = reason

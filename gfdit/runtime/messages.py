@@ -3,6 +3,9 @@
 This module is the one place that defines what crosses the control plane. Messages are msgspec
 Structs encoded as MessagePack, in two tagged unions: `Command` (engine -> worker) and `Event`
 (worker -> engine); the tag (field "op") names the kind. Nothing on any socket is ever unpickled.
+Rank 0's own worker gets the same Command objects and answers with the same Event objects, but
+in process (gfdit.runtime.channel): they are never encoded there. The third union, `Control`,
+is what the handle API posts to the engine's control thread (in process only, never encoded).
 
 Note [Control-plane messages]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -10,7 +13,7 @@ Note [Control-plane messages]
   the constraints below, and raise `MessageError` for anything else (bytes that are not MessagePack,
   an unknown kind or field, a wrong type, an oversized message). Callers drop such a message and
   log it with its source; a bad message never ends a loop and never changes state.
-- Tensors never travel here: the latent, the text conditioning and the pixels move over gfcoll. The
+- Tensors never travel here: the latent and the text conditioning move over gfcoll. The
   one exception is a finished request's result on its way to the caller, carried as an `Array`:
   raw little-endian bytes with a dtype from a fixed list and a shape, checked against each other.
 - The transport (ZeroMQ with CURVE, see gfdit.runtime.auth) authenticates the peer before a byte
@@ -26,20 +29,26 @@ import msgspec
 import numpy as np
 
 from gfdit.request import Request
+from gfdit.tasks import TaskKind
 
 __all__ = [
     "Array",
+    "Cancel",
     "Command",
+    "Control",
     "Done",
     "Event",
+    "Exclude",
     "Failed",
     "MessageError",
     "Ready",
     "Release",
     "Shutdown",
+    "Stop",
     "StepDone",
     "Task",
     "TensorMeta",
+    "Wake",
     "decode_command",
     "decode_event",
     "encode",
@@ -59,7 +68,6 @@ Shape = Annotated[tuple[Dim, ...], msgspec.Meta(max_length=8)]
 TensorDType = Literal["float32", "float16", "bfloat16", "float64", "int8", "uint8", "int32", "int64", "bool"]
 # numpy dtypes an Array may carry.
 ArrayDType = Literal["uint8", "float32"]
-TaskKindName = Literal["ENCODE", "DENOISE", "DECODE", "FINALIZE"]
 # A slice transfer of the latent: (source rank, destination rank, first token, one past the last).
 Transfer = tuple[Rank, Rank, NonNeg, NonNeg]
 
@@ -110,20 +118,18 @@ class Task(_Message, tag="task"):
 
     task_id: NonNeg  # the engine's id of this task; events about it carry it back
     request: Request  # the request the task belongs to (validated again on decoding)
-    kind: TaskKindName  # which stage of the request's chain
+    kind: TaskKind  # which stage of the request's chain (encoded as its value, e.g. "denoise")
     start: NonNeg  # DENOISE: first step of the chunk (other kinds: as the scheduler's Task says)
     end: NonNeg  # DENOISE: one past the last step of the chunk
     ranks: Annotated[tuple[Rank, ...], msgspec.Meta(min_length=1)]  # the task's group, in order
     dim_size: Dim  # tokens of the latent along its split dimension (dim 1 of [1, S, C])
     token_dim: Dim  # C: channels of one packed token
     latent_dtype: TensorDType = "float32"  # dtype of the latent state between tasks
-    keep_latents: bool = False  # FINALIZE also returns the final latent
+    keep_latents: bool = False  # DECODE also returns the final latent
     transfers: tuple[Transfer, ...] = ()  # latent slices that move between ranks, in plan order
     local: tuple[Transfer, ...] = ()  # latent slices that stay on their rank but move in its buffer
     cond_sends: tuple[tuple[Rank, Rank], ...] = ()  # (holder, member) copies of the text conditioning
     cond_meta: tuple[TensorMeta, ...] = ()  # the conditioning tensors, in name order (with cond_sends)
-    pixels_from: Rank | None = None  # FINALIZE: the rank that holds the decoded pixels
-    pixels_meta: TensorMeta | None = None  # FINALIZE: the pixels' shape and dtype (with pixels_from)
 
 
 class Release(_Message, tag="release"):
@@ -132,11 +138,18 @@ class Release(_Message, tag="release"):
     request_id: Annotated[str, msgspec.Meta(max_length=1024)]  # the request's id
 
 
+class Exclude(_Message, tag="exclude"):
+    """Ranks the engine lost: this rank's gfcoll world fails operations with them at once
+    (Note [Excluded ranks] in gfcoll.world)."""
+
+    ranks: tuple[Rank, ...]  # global ranks lost so far
+
+
 class Shutdown(_Message, tag="shutdown"):
     """Leave the worker loop (the engine is closing)."""
 
 
-Command = Task | Release | Shutdown
+Command = Task | Release | Exclude | Shutdown
 
 
 # -- events: worker -> engine ------------------------------------------------------------------------
@@ -144,6 +157,7 @@ class Ready(_Message, tag="ready"):
     """The worker loop runs and its liveness connection is authenticated."""
 
     rank: Rank  # the sender's global rank
+    pid: Annotated[int, msgspec.Meta(ge=0)] = 0  # the sender's process id (for /health)
 
 
 class Done(_Message, tag="done"):
@@ -155,8 +169,10 @@ class Done(_Message, tag="done"):
     reshard_s: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0  # seconds spent moving state first
     compute_s: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0  # seconds spent computing after that
     cond_meta: tuple[TensorMeta, ...] | None = None  # ENCODE: the conditioning it produced, by name
-    result: Array | None = None  # FINALIZE: the images [N, H, W, 3] or frames [N, F, H, W, 3], uint8
-    latents: Array | None = None  # FINALIZE with keep_latents: the final latent [1, S, C], float32
+    result: Array | None = (
+        None  # DECODE, its first member: images [N, H, W, 3] or frames [N, F, H, W, 3], uint8
+    )
+    latents: Array | None = None  # DECODE with keep_latents: the final latent [1, S, C], float32
 
 
 class Failed(_Message, tag="failed"):
@@ -166,6 +182,7 @@ class Failed(_Message, tag="failed"):
     task_id: NonNeg  # the task (Task.task_id)
     reason: str  # one line: the exception, with the rank
     trace: str = ""  # the traceback, for the log
+    peer: bool = False  # a peer died, hung or was excluded (gfcoll timeout): re-runnable elsewhere
 
 
 class StepDone(_Message, tag="step"):
@@ -178,6 +195,24 @@ class StepDone(_Message, tag="step"):
 
 
 Event = Ready | Done | Failed | StepDone
+
+
+# -- control: the handle API -> the engine's control thread (in process, never encoded) ------------
+class Wake(msgspec.Struct, frozen=True):
+    """Something changed that the control thread must act on now (a submission): dispatch."""
+
+
+class Cancel(msgspec.Struct, frozen=True):
+    """A caller asked to cancel a request (RequestHandle.cancel)."""
+
+    request_id: str  # the request's id
+
+
+class Stop(msgspec.Struct, frozen=True):
+    """The engine is closing: once nothing runs, fail what is left and shut the workers down."""
+
+
+Control = Wake | Cancel | Stop
 
 
 # -- codec ---------------------------------------------------------------------------------------

@@ -1,17 +1,19 @@
 """The worker of one rank: executes the engine's commands in arrival order, holds the state of the
 requests whose slices live here, and moves state between ranks with gfcoll point-to-point.
 
-Commands (gfdit.runtime.messages, over ZeroMQ from gfdit.runtime.engine):
+Commands (gfdit.runtime.messages; from gfdit.runtime.channel: over ZeroMQ, or in process on rank 0):
   Task      run (this rank's part of) one trajectory task; see `Worker.run_task`
   Release   drop everything held for a request
+  Exclude   ranks the engine lost: gfcoll operations with them fail at once from now on
   Shutdown  (handled by the engine's worker loop)
-Events back: Ready (sent by the loop), Done, Failed.
+Events back: Ready (sent by the loop), StepDone, Done, Failed (with `peer` when a gfcoll peer died,
+hung or was excluded: the engine re-runs the request elsewhere).
 
 Note [Reshard execution]
 ~~~~~~~~~~~~~~~~~~~~~~~~
 A task's command carries the scheduler's ReshardPlan of the latent (token ranges along dim 1 of
-[1, S, C]), the text-conditioning copies to make (holder -> member, tensors in name order) and,
-for FINALIZE off the decoding rank, the pixels' source. Every rank named anywhere in it executes
+[1, S, C]) and the text-conditioning copies to make (holder -> member, tensors in name order).
+Every rank named anywhere in it executes
 its own sends and receives in ONE world.batch_p2p, in the plan's order, so the transfers of a pair
 of ranks match (gfcoll rule 4) and progress together. Slices of [1, S, C] along dim 1 are
 contiguous, so transfers use views, without copies. Ranks that only send (old holders outside the
@@ -29,6 +31,7 @@ import torch
 
 import gfcoll
 from gfdit.layout import even_slices
+from gfdit.tasks import TaskKind
 
 from . import messages as msg
 
@@ -43,8 +46,6 @@ class Held:
     lo: int = 0  # first token of the slice
     hi: int = 0  # one past its last token
     cond: dict[str, torch.Tensor] = field(default_factory=dict)  # text conditioning (replicated)
-    pixels: torch.Tensor | None = None  # decoded uint8 images/frames (owner rank only)
-    final_latents: torch.Tensor | None = None  # the full latent, kept when the engine asks for it
 
 
 class Worker:
@@ -72,17 +73,23 @@ class Worker:
         if isinstance(cmd, msg.Release):
             self.held.pop(cmd.request_id, None)
             return []
+        if isinstance(cmd, msg.Exclude):
+            self.world.exclude([r for r in cmd.ranks if r != self.rank])
+            return []
         if isinstance(cmd, msg.Task):
             try:
                 return self.run_task(cmd)
             except Exception as e:  # reported to the engine; the worker keeps serving
                 log.error("rank %d: task %s failed: %s", self.rank, cmd.task_id, e)
+                # The request's state here may be half-updated: drop it (a re-run starts afresh).
+                self.held.pop(cmd.request.request_id, None)
                 return [
                     msg.Failed(
                         rank=self.rank,
                         task_id=cmd.task_id,
                         reason=f"rank {self.rank}: {type(e).__name__}: {e}",
                         trace=traceback.format_exc(limit=8),
+                        peer=isinstance(e, gfcoll.GfcollTimeoutError),
                     )
                 ]
         raise ValueError(f"unknown command {type(cmd).__name__}")
@@ -98,17 +105,17 @@ class Worker:
 
         t0 = time.perf_counter()
         e0 = self._mark()
-        moved = self._reshard(cmd, held, ranks, member)
+        moved = self.reshard(cmd, held, ranks, member)
         e1 = self._mark()  # no wait: the task's compute is enqueued behind the reshard on the same stream
         t1 = time.perf_counter()
         if not member:
-            if held.latents is None and not held.cond and held.pixels is None:
+            if held.latents is None and not held.cond:
                 self.held.pop(rid, None)
             return []
 
         cond_meta = result = latents = None
         group = self.world.group(list(ranks)) if len(ranks) > 1 else None
-        if kind == "ENCODE":
+        if kind is TaskKind.ENCODE:
             held.cond = self.model.encode(req)
             full = self.model.init_latents(req)
             lo, hi = even_slices(full.shape[1], len(ranks))[ranks.index(self.rank)]
@@ -117,7 +124,7 @@ class Worker:
                 msg.TensorMeta(k, tuple(v.shape), str(v.dtype).removeprefix("torch."))
                 for k, v in sorted(held.cond.items())
             )
-        elif kind == "DENOISE":
+        elif kind is TaskKind.DENOISE:
             steps: list[tuple[int, object]] = []  # (steps done, its CUDA event or None)
             report = self.notify is not None and self.rank == ranks[0]
 
@@ -134,27 +141,17 @@ class Worker:
                 if event is not None:
                     event.synchronize()
                     self.notify(msg.StepDone(rank=self.rank, task_id=cmd.task_id, step=step))
-        elif kind == "DECODE":
-            if group is not None:
-                full = torch.empty(
-                    (1, cmd.dim_size, held.latents.shape[2]),
-                    dtype=held.latents.dtype,
-                    device=held.latents.device,
-                )
-                group.all_gather(full, held.latents.contiguous())
-            else:
-                full = held.latents
-            held.latents = None
-            if self.rank == ranks[0]:
-                held.pixels = self.model.decode(full, req)
-                if cmd.keep_latents:
-                    held.final_latents = full.float().cpu()
-        elif kind == "FINALIZE":
-            pixels = held.pixels
-            result = msg.Array.from_numpy(pixels.cpu().numpy())
-            if held.final_latents is not None:
-                latents = msg.Array.from_numpy(held.final_latents.numpy())
+        elif kind is TaskKind.DECODE:
+            # Only ranks[0] decodes: the other members send it their slices (a gather, not an
+            # all-gather; the cost model charges DECODE as serial, gfdit.cost).
+            # It returns the result itself: the request ends here (no separate stage to hand it over).
+            full = self._gather_latent(cmd, held, ranks)
             self.held.pop(rid, None)
+            if full is not None:
+                pixels = self.model.decode(full, req)
+                result = msg.Array.from_numpy(pixels.cpu().numpy())
+                if cmd.keep_latents:
+                    latents = msg.Array.from_numpy(full.float().cpu().numpy())
         else:
             raise ValueError(f"unknown task kind {kind!r}")
         e2 = self._mark()
@@ -178,15 +175,36 @@ class Worker:
             )
         ]
 
-    def _reshard(self, cmd: msg.Task, held: Held, ranks: tuple[int, ...], member: bool) -> int:
-        """This rank's part of Note [Reshard execution]. Returns the bytes it received."""
+    def _gather_latent(self, cmd: msg.Task, held: Held, ranks: tuple[int, ...]) -> torch.Tensor | None:
+        """DECODE: the whole latent on ranks[0] (returned there; None elsewhere), each member's
+        slice sent point to point to it in one batch."""
+        if len(ranks) == 1:
+            return held.latents
+        if self.rank != ranks[0]:
+            self.world.batch_p2p([gfcoll.P2P("send", held.latents.contiguous(), ranks[0])])
+            return None
+        lat = held.latents
+        full = torch.empty((1, cmd.dim_size, lat.shape[2]), dtype=lat.dtype, device=lat.device)
+        full[:, held.lo : held.hi].copy_(lat)
+        slices = even_slices(cmd.dim_size, len(ranks))
+        ops = [
+            gfcoll.P2P("recv", full[:, lo:hi], r)
+            for r, (lo, hi) in zip(ranks, slices, strict=True)
+            if r != self.rank
+        ]
+        self.world.batch_p2p(ops)
+        return full
+
+    def reshard(self, cmd: msg.Task, held: Held, ranks: tuple[int, ...], member: bool) -> int:
+        """This rank's part of Note [Reshard execution] (every rank the command names calls it).
+        Returns the bytes it received."""
         me = self.rank
         ops: list[gfcoll.P2P] = []
         received = 0
         kind = cmd.kind
         transfers = cmd.transfers
         new = None
-        if kind in ("DENOISE", "DECODE") and (transfers or cmd.local):
+        if kind in (TaskKind.DENOISE, TaskKind.DECODE) and (transfers or cmd.local):
             # The latent moves onto an even split over `ranks`.
             if member:
                 lo, hi = even_slices(cmd.dim_size, len(ranks))[ranks.index(me)]
@@ -220,27 +238,9 @@ class Worker:
                     held.cond[name] = t
                     ops.append(gfcoll.P2P("recv", t, src))
                     received += t.numel() * t.element_size()
-        pix = cmd.pixels_from
-        if pix is not None and pix != ranks[0]:
-            # FINALIZE away from the decoding rank: the pixels (and the kept latent) move, whole.
-            keep = cmd.keep_latents
-            if me == pix:
-                ops.append(gfcoll.P2P("send", held.pixels.contiguous(), ranks[0]))
-                if keep:
-                    ops.append(gfcoll.P2P("send", held.final_latents, ranks[0]))
-            elif me == ranks[0]:
-                meta = cmd.pixels_meta
-                if meta is None:
-                    raise ValueError("FINALIZE command: pixels_from without pixels_meta")
-                held.pixels = torch.empty(meta.shape, dtype=getattr(torch, meta.dtype))
-                ops.append(gfcoll.P2P("recv", held.pixels, pix))
-                received += held.pixels.numel()
-                if keep:
-                    held.final_latents = torch.empty((1, cmd.dim_size, cmd.token_dim), dtype=torch.float32)
-                    ops.append(gfcoll.P2P("recv", held.final_latents, pix))
         if ops:
             self.world.batch_p2p(ops)
-        if kind in ("DENOISE", "DECODE") and (transfers or cmd.local):
+        if kind in (TaskKind.DENOISE, TaskKind.DECODE) and (transfers or cmd.local):
             if member:
                 held.latents, held.lo, held.hi = (
                     new,
@@ -248,8 +248,6 @@ class Worker:
                 )
             else:
                 held.latents = None
-        if pix is not None and pix != ranks[0] and me == pix:
-            held.pixels = held.final_latents = None
         return received
 
     def _device(self, like: torch.Tensor | None) -> torch.device:

@@ -11,7 +11,7 @@ Endpoints (bodies in gfdit.server.schemas; errors are OpenAI-shaped, see gfdit.s
   GET    /v1/videos/{id}/content     the mp4: 404 until completed, 409 if failed
   DELETE /v1/videos/{id}             cancels (ranks freed at the next rescheduling point), drops content
   GET    /v1/models, /v1/models/{id} the served model
-  GET    /health                     200 only when every worker is up and work is admitted, else 503
+  GET    /health                     200 while work is admitted ("ok" or "degraded"), else 503
   GET    /metrics                    Prometheus text format
 The app does not own the engine: whoever made the engine closes it (gfdit.serve drains first).
 """
@@ -31,6 +31,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
+
+from gfdit.runtime.handle import Status
 
 from .auth import ApiKeyAuth
 from .errors import ApiError, BodySizeLimit, error_body, install_error_handlers
@@ -242,10 +244,10 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
     async def get_video_content(video_id: str, variant: Literal["video"] = "video"):
         """The mp4 of a completed job: 404 until then, 409 if it failed."""
         job = _job(video_id)
-        if job.status == "failed":
+        if job.status == Status.FAILED:
             message = f"video {video_id} failed: {job.error['message']}"
             raise ApiError(409, message, param="video_id", code=job.error["code"])
-        if job.status != "completed":
+        if job.status != Status.COMPLETED:
             raise ApiError(404, f"video {video_id} is {job.status}: no content yet", code="video_not_ready")
         return Response(job.content, media_type="video/mp4")
 
@@ -256,7 +258,7 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
         forgets a finished one (GET then answers 404)."""
         job = _job(video_id)
         job.deleted, job.content = True, None
-        if job.status in ("completed", "failed"):
+        if job.status in (Status.COMPLETED, Status.FAILED):
             del state.jobs[video_id]
         else:
             job.tracked.handle.cancel()  # a no-op if it finished in the engine and only encoding is left
@@ -280,11 +282,14 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
 
     @app.get("/health", response_model=Health, responses={503: {"model": Health}})
     async def health():
-        """200 when every worker is up and the server admits work; 503 with the reason otherwise."""
-        ok, reason = state.health()
+        """200 while the server admits work ("ok": every rank up; "degraded": some lost or hung, still
+        serving on the others); 503 ("draining", "unavailable") with the reason otherwise."""
+        status, reason, ranks = state.health_report()
+        ok = status in ("ok", "degraded")
         body = {
-            "status": "ok" if ok else "unavailable",
+            "status": status,
             "reason": reason,
+            "ranks": [{"rank": i.rank, "pid": i.pid, "state": i.state} for i in ranks],
             "model": state.model_name,
             "policy": state.config.policy or engine.policy.spec(),
             "policy_spec": engine.policy.spec(),

@@ -8,7 +8,9 @@ the engine clock).
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 
+from gfdit.runtime.handle import Status
 from gfdit.tasks import TaskKind
 
 __all__ = ["ServerMetrics", "kLatencyBuckets", "kStepBuckets"]
@@ -33,11 +35,18 @@ class ServerMetrics:
         self.running = Gauge("gfdit_running_requests", "Requests with a task in flight", registry=r)
         self.running.set_function(engine.num_running)
         self.healthy = Gauge(
-            "gfdit_healthy", "1 when every worker is up and the server admits work", registry=r
+            "gfdit_healthy",
+            "1 while the server admits work (every rank up, or degraded: some lost, the others serving)",
+            registry=r,
         )
         self.healthy.set_function(lambda: 1.0 if health()[0] else 0.0)
         self.world_size = Gauge("gfdit_world_size", "Ranks of the engine", registry=r)
         self.world_size.set(engine.world.size)
+        self.ranks_alive = Gauge(
+            "gfdit_ranks_alive", "Ranks up (neither lost nor hung), rank 0 included", registry=r
+        )
+        self.ranks_alive.set_function(engine.ranks_alive)
+        r.register(_RerunCounter(engine))  # gfdit_requests_rerun_total
         self.requests = Counter(
             "gfdit_requests",
             "Engine requests that ended, by kind and outcome",
@@ -116,7 +125,7 @@ class ServerMetrics:
         for rank in range(engine.world.size):
             self.busy.labels(rank=str(rank))
         for kind in ("image", "video"):
-            for outcome in ("completed", "failed", "cancelled"):
+            for outcome in (Status.COMPLETED, Status.FAILED, Status.CANCELLED):
                 self.requests.labels(kind=kind, outcome=outcome)
 
     def count_error(self, status: int) -> None:
@@ -135,7 +144,7 @@ class ServerMetrics:
         if record is None:
             return
         self.preemptions.inc(record.num_preemptions)
-        if outcome != "cancelled" and record.request.deadline_s is not None:
+        if outcome != Status.CANCELLED and record.request.deadline_s is not None:
             (self.slo_met if record.met_deadline else self.slo_missed).inc()
             cls = record.request.slo_class or "none"
             counts = self._slo_counts.setdefault(cls, [0, 0])
@@ -151,3 +160,20 @@ class ServerMetrics:
             if t.task.kind is TaskKind.DENOISE and t.outcome == "done":
                 self.step.labels(degree=str(len(t.ranks))).observe(seconds / t.task.num_steps)
                 self.chunk_degree.observe(len(t.ranks))
+
+
+class _RerunCounter:
+    """gfdit_requests_rerun_total: the engine's own count (Engine.num_reruns), read at scrape."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def collect(self):
+        yield CounterMetricFamily(
+            "gfdit_requests_rerun",
+            "Requests re-run from their first task after a rank was lost or a peer failed",
+            value=self.engine.num_reruns,
+        )
+
+    def describe(self):
+        return []

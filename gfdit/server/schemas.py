@@ -206,11 +206,21 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class RankHealth(BaseModel):
+    """One rank in GET /health."""
+
+    rank: int  # global rank
+    pid: int  # its process id (0 until it reported ready)
+    state: Literal["starting", "up", "lost", "hung"]  # lost: its process died; hung: past the watchdog
+
+
 class Health(BaseModel):
     """GET /health (200 and 503)."""
 
-    status: Literal["ok", "unavailable"]  # ok only when every worker is up and the server admits work
+    status: Literal["ok", "degraded", "draining", "unavailable"]  # ok: every rank up; degraded: some
+    # lost or hung, still serving (both HTTP 200); draining, unavailable: HTTP 503
     reason: str  # "ok" or why not
+    ranks: list[RankHealth]  # every rank, 0 included
     model: str  # the served model
     policy: str  # the scheduling policy as the operator named it (--policy)
     policy_spec: str  # its full spec, every parameter included (gfdit.policy.make_policy builds it back)

@@ -29,6 +29,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from gfdit.request import Request
+from gfdit.runtime.handle import Status
 
 from .errors import ApiError, field_of_message
 from .metrics import ServerMetrics
@@ -47,7 +48,7 @@ __all__ = [
 
 log = logging.getLogger("gfdit.server")
 
-kTerminal = ("completed", "failed", "cancelled")  # Progress.state values that end a request
+kTerminal = Status.TERMINAL  # Progress.state values that end a request
 
 # Note [Request cost]
 # ~~~~~~~~~~~~~~~~~~~
@@ -128,7 +129,7 @@ class VideoJobState:
     request: Request  # as submitted
     fps: int  # frames per second of the mp4
     created_at: int  # Unix seconds
-    status: str = "queued"  # queued | in_progress | completed | failed
+    status: str = Status.QUEUED  # queued | in_progress | completed | failed
     progress: int = 0  # 0-100
     completed_at: int | None = None  # Unix seconds
     error: dict | None = None  # {"code", "message"} when failed
@@ -180,10 +181,18 @@ class ServerState:
 
     # -- health --------------------------------------------------------------------------------
     def health(self) -> tuple[bool, str]:
-        """(ok, reason). Any thread."""
+        """(admits work, reason). Any thread."""
         if self.draining:
             return False, "shutting down"
         return self.engine.healthy()
+
+    def health_report(self) -> tuple[str, str, list]:
+        """(status, reason, ranks) for /health: status "ok" | "degraded" (both admit work) |
+        "draining" | "unavailable"; ranks the engine's RankInfo list. Any thread."""
+        h = self.engine.health()
+        if self.draining:
+            return "draining", "shutting down", h.ranks
+        return h.status, h.reason, h.ranks
 
     @property
     def num_active(self) -> int:
@@ -431,7 +440,7 @@ class ServerState:
         rid = handle.request_id
         self._active.pop(rid, None)
         result = None
-        if progress.state == "completed":
+        if progress.state == Status.COMPLETED:
             result = handle.result(timeout=0)
             ema = self._latency_ema_s
             self._latency_ema_s = result.latency_s if ema is None else 0.8 * ema + 0.2 * result.latency_s
@@ -452,12 +461,12 @@ class ServerState:
 
     def failure(self, tracked: list[Tracked]) -> ApiError | None:
         """None if every request completed; else the error to answer with."""
-        bad = [t for t in tracked if t.handle.progress().state != "completed"]
+        bad = [t for t in tracked if t.handle.progress().state != Status.COMPLETED]
         if not bad:
             return None
         t = bad[0]
         state, reason = t.handle.progress().state, t.handle.error or "unknown reason"
-        if state == "cancelled":
+        if state == Status.CANCELLED:
             return ApiError(503, f"request {t.handle.request_id} was cancelled", code="cancelled")
         ok, _ = self.health()
         status = 503 if not ok else 500
@@ -480,7 +489,7 @@ class ServerState:
     # -- video jobs ----------------------------------------------------------------------------
     def add_job(self, job: VideoJobState) -> None:
         self.jobs[job.id] = job
-        finished = [j for j in self.jobs.values() if j.status in ("completed", "failed")]
+        finished = [j for j in self.jobs.values() if j.status in (Status.COMPLETED, Status.FAILED)]
         for old in finished[: max(0, len(finished) - self.config.max_finished_jobs)]:
             del self.jobs[old.id]
 
@@ -491,12 +500,12 @@ class ServerState:
         handle = job.tracked.handle
         while True:
             _, p = await job.tracked.events.get()
-            if p.state == "in_progress":
-                job.status = "in_progress"
+            if p.state == Status.IN_PROGRESS:
+                job.status = Status.IN_PROGRESS
                 job.progress = max(job.progress, min(99, int(100 * p.step / max(1, p.num_steps))))
             if p.state in kTerminal:
                 break
-        if p.state == "completed":
+        if p.state == Status.COMPLETED:
             result = handle.result(timeout=0)
             try:
                 job.content = await asyncio.to_thread(mp4_bytes, result.images[0], job.fps)
@@ -505,18 +514,18 @@ class ServerState:
                 self._fail_job(job, "encoding_failed", f"mp4 encoding failed: {type(e).__name__}: {e}")
                 return
             job.info = self.info([job.tracked])
-            job.status, job.progress, job.completed_at = "completed", 100, int(time.time())
+            job.status, job.progress, job.completed_at = Status.COMPLETED, 100, int(time.time())
             if job.deleted:  # DELETE came while the mp4 was being encoded
                 job.content = None
                 self.jobs.pop(job.id, None)
-        elif p.state == "cancelled":
+        elif p.state == Status.CANCELLED:
             self._fail_job(job, "cancelled", "the job was cancelled (DELETE)")
         else:
             self._fail_job(job, "generation_failed", handle.error or "unknown reason")
 
     @staticmethod
     def _fail_job(job: VideoJobState, code: str, message: str) -> None:
-        job.status, job.completed_at = "failed", int(time.time())
+        job.status, job.completed_at = Status.FAILED, int(time.time())
         job.error = {"code": code, "message": message}
 
     def job_view(self, job: VideoJobState) -> dict:

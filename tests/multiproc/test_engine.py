@@ -3,6 +3,7 @@ group changes at every chunk (1 -> 2 -> 4 -> 1, shuffled rank orders) equals the
 one rank; every policy completes a mixed batch; bad requests fail at submit; a failing request
 does not take the engine down."""
 
+import numpy as np
 import pytest
 
 from tests.launch import run_ranks
@@ -36,9 +37,10 @@ class ScriptedPolicy:
         return out
 
 
-ELASTIC = {"ENCODE": [1], 0: [2], 1: [3, 1], 2: [2, 0, 3, 1], 3: [0], "DECODE": [0], "FINALIZE": [0]}
-ELASTIC_B = {"ENCODE": [3], 0: [1, 2], 1: [0], 2: [3, 2, 1, 0], 3: [2, 0], "DECODE": [2], "FINALIZE": [1]}
-SINGLE = {"ENCODE": [0], 0: [0], 1: [0], 2: [0], 3: [0], "DECODE": [0], "FINALIZE": [0]}
+ELASTIC = {"ENCODE": [1], 0: [2], 1: [3, 1], 2: [2, 0, 3, 1], 3: [0], "DECODE": [0]}
+# DECODE on two ranks: rank 2 gathers rank 0's slice and decodes.
+ELASTIC_B = {"ENCODE": [3], 0: [1, 2], 1: [0], 2: [3, 2, 1, 0], 3: [2, 0], "DECODE": [2, 0]}
+SINGLE = {"ENCODE": [0], 0: [0], 1: [0], 2: [0], 3: [0], "DECODE": [0]}
 
 
 def _elastic_equals_single(world, model, kwargs):
@@ -85,6 +87,7 @@ def test_elastic_sp_matches_single_rank(model, kwargs):
         assert pixel_diff <= 1, (rid, pixel_diff)
         assert reshards >= 4 and moved > 0, (rid, reshards, moved)
     assert out["elastic"][4][1:5] == [(2,), (3, 1), (2, 0, 3, 1), (0,)]
+    assert out["elastic-b"][4][-1] == (2, 0)  # the gathering DECODE
     if model == "tiny-wan":
         assert out["shape"][1] == 5  # frames
 
@@ -241,7 +244,8 @@ def test_bad_policy_fails_on_every_rank_without_hanging():
     assert all(m is not None and "no-such-policy" in m for m in messages), messages
 
 
-kHangS = 8.0  # how long the injected hang lasts (bounded, so the process can still exit)
+kHangS = 20.0  # how long the injected hang lasts (bounded, so the process can still exit)
+kHangGfcollTimeoutS = 3.0  # GFCOLL_TIMEOUT_S of the hang test: the watchdog's grace is this + 5 s
 
 
 def _hung_worker(world):
@@ -251,7 +255,7 @@ def _hung_worker(world):
     from gfdit.request import Request
 
     class Hanging:
-        """The real model, except that denoising a prompt containing HANG blocks for kHangS."""
+        """The real model, except that rank 1 denoising a prompt containing HANG blocks for kHangS."""
 
         def __init__(self, inner):
             self._inner = inner
@@ -260,7 +264,7 @@ def _hung_worker(world):
             return getattr(self._inner, name)
 
         def denoise(self, latents, token_range, cond, start, end, request, group=None, on_step=None):
-            if "HANG" in request.prompt:
+            if "HANG" in request.prompt and world.rank == 1:
                 time.sleep(kHangS)
             return self._inner.denoise(
                 latents, token_range, cond, start, end, request, group=group, on_step=on_step
@@ -269,23 +273,22 @@ def _hung_worker(world):
     def body(engine):
         ok = engine.submit(Request("ok", "tiny-flux", "fine", width=64, height=64, num_inference_steps=2))
         ok_shape = ok.result(timeout=120).images.shape  # normal tasks are not mistaken for hung ones
+        health_before = engine.health().status
         t0 = time.monotonic()
-        stuck = engine.submit(
-            Request("stuck", "tiny-flux", "HANG", width=64, height=64, num_inference_steps=2)
-        )
-        try:
-            stuck.result(timeout=60)
-            failure = None
-        except RuntimeError as e:
-            failure = str(e)
+        # static:sp=1 puts one on rank 0 and one on rank 1, where it hangs; same seed, same image.
+        handles = [
+            engine.submit(
+                Request(f"h{i}", "tiny-flux", "HANG", width=64, height=64, num_inference_steps=2, seed=5)
+            )
+            for i in range(2)
+        ]
+        images = [h.result(timeout=120).images for h in handles]
+        reruns = [h.result(timeout=0).num_reruns for h in handles]
         detected_s = time.monotonic() - t0
-        healthy = engine.healthy()
-        try:
-            engine.submit(Request("late", "tiny-flux", "x", width=64, height=64, num_inference_steps=2))
-            refused = None
-        except RuntimeError as e:
-            refused = str(e)
-        return ok_shape, failure, detected_s, healthy, refused
+        health = engine.health()
+        late = engine.submit(Request("late", "tiny-flux", "x", width=64, height=64, num_inference_steps=2))
+        late_groups = late.result(timeout=120).groups
+        return ok_shape, health_before, images, reruns, detected_s, health, late_groups, engine.num_reruns
 
     model = Hanging(load_model("tiny-flux", device=world.device))
     return _with_engine(
@@ -299,13 +302,16 @@ def _hung_worker(world):
     )
 
 
-def test_hung_task_fails_its_request_and_health_without_waiting_for_it():
-    ok_shape, failure, detected_s, (healthy, reason), refused = run_ranks(_hung_worker, 2, timeout=180)[0]
-    assert ok_shape == (1, 64, 64, 3)
-    assert failure is not None and "hung" in failure and "2.0 s limit" in failure, failure
-    assert 2.0 <= detected_s < kHangS, detected_s  # found by the watchdog, not by the task ending
-    assert not healthy and "hung" in reason, reason
-    assert refused is not None and "lost a worker" in refused, refused
+def test_hung_rank_is_dropped_and_its_request_reruns_on_the_others():
+    out = run_ranks(_hung_worker, 2, timeout=240, env={"GFCOLL_TIMEOUT_S": str(kHangGfcollTimeoutS)})[0]
+    ok_shape, health_before, images, reruns, detected_s, health, late_groups, total_reruns = out
+    assert ok_shape == (1, 64, 64, 3) and health_before == "ok"
+    assert sorted(reruns) == [0, 1] and total_reruns == 1, reruns
+    assert np.array_equal(images[0], images[1])  # the re-run from the seed gives the same image
+    assert detected_s < kHangS, detected_s  # found by the watchdog, not by the task ending
+    assert health.status == "degraded" and "rank 1 hung" in health.reason, health
+    assert [(i.rank, i.state) for i in health.ranks] == [(0, "up"), (1, "hung")], health.ranks
+    assert all(ranks == (0,) for _, ranks in late_groups), late_groups  # served on the survivor
 
 
 def _bad_task_timeout(world):
@@ -321,3 +327,61 @@ def _bad_task_timeout(world):
 def test_bad_task_timeout_is_refused():
     messages = run_ranks(_bad_task_timeout, 1, timeout=120)
     assert messages[0] is not None and "task timeout" in messages[0], messages
+
+
+# -- the control thread: woken by a submission, and never dead silently --------------------------------
+
+
+def _wake_and_fault(world):
+    import statistics
+
+    from fastapi.testclient import TestClient
+
+    from gfdit.request import Request
+    from gfdit.runtime import channel
+    from gfdit.server import ServerConfig, create_app
+
+    def body(engine):
+        # Idle, the control loop sleeps in its poll for up to kMaxPollS: a submission must wake it.
+        queue_s = []
+        for i in range(5):
+            h = engine.submit(Request(f"w{i}", "tiny-flux", "x", width=32, height=32, num_inference_steps=1))
+            queue_s.append(h.result(timeout=60).queue_s)
+        client = TestClient(create_app(engine, ServerConfig(policy="fcfs-elastic")))
+        before = client.get("/health")
+
+        def broken(now):  # an injected bug in the control thread
+            raise KeyError("injected")
+
+        engine.scheduler.schedule = broken
+        h = engine.submit(Request("f", "tiny-flux", "x", width=32, height=32, num_inference_steps=1))
+        try:
+            h.result(timeout=60)
+            failure = None
+        except RuntimeError as e:
+            failure = str(e)
+        after = client.get("/health")
+        try:
+            engine.submit(Request("g", "tiny-flux", "x", width=32, height=32, num_inference_steps=1))
+            refused = None
+        except RuntimeError as e:
+            refused = str(e)
+        return (
+            statistics.median(queue_s), channel.kMaxPollS, before.status_code, before.json(),
+            failure, after.status_code, after.json(), refused,
+        )  # fmt: skip
+
+    return _with_engine(world, "tiny-flux", "fcfs-elastic", body)
+
+
+def test_submission_wakes_the_loop_and_a_control_thread_fault_fails_requests_and_health():
+    out = run_ranks(_wake_and_fault, 2, timeout=180)[0]
+    median_queue_s, max_poll_s, before_code, before, failure, after_code, after, refused = out
+    assert median_queue_s < max_poll_s / 5, (median_queue_s, max_poll_s)  # not waiting for a poll tick
+    assert before_code == 200 and before["status"] == "ok", before
+    assert [r["state"] for r in before["ranks"]] == ["up", "up"] and all(
+        r["pid"] > 0 for r in before["ranks"]
+    )
+    assert failure is not None and "engine error: KeyError" in failure and "injected" in failure, failure
+    assert after_code == 503 and after["status"] == "unavailable" and "injected" in after["reason"], after
+    assert refused is not None and "injected" in refused, refused

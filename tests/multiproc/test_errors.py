@@ -130,3 +130,45 @@ def _misuse(world):
 
 def test_misuse_with_several_ranks():
     assert all(run_ranks(_misuse, 3))
+
+
+def _excluded_peer(world):
+    import os
+    import signal
+
+    import torch
+
+    import gfcoll
+
+    if world.rank == 2:
+        os.kill(os.getpid(), signal.SIGSTOP)  # hung, not dead: only exclusion makes operations fail fast
+        return None
+    world.exclude([2])
+    failures = []
+    start = time.monotonic()
+    for what, op in [
+        ("all_reduce", lambda: world.group([0, 1, 2]).all_reduce(torch.ones(3))),
+        ("barrier", lambda: world.group([2, world.rank]).barrier()),
+        ("send", lambda: world.send(torch.ones(3), 2)),
+        ("batch_p2p", lambda: world.batch_p2p([gfcoll.P2P("recv", torch.empty(3), 2)])),
+    ]:
+        try:
+            op()
+        except gfcoll.GfcollPeerDiedError as e:
+            failures.append((what, str(e)))
+    elapsed = time.monotonic() - start
+    t = torch.full((4,), float(world.rank + 1))
+    world.group([0, 1]).all_reduce(t)  # a group without the excluded rank keeps working
+    with pytest.raises(gfcoll.GfcollValueError, match="itself"):
+        world.exclude([world.rank])
+    return failures, elapsed, t.tolist(), sorted(world.lost_ranks)
+
+
+def test_excluded_rank_fails_fast_and_groups_without_it_keep_working():
+    # GFCOLL_TIMEOUT_S is long: anything that waited on the stopped rank would take 60 s.
+    results = run_ranks(_excluded_peer, 3, env={"GFCOLL_TIMEOUT_S": "60"}, expect_exit={2}, timeout=120)
+    for failures, elapsed, summed, lost in results[:2]:
+        assert [w for w, _ in failures] == ["all_reduce", "barrier", "send", "batch_p2p"], failures
+        assert all("[2]" in m and "excluded" in m for _, m in failures), failures
+        assert elapsed < 1.0, elapsed
+        assert summed == [3.0] * 4 and lost == [2]

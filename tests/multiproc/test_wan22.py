@@ -83,9 +83,9 @@ class _ChunkedScript(ScriptedPolicy):
         return out
 
 
-SINGLE = {"ENCODE": [0], 0: ([0], 4), "DECODE": [0], "FINALIZE": [0]}
-ACROSS = {"ENCODE": [1], 0: ([2], 1), 1: ([3, 1], 2), 3: ([2, 0, 3, 1], 1), "DECODE": [0], "FINALIZE": [0]}
-ON = {"ENCODE": [3], 0: ([1, 2], 2), 2: ([0, 3, 2, 1], 2), "DECODE": [2], "FINALIZE": [1]}
+SINGLE = {"ENCODE": [0], 0: ([0], 4), "DECODE": [0]}
+ACROSS = {"ENCODE": [1], 0: ([2], 1), 1: ([3, 1], 2), 3: ([2, 0, 3, 1], 1), "DECODE": [0]}
+ON = {"ENCODE": [3], 0: ([1, 2], 2), 2: ([0, 3, 2, 1], 2), "DECODE": [2]}
 
 
 def _engine_runs(world):

@@ -2,14 +2,18 @@
 from DENOISE measurements so that unmeasured sizes and degrees are right on both sides of the
 host/GPU crossover."""
 
+import dataclasses
+
 import pytest
 
 from gfdit.cost import AnalyticCostModel, ModelProfile
+from gfdit.models.presets import get_preset
 from gfdit.tasks import TaskKind
 
 D = TaskKind.DENOISE
+# flux-dev's shapes (24 heads, 57 blocks, width 3072, 512 text tokens) under another name.
 TOY = ModelProfile(
-    "toy", video=False, num_heads=24, num_layers=57, hidden=3072, text_tokens=512,
+    dataclasses.replace(get_preset("flux-dev"), name="toy"),
     step_fixed_s=0.002, step_linear_s=2e-5, step_quadratic_s=4e-9,
 )  # fmt: skip
 SIZES = (256, 512, 768, 1024, 1536, 2048)

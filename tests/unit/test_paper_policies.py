@@ -56,7 +56,7 @@ def test_rssp_gives_each_class_its_degree_for_life():
                            req("l", 2048, arrival=60.0, cls="L"), req("x", 512, arrival=90.0, cls="X")])  # fmt: skip
     for rid, d in (("s", 4), ("m", 2), ("l", 1), ("x", 1)):
         g = groups(res, rid)
-        assert all(r == g[0] for r in g[:-1]) and len(g[0]) == d  # one group for life; FINALIZE on g[0]
+        assert all(r == g[0] for r in g) and len(g[0]) == d  # one group for life
     with pytest.raises(ValueError, match="S must be >= 1"):
         make_policy("rssp:S=0")
 
@@ -75,7 +75,7 @@ def test_tetriserve_fixes_the_degree_at_admission_and_packs():
     res = simulate(sched, reqs)
     for rid in ("tight", "loose"):
         sizes = {len(g) for e, g in zip(res.trace, [e.ranks for e in res.trace], strict=True)
-                 if e.task.request_id == rid and e.task.kind is not TaskKind.FINALIZE}  # fmt: skip
+                 if e.task.request_id == rid}  # fmt: skip
         assert len(sizes) == 1  # the admission degree, for every task
     sizes = {rid: len(groups(res, rid)[0]) for rid in ("tight", "loose")}
     assert sizes["tight"] > 1 and sizes["loose"] == 1

@@ -138,8 +138,7 @@ def test_static_sim_keeps_one_group_per_request():
     assert result.num_done == 6
     for r in reqs:
         groups = [e.ranks for e in result.trace if e.task.request_id == r.request_id]
-        assert len(set(groups[:-1])) == 1 and len(groups[0]) == 2  # ENCODE .. DECODE on one group
-        assert groups[-1] == groups[0][:1]  # FINALIZE on its first rank
+        assert len(set(groups)) == 1 and len(groups[0]) == 2  # ENCODE .. DECODE on one group
         assert result.outcomes[r.request_id].num_reshards == 0
         assert result.outcomes[r.request_id].num_preemptions == 0
 
@@ -306,19 +305,18 @@ def test_scheduler_rejects_bad_policy_output(case):
     assert all(sched.record(r).state is RequestState.WAITING for r in ("a", "b"))
 
 
-def test_scheduler_rejects_finalize_on_a_group_and_steps_on_stage_tasks():
+def test_scheduler_rejects_steps_on_stage_tasks_and_decode_ends_the_request():
     sched = Scheduler(4, make_policy("fcfs-elastic"))
     sched.submit(flux("a", steps=1))
     run_on(sched, "a", (0,))  # ENCODE
     sched.policy = Scripted(lambda v: [Assignment(v.runnable[0].task, (0,), num_steps=1)])
     run_on(sched, "a", (0,))  # DENOISE [0, 1)
-    run_on(sched, "a", (0, 1))  # DECODE on two ranks
+    sched.policy = Scripted(lambda v: [Assignment(v.runnable[0].task, (0, 1), num_steps=2)])
+    with pytest.raises(PolicyError, match="num_steps 2 given for a DECODE task"):
+        sched.schedule(1.0)
     sched.policy = Scripted(lambda v: [Assignment(v.runnable[0].task, (0, 1))])
-    with pytest.raises(PolicyError, match="FINALIZE runs on exactly one rank"):
-        sched.schedule(1.0)
-    sched.policy = Scripted(lambda v: [Assignment(v.runnable[0].task, (0,), num_steps=2)])
-    with pytest.raises(PolicyError, match="num_steps 2 given for a FINALIZE task"):
-        sched.schedule(1.0)
+    run_on(sched, "a", (0, 1))  # DECODE on two ranks: the last task
+    assert sched.record("a").state is RequestState.DONE and sched.num_active == 0
 
 
 def test_scheduler_rejects_reshard_filled_by_policy():

@@ -91,9 +91,8 @@ def test_make_trajectory_chunks_and_ends():
         Task("a", D, 2, 4),
         Task("a", D, 4, 5),
         Task("a", TaskKind.DECODE),
-        Task("a", TaskKind.FINALIZE),
     ]
-    assert [len(make_trajectory(Request("a", "flux-dev", num_inference_steps=n))) for n in (1, 28)] == [4, 17]
+    assert [len(make_trajectory(Request("a", "flux-dev", num_inference_steps=n))) for n in (1, 28)] == [3, 16]
 
 
 def test_trajectory_rechunks_after_a_different_chunk():
@@ -108,10 +107,9 @@ def test_trajectory_rechunks_after_a_different_chunk():
     t.advance(Task("a", D, 3, 7))
     assert t.head() == Task("a", TaskKind.DECODE)
     t.advance(Task("a", TaskKind.DECODE))
-    t.advance(Task("a", TaskKind.FINALIZE))
     assert t.finished and t.head() is None
     with pytest.raises(ValueError, match="finished"):
-        t.advance(Task("a", TaskKind.FINALIZE))
+        t.advance(Task("a", TaskKind.DECODE))
     with pytest.raises(ValueError, match="start < end"):
         Task("a", D, 2, 2)
     with pytest.raises(ValueError, match="no step range"):
@@ -132,7 +130,7 @@ def test_analytic_cost_model_reproduces_measurements_and_scales():
     small = [cost.step_time("flux-dev", 512, 512, None, d) for d in (1, 2, 4, 8)]
     assert small[0] / small[3] < 1.5 and small[3] > 0.95 * small[2]  # fixed cost and communication
     assert cost.reshard_time(0) == 0 and cost.reshard_time(10**9) > cost.reshard_time(10**6) > 0
-    with pytest.raises(ValueError, match="unknown model 'nope'; known: flux-dev, .*tiny-flux"):
+    with pytest.raises(ValueError, match="unknown model preset 'nope'; known: flux-dev, .*tiny-flux"):
         cost.step_time("nope", 512, 512, None, 1)
 
 
@@ -198,13 +196,9 @@ def test_layout_follows_the_trajectory_and_reshards_are_planned():
     sched.on_task_done(a.task, a.ranks, TaskTimings(0.5, 0.6))
     a = dispatch(sched, "a", (0, 1), 0.6)  # DECODE on the same 2 ranks in the other order
     assert a.task.kind is TaskKind.DECODE and a.reshard.elements_moved == n
-    sched.on_task_done(a.task, a.ranks, TaskTimings(0.6, 0.7))
-    assert rec.layout == Layout.owner(0, 1)
-    a = dispatch(sched, "a", (0,), 0.7)
-    assert a.task.kind is TaskKind.FINALIZE and a.reshard.is_noop
-    sched.on_task_done(a.task, a.ranks, TaskTimings(0.7, 0.8))
-    assert rec.state is RequestState.DONE and rec.layout is None and rec.latency_s == pytest.approx(0.8)
-    assert rec.num_reshards == 3 and rec.num_group_changes == 4 and len(rec.history) == 5
+    sched.on_task_done(a.task, a.ranks, TaskTimings(0.6, 0.7))  # DECODE ends the request
+    assert rec.state is RequestState.DONE and rec.layout is None and rec.latency_s == pytest.approx(0.7)
+    assert rec.num_reshards == 3 and rec.num_group_changes == 3 and len(rec.history) == 4
     assert sched.free_ranks == (0, 1, 2, 3) and sched.num_active == 0
 
 
@@ -288,7 +282,7 @@ def check_trace(result, requests):
     for r in requests:
         entries = [e for e in result.trace if e.task.request_id == r.request_id]
         kinds = [e.task.kind for e in entries]
-        assert kinds[0] is TaskKind.ENCODE and kinds[-2:] == [TaskKind.DECODE, TaskKind.FINALIZE]
+        assert kinds[0] is TaskKind.ENCODE and kinds[-1] is TaskKind.DECODE
         chunks = [e.task for e in entries if e.task.kind is D]
         assert chunks[0].start == 0 and chunks[-1].end == r.num_inference_steps
         assert all(a.end == b.start for a, b in zip(chunks, chunks[1:], strict=False))

@@ -16,11 +16,12 @@ import pytest
 from gfdit.request import Request
 from gfdit.runtime import auth
 from gfdit.runtime import messages as msg
+from gfdit.tasks import TaskKind
 
 
 def _task(**kw) -> msg.Task:
     fields = dict(
-        task_id=7, request=Request("r1", "tiny-flux", "a cat", width=64, height=48, seed=3), kind="DENOISE",
+        task_id=7, request=Request("r1", "tiny-flux", "a cat", width=64, height=48, seed=3), kind=TaskKind.DENOISE,
         start=2, end=4, ranks=(1, 0), dim_size=12, token_dim=64,
         transfers=((0, 1, 0, 6),), local=((1, 1, 6, 12),), cond_sends=((1, 0),),
         cond_meta=(msg.TensorMeta("prompt_embeds", (1, 8, 32), "bfloat16"),),
@@ -32,8 +33,8 @@ def _task(**kw) -> msg.Task:
 # -- codec ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "command",
-    [_task(), _task(kind="FINALIZE", pixels_from=1, pixels_meta=msg.TensorMeta("pixels", (1, 48, 64, 3), "uint8")),
-     msg.Release(request_id="r1"), msg.Shutdown()],
+    [_task(), _task(kind=TaskKind.DECODE, keep_latents=True),
+     msg.Release(request_id="r1"), msg.Exclude(ranks=(2, 3)), msg.Shutdown()],
 )  # fmt: skip
 def test_commands_round_trip(command):
     back = msg.decode_command(msg.encode(command))
@@ -44,7 +45,7 @@ def test_events_round_trip_with_array_payload():
     pixels = np.random.default_rng(0).integers(0, 256, (1, 5, 7, 3), dtype=np.uint8)
     latents = np.random.default_rng(1).standard_normal((1, 12, 64)).astype(np.float32)
     for ev in (
-        msg.Ready(rank=1),
+        msg.Ready(rank=1, pid=1234),
         msg.Done(
             rank=0,
             task_id=3,
@@ -57,6 +58,7 @@ def test_events_round_trip_with_array_payload():
             rank=1, task_id=4, result=msg.Array.from_numpy(pixels), latents=msg.Array.from_numpy(latents)
         ),
         msg.Failed(rank=1, task_id=5, reason="rank 1: RuntimeError: boom", trace="..."),
+        msg.Failed(rank=2, task_id=6, reason="rank 2: GfcollPeerDiedError: rank 3 died", peer=True),
     ):
         back = msg.decode_event(msg.encode(ev))
         assert back == ev

@@ -18,7 +18,7 @@ from gfdit.tasks import TaskKind
 def test_preemptions_chunk_degrees_and_slo_attainment_per_class():
     engine = SimpleNamespace(
         num_queued=lambda: 0, num_running=lambda: 0, world=SimpleNamespace(size=4),
-        graph_pool_stats=lambda: {"graphs": 0, "bytes": 0},
+        graph_pool_stats=lambda: {"graphs": 0, "bytes": 0}, ranks_alive=lambda: 3, num_reruns=2,
     )  # fmt: skip
     m = ServerMetrics(engine, lambda: (True, ""))
     reqs = [
@@ -46,3 +46,6 @@ def test_preemptions_chunk_degrees_and_slo_attainment_per_class():
     for c in "SML":
         assert values[f'gfdit_slo_attainment{{slo_class="{c}"}}'] == sum(met[c]) / len(met[c])
     assert values['gfdit_slo_attainment{slo_class="S"}'] == 0.5  # one S met, one could not
+    # Rank survival: read from the engine at scrape time.
+    assert values["gfdit_ranks_alive"] == 3
+    assert values["gfdit_requests_rerun_total"] == 2
