@@ -14,7 +14,7 @@ import pytest
 
 from tests.launch import run_ranks
 from tests.multiproc.test_engine import _elastic_equals_single
-from tests.multiproc.test_server import _png, _start, _wait_healthy, kStartTimeoutS
+from tests.multiproc.test_server import _healthy, _png, _start, kStartTimeoutS
 from tests.multiproc.test_sp_attention import _sp_scenarios
 
 NAME = "tiny-qwen-image"
@@ -46,9 +46,10 @@ def test_elastic_engine_matches_single_rank():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("qwen-server"))
-    s = _start("qwen", tmp, (NAME, "fcfs-elastic:max_sp=2", ["--chunk-steps", "2", "--max-steps", "50"]))
+    config = (NAME, "fcfs-elastic:max_sp=2", ["--chunk-steps", "2", "--max-steps", "50"])
+    s = _start("qwen", tmp, config)
     try:
-        _wait_healthy(s, time.monotonic() + kStartTimeoutS)
+        s = _healthy(s, tmp, time.monotonic() + kStartTimeoutS, config)
         yield s
     finally:
         s.stop()

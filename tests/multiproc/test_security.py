@@ -19,8 +19,6 @@ import base64
 import io
 import os
 import secrets
-import subprocess
-import sys
 import time
 
 import httpx
@@ -28,9 +26,8 @@ import numpy as np
 import psutil
 import pytest
 
-from tests.launch import free_port
 from tests.multiproc import stranger
-from tests.multiproc.test_server import ROOT, Server, _env, _wait_healthy, kStartTimeoutS
+from tests.multiproc.test_server import Server, _healthy, _start, kStartTimeoutS
 
 KEY = "sk-test-" + secrets.token_hex(12)
 kMaxCost = 2.0  # megapixel-steps: 64x64 x 4 steps is 0.016, 256x256 x 50 steps is 3.3
@@ -39,20 +36,10 @@ kMaxCost = 2.0  # megapixel-steps: 64x64 x 4 steps is 0.016, 256x256 x 50 steps 
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("guarded"))
-    port = free_port()
-    cmd = [
-        sys.executable, "-m", "gfdit.cli", "serve", "--nproc", "2", "--model", "tiny-flux",
-        "--policy", "fcfs-elastic:max_sp=2", "--device", "cpu", "--port", str(port),
-        "--log-level", "warning", "--api-key", KEY, "--max-request-cost", str(kMaxCost),
-    ]  # fmt: skip
-    log_path = os.path.join(tmp, "guarded.log")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    server = Server("guarded", f"http://127.0.0.1:{port}", proc, log_path)
+    config = ("tiny-flux", "fcfs-elastic:max_sp=2", ["--api-key", KEY, "--max-request-cost", str(kMaxCost)])
+    server = _start("guarded", tmp, config)
     try:
-        _wait_healthy(server, time.monotonic() + kStartTimeoutS)
+        server = _healthy(server, tmp, time.monotonic() + kStartTimeoutS, config)
         yield server
     finally:
         server.stop()

@@ -14,7 +14,7 @@ import pytest
 
 from tests.launch import run_ranks
 from tests.multiproc.test_engine import ScriptedPolicy, _with_engine
-from tests.multiproc.test_server import _start, _video_end, _wait_healthy, kStartTimeoutS
+from tests.multiproc.test_server import _healthy, _start, _video_end, kStartTimeoutS
 from tests.multiproc.test_sp_attention import _move, _slices, _sp_scenarios
 
 TWO = "tiny-wan2.2"
@@ -124,9 +124,10 @@ def test_elastic_engine_with_chunks_across_and_on_the_switch():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("wan22-server"))
-    s = _start("wan22", tmp, (TWO, "fcfs-elastic", ["--chunk-steps", "3", "--max-steps", "50"]))
+    config = (TWO, "fcfs-elastic", ["--chunk-steps", "3", "--max-steps", "50"])
+    s = _start("wan22", tmp, config)
     try:
-        _wait_healthy(s, time.monotonic() + kStartTimeoutS)
+        s = _healthy(s, tmp, time.monotonic() + kStartTimeoutS, config)
         yield s
     finally:
         s.stop()

@@ -7,13 +7,9 @@ name what is missing."""
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 
 import httpx
@@ -21,10 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.launch import free_port
+from tests.multiproc.test_server import _healthy, _png, _start, kStartTimeoutS
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-kStartTimeoutS = 240.0
 kFamilies = ["tiny-flux", "tiny-qwen-image"]
 
 
@@ -56,63 +50,6 @@ def _local_image(preset: str, directory: str, body: dict) -> np.ndarray:
     return model.decode(x, req)[0].numpy()
 
 
-def _png(b64: str) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(base64.b64decode(b64))) as im:
-        return np.asarray(im.convert("RGB"))
-
-
-def _serve(preset: str, weights: str | None, log_path: str):
-    port = free_port()
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
-    }
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "gfdit.cli", "serve", "--nproc", "2", "--model", preset, "--device", "cpu",
-           "--port", str(port), "--log-level", "warning"]  # fmt: skip
-    if weights is not None:
-        cmd += ["--weights", weights]
-    log = open(log_path, "w")  # noqa: SIM115 - closed in _stop
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    return proc, f"http://127.0.0.1:{port}", log
-
-
-def _wait_healthy(proc, url: str, log_path: str) -> None:
-    deadline = time.monotonic() + kStartTimeoutS
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{open(log_path).read()[-4000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    pytest.fail(f"server not healthy after {kStartTimeoutS} s:\n{open(log_path).read()[-4000:]}")
-
-
-def _stop(proc, log) -> None:
-    import signal
-
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        log.close()
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 @pytest.mark.parametrize("preset", kFamilies)
 def test_server_serves_a_saved_directory(preset, tmp_path):
     directory = str(tmp_path / "weights")
@@ -126,14 +63,16 @@ def test_server_serves_a_saved_directory(preset, tmp_path):
     want = _local_image(preset, directory, body)
     default = None
     for weights in (directory, None):
-        proc, url, log = _serve(preset, weights, str(tmp_path / f"server-{weights is None}.log"))
+        config = (preset, "fcfs-elastic", [] if weights is None else ["--weights", weights])
+        name = "preset" if weights is None else "weights"
+        server = _start(name, str(tmp_path), config)
         try:
-            _wait_healthy(proc, url, str(tmp_path / f"server-{weights is None}.log"))
-            r = httpx.post(url + "/v1/images/generations", json=body, timeout=180)
+            server = _healthy(server, str(tmp_path), time.monotonic() + kStartTimeoutS, config)
+            r = httpx.post(server.url + "/v1/images/generations", json=body, timeout=180)
             assert r.status_code == 200, r.text
             got = _png(r.json()["data"][0]["b64_json"])
         finally:
-            _stop(proc, log)
+            server.stop()
         if weights is None:
             default = got
         else:
