@@ -32,11 +32,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from gfdit.cost import CostModel
-from gfdit.policy import RunnableTask
 from gfdit.request import Request
 from gfdit.tasks import Task, TaskKind
+
+if TYPE_CHECKING:  # policies import this module
+    from gfdit.policy import RunnableTask
 
 __all__ = ["BatchKey", "Batch", "batch_key", "batchable", "uses_cfg", "choose_batches", "kBatchedFamilies"]
 

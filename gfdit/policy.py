@@ -42,6 +42,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+from gfdit.batching import batchable, choose_batches
 from gfdit.cost import CostModel
 from gfdit.layout import Layout, ReshardPlan, choose_ranks_for_reuse
 from gfdit.request import Request
@@ -226,8 +227,6 @@ def batch_denoise(
     out = list(assignments)
     if max_batch <= 1:
         return out
-    from gfdit.batching import batchable, choose_batches  # noqa: PLC0415 - it imports this module
-
     by_id = {rt.request_id: rt for rt in view.runnable}
     tag = 0
     i = 0

@@ -1,0 +1,139 @@
+"""Batched DENOISE chunks in policies and the scheduler (Note [Batching in policies], Note [Batched
+chunks in the scheduler]): max_batch on every built-in policy, batches of runnable chunks on shared
+ranks, ranks busy until every member reports, one cost observation per batch, models that do not
+batch never batched, and the contract checks on batch tags."""
+
+from __future__ import annotations
+
+import pytest
+
+from gfdit.cost import AnalyticCostModel
+from gfdit.policy import Assignment, PolicySpecError, available_policies, make_policy
+from gfdit.request import Request
+from gfdit.scheduler import PolicyError, Scheduler
+from gfdit.tasks import TaskKind, TaskTimings
+
+
+class CountingCost(AnalyticCostModel):
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch_observations: list[tuple[int, int]] = []
+
+    def observe_batch(self, model, width, height, frames, sp_degree, batch, seconds, num_steps=1):
+        self.batch_observations.append((batch, num_steps))
+        super().observe_batch(model, width, height, frames, sp_degree, batch, seconds, num_steps)
+
+
+def _req(rid: str, model: str = "tiny-flux", steps: int = 4, size: int = 64) -> Request:
+    frames = 5 if "wan" in model else None
+    return Request(rid, model, "p", width=size, height=size, num_inference_steps=steps, num_frames=frames)
+
+
+def _at_denoise(model: str = "tiny-flux", n: int = 3, cost=None, sizes=None) -> Scheduler:
+    """A 2-rank scheduler whose `n` requests have all run ENCODE and wait at DENOISE."""
+    encode_only = _Fixed(
+        lambda view: [
+            Assignment(rt.task, (r,))
+            for rt, r in zip(
+                [rt for rt in view.runnable if rt.kind is TaskKind.ENCODE], view.free_ranks, strict=False
+            )
+        ]
+    )
+    sched = Scheduler(2, encode_only, cost)
+    for i in range(n):
+        sched.submit(_req(f"r{i}", model, size=(sizes or [64] * n)[i]))
+    now = 0.0
+    while any(rt.kind is TaskKind.ENCODE for rt in sched.view(now).runnable):
+        for a in sched.schedule(now):
+            sched.on_task_done(a.task, a.ranks, TaskTimings(now, now + 0.1))
+        now += 0.1
+    return sched
+
+
+def test_every_builtin_policy_takes_max_batch_and_defaults_to_one():
+    for name in available_policies():
+        assert make_policy(name).max_batch == 1
+        assert make_policy(f"{name}:max_batch=3").max_batch == 3
+        assert "max_batch=3" in make_policy(f"{name}:max_batch=3").spec()
+        with pytest.raises(PolicySpecError, match="max_batch"):
+            make_policy(f"{name}:max_batch=0")
+
+
+def test_runnable_denoise_chunks_run_as_one_batch_on_shared_ranks():
+    cost = CountingCost()
+    sched = _at_denoise(cost=cost)
+    sched.policy = make_policy("edf-best-fit:max_batch=4")
+    out = sched.schedule(1.0)
+    assert sorted(a.task.request_id for a in out) == ["r0", "r1", "r2"]
+    assert len({a.batch for a in out}) == 1 and out[0].batch is not None
+    assert len({a.ranks for a in out}) == 1
+    assert all(a.task.kind is TaskKind.DENOISE for a in out)
+    assert all(sched.record(a.task.request_id).history[-1].batch_size == 3 for a in out)
+    ranks = out[0].ranks
+    assert not set(ranks) & set(sched.free_ranks)
+    # The batch's estimated end is the batched chunk's, the same for every member.
+    ends = {sched.record(a.task.request_id).expected_end_s for a in out}
+    assert len(ends) == 1
+    for a in out[:2]:
+        sched.on_task_done(a.task, a.ranks, TaskTimings(1.0, 1.5))
+        assert not set(ranks) & set(sched.free_ranks)  # busy until every member reported
+    sched.on_task_done(out[2].task, out[2].ranks, TaskTimings(1.0, 1.5))
+    assert set(ranks) <= set(sched.free_ranks)
+    assert cost.batch_observations == [(3, out[0].task.num_steps)]
+
+
+def test_max_batch_one_and_max_batch_cap():
+    sched = _at_denoise()
+    sched.policy = make_policy("edf-best-fit")
+    assert all(a.batch is None for a in sched.schedule(1.0))
+    sched = _at_denoise()
+    sched.policy = make_policy("fcfs-elastic:max_batch=2")
+    out = sched.schedule(1.0)
+    tags = [a.batch for a in out if a.batch is not None]
+    assert len(tags) == 2 and len(set(tags)) == 1
+
+
+@pytest.mark.parametrize("model", ["tiny-qwen-image", "tiny-wan2.2"])
+def test_models_that_do_not_batch_are_never_batched(model):
+    sched = _at_denoise(model)
+    sched.policy = make_policy("edf-best-fit:max_batch=4")
+    out = sched.schedule(1.0)
+    assert out and all(a.batch is None for a in out)
+
+
+def test_different_shapes_are_not_batched():
+    sched = _at_denoise(n=2, sizes=[64, 32])
+    sched.policy = make_policy("fcfs-elastic:max_batch=4")
+    assert all(a.batch is None for a in sched.schedule(1.0))
+
+
+class _Fixed:
+    name = "fixed"
+
+    def __init__(self, decide):
+        self.decide = decide
+
+    def spec(self):
+        return self.name
+
+    def schedule(self, view):
+        return self.decide(view)
+
+
+@pytest.mark.parametrize(
+    "model,tags,ranks,match",
+    [
+        ("tiny-flux", (None, None), ((0,), (0,)), "already assigned"),
+        ("tiny-flux", (7, 7), ((0,), (1,)), "runs on"),
+        ("tiny-qwen-image", (7, 7), ((0,), (0,)), "does not denoise in batches"),
+    ],
+)
+def test_bad_batches_are_policy_errors(model, tags, ranks, match):
+    sched = _at_denoise(model, n=2)
+
+    def decide(view):
+        return [Assignment(rt.task, r, batch=t) for rt, t, r in zip(view.runnable, tags, ranks, strict=True)]
+
+    sched.policy = _Fixed(decide)
+    with pytest.raises(PolicyError, match=match):
+        sched.schedule(1.0)
