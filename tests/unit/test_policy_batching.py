@@ -139,3 +139,27 @@ def test_bad_batches_are_policy_errors(model, tags, ranks, match):
     sched.policy = _Fixed(decide)
     with pytest.raises(PolicyError, match=match):
         sched.schedule(1.0)
+
+
+@pytest.mark.parametrize("execution", [False, True])
+def test_simulator_runs_batches_and_they_pay(execution):
+    from gfdit.sim import simulate
+    from gfdit.simexec import ExecutionModel
+
+    reqs = [_req(f"s{i}", steps=4) for i in range(8)]
+    ex = ExecutionModel.worker(0.002, 1e-4, 1e9) if execution else None
+    ends = {}
+    for spec in ("fcfs-elastic:max_batch=4", "fcfs-elastic"):
+        fresh = [
+            Request(r.request_id, r.model, "p", width=64, height=64, num_inference_steps=4) for r in reqs
+        ]
+        out = simulate(Scheduler(4, make_policy(spec)), fresh, execution=ex)
+        assert all(o.state.value == "done" for o in out.outcomes.values())
+        ends[spec] = out.end_s
+        if spec.endswith("=4"):
+            batched = [e for e in out.trace if e.task.kind is TaskKind.DENOISE]
+            starts = {}
+            for e in batched:
+                starts.setdefault((e.start_s, e.ranks), []).append(e)
+            assert max(len(v) for v in starts.values()) >= 2  # members start and end together
+    assert ends["fcfs-elastic:max_batch=4"] < ends["fcfs-elastic"]
