@@ -163,3 +163,35 @@ def test_simulator_runs_batches_and_they_pay(execution):
                 starts.setdefault((e.start_s, e.ranks), []).append(e)
             assert max(len(v) for v in starts.values()) >= 2  # members start and end together
     assert ends["fcfs-elastic:max_batch=4"] < ends["fcfs-elastic"]
+
+
+def test_chunk_batch_size_histogram_in_metrics():
+    from types import SimpleNamespace
+
+    from prometheus_client import generate_latest
+
+    from gfdit.server.metrics import ServerMetrics
+    from gfdit.sim import simulate
+
+    engine = SimpleNamespace(
+        num_queued=lambda: 0, num_running=lambda: 0, world=SimpleNamespace(size=4),
+        graph_pool_stats=lambda: {"graphs": 0, "bytes": 0}, ranks_alive=lambda: 4, num_reruns=0,
+    )  # fmt: skip
+    m = ServerMetrics(engine, lambda: (True, ""))
+    reqs = [Request(f"m{i}", "tiny-flux", "p", width=64, height=64, num_inference_steps=4) for i in range(8)]
+    sched = Scheduler(4, make_policy("fcfs-elastic:max_batch=4"))
+    simulate(sched, reqs)
+    sizes = []
+    for r in reqs:
+        rec = sched.record(r.request_id)
+        sizes += [t.batch_size for t in rec.history if t.task.kind is TaskKind.DENOISE]
+        m.record_end("image", "completed", rec, None)
+    assert max(sizes) >= 2
+    values = {}
+    for line in generate_latest(m.registry).decode().splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    assert values["gfdit_chunk_batch_size_count"] == len(sizes)
+    assert values["gfdit_chunk_batch_size_sum"] == sum(sizes)
+    assert values['gfdit_chunk_batch_size_bucket{le="1.0"}'] == sizes.count(1)
