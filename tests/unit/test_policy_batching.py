@@ -195,3 +195,34 @@ def test_chunk_batch_size_histogram_in_metrics():
     assert values["gfdit_chunk_batch_size_count"] == len(sizes)
     assert values["gfdit_chunk_batch_size_sum"] == sum(sizes)
     assert values['gfdit_chunk_batch_size_bucket{le="1.0"}'] == sizes.count(1)
+
+
+def test_batch_command_round_trips_and_checks_its_members():
+    import msgspec
+
+    from gfdit.runtime import messages as msg
+
+    def task(tid, rid, ranks=(1, 0), kind=TaskKind.DENOISE):
+        req = Request(rid, "tiny-flux", "a cat", width=64, height=64, seed=tid)
+        return msg.Task(
+            task_id=tid, request=req, kind=kind, start=0, end=2, ranks=ranks, dim_size=16, token_dim=64
+        )
+
+    batch = msg.Batch(tasks=(task(1, "a"), task(2, "b")))
+    back = msg.decode_command(msg.encode(batch))
+    assert back == batch and type(back) is msg.Batch
+    done = msg.Done(rank=0, task_id=1, batch_size=2)
+    assert msg.decode_event(msg.encode(done)).batch_size == 2
+    enc = msgspec.msgpack.Encoder()
+    bad = [
+        {"op": "batch", "tasks": [msgspec.to_builtins(task(1, "a"))]},  # one member
+        {"op": "batch", "tasks": [msgspec.to_builtins(t) for t in (task(1, "a"), task(2, "a"))]},
+        {"op": "batch", "tasks": [msgspec.to_builtins(t) for t in (task(1, "a"), task(2, "b", (0, 1)))]},
+        {
+            "op": "batch",
+            "tasks": [msgspec.to_builtins(t) for t in (task(1, "a"), task(2, "b", kind=TaskKind.DECODE))],
+        },
+    ]
+    for data in bad:
+        with pytest.raises(msg.MessageError):
+            msg.decode_command(enc.encode(data))
