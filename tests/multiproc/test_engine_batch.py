@@ -100,6 +100,13 @@ def test_batched_chunks_equal_requests_alone(model):
     assert max(out["image_diff"]) <= 1, out
 
 
+def test_batched_chunks_on_four_ranks_equal_requests_alone():
+    # Members encoded on different ranks move onto the batch's group, some from ranks outside it.
+    out = run_ranks(_batched_vs_alone, 4, "tiny-flux", 3, timeout=400)[0]
+    assert all(max(s) >= 2 for s in out["sizes"]), out
+    assert max(out["latent_diff"]) <= 1e-5, out
+
+
 def test_max_batch_one_runs_no_batched_chunk():
     out = run_ranks(_batched_vs_alone, 2, "tiny-flux", 1, timeout=400)[0]
     assert all(s == [1] * len(s) for s in out["sizes"]), out
