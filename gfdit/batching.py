@@ -32,13 +32,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from gfdit.cost import CostModel
-from gfdit.policy import RunnableTask
 from gfdit.request import Request
 from gfdit.tasks import Task, TaskKind
 
-__all__ = ["BatchKey", "Batch", "batch_key", "uses_cfg", "choose_batches"]
+if TYPE_CHECKING:  # policies import this module
+    from gfdit.policy import RunnableTask
+
+__all__ = ["BatchKey", "Batch", "batch_key", "batchable", "uses_cfg", "choose_batches", "kBatchedFamilies"]
+
+# Model families whose models denoise in batches (Note [Batched steps]); Wan2.2 (two experts) and
+# Qwen-Image refuse, so a policy never batches them.
+kBatchedFamilies = frozenset({"flux", "wan"})
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,18 @@ def uses_cfg(request: Request) -> bool:
     except ValueError:
         return False
     return bool(preset.uses_cfg) and request.guidance_scale > 1.0
+
+
+def batchable(request: Request) -> bool:
+    """True when the request's model denoises in batches (its preset's family is in kBatchedFamilies);
+    False for models known only to the cost model (no preset)."""
+    from gfdit.models.presets import get_preset  # pure Python, no torch
+
+    try:
+        preset = get_preset(request.model)
+    except ValueError:
+        return False
+    return preset.family in kBatchedFamilies
 
 
 def batch_key(

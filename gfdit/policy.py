@@ -5,13 +5,31 @@ and cost estimates, running tasks) and returns `Assignment`s. It is called by th
 rescheduling point, both in the server and in the simulator (`gfdit.sim`). Contract of `schedule`:
   - every assignment names a task that is in `view.runnable` (as given, `RunnableTask.task`), at most
     one per request;
-  - its ranks are free, distinct, in [0, world_size), disjoint from the other assignments' ranks;
+  - its ranks are free, distinct, in [0, world_size), disjoint from the other assignments' ranks,
+    except the members of one batch (same `batch` tag: DENOISE chunks of batchable requests of one
+    model and shape, on the same ordered ranks; Note [Batching in policies]);
   - the group size is one of `RunnableTask.valid_degrees`;
   - DENOISE may set `num_steps` (1..remaining_steps) to run more or fewer steps than listed;
   - a runnable request that gets nothing simply waits (preemption): its state stays where it is;
   - it must not mutate the view. The Scheduler validates the output and raises PolicyError otherwise.
 Built-ins prefer the ranks that already hold a request's state (`choose_ranks_for_reuse`).
 `make_policy("edf-best-fit:chunk=2,max_sp=4")` builds one from a spec string.
+
+Note [Batching in policies]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~
+Every built-in policy takes `max_batch` (default 1: no batching, each chunk alone, exactly as before
+batching existed). With max_batch > 1, once the policy has made its assignments, `batch_denoise`
+walks them in the policy's order: for each DENOISE chunk not yet in a batch, of a model that denoises
+in batches (`gfdit.batching.batchable`: Flux and Wan; never Wan2.2 or Qwen-Image), it calls
+`choose_batches` (Note [Choosing batches]) on the runnable DENOISE chunks that could share its group
+(same degree valid, not yet assigned ranks earlier in that order) and takes the batch that chunk is
+in. The other members run with it on its ranks, under one `Assignment.batch` tag; each keeps its own
+chunk length (the policy's `chunk`) and its own reshard onto those ranks. A member that the policy
+had given ranks of its own later in the order gives them up (they stay free until the next
+rescheduling point). Whether a batch forms, and its size, is the cost model's call: with a cost model
+that knows nothing of batching, nothing is ever batched.
+The default stays 1 until a measured batched step (gfdit profile --batch-sizes on the target GPU)
+shows which sizes pay: no measurement backs a larger default yet.
 """
 
 from __future__ import annotations
@@ -24,6 +42,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+from gfdit.batching import batchable, choose_batches
 from gfdit.cost import CostModel
 from gfdit.layout import Layout, ReshardPlan, choose_ranks_for_reuse
 from gfdit.request import Request
@@ -52,6 +71,7 @@ __all__ = [
     "DisaggregatedPolicy",
     "place",
     "state_holders",
+    "batch_denoise",
 ]
 
 
@@ -121,6 +141,9 @@ class Assignment:
     ranks: tuple[int, ...]  # ordered group (see Note [State layout between tasks] in gfdit.scheduler)
     num_steps: int | None = None  # DENOISE: steps to run from task.start; None: as listed; else None
     reshard: ReshardPlan | None = None  # set by the Scheduler: how the state moves onto `ranks`
+    # DENOISE: assignments with the same non-None tag run as one batched chunk on the same ranks
+    # (Note [Batching in policies]); None: alone
+    batch: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ranks", tuple(self.ranks))
@@ -186,6 +209,60 @@ def _fastest_degree(rt: RunnableTask, cap: int, tol: float) -> int:
 def _check(name: str, ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(f"{name}: {message}")
+
+
+def _check_max_batch(p: Policy, max_batch: int) -> None:
+    _check(
+        p.name,
+        isinstance(max_batch, int) and not isinstance(max_batch, bool) and max_batch >= 1,
+        f"max_batch must be an integer >= 1 (1: no batching), got {max_batch!r}",
+    )
+
+
+def batch_denoise(
+    view: SchedulerView, assignments: Sequence[Assignment], max_batch: int, chunk: int | None
+) -> list[Assignment]:
+    """Note [Batching in policies]: `assignments` (a policy's decision, most important first) with
+    batch members added to the DENOISE chunks that `choose_batches` batches. max_batch 1: unchanged."""
+    out = list(assignments)
+    if max_batch <= 1:
+        return out
+    by_id = {rt.request_id: rt for rt in view.runnable}
+    tag = 0
+    i = 0
+    while i < len(out):
+        a = out[i]
+        rt = by_id.get(a.task.request_id)
+        i += 1
+        if rt is None or a.task.kind is not TaskKind.DENOISE or a.batch is not None:
+            continue
+        if not batchable(rt.request):
+            continue
+        d = len(a.ranks)
+        earlier = {x.task.request_id for x in out[: i - 1]}
+        candidates = [
+            c
+            for c in view.runnable
+            if c.kind is TaskKind.DENOISE
+            and c.request_id not in earlier
+            and d in c.valid_degrees
+            and batchable(c.request)
+        ]
+        batch = next(
+            b
+            for b in choose_batches(candidates, view.cost, now_s=view.now_s, degree=d, max_batch=max_batch)
+            if a.task in b.tasks
+        )
+        if batch.size < 2:
+            continue
+        members = [t for t in batch.tasks if t != a.task]
+        ids = {t.request_id for t in members}
+        later = [x for x in out[i:] if x.task.request_id not in ids]
+        joined = [Assignment(t, a.ranks, _steps(by_id[t.request_id], chunk), batch=tag) for t in members]
+        out = [*out[: i - 1], dataclasses.replace(a, batch=tag), *joined, *later]
+        i += len(joined)
+        tag += 1
+    return out
 
 
 def _assign_greedily(
@@ -411,13 +488,16 @@ class StaticPolicy(Policy):
     # default is not the scheduler's chunk_steps: a fixed pipeline has no rescheduling points, so it
     # should not pay a task's host overhead per chunk. chunk=None gives the scheduler's chunk_steps.
     chunk: int | None = 0
+    max_batch: int = 1  # DENOISE chunks per batch (Note [Batching in policies]); 1: no batching
 
     def __post_init__(self) -> None:
         _check(self.name, self.sp >= 1, f"sp must be >= 1, got {self.sp}")
         _validate_common(self, self.chunk, 0, 0.0)
+        _check_max_batch(self, self.max_batch)
 
     def schedule(self, view: SchedulerView) -> list[Assignment]:
-        return _static_groups(view, lambda rt: self.sp, self.chunk)
+        out = _static_groups(view, lambda rt: self.sp, self.chunk)
+        return batch_denoise(view, out, self.max_batch, self.chunk)
 
 
 @dataclass
@@ -430,9 +510,11 @@ class GreedyOrderPolicy(Policy):
     max_sp: int = 0  # largest SP degree; 0: world size
     chunk: int | None = None  # DENOISE steps per task; None: the scheduler's chunk_steps; 0: all remaining
     tol: float = 0.05  # relative step-time gain below which more ranks are not worth taking
+    max_batch: int = 1  # DENOISE chunks per batch (Note [Batching in policies]); 1: no batching
 
     def __post_init__(self) -> None:
         _validate_common(self, self.chunk, self.max_sp, self.tol)
+        _check_max_batch(self, self.max_batch)
 
     @abc.abstractmethod
     def order(self, view: SchedulerView) -> list[RunnableTask]:
@@ -443,7 +525,8 @@ class GreedyOrderPolicy(Policy):
         return self.max_sp
 
     def schedule(self, view: SchedulerView) -> list[Assignment]:
-        return _assign_greedily(view, self.order(view), self.cap(view), self.chunk, self.tol)
+        out = _assign_greedily(view, self.order(view), self.cap(view), self.chunk, self.tol)
+        return batch_denoise(view, out, self.max_batch, self.chunk)
 
 
 @register_policy
@@ -495,9 +578,11 @@ class EdfBestFitPolicy(Policy):
     margin: float = 1.0  # multiplier on remaining-time estimates when testing a deadline
     hopeless_last: bool = True  # serve requests that cannot meet their deadline after all others
     hopeless_fastest: bool = True  # such requests ask for the fastest free degree (else one rank)
+    max_batch: int = 1  # DENOISE chunks per batch (Note [Batching in policies]); 1: no batching
 
     def __post_init__(self) -> None:
         _validate_common(self, self.chunk, self.max_sp, self.tol)
+        _check_max_batch(self, self.max_batch)
         _check(
             self.name, self.margin > 0 and math.isfinite(self.margin), f"margin must be > 0: {self.margin}"
         )
@@ -517,7 +602,8 @@ class EdfBestFitPolicy(Policy):
             return (group, deadline if deadline is not None else math.inf, rt.request.arrival_s)
 
         order = sorted(view.runnable, key=urgency)
-        return _best_fit(view, order, cap, self.margin, self.tol, self.chunk, self.hopeless_fastest)
+        out = _best_fit(view, order, cap, self.margin, self.tol, self.chunk, self.hopeless_fastest)
+        return batch_denoise(view, out, self.max_batch, self.chunk)
 
 
 # The paper's baselines and policies (GF-DiT, arXiv 2606.13501: its public code defines them).
@@ -536,17 +622,20 @@ class RsspPolicy(Policy):
     L: int = 1  # SP degree of class L
     other: int = 1  # SP degree of requests of any other class
     chunk: int | None = 0  # as static's chunk (0: one DENOISE task; None: the scheduler's chunk_steps)
+    max_batch: int = 1  # DENOISE chunks per batch (Note [Batching in policies]); 1: no batching
 
     def __post_init__(self) -> None:
         for key in ("S", "M", "L", "other"):
             _check(self.name, getattr(self, key) >= 1, f"{key} must be >= 1, got {getattr(self, key)}")
         _validate_common(self, self.chunk, 0, 0.0)
+        _check_max_batch(self, self.max_batch)
 
     def degree(self, request: Request) -> int:
         return {"S": self.S, "M": self.M, "L": self.L}.get(request.slo_class, self.other)
 
     def schedule(self, view: SchedulerView) -> list[Assignment]:
-        return _static_groups(view, lambda rt: self.degree(rt.request), self.chunk)
+        out = _static_groups(view, lambda rt: self.degree(rt.request), self.chunk)
+        return batch_denoise(view, out, self.max_batch, self.chunk)
 
 
 @register_policy
@@ -565,9 +654,11 @@ class TetriServePolicy(Policy):
     chunk: int | None = None  # DENOISE steps per task; None: the scheduler's chunk_steps; 0: all remaining
     tol: float = 0.05  # relative step-time gain below which a larger degree is not the "fastest"
     margin: float = 1.0  # multiplier on remaining-time estimates when testing a deadline
+    max_batch: int = 1  # DENOISE chunks per batch (Note [Batching in policies]); 1: no batching
 
     def __post_init__(self) -> None:
         _validate_common(self, self.chunk, self.max_sp, self.tol)
+        _check_max_batch(self, self.max_batch)
         _check(
             self.name, self.margin > 0 and math.isfinite(self.margin), f"margin must be > 0: {self.margin}"
         )
@@ -601,7 +692,7 @@ class TetriServePolicy(Policy):
             ranks = place(rt, free, d, _others(holders, rt.request_id))
             free = [r for r in free if r not in ranks]
             out.append(Assignment(rt.task, ranks, _steps(rt, self.chunk)))
-        return out
+        return batch_denoise(view, out, self.max_batch, self.chunk)
 
 
 @register_policy
@@ -622,9 +713,11 @@ class StepPreemptPolicy(Policy):
     tol: float = 0.05  # relative step-time gain below which spare ranks are not given
     margin: float = 1.0  # multiplier on remaining-time estimates when testing a deadline
     demote: bool = True  # a preemptible request runs on fewer ranks (True) or waits (False)
+    max_batch: int = 1  # DENOISE chunks per batch (Note [Batching in policies]); 1: no batching
 
     def __post_init__(self) -> None:
         _validate_common(self, self.chunk, self.max_sp, self.tol)
+        _check_max_batch(self, self.max_batch)
         _check(
             self.name, self.margin > 0 and math.isfinite(self.margin), f"margin must be > 0: {self.margin}"
         )
@@ -639,7 +732,8 @@ class StepPreemptPolicy(Policy):
         if not self.demote:  # pause: a preemptible request runs again only on as many ranks as before
             strict = {rt.request_id: len(rt.last_ranks) for rt in order if rt.request.preemptible}
         cap = self.max_sp or view.world_size
-        return _best_fit(view, order, cap, self.margin, self.tol, self.chunk, True, strict)
+        out = _best_fit(view, order, cap, self.margin, self.tol, self.chunk, True, strict)
+        return batch_denoise(view, out, self.max_batch, self.chunk)
 
 
 @register_policy
@@ -705,16 +799,19 @@ class DisaggregatedPolicy(Policy):
     max_sp: int = 0  # largest DENOISE degree; 0: the denoise ranks
     chunk: int | None = None  # DENOISE steps per task; None: the scheduler's chunk_steps; 0: all remaining
     tol: float = 0.05  # relative step-time gain below which more ranks are not worth taking
+    max_batch: int = 1  # DENOISE chunks per batch (Note [Batching in policies]); 1: no batching
 
     def __post_init__(self) -> None:
         _validate_common(self, self.chunk, self.max_sp, self.tol)
+        _check_max_batch(self, self.max_batch)
         _check(self.name, self.stage_ranks >= 1, f"stage_ranks must be >= 1, got {self.stage_ranks}")
 
     def schedule(self, view: SchedulerView) -> list[Assignment]:
         if view.world_size <= self.stage_ranks:
-            return _assign_greedily(
+            out = _assign_greedily(
                 view, sorted(view.runnable, key=_edf_key), self.max_sp, self.chunk, self.tol
             )
+            return batch_denoise(view, out, self.max_batch, self.chunk)
         first_stage = view.world_size - self.stage_ranks
         stage_free = [r for r in view.free_ranks if r >= first_stage]
         denoise_free = [r for r in view.free_ranks if r < first_stage]
@@ -734,4 +831,4 @@ class DisaggregatedPolicy(Policy):
                 ranks = place(rt, stage_free, 1, _others(holders, rt.request_id))
                 stage_free = [r for r in stage_free if r not in ranks]
             out.append(Assignment(rt.task, ranks, _steps(rt, self.chunk)))
-        return out
+        return batch_denoise(view, out, self.max_batch, self.chunk)

@@ -14,6 +14,17 @@ small, replicated by the worker over the group and not tracked), split along `st
     DENOISE leaves it SHARDED over G; DECODE gathers it on G[0], which decodes and returns the
     result, and ends the request (its state is released).
 A request not given ranks at a rescheduling point waits; its state stays on its last group.
+
+Note [Batched chunks in the scheduler]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+Assignments with one `batch` tag (Note [Batching in policies] in gfdit.policy) are DENOISE chunks of
+batchable requests of one model and token grid on the same ordered ranks; they run as one batched
+forward (Note [Batched steps]). Each member keeps its own record, layout, reshard plan and history
+entry (TaskRecord.batch_size > 1); a rank is busy until every member that runs there has reported.
+The estimated end of every member is the batched chunk's (CostModel.batch_chunk_time after the
+longest reshard). The cost model learns from a batched chunk once, from its first member's report,
+when all members ran the same number of steps (observe_batch; chunks of unequal lengths are not
+learned from: their shrinking batch is not one key).
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import NoReturn
 
+from gfdit.batching import batch_key, batchable
 from gfdit.cost import (
     AnalyticCostModel,
     CostModel,
@@ -61,6 +73,7 @@ class TaskRecord:
     end_s: float | None = None  # completion time (None while running)
     elements_moved: int = 0  # state indices its reshard sent between ranks
     outcome: str = "running"  # "running", "done" or "failed: <reason>"
+    batch_size: int = 1  # DENOISE: members of its batched chunk (Note [Batched chunks in the scheduler])
 
 
 @dataclass
@@ -76,6 +89,7 @@ class RequestRecord:
     last_ranks: tuple[int, ...] = ()  # group of its last dispatched task
     running: Task | None = None  # the task in flight, if any
     running_ranks: tuple[int, ...] = ()  # its group
+    running_batch: tuple[Task, ...] = ()  # the member chunks of its batched task in flight, or ()
     expected_end_s: float | None = None  # estimated end of the task in flight
     runnable_since_s: float = 0.0  # when it last reached a rescheduling point
     num_tasks: int = 0  # tasks dispatched
@@ -159,7 +173,7 @@ class Scheduler:
         self._records: dict[str, RequestRecord] = {}  # kept records, in submission order
         self._active: dict[str, RequestRecord] = {}  # the unfinished ones among them
         self._finished: collections.deque[str] = collections.deque()  # ids of kept finished, oldest first
-        self._busy: dict[int, str] = {}  # rank -> request id of the task running there
+        self._busy: dict[int, set[str]] = {}  # rank -> request ids of the task(s) running there
         self._lost: set[int] = set()  # ranks removed from service (lose_rank): never free again
         self._fenced: set[int] = set()  # ranks still running an abandoned task (rerun): busy until unfenced
         self.num_preemptions = 0  # preemptions of all requests so far (see RequestRecord.num_preemptions)
@@ -247,13 +261,20 @@ class Scheduler:
         """A dispatched task finished on `ranks` (as dispatched). Frees the ranks, updates the request's
         layout and progress, and feeds the cost model."""
         rec = self._running_record(task, ranks)
+        batch = rec.running_batch
         self._release(rec, timings.end_s, "done")
         if self.learn:
             r = rec.request
-            self.cost_model.observe(
-                task.kind, r.model, r.width, r.height, r.num_frames, len(rec.last_ranks),
-                timings.compute_s, max(1, task.num_steps),
-            )  # fmt: skip
+            if len(batch) < 2:
+                self.cost_model.observe(
+                    task.kind, r.model, r.width, r.height, r.num_frames, len(rec.last_ranks),
+                    timings.compute_s, max(1, task.num_steps),
+                )  # fmt: skip
+            elif batch[0] == task and len({t.num_steps for t in batch}) == 1:
+                self.cost_model.observe_batch(
+                    r.model, r.width, r.height, r.num_frames, len(rec.last_ranks), len(batch),
+                    timings.compute_s, max(1, task.num_steps),
+                )  # fmt: skip
         rec.trajectory.advance(task)
         group = rec.last_ranks
         if task.kind in (TaskKind.ENCODE, TaskKind.DENOISE):
@@ -364,10 +385,16 @@ class Scheduler:
         proposed = self.policy.schedule(view)
         self._validate(view, proposed)
         committed = [self._commit(a, now) for a in proposed]
-        owner = {r: a.task.request_id for a in committed for r in a.ranks}
+        self._commit_batches(committed, now)
+        owners: dict[int, set[str]] = {}
+        for a in committed:
+            for r in a.ranks:
+                owners.setdefault(r, set()).add(a.task.request_id)
         for rt in view.runnable:
             rec = self._records[rt.request_id]
-            if not rt.started or not any(owner.get(r, rt.request_id) != rt.request_id for r in rt.last_ranks):
+            if not rt.started or not any(
+                rt.request_id not in owners.get(r, {rt.request_id}) for r in rt.last_ranks
+            ):
                 continue
             # Some of its last group's ranks went to another request: it waits (paused, counted once
             # per wait) or runs on other ranks (demoted or moved, counted per decision).
@@ -418,6 +445,7 @@ class Scheduler:
         free = set(view.free_ranks)
         seen_requests: set[str] = set()
         taken: set[int] = set()
+        batches: dict[int, Assignment] = {}  # batch tag -> its first member
         for a in proposed:
             if not isinstance(a, Assignment):
                 fail(f"expected Assignment, got {type(a).__name__}")
@@ -443,9 +471,30 @@ class Scheduler:
                 fail(f"{a.task}: duplicate ranks in {ranks}")
             if not set(ranks) <= free:
                 fail(f"{a.task}: ranks {sorted(set(ranks) - free)} are busy")
-            if taken & set(ranks):
-                fail(f"{a.task}: ranks {sorted(taken & set(ranks))} already assigned in this decision")
-            taken |= set(ranks)
+            first = None
+            if a.batch is not None:
+                if not isinstance(a.batch, int) or isinstance(a.batch, bool):
+                    fail(f"{a.task}: batch must be an int tag or None, got {a.batch!r}")
+                if a.task.kind is not TaskKind.DENOISE:
+                    fail(f"{a.task}: only DENOISE chunks run in batches")
+                if not batchable(rt.request):
+                    fail(f"{a.task}: model {rt.request.model!r} does not denoise in batches")
+                first = batches.setdefault(a.batch, a)
+            if first is not None and first is not a:
+                if ranks != first.ranks:
+                    fail(f"{a.task}: batch {a.batch} runs on {list(first.ranks)}, not {list(ranks)}")
+                mine, theirs = batch_key(rt.request, 0), batch_key(by_id[first.task.request_id].request, 0)
+                if (mine.model, mine.width, mine.height, mine.frames) != (
+                    theirs.model,
+                    theirs.width,
+                    theirs.height,
+                    theirs.frames,
+                ):
+                    fail(f"{a.task}: batch {a.batch} mixes models or shapes ({mine} vs {theirs})")
+            else:
+                if taken & set(ranks):
+                    fail(f"{a.task}: ranks {sorted(taken & set(ranks))} already assigned in this decision")
+                taken |= set(ranks)
             if len(ranks) not in rt.valid_degrees:
                 fail(f"{a.task}: group size {len(ranks)} is not a valid degree {rt.valid_degrees}")
             n = a.num_steps
@@ -484,12 +533,39 @@ class Scheduler:
         rec.preempted = False
         if rec.first_start_s is None:
             rec.first_start_s = now
+        rec.running_batch = ()
         rec.history.append(TaskRecord(task, ranks, now, elements_moved=plan.elements_moved if plan else 0))
         for rank in ranks:
-            self._busy[rank] = task.request_id
+            self._busy.setdefault(rank, set()).add(task.request_id)
         logger.debug("t=%.6f dispatch %s on %s (moves %d bytes)", now, task, list(ranks), num_bytes)
         num_steps = task.num_steps if task.kind is TaskKind.DENOISE else None
-        return Assignment(task, ranks, num_steps, plan)
+        return Assignment(task, ranks, num_steps, plan, a.batch)
+
+    def _commit_batches(self, committed: Sequence[Assignment], now: float) -> None:
+        """Note [Batched chunks in the scheduler]: each member's batch, history size and estimated end."""
+        by_tag: dict[int, list[Assignment]] = {}
+        for a in committed:
+            if a.batch is not None:
+                by_tag.setdefault(a.batch, []).append(a)
+        for members in by_tag.values():
+            if len(members) < 2:
+                continue
+            tasks = tuple(a.task for a in members)
+            recs = [self._records[t.request_id] for t in tasks]
+            r = recs[0].request
+            chunk_s = self.cost_model.batch_chunk_time(
+                r.model, r.width, r.height, r.num_frames, len(members[0].ranks), [t.num_steps for t in tasks]
+            )
+            reshard_s = 0.0
+            for a, rec in zip(members, recs, strict=True):
+                moved = (
+                    a.reshard.bytes_moved(state_bytes_per_index(rec.request, a.task.kind)) if a.reshard else 0
+                )
+                reshard_s = max(reshard_s, self.cost_model.reshard_time(moved))
+            for rec in recs:
+                rec.running_batch = tasks
+                rec.history[-1].batch_size = len(tasks)
+                rec.expected_end_s = now + reshard_s + chunk_s
 
     def _running_record(self, task: Task, ranks: Sequence[int]) -> RequestRecord:
         rec = self.record(task.request_id)
@@ -500,11 +576,16 @@ class Scheduler:
         return rec
 
     def _release(self, rec: RequestRecord, end_s: float, outcome: str) -> None:
+        rid = rec.request.request_id
         for rank in rec.running_ranks:
-            del self._busy[rank]
+            owners = self._busy[rank]
+            owners.discard(rid)
+            if not owners:
+                del self._busy[rank]
         last = rec.history[-1]
         last.end_s, last.outcome = end_s, outcome
         rec.running, rec.running_ranks, rec.expected_end_s = None, (), None
+        rec.running_batch = ()
 
     def _finish(self, rec: RequestRecord, state: RequestState, now: float) -> None:
         rec.state = state

@@ -155,20 +155,36 @@ def simulate(
                 scheduler.on_task_done(
                     entry.task, entry.ranks, TaskTimings(entry.start_s, now, entry.reshard_s)
                 )
-        for a in scheduler.schedule(now):
-            req = scheduler.record(a.task.request_id).request
+        units: dict[object, list] = {}  # a task alone, or the members of one batch (same tag)
+        for i, a in enumerate(scheduler.schedule(now)):
+            units.setdefault(("alone", i) if a.batch is None else ("batch", a.batch), []).append(a)
+        for members in units.values():
+            reqs = [scheduler.record(a.task.request_id).request for a in members]
+            a, req = members[0], reqs[0]
             begin = now
-            if ex is not None:
+            if ex is not None and len(members) > 1:  # Note [Batched chunks in the scheduler]
+                begin, reshard_s, compute_s = ex.batch_timing(list(zip(members, reqs, strict=True)), now)
+            elif ex is not None:
                 begin, reshard_s, compute_s = ex.timing(a, req, now)
             else:
-                num_bytes = a.reshard.bytes_moved(state_bytes_per_index(req, a.task.kind)) if a.reshard else 0
+                num_bytes = sum(
+                    m.reshard.bytes_moved(state_bytes_per_index(r, m.task.kind)) if m.reshard else 0
+                    for m, r in zip(members, reqs, strict=True)
+                )
                 reshard_s = truth.reshard_time(num_bytes)
-                compute_s = truth.task_time(a.task, req, len(a.ranks))
+                if len(members) > 1:
+                    steps = [m.task.num_steps for m in members]
+                    compute_s = truth.batch_chunk_time(
+                        req.model, req.width, req.height, req.num_frames, len(a.ranks), steps
+                    )
+                else:
+                    compute_s = truth.task_time(a.task, req, len(a.ranks))
             if noise > 0:
                 compute_s *= math.exp(rng.gauss(0.0, noise))
-            entry = TraceEntry(a.task, a.ranks, begin, begin + reshard_s + compute_s, reshard_s)
-            trace.append(entry)
-            heapq.heappush(events, (entry.end_s, 0, next(seq), entry))
+            for m in members:
+                entry = TraceEntry(m.task, m.ranks, begin, begin + reshard_s + compute_s, reshard_s)
+                trace.append(entry)
+                heapq.heappush(events, (entry.end_s, 0, next(seq), entry))
     unfinished = [rid for rid, rec in scheduler.records.items() if not rec.state.is_terminal]
     if unfinished:
         raise SimulationStalled(

@@ -447,10 +447,35 @@ class Engine:
 
     def _dispatch(self) -> None:
         now = self.now()
+        batches: dict[int, list] = {}
         for a in self.scheduler.schedule(now):
-            self._start(a, now)
+            if a.batch is None:
+                self._start(a, now)
+            else:
+                batches.setdefault(a.batch, []).append(a)
+        for members in batches.values():
+            if len(members) == 1:
+                self._start(members[0], now)
+                continue
+            # One msg.Batch to every rank any member's reshard names (Note [Batched chunks in the
+            # scheduler]); each member is tracked as its own task.
+            cmds, involved = [], set()
+            for a in members:
+                cmd, inv = self._command(a, now)
+                cmds.append(cmd)
+                involved |= inv
+            batch = msg.Batch(tasks=tuple(cmds))
+            for r in sorted(involved):
+                self.channel.send(r, batch)
 
     def _start(self, a, now: float) -> None:
+        cmd, involved = self._command(a, now)
+        for r in sorted(involved):
+            self.channel.send(r, cmd)
+
+    def _command(self, a, now: float) -> tuple[msg.Task, set[int]]:
+        """The command of one assignment, its task tracked (watchdog, handle) as dispatched now, and
+        the ranks it goes to."""
         task, ranks = a.task, tuple(a.ranks)
         rid = task.request_id
         rec = self.scheduler.record(rid)
@@ -471,9 +496,8 @@ class Engine:
         )
         expected_s = max(0.0, (rec.expected_end_s or now) - now)
         self.watchdog.start(cmd.task_id, a, now, expected_s, ranks)
-        for r in sorted(involved):
-            self.channel.send(r, cmd)
         tracked.handle.update(state=Status.IN_PROGRESS, degree=len(ranks), task=str(task))
+        return cmd, set(involved)
 
     def _on_event(self, ev: msg.Event) -> None:
         with self._lock:
@@ -548,6 +572,11 @@ class Engine:
                 bytes_moved=tracked.bytes_moved,
                 num_reshards=rec.num_reshards,
                 groups=[(str(t.task), t.ranks) for t in rec.history if t.outcome == "done"],
+                chunk_batch_sizes=[
+                    t.batch_size
+                    for t in rec.history
+                    if t.outcome == "done" and t.task.kind is TaskKind.DENOISE
+                ],
                 latents=next((e.latents.to_numpy() for e in inf.events if e.latents is not None), None),
                 num_reruns=rec.num_reruns,
             )

@@ -11,7 +11,7 @@ import dataclasses
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -49,6 +49,7 @@ class Result:
     groups: list[tuple[str, tuple[int, ...]]]  # (task, ranks) of every task, in order
     latents: np.ndarray | None = None  # the final latent [1, S, C] (float32), with keep_latents
     num_reruns: int = 0  # times it restarted from its first task after a rank was lost
+    chunk_batch_sizes: list[int] = field(default_factory=list)  # members of each DENOISE chunk's batch
 
 
 @dataclass

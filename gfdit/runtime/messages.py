@@ -33,6 +33,7 @@ from gfdit.tasks import TaskKind
 
 __all__ = [
     "Array",
+    "Batch",
     "Cancel",
     "Command",
     "Control",
@@ -132,6 +133,26 @@ class Task(_Message, tag="task"):
     cond_meta: tuple[TensorMeta, ...] = ()  # the conditioning tensors, in name order (with cond_sends)
 
 
+class Batch(_Message, tag="batch"):
+    """Run this rank's part of one batched DENOISE chunk (Note [Batched chunks in the scheduler]):
+    each member's reshard in member order, then one model.denoise_batch over them. Every member is
+    a full Task (its own task_id, chunk and reshard plan) on the same ordered ranks; events come back
+    per member task."""
+
+    tasks: Annotated[tuple[Task, ...], msgspec.Meta(min_length=2, max_length=1024)]  # the members, in order
+
+    def __post_init__(self) -> None:
+        ranks = self.tasks[0].ranks
+        ids = [t.request.request_id for t in self.tasks]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"Batch: a request appears twice: {ids}")
+        for t in self.tasks:
+            if t.kind is not TaskKind.DENOISE:
+                raise ValueError(f"Batch: member {t.task_id} is {t.kind.value}, not denoise")
+            if t.ranks != ranks:
+                raise ValueError(f"Batch: member {t.task_id} runs on {t.ranks}, not {ranks}")
+
+
 class Release(_Message, tag="release"):
     """Drop everything this rank holds for a request."""
 
@@ -149,7 +170,7 @@ class Shutdown(_Message, tag="shutdown"):
     """Leave the worker loop (the engine is closing)."""
 
 
-Command = Task | Release | Exclude | Shutdown
+Command = Task | Batch | Release | Exclude | Shutdown
 
 
 # -- events: worker -> engine ------------------------------------------------------------------------
@@ -173,6 +194,7 @@ class Done(_Message, tag="done"):
         None  # DECODE, its first member: images [N, H, W, 3] or frames [N, F, H, W, 3], uint8
     )
     latents: Array | None = None  # DECODE with keep_latents: the final latent [1, S, C], float32
+    batch_size: Annotated[int, msgspec.Meta(ge=1)] = 1  # DENOISE: members of its batched chunk (msg.Batch)
 
 
 class Failed(_Message, tag="failed"):

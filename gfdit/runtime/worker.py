@@ -3,6 +3,7 @@ requests whose slices live here, and moves state between ranks with gfcoll point
 
 Commands (gfdit.runtime.messages; from gfdit.runtime.channel: over ZeroMQ, or in process on rank 0):
   Task      run (this rank's part of) one trajectory task; see `Worker.run_task`
+  Batch     run (this rank's part of) one batched DENOISE chunk; see `Worker.run_batch`
   Release   drop everything held for a request
   Exclude   ranks the engine lost: gfcoll operations with them fail at once from now on
   Shutdown  (handled by the engine's worker loop)
@@ -92,7 +93,88 @@ class Worker:
                         peer=isinstance(e, gfcoll.GfcollTimeoutError),
                     )
                 ]
+        if isinstance(cmd, msg.Batch):
+            try:
+                return self.run_batch(cmd)
+            except Exception as e:  # every member fails (or re-runs): the batch ran as one
+                log.error("rank %d: batch %s failed: %s", self.rank, [t.task_id for t in cmd.tasks], e)
+                for t in cmd.tasks:
+                    self.held.pop(t.request.request_id, None)
+                return [
+                    msg.Failed(
+                        rank=self.rank,
+                        task_id=t.task_id,
+                        reason=f"rank {self.rank}: {type(e).__name__}: {e}",
+                        trace=traceback.format_exc(limit=8),
+                        peer=isinstance(e, gfcoll.GfcollTimeoutError),
+                    )
+                    for t in cmd.tasks
+                ]
         raise ValueError(f"unknown command {type(cmd).__name__}")
+
+    # -- one batched chunk -----------------------------------------------------------------------
+    def run_batch(self, cmd: msg.Batch) -> list[msg.Event]:
+        """Each member's reshard (Note [Reshard execution]), in member order on every rank the batch
+        names, then one model.denoise_batch over the members (Note [Batched steps]); StepDone and Done
+        per member task."""
+        from gfdit.models.batch import BatchItem  # noqa: PLC0415 - torch-side, like the model
+
+        tasks = cmd.tasks
+        ranks: tuple[int, ...] = tuple(tasks[0].ranks)
+        member = self.rank in ranks
+        t0 = time.perf_counter()
+        e0 = self._mark()
+        moved = []
+        for t in tasks:
+            rid = t.request.request_id
+            held = self.held.setdefault(rid, Held())
+            moved.append(self.reshard(t, held, ranks, member))
+            if not member and held.latents is None and not held.cond:
+                self.held.pop(rid, None)
+        e1 = self._mark()
+        t1 = time.perf_counter()
+        if not member:
+            return []
+        group = self.world.group(list(ranks)) if len(ranks) > 1 else None
+        helds = [self.held[t.request.request_id] for t in tasks]
+        items = [
+            BatchItem(t.request, h.latents, h.cond, t.start, t.end) for t, h in zip(tasks, helds, strict=True)
+        ]
+        steps: list[tuple[int, int, object]] = []  # (member, steps done, its CUDA event or None)
+        report = self.notify is not None and self.rank == ranks[0]
+
+        def on_step(k: int, step: int) -> None:
+            steps.append((k, step, self._mark()))
+            if steps[-1][2] is None:  # CPU: the step is done now
+                self.notify(msg.StepDone(rank=self.rank, task_id=tasks[k].task_id, step=step))
+
+        lo, hi = helds[0].lo, helds[0].hi
+        outs = self.model.denoise_batch(items, (lo, hi), group, on_step=on_step if report else None)
+        for h, x in zip(helds, outs, strict=True):
+            h.latents = x
+        for k, step, event in steps:  # CUDA: each step reported once its own work is done
+            if event is not None:
+                event.synchronize()
+                self.notify(msg.StepDone(rank=self.rank, task_id=tasks[k].task_id, step=step))
+        e2 = self._mark()
+        if e2 is not None:
+            e2.synchronize()
+        t2 = time.perf_counter()
+        if e0 is None:
+            reshard_s, compute_s = t1 - t0, t2 - t1
+        else:
+            reshard_s, compute_s = e0.elapsed_time(e1) / 1e3, e1.elapsed_time(e2) / 1e3
+        return [
+            msg.Done(
+                rank=self.rank,
+                task_id=t.task_id,
+                bytes_moved=b,
+                reshard_s=reshard_s,
+                compute_s=compute_s,
+                batch_size=len(tasks),
+            )
+            for t, b in zip(tasks, moved, strict=True)
+        ]
 
     # -- one task --------------------------------------------------------------------------------
     def run_task(self, cmd: msg.Task) -> list[msg.Event]:

@@ -20,6 +20,7 @@ __all__ = ["ServerMetrics", "kLatencyBuckets", "kStepBuckets"]
 kLatencyBuckets = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, float("inf"))
 kDegreeBuckets = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, float("inf"))  # SP degrees (le buckets)
 kStepBuckets = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, float("inf"))
+kBatchBuckets = (1, 2, 3, 4, 6, 8, 12, 16, 32, float("inf"))  # requests per batched chunk (le buckets)
 
 
 class ServerMetrics:
@@ -115,6 +116,12 @@ class ServerMetrics:
             buckets=kDegreeBuckets,
             registry=r,
         )
+        self.chunk_batch_size = Histogram(
+            "gfdit_chunk_batch_size",
+            "Requests in the batch of each completed DENOISE chunk, one sample per request's chunk (1: alone)",
+            buckets=kBatchBuckets,
+            registry=r,
+        )
         self.slo_attainment = Gauge(
             "gfdit_slo_attainment",
             "Fraction of the ended requests with a deadline that met it, by workload class",
@@ -160,6 +167,7 @@ class ServerMetrics:
             if t.task.kind is TaskKind.DENOISE and t.outcome == "done":
                 self.step.labels(degree=str(len(t.ranks))).observe(seconds / t.task.num_steps)
                 self.chunk_degree.observe(len(t.ranks))
+                self.chunk_batch_size.observe(t.batch_size)
 
 
 class _RerunCounter:

@@ -1,0 +1,228 @@
+"""Batched DENOISE chunks in policies and the scheduler (Note [Batching in policies], Note [Batched
+chunks in the scheduler]): max_batch on every built-in policy, batches of runnable chunks on shared
+ranks, ranks busy until every member reports, one cost observation per batch, models that do not
+batch never batched, and the contract checks on batch tags."""
+
+from __future__ import annotations
+
+import pytest
+
+from gfdit.cost import AnalyticCostModel
+from gfdit.policy import Assignment, PolicySpecError, available_policies, make_policy
+from gfdit.request import Request
+from gfdit.scheduler import PolicyError, Scheduler
+from gfdit.tasks import TaskKind, TaskTimings
+
+
+class CountingCost(AnalyticCostModel):
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch_observations: list[tuple[int, int]] = []
+
+    def observe_batch(self, model, width, height, frames, sp_degree, batch, seconds, num_steps=1):
+        self.batch_observations.append((batch, num_steps))
+        super().observe_batch(model, width, height, frames, sp_degree, batch, seconds, num_steps)
+
+
+def _req(rid: str, model: str = "tiny-flux", steps: int = 4, size: int = 64) -> Request:
+    frames = 5 if "wan" in model else None
+    return Request(rid, model, "p", width=size, height=size, num_inference_steps=steps, num_frames=frames)
+
+
+def _at_denoise(model: str = "tiny-flux", n: int = 3, cost=None, sizes=None) -> Scheduler:
+    """A 2-rank scheduler whose `n` requests have all run ENCODE and wait at DENOISE."""
+    encode_only = _Fixed(
+        lambda view: [
+            Assignment(rt.task, (r,))
+            for rt, r in zip(
+                [rt for rt in view.runnable if rt.kind is TaskKind.ENCODE], view.free_ranks, strict=False
+            )
+        ]
+    )
+    sched = Scheduler(2, encode_only, cost)
+    for i in range(n):
+        sched.submit(_req(f"r{i}", model, size=(sizes or [64] * n)[i]))
+    now = 0.0
+    while any(rt.kind is TaskKind.ENCODE for rt in sched.view(now).runnable):
+        for a in sched.schedule(now):
+            sched.on_task_done(a.task, a.ranks, TaskTimings(now, now + 0.1))
+        now += 0.1
+    return sched
+
+
+def test_every_builtin_policy_takes_max_batch_and_defaults_to_one():
+    builtin = [n for n in available_policies() if type(make_policy(n)).__module__ == "gfdit.policy"]
+    assert len(builtin) >= 11
+    for name in builtin:
+        assert make_policy(name).max_batch == 1
+        assert make_policy(f"{name}:max_batch=3").max_batch == 3
+        assert "max_batch=3" in make_policy(f"{name}:max_batch=3").spec()
+        with pytest.raises(PolicySpecError, match="max_batch"):
+            make_policy(f"{name}:max_batch=0")
+
+
+def test_runnable_denoise_chunks_run_as_one_batch_on_shared_ranks():
+    cost = CountingCost()
+    sched = _at_denoise(cost=cost)
+    sched.policy = make_policy("edf-best-fit:max_batch=4")
+    out = sched.schedule(1.0)
+    assert sorted(a.task.request_id for a in out) == ["r0", "r1", "r2"]
+    assert len({a.batch for a in out}) == 1 and out[0].batch is not None
+    assert len({a.ranks for a in out}) == 1
+    assert all(a.task.kind is TaskKind.DENOISE for a in out)
+    assert all(sched.record(a.task.request_id).history[-1].batch_size == 3 for a in out)
+    ranks = out[0].ranks
+    assert not set(ranks) & set(sched.free_ranks)
+    # The batch's estimated end is the batched chunk's, the same for every member.
+    ends = {sched.record(a.task.request_id).expected_end_s for a in out}
+    assert len(ends) == 1
+    for a in out[:2]:
+        sched.on_task_done(a.task, a.ranks, TaskTimings(1.0, 1.5))
+        assert not set(ranks) & set(sched.free_ranks)  # busy until every member reported
+    sched.on_task_done(out[2].task, out[2].ranks, TaskTimings(1.0, 1.5))
+    assert set(ranks) <= set(sched.free_ranks)
+    assert cost.batch_observations == [(3, out[0].task.num_steps)]
+
+
+def test_max_batch_one_and_max_batch_cap():
+    sched = _at_denoise()
+    sched.policy = make_policy("edf-best-fit")
+    assert all(a.batch is None for a in sched.schedule(1.0))
+    sched = _at_denoise()
+    sched.policy = make_policy("fcfs-elastic:max_batch=2")
+    out = sched.schedule(1.0)
+    tags = [a.batch for a in out if a.batch is not None]
+    assert len(tags) == 2 and len(set(tags)) == 1
+
+
+@pytest.mark.parametrize("model", ["tiny-qwen-image", "tiny-wan2.2"])
+def test_models_that_do_not_batch_are_never_batched(model):
+    sched = _at_denoise(model)
+    sched.policy = make_policy("edf-best-fit:max_batch=4")
+    out = sched.schedule(1.0)
+    assert out and all(a.batch is None for a in out)
+
+
+def test_different_shapes_are_not_batched():
+    sched = _at_denoise(n=2, sizes=[64, 32])
+    sched.policy = make_policy("fcfs-elastic:max_batch=4")
+    assert all(a.batch is None for a in sched.schedule(1.0))
+
+
+class _Fixed:
+    name = "fixed"
+
+    def __init__(self, decide):
+        self.decide = decide
+
+    def spec(self):
+        return self.name
+
+    def schedule(self, view):
+        return self.decide(view)
+
+
+@pytest.mark.parametrize(
+    "model,tags,ranks,match",
+    [
+        ("tiny-flux", (None, None), ((0,), (0,)), "already assigned"),
+        ("tiny-flux", (7, 7), ((0,), (1,)), "runs on"),
+        ("tiny-qwen-image", (7, 7), ((0,), (0,)), "does not denoise in batches"),
+    ],
+)
+def test_bad_batches_are_policy_errors(model, tags, ranks, match):
+    sched = _at_denoise(model, n=2)
+
+    def decide(view):
+        return [Assignment(rt.task, r, batch=t) for rt, t, r in zip(view.runnable, tags, ranks, strict=True)]
+
+    sched.policy = _Fixed(decide)
+    with pytest.raises(PolicyError, match=match):
+        sched.schedule(1.0)
+
+
+@pytest.mark.parametrize("execution", [False, True])
+def test_simulator_runs_batches_and_they_pay(execution):
+    from gfdit.sim import simulate
+    from gfdit.simexec import ExecutionModel
+
+    reqs = [_req(f"s{i}", steps=4) for i in range(8)]
+    ex = ExecutionModel.worker(0.002, 1e-4, 1e9) if execution else None
+    ends = {}
+    for spec in ("fcfs-elastic:max_batch=4", "fcfs-elastic"):
+        fresh = [
+            Request(r.request_id, r.model, "p", width=64, height=64, num_inference_steps=4) for r in reqs
+        ]
+        out = simulate(Scheduler(4, make_policy(spec)), fresh, execution=ex)
+        assert all(o.state.value == "done" for o in out.outcomes.values())
+        ends[spec] = out.end_s
+        if spec.endswith("=4"):
+            batched = [e for e in out.trace if e.task.kind is TaskKind.DENOISE]
+            starts = {}
+            for e in batched:
+                starts.setdefault((e.start_s, e.ranks), []).append(e)
+            assert max(len(v) for v in starts.values()) >= 2  # members start and end together
+    assert ends["fcfs-elastic:max_batch=4"] < ends["fcfs-elastic"]
+
+
+def test_chunk_batch_size_histogram_in_metrics():
+    from types import SimpleNamespace
+
+    from prometheus_client import generate_latest
+
+    from gfdit.server.metrics import ServerMetrics
+    from gfdit.sim import simulate
+
+    engine = SimpleNamespace(
+        num_queued=lambda: 0, num_running=lambda: 0, world=SimpleNamespace(size=4),
+        graph_pool_stats=lambda: {"graphs": 0, "bytes": 0}, ranks_alive=lambda: 4, num_reruns=0,
+    )  # fmt: skip
+    m = ServerMetrics(engine, lambda: (True, ""))
+    reqs = [Request(f"m{i}", "tiny-flux", "p", width=64, height=64, num_inference_steps=4) for i in range(8)]
+    sched = Scheduler(4, make_policy("fcfs-elastic:max_batch=4"))
+    simulate(sched, reqs)
+    sizes = []
+    for r in reqs:
+        rec = sched.record(r.request_id)
+        sizes += [t.batch_size for t in rec.history if t.task.kind is TaskKind.DENOISE]
+        m.record_end("image", "completed", rec, None)
+    assert max(sizes) >= 2
+    values = {}
+    for line in generate_latest(m.registry).decode().splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    assert values["gfdit_chunk_batch_size_count"] == len(sizes)
+    assert values["gfdit_chunk_batch_size_sum"] == sum(sizes)
+    assert values['gfdit_chunk_batch_size_bucket{le="1.0"}'] == sizes.count(1)
+
+
+def test_batch_command_round_trips_and_checks_its_members():
+    import msgspec
+
+    from gfdit.runtime import messages as msg
+
+    def task(tid, rid, ranks=(1, 0), kind=TaskKind.DENOISE):
+        req = Request(rid, "tiny-flux", "a cat", width=64, height=64, seed=tid)
+        return msg.Task(
+            task_id=tid, request=req, kind=kind, start=0, end=2, ranks=ranks, dim_size=16, token_dim=64
+        )
+
+    batch = msg.Batch(tasks=(task(1, "a"), task(2, "b")))
+    back = msg.decode_command(msg.encode(batch))
+    assert back == batch and type(back) is msg.Batch
+    done = msg.Done(rank=0, task_id=1, batch_size=2)
+    assert msg.decode_event(msg.encode(done)).batch_size == 2
+    enc = msgspec.msgpack.Encoder()
+    bad = [
+        {"op": "batch", "tasks": [msgspec.to_builtins(task(1, "a"))]},  # one member
+        {"op": "batch", "tasks": [msgspec.to_builtins(t) for t in (task(1, "a"), task(2, "a"))]},
+        {"op": "batch", "tasks": [msgspec.to_builtins(t) for t in (task(1, "a"), task(2, "b", (0, 1)))]},
+        {
+            "op": "batch",
+            "tasks": [msgspec.to_builtins(t) for t in (task(1, "a"), task(2, "b", kind=TaskKind.DECODE))],
+        },
+    ]
+    for data in bad:
+        with pytest.raises(msg.MessageError):
+            msg.decode_command(enc.encode(data))
