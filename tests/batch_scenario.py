@@ -5,6 +5,8 @@ indices, compared with each request denoised alone on one rank (Note [Batched st
 
 from __future__ import annotations
 
+from tests.multiproc.test_sp_attention import _move, _slices
+
 REQUESTS = {
     # 128x128 image: 8x8 = 64 latent tokens; 4 heads; distilled guidance per request.
     "tiny-flux": dict(width=128, height=128),
@@ -107,39 +109,6 @@ ELASTIC_CHUNKS = [
 ]
 # On 4 ranks: 1 -> 2 -> 4 -> 1.
 ELASTIC_CHUNKS_4 = [([0], CHUNKS[0]), ([2, 0], CHUNKS[1]), ([3, 1, 0, 2], CHUNKS[2]), ([1], CHUNKS[3])]
-
-
-def _slices(n, d):
-    return [(i * n // d, (i + 1) * n // d) for i in range(d)]
-
-
-def _move(world, x_local, old_ranks, new_ranks, n, c):
-    """The token slices of a [1, n, c] latent from an even split over old_ranks to one over new_ranks, by
-    point-to-point messages; returns this rank's new slice (or None). Every rank walks the same pieces
-    in the same order, so the blocking sends cannot deadlock."""
-    import torch
-
-    old, new = _slices(n, len(old_ranks)), _slices(n, len(new_ranks))
-    me = world.rank
-    out = None
-    if me in new_ranks:
-        a, b = new[new_ranks.index(me)]
-        out = torch.empty(1, b - a, c)
-    for j, dst in enumerate(new_ranks):
-        a, b = new[j]
-        for i, src in enumerate(old_ranks):
-            lo, hi = max(a, old[i][0]), min(b, old[i][1])
-            if lo >= hi:
-                continue
-            if src == me and dst == me:
-                out[:, lo - a : hi - a] = x_local[:, lo - old[i][0] : hi - old[i][0]]
-            elif src == me:
-                world.send(x_local[:, lo - old[i][0] : hi - old[i][0]].contiguous(), dst)
-            elif dst == me:
-                piece = torch.empty(1, hi - lo, c)
-                world.recv(piece, src)
-                out[:, lo - a : hi - a] = piece
-    return out
 
 
 def run_elastic(world, model, name: str, chunks=ELASTIC_CHUNKS):

@@ -376,22 +376,7 @@ class DiTModel(abc.ABC):
         prediction, member 1 the unconditional one, `group` is this rank's half. None: both branches
         here (a batch of 2, or two passes)."""
         self.require("transformer")
-        s = self.seq_len(request)
-        d = 1 if group is None else group.size
-        me = 0 if group is None else group.rank
-        if me < 0:
-            raise ValueError(f"denoise: this rank is not a member of {group!r}")
-        if s % d or self.num_heads % d:
-            raise ValueError(
-                f"denoise: SP degree {d} must divide the {s} latent tokens and the {self.num_heads} heads "
-                f"(valid: {self.valid_sp_degrees(request, d)})"
-            )
-        n = s // d
-        lo, hi = (int(v) for v in token_range)
-        if (lo, hi) != (me * n, (me + 1) * n):
-            raise ValueError(
-                f"denoise: member {me} of {d} must hold tokens [{me * n}, {(me + 1) * n}) of {s}, got [{lo}, {hi})"
-            )
+        n, d = self.check_slice(request, token_range, group, "denoise")
         if tuple(latents_local.shape) != (1, n, self.token_dim):
             raise ValueError(
                 f"denoise: latents_local has shape {tuple(latents_local.shape)}, expected (1, {n}, {self.token_dim})"
@@ -424,6 +409,28 @@ class DiTModel(abc.ABC):
                 if on_step is not None:
                     on_step(i + 1)
         return x
+
+    def check_slice(self, request, token_range: tuple[int, int], group, what: str) -> tuple[int, int]:
+        """(n, d): this rank's token count and the SP degree for `group` (None: one rank), once the
+        degree divides the latent tokens and heads and token_range is this member's slice of the even
+        split; otherwise ValueError starting with `what`."""
+        s = self.seq_len(request)
+        d = 1 if group is None else group.size
+        me = 0 if group is None else group.rank
+        if me < 0:
+            raise ValueError(f"{what}: this rank is not a member of {group!r}")
+        if s % d or self.num_heads % d:
+            raise ValueError(
+                f"{what}: SP degree {d} must divide the {s} latent tokens and the {self.num_heads} heads "
+                f"(valid: {self.valid_sp_degrees(request, d)})"
+            )
+        n = s // d
+        lo, hi = (int(v) for v in token_range)
+        if (lo, hi) != (me * n, (me + 1) * n):
+            raise ValueError(
+                f"{what}: member {me} of {d} must hold tokens [{me * n}, {(me + 1) * n}) of {s}, got [{lo}, {hi})"
+            )
+        return n, d
 
     def denoise_batch(self, items, token_range, group=None, on_step=None):
         """Several requests of this model and shape denoised as one batch, each at its own step index

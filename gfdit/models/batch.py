@@ -86,22 +86,7 @@ def _check(model, items: Sequence[BatchItem], token_range: tuple[int, int], grou
                 f"denoise_batch: request {it.request.request_id!r} needs 0 <= start <= end <= {steps}, "
                 f"got start={it.start}, end={it.end}"
             )
-    s = model.seq_len(items[0].request)
-    d = 1 if group is None else group.size
-    me = 0 if group is None else group.rank
-    if me < 0:
-        raise ValueError(f"denoise_batch: this rank is not a member of {group!r}")
-    if s % d or model.num_heads % d:
-        raise ValueError(
-            f"denoise_batch: SP degree {d} must divide the {s} latent tokens and the {model.num_heads} heads"
-        )
-    n = s // d
-    lo, hi = (int(v) for v in token_range)
-    if (lo, hi) != (me * n, (me + 1) * n):
-        raise ValueError(
-            f"denoise_batch: member {me} of {d} must hold tokens [{me * n}, {(me + 1) * n}) of {s}, "
-            f"got [{lo}, {hi})"
-        )
+    n, d = model.check_slice(items[0].request, token_range, group, "denoise_batch")
     for it in items:
         if tuple(it.latents_local.shape) != (1, n, model.token_dim):
             raise ValueError(

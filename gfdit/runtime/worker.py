@@ -77,28 +77,15 @@ class Worker:
         if isinstance(cmd, msg.Exclude):
             self.world.exclude([r for r in cmd.ranks if r != self.rank])
             return []
-        if isinstance(cmd, msg.Task):
+        if isinstance(cmd, (msg.Task, msg.Batch)):
+            tasks = [cmd] if isinstance(cmd, msg.Task) else list(cmd.tasks)
             try:
-                return self.run_task(cmd)
+                return self.run_task(cmd) if isinstance(cmd, msg.Task) else self.run_batch(cmd)
             except Exception as e:  # reported to the engine; the worker keeps serving
-                log.error("rank %d: task %s failed: %s", self.rank, cmd.task_id, e)
-                # The request's state here may be half-updated: drop it (a re-run starts afresh).
-                self.held.pop(cmd.request.request_id, None)
-                return [
-                    msg.Failed(
-                        rank=self.rank,
-                        task_id=cmd.task_id,
-                        reason=f"rank {self.rank}: {type(e).__name__}: {e}",
-                        trace=traceback.format_exc(limit=8),
-                        peer=isinstance(e, gfcoll.GfcollTimeoutError),
-                    )
-                ]
-        if isinstance(cmd, msg.Batch):
-            try:
-                return self.run_batch(cmd)
-            except Exception as e:  # every member fails (or re-runs): the batch ran as one
-                log.error("rank %d: batch %s failed: %s", self.rank, [t.task_id for t in cmd.tasks], e)
-                for t in cmd.tasks:
+                log.error("rank %d: task(s) %s failed: %s", self.rank, [t.task_id for t in tasks], e)
+                # The requests' state here may be half-updated: drop it (a re-run starts afresh). A
+                # batch ran as one, so every member fails (or re-runs).
+                for t in tasks:
                     self.held.pop(t.request.request_id, None)
                 return [
                     msg.Failed(
@@ -108,7 +95,7 @@ class Worker:
                         trace=traceback.format_exc(limit=8),
                         peer=isinstance(e, gfcoll.GfcollTimeoutError),
                     )
-                    for t in cmd.tasks
+                    for t in tasks
                 ]
         raise ValueError(f"unknown command {type(cmd).__name__}")
 
