@@ -75,6 +75,23 @@ correction learned from profiled batched steps (`set_observed_batch`, from `gfdi
 key itself is estimated by its measurement, and `observe_batch` (a batched chunk the workers ran)
 keeps an exponential moving average per exact key, as `observe` does. B = 1 is exactly step_time. The base CostModel, which knows
 nothing of batching, charges B times a step (batching never pays): the safe side for deadlines.
+
+Note [CFG-parallel step cost]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+A step of a request with true CFG computes two predictions (Wan: a batch of 2; Qwen-Image: two
+passes), and step_time(N, d) (profiled or fitted on such steps) is the cost of both. CFG-parallel on
+2k ranks (Note [CFG-parallel] in gfdit/models/base.py) runs one prediction per half of k ranks, then
+each pair all-gathers its predictions:
+
+  cfg_step(N, k) = step_time(N, k) * branch(N, k) + exchange(k)
+  branch(N, k)   = estimate(N, k, 1/2) / estimate(N, k, 1)     (the batched form with B = 1/2: half the
+                   compute and all-to-all bytes; c0 and the host floor paid in full)
+  exchange(k)    = a2a_latency_s + (S/k) * token_dim * 4 B / a2a_bandwidth
+
+with estimate the fitted model (max(floor, s * gpu)) or the analytic one. A CFG-parallel chunk the
+workers ran (`observe_cfg`) keeps an exponential moving average per exact key, which then is the
+estimate. The base CostModel charges step_time(N, k): CFG-parallel never pays there, so a policy with
+cfg=auto keeps plain SP.
 """
 
 from __future__ import annotations
@@ -347,12 +364,21 @@ class CostModel(abc.ABC):
 
     # Derived estimates, written once against the abstract methods.
 
-    def task_time(self, task: Task, request: Request, sp_degree: int, num_steps: int | None = None) -> float:
-        """Seconds of `task` (DENOISE: `num_steps` steps, default the task's own) on `sp_degree` ranks."""
+    def task_time(
+        self, task: Task, request: Request, sp_degree: int, num_steps: int | None = None, *, cfg: bool = False
+    ) -> float:
+        """Seconds of `task` (DENOISE: `num_steps` steps, default the task's own) on `sp_degree` ranks;
+        with `cfg`, a CFG-parallel DENOISE chunk on `sp_degree` = 2k ranks (Note [CFG-parallel step cost])."""
         r = request
         if task.kind is TaskKind.DENOISE:
             steps = task.num_steps if num_steps is None else num_steps
+            if cfg:
+                if sp_degree % 2:
+                    raise ValueError(f"a CFG-parallel chunk needs an even group, got {sp_degree} ranks")
+                return steps * self.cfg_step_time(r.model, r.width, r.height, r.num_frames, sp_degree // 2)
             return steps * self.step_time(r.model, r.width, r.height, r.num_frames, sp_degree)
+        if cfg:
+            raise ValueError(f"only DENOISE chunks run CFG-parallel, not {task.kind.name}")
         return self.stage_time(task.kind, r.model, r.width, r.height, r.num_frames, sp_degree)
 
     def remaining_time(
@@ -399,6 +425,25 @@ class CostModel(abc.ABC):
         """Learn from a measured batched chunk: `seconds` for `num_steps` steps of `batch` requests
         together throughout (members that all ran the same steps). This default ignores it."""
         _check_batch(batch)
+
+    # CFG-parallel steps (Note [CFG-parallel step cost]).
+
+    def cfg_step_time(self, model: str, width: int, height: int, frames: int | None, half_degree: int) -> float:
+        """Seconds of one CFG-parallel denoising step on 2 x `half_degree` ranks. This default knows
+        nothing of CFG-parallel: a plain step on one half."""
+        return self.step_time(model, width, height, frames, half_degree)
+
+    def observe_cfg(
+        self,
+        model: str,
+        width: int,
+        height: int,
+        frames: int | None,
+        half_degree: int,
+        seconds: float,
+        num_steps: int = 1,
+    ) -> None:
+        """Learn from a measured CFG-parallel chunk of `num_steps` steps. This default ignores it."""
 
     def batch_chunk_time(
         self, model: str, width: int, height: int, frames: int | None, sp_degree: int, steps: Sequence[int]
@@ -480,6 +525,8 @@ class AnalyticCostModel(CostModel):
         # and per (model, batch) the count and sum of measured / predicted.
         self._batch_observed: dict[tuple[str, int, int, int | None, int, int], float] = {}
         self._batch_corr: dict[tuple[str, int], tuple[int, float]] = {}
+        # Note [CFG-parallel step cost]: observed CFG-parallel steps, (model, w, h, frames, k) -> seconds
+        self._cfg_observed: dict[tuple[str, int, int, int | None, int], float] = {}
 
     def profile(self, model: str) -> ModelProfile:
         if self._profiles is not None:
@@ -655,6 +702,11 @@ class AnalyticCostModel(CostModel):
         """gpu(N, d, B) of Note [Batched step cost]; batch 1 is analytic_gpu_time."""
         self._check_degree(d)
         _check_batch(batch)
+        return self._scaled_gpu_time(model, width, height, frames, d, batch)
+
+    def _scaled_gpu_time(
+        self, model: str, width: int, height: int, frames: int | None, d: int, batch: float
+    ) -> float:
         p = self.profile(model)
         n = p.attention_len(width, height, frames)
         compute = p.step_fixed_s + batch * (p.step_linear_s * n + p.step_quadratic_s * n * n) / d
@@ -665,9 +717,9 @@ class AnalyticCostModel(CostModel):
         return compute + 4 * p.num_layers * (latency + a2a_bytes / self.a2a_bandwidth)
 
     def _batch_model_time(
-        self, model: str, width: int, height: int, frames: int | None, d: int, batch: int
+        self, model: str, width: int, height: int, frames: int | None, d: int, batch: float
     ) -> float:
-        gpu = self.analytic_batch_gpu_time(model, width, height, frames, d, batch)
+        gpu = self._scaled_gpu_time(model, width, height, frames, d, batch)
         fit = self._fits.get(model)
         if fit is not None:
             return max(fit.floor(d), fit.gpu_scale * gpu)
@@ -765,6 +817,51 @@ class AnalyticCostModel(CostModel):
         old = self._batch_observed.get(key)
         self._batch_observed[key] = per_step if old is None else (1 - self.ema) * old + self.ema * per_step
 
+
+    # -- CFG-parallel steps (Note [CFG-parallel step cost]) -------------------------------------------
+
+    def cfg_branch_factor(self, model: str, width: int, height: int, frames: int | None, k: int) -> float:
+        """branch(N, k) of Note [CFG-parallel step cost]: one prediction's share of a step of both."""
+        both = self._batch_model_time(model, width, height, frames, k, 1)
+        if both <= 0:
+            return 0.5
+        return self._batch_model_time(model, width, height, frames, k, 0.5) / both
+
+    def cfg_exchange_time(self, model: str, width: int, height: int, frames: int | None, k: int) -> float:
+        """exchange(k) of Note [CFG-parallel step cost]: the pair's all-gather of its predictions."""
+        p = self.profile(model)
+        tokens = p.seq_len(width, height, frames) / k
+        return self.a2a_latency_s + tokens * p.state_bytes_per_token / self.a2a_bandwidth
+
+    def cfg_step_time(self, model: str, width: int, height: int, frames: int | None, half_degree: int) -> float:
+        self._check_degree(half_degree)
+        seen = self._cfg_observed.get((model, width, height, frames, half_degree))
+        if seen is not None:
+            return seen
+        step = self.step_time(model, width, height, frames, half_degree)
+        branch = self.cfg_branch_factor(model, width, height, frames, half_degree)
+        return step * branch + self.cfg_exchange_time(model, width, height, frames, half_degree)
+
+    def observe_cfg(
+        self,
+        model: str,
+        width: int,
+        height: int,
+        frames: int | None,
+        half_degree: int,
+        seconds: float,
+        num_steps: int = 1,
+    ) -> None:
+        """An exponential moving average per exact key, like `observe`."""
+        self._check_degree(half_degree)
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"observed seconds must be finite and >= 0, got {seconds}")
+        if num_steps < 1:
+            raise ValueError(f"a CFG-parallel observation needs num_steps >= 1, got {num_steps}")
+        key = (model, width, height, frames, half_degree)
+        per_step = seconds / num_steps
+        old = self._cfg_observed.get(key)
+        self._cfg_observed[key] = per_step if old is None else (1 - self.ema) * old + self.ema * per_step
 
 # -- cost profiles (written by `gfdit profile`) ------------------------------------------------------------
 

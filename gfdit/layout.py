@@ -10,6 +10,10 @@ global ranks and how the state is spread over them along one tensor dimension of
     remainder on the first members, exactly like `torch.tensor_split(x, n, dim)`.
   - REPLICATED: every member holds all of [0, dim_size).
   - OWNER: one rank holds all of [0, dim_size).
+A SHARDED layout may have `mirrors`: a second group of as many ranks, mirror i holding the same slice
+as member i (the state after a CFG-parallel chunk: sharded over one half, replicated on the other;
+Note [CFG-parallel] in gfdit/models/base.py). A mirrored destination needs every mirror filled too;
+a mirrored source lets a destination rank that is a mirror keep its piece in place.
 Moving a request to another group is a reshard: `plan_reshard(src, dst, dim_size)` lists the pieces
 (src_rank, dst_rank, start, stop) every destination member must receive, and the pieces that are
 already on their destination rank (`local`, copied in place, never sent). The destination is covered
@@ -69,12 +73,21 @@ class Layout:
     ranks: tuple[int, ...]  # ordered, distinct global ranks of the group (one rank for OWNER)
     dim: int = 0  # tensor dimension the SHARDED slices index (informational for other kinds)
     slices: tuple[tuple[int, int], ...] | None = None  # SHARDED: (start, stop) per member; None: even
+    mirrors: tuple[int, ...] | None = None  # SHARDED: mirror i holds member i's slice too; None: none
 
     def __post_init__(self) -> None:
         ranks = tuple(self.ranks)
         object.__setattr__(self, "ranks", ranks)
         if not ranks:
             raise ValueError("a layout needs at least one rank")
+        if self.mirrors is not None:
+            mirrors = tuple(self.mirrors)
+            object.__setattr__(self, "mirrors", mirrors)
+            if self.kind is not LayoutKind.SHARDED:
+                raise ValueError(f"mirrors are only meaningful for SHARDED layouts, not {self.kind.name}")
+            if len(mirrors) != len(ranks):
+                raise ValueError(f"{len(ranks)} ranks but {len(mirrors)} mirrors")
+            ranks = ranks + mirrors
         if any(not isinstance(r, int) or isinstance(r, bool) or r < 0 for r in ranks):
             raise ValueError(f"ranks must be non-negative integers, got {ranks}")
         if len(set(ranks)) != len(ranks):
@@ -98,10 +111,21 @@ class Layout:
 
     @classmethod
     def sharded(
-        cls, ranks: Sequence[int], dim: int = 0, slices: Sequence[tuple[int, int]] | None = None
+        cls,
+        ranks: Sequence[int],
+        dim: int = 0,
+        slices: Sequence[tuple[int, int]] | None = None,
+        mirrors: Sequence[int] | None = None,
     ) -> Layout:
-        """Member i of `ranks` holds `slices[i]` (default: the even split of the dimension)."""
-        return cls(LayoutKind.SHARDED, tuple(ranks), dim, None if slices is None else tuple(slices))
+        """Member i of `ranks` holds `slices[i]` (default: the even split of the dimension), and so
+        does `mirrors[i]` if given."""
+        return cls(
+            LayoutKind.SHARDED,
+            tuple(ranks),
+            dim,
+            None if slices is None else tuple(slices),
+            None if mirrors is None else tuple(mirrors),
+        )
 
     @classmethod
     def replicated(cls, ranks: Sequence[int], dim: int = 0) -> Layout:
@@ -114,6 +138,11 @@ class Layout:
     @property
     def size(self) -> int:
         return len(self.ranks)
+
+    @property
+    def holders(self) -> tuple[int, ...]:
+        """Every rank that holds part of the state: the members, then the mirrors."""
+        return self.ranks + (self.mirrors or ())
 
     def member_slices(self, dim_size: int) -> tuple[tuple[int, int], ...]:
         """(start, stop) each member holds, in member order. Raises ValueError if explicit slices do
@@ -130,8 +159,13 @@ class Layout:
         return self.slices
 
     def holdings(self, dim_size: int) -> dict[int, tuple[int, int]]:
-        """rank -> (start, stop) it holds (an empty range for a member that holds nothing)."""
-        return dict(zip(self.ranks, self.member_slices(dim_size), strict=True))
+        """rank -> (start, stop) it holds (an empty range for a member that holds nothing); mirrors
+        included."""
+        slices = self.member_slices(dim_size)
+        out = dict(zip(self.ranks, slices, strict=True))
+        if self.mirrors is not None:
+            out.update(zip(self.mirrors, slices, strict=True))
+        return out
 
 
 @dataclass(frozen=True)
@@ -192,7 +226,9 @@ class ReshardPlan:
 def plan_reshard(src: Layout, dst: Layout, dim_size: int) -> ReshardPlan:
     """Plan the move of a state of `dim_size` indices from layout `src` to layout `dst`.
 
-    SHARDED source: each destination range is cut along the source slices. REPLICATED/OWNER source:
+    Every destination member gets its slice, and so does every mirror of a mirrored `dst`.
+    SHARDED source: each destination range is cut along the source slices; a piece comes from its
+    member, or stays in place on a destination that is its mirror. REPLICATED/OWNER source:
     a destination member that is a holder keeps its range locally; others read their whole range from
     one holder, the least loaded so far (elements assigned), ties to the earlier holder in `src.ranks`.
     Raises ValueError when both layouts are SHARDED on different dimensions (not a 1-D reshard).
@@ -200,6 +236,9 @@ def plan_reshard(src: Layout, dst: Layout, dim_size: int) -> ReshardPlan:
     if src.kind is LayoutKind.SHARDED and dst.kind is LayoutKind.SHARDED and src.dim != dst.dim:
         raise ValueError(f"cannot reshard between dimensions {src.dim} and {dst.dim}")
     need = dst.member_slices(dim_size)
+    dests = list(zip(dst.ranks, need, strict=True))
+    if dst.mirrors is not None:
+        dests += list(zip(dst.mirrors, need, strict=True))
     transfers: list[Transfer] = []
     local: list[Transfer] = []
 
@@ -207,16 +246,17 @@ def plan_reshard(src: Layout, dst: Layout, dim_size: int) -> ReshardPlan:
         (local if s == d else transfers).append(Transfer(s, d, a, b))
 
     if src.kind is LayoutKind.SHARDED:
-        have = sorted(zip(src.member_slices(dim_size), src.ranks, strict=True))
-        for d, (a, b) in zip(dst.ranks, need, strict=True):
-            for (c, e), s in have:
+        mirrors = src.mirrors or (None,) * src.size
+        have = sorted(zip(src.member_slices(dim_size), src.ranks, mirrors, strict=True), key=lambda h: h[0])
+        for d, (a, b) in dests:
+            for (c, e), s, m in have:
                 lo, hi = max(a, c), min(b, e)
                 if lo < hi:
-                    add(s, d, lo, hi)
+                    add(d if d == m else s, d, lo, hi)
     else:
         load = dict.fromkeys(src.ranks, 0)
         order = {r: i for i, r in enumerate(src.ranks)}
-        for d, (a, b) in zip(dst.ranks, need, strict=True):
+        for d, (a, b) in dests:
             if a == b:
                 continue
             if d in load:

@@ -30,6 +30,24 @@ rescheduling point). Whether a batch forms, and its size, is the cost model's ca
 that knows nothing of batching, nothing is ever batched.
 The default stays 1 until a measured batched step (gfdit profile --batch-sizes on the target GPU)
 shows which sizes pay: no measurement backs a larger default yet.
+
+Note [CFG-parallel in policies]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+A request with true classifier-free guidance (`gfdit.models.presets.runs_true_cfg`: Wan, Wan2.2,
+Qwen-Image with guidance_scale > 1) may run a DENOISE chunk CFG-parallel (Note [CFG-parallel] in
+gfdit/models/base.py): a group of 2k ranks, `Assignment.cfg` set, the first k ranks computing the
+conditional prediction with SP degree k, the last k the unconditional one, rank i of each half paired.
+The scheduler lists the CFG-parallel step time of such a request per group size 2k
+(`RunnableTask.cfg_step_s`, from `CostModel.cfg_step_time`). Every built-in policy takes
+`cfg=auto|on|off` (default auto; off for the fixed pipelines `static` and `rssp`) and decides in one place (`cfg_view`, `finish`), whatever its own logic:
+  - it schedules on a view in which each group size of such a DENOISE chunk costs what the chosen
+    layout at that size costs: `off` plain SP only; `on` CFG-parallel wherever a size allows it;
+    `auto` the faster of the two by the cost model (plain SP on a tie). Sizes that only CFG-parallel
+    allows (2k where k divides the heads and tokens but 2k does not) become valid degrees of the chunk;
+  - its DENOISE assignments at a size whose chosen layout is CFG-parallel get `cfg=True`, their ranks
+    ordered so that the most of the state stays in place (each half chosen for reuse in turn);
+  - CFG-parallel chunks are never batched (a batch's members share plain SP).
+Requests without true CFG (Flux, or guidance_scale <= 1) are untouched: for them `cfg` is ignored.
 """
 
 from __future__ import annotations
@@ -72,7 +90,12 @@ __all__ = [
     "place",
     "state_holders",
     "batch_denoise",
+    "cfg_view",
+    "finish",
+    "kCfgModes",
 ]
+
+kCfgModes = ("auto", "on", "off")  # Note [CFG-parallel in policies]
 
 
 @dataclass(frozen=True)
@@ -91,6 +114,9 @@ class RunnableTask:
     task_s: Mapping[int, float]  # degree -> estimated seconds of `task` as listed
     step_s: Mapping[int, float]  # degree -> estimated seconds of one denoising step
     remaining_s: Mapping[int, float]  # degree -> estimated seconds to finish, DENOISE at that degree
+    # group size 2k -> estimated seconds of one CFG-parallel denoising step (two halves of k ranks);
+    # empty for a request without true CFG (Note [CFG-parallel in policies])
+    cfg_step_s: Mapping[int, float] = dataclasses.field(default_factory=dict)
 
     @property
     def request_id(self) -> str:
@@ -144,6 +170,9 @@ class Assignment:
     # DENOISE: assignments with the same non-None tag run as one batched chunk on the same ranks
     # (Note [Batching in policies]); None: alone
     batch: int | None = None
+    # DENOISE: run CFG-parallel, ranks[:k] conditional and ranks[k:] unconditional, k = len(ranks) / 2
+    # (Note [CFG-parallel in policies]); False: plain SP over all the ranks
+    cfg: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ranks", tuple(self.ranks))
@@ -234,7 +263,7 @@ def batch_denoise(
         a = out[i]
         rt = by_id.get(a.task.request_id)
         i += 1
-        if rt is None or a.task.kind is not TaskKind.DENOISE or a.batch is not None:
+        if rt is None or a.task.kind is not TaskKind.DENOISE or a.batch is not None or a.cfg:
             continue
         if not batchable(rt.request):
             continue
@@ -247,6 +276,7 @@ def batch_denoise(
             and c.request_id not in earlier
             and d in c.valid_degrees
             and batchable(c.request)
+            and not any(x.cfg and x.task.request_id == c.request_id for x in out)
         ]
         batch = next(
             b
@@ -263,6 +293,84 @@ def batch_denoise(
         i += len(joined)
         tag += 1
     return out
+
+
+def _check_cfg(p: Policy, cfg: str) -> None:
+    _check(p.name, cfg in kCfgModes, f"cfg must be one of {', '.join(kCfgModes)}, got {cfg!r}")
+
+
+def _cfg_choice(rt: RunnableTask, mode: str) -> dict[int, bool]:
+    """Group size -> whether a DENOISE chunk of `rt` at that size runs CFG-parallel (Note
+    [CFG-parallel in policies]); every size it may take is a key."""
+    plain = set(rt.valid_degrees)
+    cfg = set(rt.cfg_step_s) if mode != "off" and rt.kind is TaskKind.DENOISE else set()
+    choice = {}
+    for g in sorted(plain | cfg):
+        if g not in cfg:
+            choice[g] = False
+        elif g not in plain or mode == "on":
+            choice[g] = True
+        else:
+            choice[g] = rt.cfg_step_s[g] < rt.step_s[g]
+    return choice
+
+
+def cfg_view(view: SchedulerView, mode: str) -> SchedulerView:
+    """The view a policy schedules on under `cfg=mode`: each DENOISE chunk of a request with true CFG
+    costs, at every group size, what its chosen layout costs there, and sizes only CFG-parallel allows
+    are valid degrees (Note [CFG-parallel in policies]). Unchanged with mode off or no such request."""
+    if mode == "off" or not any(rt.cfg_step_s and rt.kind is TaskKind.DENOISE for rt in view.runnable):
+        return view
+    runnable = []
+    for rt in view.runnable:
+        choice = _cfg_choice(rt, mode)
+        if not any(choice.values()):
+            runnable.append(rt)
+            continue
+        step_s, task_s, remaining_s = dict(rt.step_s), dict(rt.task_s), dict(rt.remaining_s)
+        stages = rt.remaining_s[1] - rt.remaining_steps * rt.step_s[1]  # ENCODE/DECODE left, one rank
+        for g, use in choice.items():
+            if use:
+                step_s[g] = rt.cfg_step_s[g]
+                task_s[g] = rt.task.num_steps * step_s[g]
+                remaining_s[g] = stages + rt.remaining_steps * step_s[g]
+        runnable.append(
+            dataclasses.replace(
+                rt,
+                valid_degrees=tuple(sorted(choice)),
+                step_s=step_s,
+                task_s=task_s,
+                remaining_s=remaining_s,
+            )
+        )
+    return dataclasses.replace(view, runnable=tuple(runnable))
+
+
+def _cfg_ranks(rt: RunnableTask, ranks: Sequence[int]) -> tuple[int, ...]:
+    """`ranks` (2k of them) ordered as two halves: first the k that keep the most of the state in place
+    (the conditional half), then, of the others, the same for the unconditional half."""
+    k = len(ranks) // 2
+    first = choose_ranks_for_reuse(rt.layout, ranks, k, rt.dim_size)
+    rest = [r for r in ranks if r not in first]
+    return (*first, *choose_ranks_for_reuse(rt.layout, rest, k, rt.dim_size))
+
+
+def finish(
+    view: SchedulerView, assignments: Sequence[Assignment], mode: str, max_batch: int, chunk: int | None
+) -> list[Assignment]:
+    """What every built-in policy does with its assignments (made on `cfg_view(view, mode)`): marks
+    the DENOISE chunks whose chosen layout is CFG-parallel (Note [CFG-parallel in policies]), then
+    batches (Note [Batching in policies])."""
+    out = list(assignments)
+    if mode != "off":
+        by_id = {rt.request_id: rt for rt in view.runnable}
+        for i, a in enumerate(out):
+            rt = by_id.get(a.task.request_id)
+            if rt is None or a.task.kind is not TaskKind.DENOISE or not rt.cfg_step_s or a.batch is not None:
+                continue
+            if _cfg_choice(rt, mode).get(len(a.ranks), False):
+                out[i] = dataclasses.replace(a, ranks=_cfg_ranks(rt, a.ranks), cfg=True)
+    return batch_denoise(view, out, max_batch, chunk)
 
 
 def _assign_greedily(
@@ -480,7 +588,9 @@ def _validate_common(p: Policy, chunk: int | None, max_sp: int, tol: float) -> N
 @dataclass
 class StaticPolicy(Policy):
     """Baseline: every request gets a fixed group of `sp` ranks (the largest valid degree <= sp) when
-    it starts and keeps it, reserved, for its whole life; all its tasks run on that group. Groups are aligned blocks [k*sp, (k+1)*sp) when one is free. FCFS."""
+    it starts and keeps it, reserved, for its whole life; all its tasks run on that group. Groups are aligned blocks [k*sp, (k+1)*sp) when one is free. FCFS.
+    A fixed pipeline runs plain SP (cfg=off, the default); cfg=on makes it the static CFG-parallel
+    configuration (two halves of sp/2) for requests with true CFG, whose first chunk then reshards."""
 
     name: ClassVar[str] = "static"
     sp: int = 1  # SP degree of every request
@@ -489,15 +599,19 @@ class StaticPolicy(Policy):
     # should not pay a task's host overhead per chunk. chunk=None gives the scheduler's chunk_steps.
     chunk: int | None = 0
     max_batch: int = 1  # DENOISE chunks per batch (Note [Batching in policies]); 1: no batching
+    # CFG-parallel for requests with true CFG (Note [CFG-parallel in policies]): auto (the faster by the
+    # cost model), on, off; ignored for models without true CFG (Flux)
+    cfg: str = "off"
 
     def __post_init__(self) -> None:
         _check(self.name, self.sp >= 1, f"sp must be >= 1, got {self.sp}")
         _validate_common(self, self.chunk, 0, 0.0)
         _check_max_batch(self, self.max_batch)
+        _check_cfg(self, self.cfg)
 
     def schedule(self, view: SchedulerView) -> list[Assignment]:
-        out = _static_groups(view, lambda rt: self.sp, self.chunk)
-        return batch_denoise(view, out, self.max_batch, self.chunk)
+        out = _static_groups(cfg_view(view, self.cfg), lambda rt: self.sp, self.chunk)
+        return finish(view, out, self.cfg, self.max_batch, self.chunk)
 
 
 @dataclass
@@ -511,10 +625,14 @@ class GreedyOrderPolicy(Policy):
     chunk: int | None = None  # DENOISE steps per task; None: the scheduler's chunk_steps; 0: all remaining
     tol: float = 0.05  # relative step-time gain below which more ranks are not worth taking
     max_batch: int = 1  # DENOISE chunks per batch (Note [Batching in policies]); 1: no batching
+    # CFG-parallel for requests with true CFG (Note [CFG-parallel in policies]): auto (the faster by the
+    # cost model), on, off; ignored for models without true CFG (Flux)
+    cfg: str = "auto"
 
     def __post_init__(self) -> None:
         _validate_common(self, self.chunk, self.max_sp, self.tol)
         _check_max_batch(self, self.max_batch)
+        _check_cfg(self, self.cfg)
 
     @abc.abstractmethod
     def order(self, view: SchedulerView) -> list[RunnableTask]:
@@ -525,8 +643,9 @@ class GreedyOrderPolicy(Policy):
         return self.max_sp
 
     def schedule(self, view: SchedulerView) -> list[Assignment]:
-        out = _assign_greedily(view, self.order(view), self.cap(view), self.chunk, self.tol)
-        return batch_denoise(view, out, self.max_batch, self.chunk)
+        cview = cfg_view(view, self.cfg)
+        out = _assign_greedily(cview, self.order(cview), self.cap(cview), self.chunk, self.tol)
+        return finish(view, out, self.cfg, self.max_batch, self.chunk)
 
 
 @register_policy
@@ -579,15 +698,20 @@ class EdfBestFitPolicy(Policy):
     hopeless_last: bool = True  # serve requests that cannot meet their deadline after all others
     hopeless_fastest: bool = True  # such requests ask for the fastest free degree (else one rank)
     max_batch: int = 1  # DENOISE chunks per batch (Note [Batching in policies]); 1: no batching
+    # CFG-parallel for requests with true CFG (Note [CFG-parallel in policies]): auto (the faster by the
+    # cost model), on, off; ignored for models without true CFG (Flux)
+    cfg: str = "auto"
 
     def __post_init__(self) -> None:
         _validate_common(self, self.chunk, self.max_sp, self.tol)
         _check_max_batch(self, self.max_batch)
+        _check_cfg(self, self.cfg)
         _check(
             self.name, self.margin > 0 and math.isfinite(self.margin), f"margin must be > 0: {self.margin}"
         )
 
     def schedule(self, view: SchedulerView) -> list[Assignment]:
+        original, view = view, cfg_view(view, self.cfg)
         cap = self.max_sp or view.world_size
         now = view.now_s
 
@@ -603,7 +727,7 @@ class EdfBestFitPolicy(Policy):
 
         order = sorted(view.runnable, key=urgency)
         out = _best_fit(view, order, cap, self.margin, self.tol, self.chunk, self.hopeless_fastest)
-        return batch_denoise(view, out, self.max_batch, self.chunk)
+        return finish(original, out, self.cfg, self.max_batch, self.chunk)
 
 
 # The paper's baselines and policies (GF-DiT, arXiv 2606.13501: its public code defines them).
@@ -614,7 +738,7 @@ class EdfBestFitPolicy(Policy):
 class RsspPolicy(Policy):
     """Request-size-aware static parallelism (the paper's RSSP baseline): a fixed SP degree per
     workload class (`Request.slo_class`: S, M, L; any other class gets `other`). Like `static`, a
-    request keeps its group, reserved, for its whole life; FCFS."""
+    request keeps its group, reserved, for its whole life; FCFS; plain SP unless cfg=on."""
 
     name: ClassVar[str] = "rssp"
     S: int = 4  # SP degree of class S
@@ -623,19 +747,23 @@ class RsspPolicy(Policy):
     other: int = 1  # SP degree of requests of any other class
     chunk: int | None = 0  # as static's chunk (0: one DENOISE task; None: the scheduler's chunk_steps)
     max_batch: int = 1  # DENOISE chunks per batch (Note [Batching in policies]); 1: no batching
+    # CFG-parallel for requests with true CFG (Note [CFG-parallel in policies]): auto (the faster by the
+    # cost model), on, off; ignored for models without true CFG (Flux)
+    cfg: str = "off"
 
     def __post_init__(self) -> None:
         for key in ("S", "M", "L", "other"):
             _check(self.name, getattr(self, key) >= 1, f"{key} must be >= 1, got {getattr(self, key)}")
         _validate_common(self, self.chunk, 0, 0.0)
         _check_max_batch(self, self.max_batch)
+        _check_cfg(self, self.cfg)
 
     def degree(self, request: Request) -> int:
         return {"S": self.S, "M": self.M, "L": self.L}.get(request.slo_class, self.other)
 
     def schedule(self, view: SchedulerView) -> list[Assignment]:
-        out = _static_groups(view, lambda rt: self.degree(rt.request), self.chunk)
-        return batch_denoise(view, out, self.max_batch, self.chunk)
+        out = _static_groups(cfg_view(view, self.cfg), lambda rt: self.degree(rt.request), self.chunk)
+        return finish(view, out, self.cfg, self.max_batch, self.chunk)
 
 
 @register_policy
@@ -655,10 +783,14 @@ class TetriServePolicy(Policy):
     tol: float = 0.05  # relative step-time gain below which a larger degree is not the "fastest"
     margin: float = 1.0  # multiplier on remaining-time estimates when testing a deadline
     max_batch: int = 1  # DENOISE chunks per batch (Note [Batching in policies]); 1: no batching
+    # CFG-parallel for requests with true CFG (Note [CFG-parallel in policies]): auto (the faster by the
+    # cost model), on, off; ignored for models without true CFG (Flux)
+    cfg: str = "auto"
 
     def __post_init__(self) -> None:
         _validate_common(self, self.chunk, self.max_sp, self.tol)
         _check_max_batch(self, self.max_batch)
+        _check_cfg(self, self.cfg)
         _check(
             self.name, self.margin > 0 and math.isfinite(self.margin), f"margin must be > 0: {self.margin}"
         )
@@ -670,6 +802,7 @@ class TetriServePolicy(Policy):
         return _fastest_degree(rt, cap, self.tol)
 
     def schedule(self, view: SchedulerView) -> list[Assignment]:
+        original, view = view, cfg_view(view, self.cfg)
         cap = self.max_sp or view.world_size
         free = list(view.free_ranks)
         holders = state_holders(view)
@@ -692,7 +825,7 @@ class TetriServePolicy(Policy):
             ranks = place(rt, free, d, _others(holders, rt.request_id))
             free = [r for r in free if r not in ranks]
             out.append(Assignment(rt.task, ranks, _steps(rt, self.chunk)))
-        return batch_denoise(view, out, self.max_batch, self.chunk)
+        return finish(original, out, self.cfg, self.max_batch, self.chunk)
 
 
 @register_policy
@@ -714,15 +847,21 @@ class StepPreemptPolicy(Policy):
     margin: float = 1.0  # multiplier on remaining-time estimates when testing a deadline
     demote: bool = True  # a preemptible request runs on fewer ranks (True) or waits (False)
     max_batch: int = 1  # DENOISE chunks per batch (Note [Batching in policies]); 1: no batching
+    # CFG-parallel for requests with true CFG (Note [CFG-parallel in policies]): auto (the faster by the
+    # cost model), on, off; ignored for models without true CFG (Flux)
+    cfg: str = "auto"
 
     def __post_init__(self) -> None:
         _validate_common(self, self.chunk, self.max_sp, self.tol)
         _check_max_batch(self, self.max_batch)
+        _check_cfg(self, self.cfg)
         _check(
             self.name, self.margin > 0 and math.isfinite(self.margin), f"margin must be > 0: {self.margin}"
         )
 
     def schedule(self, view: SchedulerView) -> list[Assignment]:
+        original, view = view, cfg_view(view, self.cfg)
+
         def key(rt: RunnableTask) -> tuple:
             protected = rt.started and not rt.request.preemptible
             return (not protected, -rt.request.priority, *_edf_key(rt))
@@ -733,7 +872,7 @@ class StepPreemptPolicy(Policy):
             strict = {rt.request_id: len(rt.last_ranks) for rt in order if rt.request.preemptible}
         cap = self.max_sp or view.world_size
         out = _best_fit(view, order, cap, self.margin, self.tol, self.chunk, True, strict)
-        return batch_denoise(view, out, self.max_batch, self.chunk)
+        return finish(original, out, self.cfg, self.max_batch, self.chunk)
 
 
 @register_policy
@@ -800,18 +939,23 @@ class DisaggregatedPolicy(Policy):
     chunk: int | None = None  # DENOISE steps per task; None: the scheduler's chunk_steps; 0: all remaining
     tol: float = 0.05  # relative step-time gain below which more ranks are not worth taking
     max_batch: int = 1  # DENOISE chunks per batch (Note [Batching in policies]); 1: no batching
+    # CFG-parallel for requests with true CFG (Note [CFG-parallel in policies]): auto (the faster by the
+    # cost model), on, off; ignored for models without true CFG (Flux)
+    cfg: str = "auto"
 
     def __post_init__(self) -> None:
         _validate_common(self, self.chunk, self.max_sp, self.tol)
         _check_max_batch(self, self.max_batch)
+        _check_cfg(self, self.cfg)
         _check(self.name, self.stage_ranks >= 1, f"stage_ranks must be >= 1, got {self.stage_ranks}")
 
     def schedule(self, view: SchedulerView) -> list[Assignment]:
+        original, view = view, cfg_view(view, self.cfg)
         if view.world_size <= self.stage_ranks:
             out = _assign_greedily(
                 view, sorted(view.runnable, key=_edf_key), self.max_sp, self.chunk, self.tol
             )
-            return batch_denoise(view, out, self.max_batch, self.chunk)
+            return finish(original, out, self.cfg, self.max_batch, self.chunk)
         first_stage = view.world_size - self.stage_ranks
         stage_free = [r for r in view.free_ranks if r >= first_stage]
         denoise_free = [r for r in view.free_ranks if r < first_stage]
@@ -831,4 +975,4 @@ class DisaggregatedPolicy(Policy):
                 ranks = place(rt, stage_free, 1, _others(holders, rt.request_id))
                 stage_free = [r for r in stage_free if r not in ranks]
             out.append(Assignment(rt.task, ranks, _steps(rt, self.chunk)))
-        return batch_denoise(view, out, self.max_batch, self.chunk)
+        return finish(original, out, self.cfg, self.max_batch, self.chunk)

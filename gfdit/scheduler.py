@@ -11,7 +11,8 @@ The scheduler tracks one Layout per request (its latent; conditioning such as te
 small, replicated by the worker over the group and not tracked), split along `state_dim`:
   - ENCODE on group G leaves the state SHARDED over G (even split; the initial noise is drawn there);
   - DENOISE and DECODE on G need it SHARDED over G first (a reshard from wherever it is);
-    DENOISE leaves it SHARDED over G; DECODE gathers it on G[0], which decodes and returns the
+    DENOISE leaves it SHARDED over G; a CFG-parallel DENOISE chunk (Assignment.cfg, Note [CFG-parallel
+    in policies]) on G = A + B (halves of k) needs and leaves it SHARDED over A mirrored on B; DECODE gathers it on G[0], which decodes and returns the
     result, and ends the request (its state is released).
 A request not given ranks at a rescheduling point waits; its state stays on its last group.
 
@@ -45,7 +46,7 @@ from gfdit.cost import (
     valid_sp_degrees,
 )
 from gfdit.layout import Layout, plan_reshard
-from gfdit.models.presets import check_request, get_preset
+from gfdit.models.presets import check_request, get_preset, runs_true_cfg
 from gfdit.policy import Assignment, Policy, RunnableTask, RunningTask, SchedulerView
 from gfdit.request import Request, RequestState
 from gfdit.tasks import Task, TaskKind, TaskTimings, Trajectory
@@ -74,6 +75,7 @@ class TaskRecord:
     elements_moved: int = 0  # state indices its reshard sent between ranks
     outcome: str = "running"  # "running", "done" or "failed: <reason>"
     batch_size: int = 1  # DENOISE: members of its batched chunk (Note [Batched chunks in the scheduler])
+    cfg: bool = False  # DENOISE: ran CFG-parallel (Note [CFG-parallel in policies] in gfdit.policy)
 
 
 @dataclass
@@ -121,6 +123,13 @@ class RequestRecord:
 
 
 ValidDegrees = Callable[[Request, int], Iterable[int]]
+
+
+def _cfg_layout(ranks: Sequence[int], dim: int) -> Layout:
+    """The state of a CFG-parallel chunk on `ranks`: SHARDED over the first half, mirrored on the
+    second (Note [CFG-parallel] in gfdit/models/base.py)."""
+    k = len(ranks) // 2
+    return Layout.sharded(ranks[:k], dim, mirrors=ranks[k:])
 
 
 class Scheduler:
@@ -262,10 +271,16 @@ class Scheduler:
         layout and progress, and feeds the cost model."""
         rec = self._running_record(task, ranks)
         batch = rec.running_batch
+        cfg = rec.history[-1].cfg
         self._release(rec, timings.end_s, "done")
         if self.learn:
             r = rec.request
-            if len(batch) < 2:
+            if cfg:
+                self.cost_model.observe_cfg(
+                    r.model, r.width, r.height, r.num_frames, len(rec.last_ranks) // 2,
+                    timings.compute_s, max(1, task.num_steps),
+                )  # fmt: skip
+            elif len(batch) < 2:
                 self.cost_model.observe(
                     task.kind, r.model, r.width, r.height, r.num_frames, len(rec.last_ranks),
                     timings.compute_s, max(1, task.num_steps),
@@ -277,7 +292,9 @@ class Scheduler:
                 )  # fmt: skip
         rec.trajectory.advance(task)
         group = rec.last_ranks
-        if task.kind in (TaskKind.ENCODE, TaskKind.DENOISE):
+        if cfg:
+            rec.layout = _cfg_layout(group, self.state_dim)
+        elif task.kind in (TaskKind.ENCODE, TaskKind.DENOISE):
             rec.layout = Layout.sharded(group, self.state_dim)
         if rec.cancel_requested:
             self._finish(rec, RequestState.CANCELLED, timings.end_s)
@@ -418,6 +435,11 @@ class Scheduler:
             step_s[d] = cost.step_time(r.model, r.width, r.height, r.num_frames, d)
             task_s[d] = cost.task_time(head, r, d)
             remaining_s[d] = cost.remaining_time(r, head, d, remaining)
+        cfg_step_s = {}
+        if runs_true_cfg(get_preset(r.model), r):
+            for k in rec.valid_degrees:
+                if 2 * k <= self.world_size:
+                    cfg_step_s[2 * k] = cost.cfg_step_time(r.model, r.width, r.height, r.num_frames, k)
         return RunnableTask(
             task=head,
             request=r,
@@ -431,6 +453,7 @@ class Scheduler:
             task_s=MappingProxyType(task_s),
             step_s=MappingProxyType(step_s),
             remaining_s=MappingProxyType(remaining_s),
+            cfg_step_s=MappingProxyType(cfg_step_s),
         )
 
     def _validate(self, view: SchedulerView, proposed: object) -> None:
@@ -495,7 +518,18 @@ class Scheduler:
                 if taken & set(ranks):
                     fail(f"{a.task}: ranks {sorted(taken & set(ranks))} already assigned in this decision")
                 taken |= set(ranks)
-            if len(ranks) not in rt.valid_degrees:
+            if a.cfg is not False:
+                if a.cfg is not True:
+                    fail(f"{a.task}: cfg must be a bool, got {a.cfg!r}")
+                if a.task.kind is not TaskKind.DENOISE:
+                    fail(f"{a.task}: only DENOISE chunks run CFG-parallel")
+                if not rt.cfg_step_s:
+                    fail(f"{a.task}: request {rt.request_id!r} runs no true CFG, so it cannot run CFG-parallel")
+                if len(ranks) not in rt.cfg_step_s:
+                    fail(f"{a.task}: CFG-parallel on {len(ranks)} ranks; sizes allowed: {sorted(rt.cfg_step_s)}")
+                if a.batch is not None:
+                    fail(f"{a.task}: CFG-parallel chunks are not batched")
+            elif len(ranks) not in rt.valid_degrees:
                 fail(f"{a.task}: group size {len(ranks)} is not a valid degree {rt.valid_degrees}")
             n = a.num_steps
             if a.task.kind is TaskKind.DENOISE:
@@ -511,7 +545,9 @@ class Scheduler:
             task = Task(task.request_id, TaskKind.DENOISE, task.start, task.start + a.num_steps)
         ranks, r = a.ranks, rec.request
         needed = None
-        if task.kind in (TaskKind.DENOISE, TaskKind.DECODE):
+        if a.cfg:
+            needed = _cfg_layout(ranks, self.state_dim)
+        elif task.kind in (TaskKind.DENOISE, TaskKind.DECODE):
             needed = Layout.sharded(ranks, self.state_dim)
         plan = None
         num_bytes = 0
@@ -524,7 +560,8 @@ class Scheduler:
                 rec.bytes_moved += num_bytes
         if rec.last_ranks and ranks != rec.last_ranks:
             rec.num_group_changes += 1
-        estimate = self.cost_model.reshard_time(num_bytes) + self.cost_model.task_time(task, r, len(ranks))
+        compute = self.cost_model.task_time(task, r, len(ranks), cfg=a.cfg)
+        estimate = self.cost_model.reshard_time(num_bytes) + compute
         rec.state = RequestState.RUNNING
         rec.running, rec.running_ranks = task, ranks
         rec.expected_end_s = now + estimate
@@ -534,12 +571,14 @@ class Scheduler:
         if rec.first_start_s is None:
             rec.first_start_s = now
         rec.running_batch = ()
-        rec.history.append(TaskRecord(task, ranks, now, elements_moved=plan.elements_moved if plan else 0))
+        rec.history.append(
+            TaskRecord(task, ranks, now, elements_moved=plan.elements_moved if plan else 0, cfg=a.cfg)
+        )
         for rank in ranks:
             self._busy.setdefault(rank, set()).add(task.request_id)
         logger.debug("t=%.6f dispatch %s on %s (moves %d bytes)", now, task, list(ranks), num_bytes)
         num_steps = task.num_steps if task.kind is TaskKind.DENOISE else None
-        return Assignment(task, ranks, num_steps, plan, a.batch)
+        return Assignment(task, ranks, num_steps, plan, a.batch, a.cfg)
 
     def _commit_batches(self, committed: Sequence[Assignment], now: float) -> None:
         """Note [Batched chunks in the scheduler]: each member's batch, history size and estimated end."""

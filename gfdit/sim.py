@@ -178,7 +178,7 @@ def simulate(
                         req.model, req.width, req.height, req.num_frames, len(a.ranks), steps
                     )
                 else:
-                    compute_s = truth.task_time(a.task, req, len(a.ranks))
+                    compute_s = truth.task_time(a.task, req, len(a.ranks), cfg=a.cfg)
             if noise > 0:
                 compute_s *= math.exp(rng.gauss(0.0, noise))
             for m in members:

@@ -136,7 +136,7 @@ class ExecutionState:
                 latent = state_dim_size(r) * get_profile(r.model).state_bytes_per_token
                 compute_s += m.move_time(truth, latent * (len(ranks) - 1) / len(ranks))
         else:
-            compute_s = truth.task_time(a.task, request, len(ranks))
+            compute_s = truth.task_time(a.task, request, len(ranks), cfg=a.cfg)
         return self._dispatch(ranks, senders, reshard_s, compute_s, now)
 
     def batch_timing(

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from gfdit.models.presets import ModelPreset, check_request
+from gfdit.models.presets import ModelPreset, check_request, runs_true_cfg
 from gfdit.models.tokenizer import HashTokenizer, HFTokenizer, load_tokenizer
 
 __all__ = ["DiTModel", "kInitSeed", "COMPONENTS", "load_diffusers", "log_loaded", "to_uint8", "torch_dtype"]
@@ -464,7 +464,7 @@ class DiTModel(abc.ABC):
     # (a captured step would bake the pair in); compiled steps are (the pair is a traceable group).
     def uses_cfg(self, request) -> bool:
         """Whether the request runs true classifier-free guidance (two predictions per step)."""
-        return bool(self.preset.uses_cfg) and request.guidance_scale > 1.0
+        return runs_true_cfg(self.preset, request)
 
     def _check_cfg_group(self, cfg_group, request):
         if not self.uses_cfg(request):

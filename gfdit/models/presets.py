@@ -28,6 +28,7 @@ __all__ = [
     "PRESETS",
     "get_preset",
     "check_request",
+    "runs_true_cfg",
 ]
 
 # The oldest diffusers release with everything gfdit.models uses: FluxTransformer2DModel,
@@ -164,6 +165,13 @@ class ModelPreset:
         tokens are replicated on every member, so their count does not constrain d."""
         s = self.seq_len(width, height, num_frames)
         return tuple(d for d in range(1, max_degree + 1) if s % d == 0 and self.num_heads % d == 0)
+
+
+def runs_true_cfg(preset: ModelPreset, request: Any) -> bool:
+    """Whether `request` runs true classifier-free guidance on `preset`: two predictions per step
+    (conditional and unconditional), so it may run CFG-parallel (Note [CFG-parallel] in
+    gfdit/models/base.py). Flux's distilled guidance is not: one prediction."""
+    return bool(preset.uses_cfg) and request.guidance_scale > 1.0
 
 
 def check_request(

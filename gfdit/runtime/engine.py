@@ -492,6 +492,7 @@ class Engine:
             token_dim=self.model.token_dim,
             latent_dtype="float32",  # the latent state is fp32 whatever the model's dtype
             keep_latents=self.keep_latents,
+            cfg=a.cfg,
             **fields,
         )
         expected_s = max(0.0, (rec.expected_end_s or now) - now)
@@ -579,6 +580,7 @@ class Engine:
                 ],
                 latents=next((e.latents.to_numpy() for e in inf.events if e.latents is not None), None),
                 num_reruns=rec.num_reruns,
+                chunk_cfg=[t.cfg for t in rec.history if t.outcome == "done" and t.task.kind is TaskKind.DENOISE],
             )
             self._release(rid)
             handle.finish(result, None, Status.COMPLETED)

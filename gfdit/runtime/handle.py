@@ -50,6 +50,7 @@ class Result:
     latents: np.ndarray | None = None  # the final latent [1, S, C] (float32), with keep_latents
     num_reruns: int = 0  # times it restarted from its first task after a rank was lost
     chunk_batch_sizes: list[int] = field(default_factory=list)  # members of each DENOISE chunk's batch
+    chunk_cfg: list[bool] = field(default_factory=list)  # whether each DENOISE chunk ran CFG-parallel
 
 
 @dataclass

@@ -28,6 +28,7 @@ from typing import Annotated, Literal
 import msgspec
 import numpy as np
 
+from gfdit.layout import even_slices
 from gfdit.request import Request
 from gfdit.tasks import TaskKind
 
@@ -131,6 +132,21 @@ class Task(_Message, tag="task"):
     local: tuple[Transfer, ...] = ()  # latent slices that stay on their rank but move in its buffer
     cond_sends: tuple[tuple[Rank, Rank], ...] = ()  # (holder, member) copies of the text conditioning
     cond_meta: tuple[TensorMeta, ...] = ()  # the conditioning tensors, in name order (with cond_sends)
+    # DENOISE CFG-parallel (Note [CFG-parallel] in gfdit/models/base.py): ranks[:k] conditional,
+    # ranks[k:] unconditional (k = len(ranks) / 2), both halves holding the even split over k
+    cfg: bool = False
+
+    def __post_init__(self) -> None:
+        if self.cfg and (self.kind is not TaskKind.DENOISE or len(self.ranks) % 2):
+            raise ValueError(
+                f"Task: CFG-parallel needs a DENOISE chunk on an even group, got {self.kind.value} on {self.ranks}"
+            )
+
+    def latent_slice(self, rank: int) -> tuple[int, int]:
+        """The tokens (lo, hi) that member `rank` holds during and after this task: the even split
+        over the group, or over each half when CFG-parallel."""
+        parts = len(self.ranks) // 2 if self.cfg else len(self.ranks)
+        return even_slices(self.dim_size, parts)[self.ranks.index(rank) % parts]
 
 
 class Batch(_Message, tag="batch"):

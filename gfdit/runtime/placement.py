@@ -41,7 +41,9 @@ class Placement:
         copies]) and the ranks touched."""
         fields: dict = {}
         involved = set(ranks)
-        moves = plan is not None and not plan.is_noop
+        # A plan that sends nothing still goes out when the layout changes (e.g. a mirrored layout to
+        # plain SP on the same ranks: each keeps a part of what it holds, Note [Reshard execution]).
+        moves = plan is not None and (not plan.is_noop or plan.src != plan.dst)
         if moves:
             fields["transfers"] = tuple((t.src_rank, t.dst_rank, t.start, t.stop) for t in plan.transfers)
             fields["local"] = tuple((t.src_rank, t.dst_rank, t.start, t.stop) for t in plan.local)

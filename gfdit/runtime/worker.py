@@ -14,6 +14,7 @@ Note [Reshard execution]
 ~~~~~~~~~~~~~~~~~~~~~~~~
 A task's command carries the scheduler's ReshardPlan of the latent (token ranges along dim 1 of
 [1, S, C]) and the text-conditioning copies to make (holder -> member, tensors in name order).
+A CFG-parallel chunk's plan fills both halves (the second mirrors the first: Task.latent_slice).
 Every rank named anywhere in it executes
 its own sends and receives in ONE world.batch_p2p, in the plan's order, so the transfers of a pair
 of ranks match (gfcoll rule 4) and progress together. Slices of [1, S, C] along dim 1 are
@@ -183,7 +184,7 @@ class Worker:
             return []
 
         cond_meta = result = latents = None
-        group = self.world.group(list(ranks)) if len(ranks) > 1 else None
+        group, pair = self._groups(cmd)
         if kind is TaskKind.ENCODE:
             held.cond = self.model.encode(req)
             full = self.model.init_latents(req)
@@ -204,7 +205,7 @@ class Worker:
 
             held.latents = self.model.denoise(
                 held.latents, (held.lo, held.hi), held.cond, cmd.start, cmd.end, req, group=group,
-                on_step=on_step if report else None,
+                on_step=on_step if report else None, cfg_group=pair,
             )  # fmt: skip
             for step, event in steps:  # CUDA: each step reported once its own work is done
                 if event is not None:
@@ -244,6 +245,19 @@ class Worker:
             )
         ]
 
+    def _groups(self, cmd: msg.Task):
+        """(SP group, CFG pair) of this member: the whole group and no pair; or, CFG-parallel, its
+        half and the pair (conditional member first) of the ranks at its position in the two halves
+        (Note [CFG-parallel] in gfdit/models/base.py). A group of one is None."""
+        ranks = list(cmd.ranks)
+        if not cmd.cfg:
+            return (self.world.group(ranks) if len(ranks) > 1 else None), None
+        k = len(ranks) // 2
+        i = ranks.index(self.rank)
+        half = ranks[:k] if i < k else ranks[k:]
+        pair = [ranks[i % k], ranks[k + i % k]]
+        return (self.world.group(half) if k > 1 else None), self.world.group(pair)
+
     def _gather_latent(self, cmd: msg.Task, held: Held, ranks: tuple[int, ...]) -> torch.Tensor | None:
         """DECODE: the whole latent on ranks[0] (returned there; None elsewhere), each member's
         slice sent point to point to it in one batch."""
@@ -276,7 +290,7 @@ class Worker:
         if kind in (TaskKind.DENOISE, TaskKind.DECODE) and (transfers or cmd.local):
             # The latent moves onto an even split over `ranks`.
             if member:
-                lo, hi = even_slices(cmd.dim_size, len(ranks))[ranks.index(me)]
+                lo, hi = cmd.latent_slice(me)
                 if (
                     held.latents is not None
                     and (held.lo, held.hi) == (lo, hi)
@@ -311,10 +325,7 @@ class Worker:
             self.world.batch_p2p(ops)
         if kind in (TaskKind.DENOISE, TaskKind.DECODE) and (transfers or cmd.local):
             if member:
-                held.latents, held.lo, held.hi = (
-                    new,
-                    *even_slices(cmd.dim_size, len(ranks))[ranks.index(me)],
-                )
+                held.latents, held.lo, held.hi = (new, *cmd.latent_slice(me))
             else:
                 held.latents = None
         return received

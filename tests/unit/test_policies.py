@@ -94,9 +94,9 @@ def test_make_policy_parses_params_and_round_trips():
         ("edf-best-fit:chunk=", "expected key=value"),
         (
             "edf-best-fit:sp=2",
-            "has no parameter 'sp'; parameters: chunk, hopeless_fastest, hopeless_last, margin, max_batch, max_sp, tol",
+            "has no parameter 'sp'; parameters: cfg, chunk, hopeless_fastest, hopeless_last, margin, max_batch, max_sp, tol",
         ),
-        ("static:max_sp=2", "has no parameter 'max_sp'; parameters: chunk, max_batch, sp"),
+        ("static:max_sp=2", "has no parameter 'max_sp'; parameters: cfg, chunk, max_batch, sp"),
         ("srtf:chunk=x", "parameter 'chunk' expects int, got 'x'"),
         ("srtf:chunk=2.5", "parameter 'chunk' expects int, got '2.5'"),
         ("srtf:tol=abc", "parameter 'tol' expects float"),
