@@ -428,7 +428,9 @@ class CostModel(abc.ABC):
 
     # CFG-parallel steps (Note [CFG-parallel step cost]).
 
-    def cfg_step_time(self, model: str, width: int, height: int, frames: int | None, half_degree: int) -> float:
+    def cfg_step_time(
+        self, model: str, width: int, height: int, frames: int | None, half_degree: int
+    ) -> float:
         """Seconds of one CFG-parallel denoising step on 2 x `half_degree` ranks. This default knows
         nothing of CFG-parallel: a plain step on one half."""
         return self.step_time(model, width, height, frames, half_degree)
@@ -443,7 +445,12 @@ class CostModel(abc.ABC):
         seconds: float,
         num_steps: int = 1,
     ) -> None:
-        """Learn from a measured CFG-parallel chunk of `num_steps` steps. This default ignores it."""
+        """Learn from a measured CFG-parallel chunk of `num_steps` steps. This default checks it and
+        ignores it."""
+        if not math.isfinite(seconds) or seconds < 0 or num_steps < 1:
+            raise ValueError(
+                f"a CFG-parallel observation needs seconds >= 0 and num_steps >= 1, got {seconds}, {num_steps}"
+            )
 
     def batch_chunk_time(
         self, model: str, width: int, height: int, frames: int | None, sp_degree: int, steps: Sequence[int]
@@ -817,7 +824,6 @@ class AnalyticCostModel(CostModel):
         old = self._batch_observed.get(key)
         self._batch_observed[key] = per_step if old is None else (1 - self.ema) * old + self.ema * per_step
 
-
     # -- CFG-parallel steps (Note [CFG-parallel step cost]) -------------------------------------------
 
     def cfg_branch_factor(self, model: str, width: int, height: int, frames: int | None, k: int) -> float:
@@ -833,7 +839,9 @@ class AnalyticCostModel(CostModel):
         tokens = p.seq_len(width, height, frames) / k
         return self.a2a_latency_s + tokens * p.state_bytes_per_token / self.a2a_bandwidth
 
-    def cfg_step_time(self, model: str, width: int, height: int, frames: int | None, half_degree: int) -> float:
+    def cfg_step_time(
+        self, model: str, width: int, height: int, frames: int | None, half_degree: int
+    ) -> float:
         self._check_degree(half_degree)
         seen = self._cfg_observed.get((model, width, height, frames, half_degree))
         if seen is not None:
@@ -862,6 +870,7 @@ class AnalyticCostModel(CostModel):
         per_step = seconds / num_steps
         old = self._cfg_observed.get(key)
         self._cfg_observed[key] = per_step if old is None else (1 - self.ema) * old + self.ema * per_step
+
 
 # -- cost profiles (written by `gfdit profile`) ------------------------------------------------------------
 

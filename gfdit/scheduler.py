@@ -524,9 +524,13 @@ class Scheduler:
                 if a.task.kind is not TaskKind.DENOISE:
                     fail(f"{a.task}: only DENOISE chunks run CFG-parallel")
                 if not rt.cfg_step_s:
-                    fail(f"{a.task}: request {rt.request_id!r} runs no true CFG, so it cannot run CFG-parallel")
+                    fail(
+                        f"{a.task}: request {rt.request_id!r} runs no true CFG, so it cannot run CFG-parallel"
+                    )
                 if len(ranks) not in rt.cfg_step_s:
-                    fail(f"{a.task}: CFG-parallel on {len(ranks)} ranks; sizes allowed: {sorted(rt.cfg_step_s)}")
+                    fail(
+                        f"{a.task}: CFG-parallel on {len(ranks)} ranks; sizes allowed: {sorted(rt.cfg_step_s)}"
+                    )
                 if a.batch is not None:
                     fail(f"{a.task}: CFG-parallel chunks are not batched")
             elif len(ranks) not in rt.valid_degrees:

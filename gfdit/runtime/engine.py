@@ -580,7 +580,9 @@ class Engine:
                 ],
                 latents=next((e.latents.to_numpy() for e in inf.events if e.latents is not None), None),
                 num_reruns=rec.num_reruns,
-                chunk_cfg=[t.cfg for t in rec.history if t.outcome == "done" and t.task.kind is TaskKind.DENOISE],
+                chunk_cfg=[
+                    t.cfg for t in rec.history if t.outcome == "done" and t.task.kind is TaskKind.DENOISE
+                ],
             )
             self._release(rid)
             handle.finish(result, None, Status.COMPLETED)
