@@ -90,7 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     r = bsub.add_parser("run", help="replay a trace against a running server")
     r.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
     r.add_argument("--trace", required=True, help="trace file from `gfdit bench gen`")
-    r.add_argument("--out", required=True, help="directory for results.jsonl and run.json")
+    r.add_argument(
+        "--out",
+        required=True,
+        help="directory for results.jsonl and run.json (with the server's chunk batch-size histogram "
+        "over the run, from GET /metrics before and after)",
+    )
     r.add_argument("--label", default=None, help="name of the run in reports (default: the server's policy)")
     r.add_argument("--time-scale", type=float, default=1.0, help="multiply arrival times (default 1)")
     r.add_argument(
@@ -110,7 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
             "default: $GFDIT_API_KEY",
         )
 
-    rep = bsub.add_parser("report", help="summarize runs side by side (JSON, markdown, PNG)")
+    rep = bsub.add_parser(
+        "report",
+        help="summarize runs side by side (JSON, markdown, PNG)",
+        description="Summarize `gfdit bench run` outputs side by side: per run and per request class, "
+        "throughput, mean/P50/P99 latency and SLO attainment; per run, the batch size of the DENOISE "
+        "chunks (request-chunks, mean, max, share batched, histogram by size: 1 is a chunk run alone). "
+        "Batch sizes come from the server's gfdit_chunk_batch_size histogram, scraped from /metrics by "
+        "`bench run` before and after the run (the responses carry none): every request that ended on "
+        "the server meanwhile counts, and a run whose scrape failed shows none, with the reason. "
+        "Writes report.json, report.md and PNG plots under --out and prints report.md.",
+    )
     rep.add_argument("runs", nargs="+", help="directories written by `gfdit bench run`")
     rep.add_argument("--out", required=True, help="directory for report.json, report.md and plots")
     rep.add_argument("--label", action="append", default=None, help="a label per run, in order")

@@ -7,7 +7,9 @@ meets its SLO when it completed within the trace's `slo_s`; one that failed, was
 out misses it. The server also gets the deadline (`slo_ms`), so deadline-aware policies can use it.
 
 Output directory: results.jsonl (one line per request) and run.json (the server's model, policy and
-ranks from /health, the trace, timings, and how late the client sent, which should stay near 0).
+ranks from /health, the trace, timings, how late the client sent, which should stay near 0, and
+`chunk_batch_size`: the server's chunk batch-size histogram over the run, from GET /metrics scraped
+before the first request and after the last result; gfdit.bench.batches says what it counts).
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from dataclasses import asdict, dataclass
 
 import httpx
 
+from . import batches
 from .workload import RequestClass, TraceRecord
 
-__all__ = ["RequestOutcome", "ReplayProgress", "replay", "run_trace", "calibrate"]
+__all__ = ["RequestOutcome", "ReplayProgress", "replay", "run_trace", "calibrate", "scrape_batch_sizes"]
 
 kPollS = 0.1  # video: seconds between status polls
 kTerminalVideo = ("completed", "failed")
@@ -238,12 +241,20 @@ def run_trace(
     from .workload import read_trace
 
     meta, records = read_trace(trace_path)
+    before, before_error = scrape_batch_sizes(url, api_key)
     t0 = time.time()
     progress = ReplayProgress(len(records)) if show_progress else None
     server, outcomes = asyncio.run(
         replay(url, records, time_scale=time_scale, timeout_s=timeout_s, progress=progress, api_key=api_key)
     )
     wall = time.time() - t0
+    after, after_error = scrape_batch_sizes(url, api_key)
+    batch_sizes, batch_error = None, before_error or after_error
+    if batch_error is None:
+        try:
+            batch_sizes = batches.delta(before, after)
+        except ValueError as e:
+            batch_error = str(e)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.jsonl"), "w") as f:
         for o in outcomes:
@@ -265,10 +276,33 @@ def run_trace(
         "max_send_lag_s": max(lag, default=0.0),
         "command": command or " ".join(sys.argv),
         "client_host": platform.node(),
+        "chunk_batch_size": batch_sizes,  # gfdit.bench.batches delta over the run, or None
+        "chunk_batch_size_error": batch_error,  # why it is None
     }
     with open(os.path.join(out_dir, "run.json"), "w") as f:
         json.dump(run, f, indent=2)
     return run
+
+
+def scrape_batch_sizes(
+    url: str, api_key: str | None = None, timeout_s: float = 30.0
+) -> tuple[dict | None, str | None]:
+    """(snapshot of the server's gfdit_chunk_batch_size histogram, None), or (None, why not): /metrics
+    refused or unreachable, or a server that does not export it. Never raises for those: a run
+    without batch sizes is still a run."""
+    try:
+        r = httpx.get(url.rstrip("/") + "/metrics", headers=auth_headers(api_key), timeout=timeout_s)
+    except httpx.HTTPError as e:
+        return None, f"GET /metrics failed: {type(e).__name__}: {e}"
+    if r.status_code != 200:
+        return None, f"GET /metrics answered {r.status_code}"
+    try:
+        snapshot = batches.parse_histogram(r.text)
+    except ValueError as e:
+        return None, f"GET /metrics: {e}"
+    if snapshot is None:
+        return None, f"the server exports no {batches.kMetricName} histogram"
+    return snapshot, None
 
 
 async def _calibrate(

@@ -3,9 +3,12 @@
 Per run, overall and per request class: requests, completed, failed, rejected, throughput
 (completed requests per second of the run's makespan: first send to last result), mean / P50 / P99
 latency of the completed requests, and SLO attainment (requests that completed within their SLO,
-over all requests: a failure or a refusal misses it). Writes report.json, report.md (a table per
-metric group, runs as columns) and PNG plots (latency CDF, SLO attainment and P99 latency per
-class, throughput).
+over all requests: a failure or a refusal misses it). Per run also the batch sizes of its DENOISE
+chunks (`chunk_batch_size`: request-chunks, mean, max, share batched, histogram by size), from the
+server's gfdit_chunk_batch_size histogram as `gfdit bench run` scraped it before and after the run
+(gfdit.bench.batches: the responses carry no per-request batch sizes, so it is per run, not per
+class). Writes report.json, report.md (a table per metric group, runs as columns) and PNG plots
+(latency CDF, SLO attainment and P99 latency per class, throughput).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
+
+from . import batches
 
 __all__ = ["load_run", "summarize", "build_report"]
 
@@ -119,7 +124,54 @@ def _markdown(runs: list[dict]) -> str:
                 s = r["summary"]["all"] if group == "all" else r["summary"]["classes"].get(group)
                 cells.append(_fmt(s.get(key) if s else None, pattern))
             lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    lines += _batch_markdown(runs)
     return "\n".join(lines) + "\n"
+
+
+def _batch_markdown(runs: list[dict]) -> list[str]:
+    """The chunk batch-size table: one column per run, a row per statistic and per size bucket."""
+    lines = ["", "## chunk batch sizes", ""]
+    lines.append(
+        "Requests per batch of each DENOISE chunk (1: alone), one sample per request's chunk, from the "
+        "server's gfdit_chunk_batch_size histogram scraped before and after the run."
+    )
+    lines += ["", "| metric | " + " | ".join(r["label"] for r in runs) + " |"]
+    lines.append("| --- | " + " | ".join("---:" for _ in runs) + " |")
+    stats = [r["chunk_batch_size"] for r in runs]
+
+    def row(title: str, cell) -> None:
+        lines.append(f"| {title} | " + " | ".join("-" if s is None else cell(s) for s in stats) + " |")
+
+    row("request-chunks", lambda s: str(s["chunks"]))
+    row("mean batch size", lambda s: _fmt(s["mean"], "{:.2f}"))
+    row("max batch size", _max_cell)
+    row("batched (size >= 2)", lambda s: _fmt(s["batched_share"], "{:.1%}"))
+    sizes: list[str] = []
+    for s in stats:
+        for k in (s or {}).get("histogram", {}):
+            if k not in sizes:
+                sizes.append(k)
+    sizes.sort(key=_size_order)
+    for k in sizes:
+        row(f"size {k}", lambda s, k=k: str(s["histogram"].get(k, 0)))
+    for r in runs:
+        if r["chunk_batch_size"] is None:
+            why = r["meta"].get("chunk_batch_size_error") or "the run predates batch sizes"
+            lines.append(f"\n{r['label']}: no batch sizes ({why}).")
+    return lines
+
+
+def _max_cell(s: dict) -> str:
+    if not s["chunks"]:
+        return "-"
+    if s["max"] is None:  # the +Inf bucket
+        return next(reversed(s["histogram"]))
+    return str(s["max"]) if s["max_exact"] else f"<= {s['max']}"
+
+
+def _size_order(label: str) -> float:
+    """'3' -> 3, '5-6' -> 5, '>32' -> 33."""
+    return float(label[1:]) + 1 if label.startswith(">") else float(label.split("-")[0])
 
 
 def _plots(runs: list[dict], out_dir: str) -> list[str]:
@@ -210,11 +262,12 @@ def build_report(run_dirs: Sequence[str], out_dir: str, labels: Sequence[str] | 
                 "meta": meta,
                 "rows": rows,
                 "summary": summarize(rows),
+                "chunk_batch_size": batches.stats(meta.get("chunk_batch_size")),
             }
         )
     os.makedirs(out_dir, exist_ok=True)
     report = {
-        "runs": [{k: r[k] for k in ("label", "dir", "meta", "summary")} for r in runs],
+        "runs": [{k: r[k] for k in ("label", "dir", "meta", "summary", "chunk_batch_size")} for r in runs],
     }
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write(_markdown(runs))

@@ -1,10 +1,11 @@
 """The HTTP server end to end on CPU: real `gfdit serve` / `torchrun ... -m gfdit.serve` processes
 (2 ranks each, host transport, tiny presets), driven over HTTP with httpx.
 
-Three servers start once for the module, concurrently: tiny-flux under fcfs-elastic ("elastic",
+Four servers start once for the module, concurrently: tiny-flux under fcfs-elastic ("elastic",
 under plain torchrun), tiny-flux under static:sp=1 ("static", small limits: the property-based run
-uses it), and tiny-wan ("wan", a queue of 2 for the 429 test); the SIGTERM test starts a server of
-its own ("drain"), so no test depends on another's order. A dead worker is tested in-process
+uses it), tiny-wan ("wan", a queue of 2 for the 429 test), and tiny-flux under fcfs-elastic with
+max_batch=2 ("batch": only the bench test sends it work); the SIGTERM test starts a server of its
+own ("drain"), so no test depends on another's order. A dead worker is tested in-process
 (run_ranks, uvicorn in a thread). The module takes a few minutes on 2 cores.
 """
 
@@ -30,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.launch import free_port, run_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-kStartTimeoutS = 240.0  # three servers importing torch + diffusers at once on a 2-core CI machine
+kStartTimeoutS = 300.0  # four servers importing torch + diffusers at once on a 2-core CI machine
 
 SERVERS = {
     "elastic": (
@@ -39,6 +40,8 @@ SERVERS = {
     ),
     "static": ("tiny-flux", "static:sp=1", ["--max-steps", "8", "--drain-timeout", "0.5"]),
     "wan": ("tiny-wan", "fcfs-elastic", ["--max-steps", "200", "--max-queue", "2"]),
+    # "elastic" with batching: same policy and chunks, max_batch=2 (elastic's is the default, 1).
+    "batch": ("tiny-flux", "fcfs-elastic:max_sp=2,max_batch=2", ["--chunk-steps", "2", "--max-steps", "8"]),
 }  # fmt: skip
 DRAIN_SERVER = ("tiny-flux", "static:sp=1", ["--max-steps", "32", "--drain-timeout", "0.5"])
 
@@ -169,6 +172,11 @@ def static(servers):
 @pytest.fixture(scope="module")
 def wan(servers):
     return servers["wan"]
+
+
+@pytest.fixture(scope="module")
+def batch(servers):
+    return servers["batch"]
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -813,12 +821,71 @@ def test_bench_gen_run_report(elastic, static, tmp_path):
         assert s["all"]["throughput_rps"] > 0
         assert s["all"]["latency_p50_s"] <= s["all"]["latency_p99_s"]
         assert run["meta"]["world_size"] == 2
+        # Neither policy batches (max_batch=1): every DENOISE chunk ran alone, one or more a request.
+        assert "max_batch=1" in run["meta"]["policy_spec"], run["meta"]["policy_spec"]
+        b = run["chunk_batch_size"]
+        assert b["chunks"] >= n and b["histogram"] == {"1": b["chunks"]}, b
+        assert (b["mean"], b["max"], b["batched_share"]) == (1.0, 1, 0.0), b
     md = open(os.path.join(report_dir, "report.md")).read()
     assert "fcfs-elastic:max_sp=2 | static:sp=1" in md and "class S" in md
+    assert "| max batch size | 1 | 1 |" in md and "| batched (size >= 2) | 0.0% | 0.0% |" in md
     for name in report["plots"]:
         with open(os.path.join(report_dir, name), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert len(report["plots"]) >= 3
+
+
+def _batch_histogram(url: str) -> dict[str, float]:
+    """The server's gfdit_chunk_batch_size samples, read here with the test's own parser: bucket
+    upper bounds ("1.0", "2.0", ...), "count" and "sum"."""
+    m = _metrics(url)
+    out = {labels[0][1]: v for (name, labels), v in m.items() if name == "gfdit_chunk_batch_size_bucket"}
+    out["count"] = _metric(m, "gfdit_chunk_batch_size_count")
+    out["sum"] = _metric(m, "gfdit_chunk_batch_size_sum")
+    return out
+
+
+def test_bench_report_shows_chunk_batch_sizes(elastic, batch, tmp_path):
+    """One burst of same-shape requests (some 36, sent within 0.02 s) against the same policy and chunks
+    with max_batch=1 ("elastic") and max_batch=2 ("batch"): the report's batch sizes are the server's
+    histogram over the run, exactly 1 everywhere without batching and up to 2 with it."""
+    trace = str(tmp_path / "burst.jsonl")
+    _cli(
+        "bench", "gen", "--model", "tiny-flux", "--duration", "2", "--rate", "20", "--seed", "3",
+        "--alpha", "50", "--class", "B:size=32x32,steps=8,weight=1", "--out", trace,
+    )  # fmt: skip
+    n = json.loads(open(trace).readline())["meta"]["num_requests"]
+    assert n >= 20
+    runs, deltas = [], []
+    for server in (elastic, batch):
+        out_dir = str(tmp_path / server.name)
+        before = _batch_histogram(server.url)
+        _cli("bench", "run", "--url", server.url, "--trace", trace, "--out", out_dir, "--time-scale", "0.01")
+        after = _batch_histogram(server.url)
+        deltas.append({k: after[k] - before.get(k, 0.0) for k in after})
+        runs.append(out_dir)
+        rows = [json.loads(x) for x in open(os.path.join(out_dir, "results.jsonl"))]
+        assert all(r["status"] == "completed" for r in rows), rows
+    report_dir = str(tmp_path / "report")
+    _cli("bench", "report", *runs, "--out", report_dir)
+    report = json.load(open(os.path.join(report_dir, "report.json")))
+    stats = [r["chunk_batch_size"] for r in report["runs"]]
+    for s, d in zip(stats, deltas, strict=True):
+        # The report is the server's histogram over the run: 8 steps in chunks of 2 are 4 chunks a request.
+        assert s["chunks"] == d["count"] == 4 * n, (s, d)
+        assert s["mean"] == pytest.approx(d["sum"] / d["count"]), (s, d)
+        assert s["histogram"].get("1", 0) == d["1.0"], (s, d)
+        assert s["histogram"].get("2", 0) == d["2.0"] - d["1.0"], (s, d)
+        assert s["batched_share"] == pytest.approx((d["count"] - d["1.0"]) / d["count"]), (s, d)
+    alone, batched = stats
+    assert alone["histogram"] == {"1": 4 * n}, alone
+    assert (alone["mean"], alone["max"], alone["batched_share"]) == (1.0, 1, 0.0), alone
+    # The burst leaves several same-shape chunks waiting at most chunk boundaries: some run in pairs.
+    assert deltas[1]["sum"] > deltas[1]["count"], deltas[1]
+    assert batched["max"] == 2 and batched["histogram"]["2"] > 0 and set(batched["histogram"]) <= {"1", "2"}
+    assert batched["mean"] > 1.0 and batched["batched_share"] > 0.0, batched
+    md = open(os.path.join(report_dir, "report.md")).read()
+    assert "## chunk batch sizes" in md and "| max batch size | 1 | 2 |" in md, md
 
 
 def test_bad_policy_exits_2():
