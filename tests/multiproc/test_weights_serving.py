@@ -21,8 +21,8 @@ import torch
 from tests.multiproc.test_server import _healthy, _png, _start, _video_end, kStartTimeoutS
 
 kFamilies = ["tiny-flux", "tiny-qwen-image"]
-# Wan 2.1; Wan2.2 with two experts (3 steps: two on transformer/, the last on transformer_2/); Wan2.2
-# TI2V's 48-channel VAE with 16x compression (sizes multiples of 32).
+# Wan 2.1; Wan2.2 with two experts (transformer/ and transformer_2/); Wan2.2 TI2V's 48-channel VAE with
+# 16x compression (sizes multiples of 32).
 kVideoFamilies = {"tiny-wan": "64x48", "tiny-wan2.2": "64x48", "tiny-wan2.2-ti2v": "64x64"}
 
 
@@ -123,8 +123,8 @@ def _mean_abs(a: np.ndarray, b: np.ndarray) -> float:
 # repeats itself, up to 2.7 when it does not (libx264 gave two different streams for the same frames on
 # a loaded machine); the raw frames against their own mp4, 10.6 (64x48 Wan) and 35.6 (64x64 TI2V: its
 # random 16x VAE makes pixel noise); the preset's random weights instead of the directory's, 33.6-42.1;
-# one Wan2.2 expert of the preset and one of the directory, 13.5-15.3 in the request where that expert
-# runs the last steps before the switch or after it, 5.5 in the other.
+# one Wan2.2 expert of the preset and one of the directory: transformer/ 15.3 at 3 steps (two of them on
+# it) and 5.5 at 4, transformer_2/ 13.9 at 4 steps (two on each expert) and 5.5 at 3.
 kVideoTolerance = 6.0  # mean |difference| of the decoded mp4s for "the same video"
 kVideoChanged = 10.0  # a change of weights the test relies on moves the decoded mp4 more than this
 
@@ -184,7 +184,7 @@ def test_server_serves_a_saved_video_directory(preset, tmp_path):
         assert _mean_abs(video, want) <= _mean_abs(coded, want) + kVideoTolerance
         # The preset's own random weights give another video: the directory's weights were used.
         default = _decoded_mp4(_local_video(random_model, body), body["fps"])
-        assert _mean_abs(video, default) > 3 * kVideoChanged, _mean_abs(video, default)
+        assert _mean_abs(video, default) > 2 * kVideoChanged, _mean_abs(video, default)
         for name in experts:
             mine = getattr(model, name)
             setattr(model, name, getattr(random_model, name))
