@@ -507,36 +507,57 @@ def log_loaded(name: str, module: torch.nn.Module, device: torch.device, t0: flo
     log.info("%s: %.1fM parameters on %s in %.1f s", name, n / 1e6, device, time.perf_counter() - t0)
 
 
+# Config keys of a saved component that fix the latent layout the preset packs and unpacks (Note [Packed
+# tokens] in presets.py): a directory whose value differs cannot run under the preset, so it is refused at
+# load instead of failing at the first request. Only keys the preset's config sets are compared; the
+# transformer's size (heads, layers) may differ and is only warned of (DiTModel.__init__).
+kLayoutKeys = {
+    "transformer": ("in_channels", "out_channels", "patch_size"),
+    "vae": ("z_dim", "latent_channels", "patch_size", "scale_factor_spatial", "scale_factor_temporal"),
+}
+
+
 def _check_weights_dir(cls, preset: ModelPreset, weights: str, components: tuple[str, ...]) -> None:
     """Before anything loads: the directory is this family's pipeline layout and holds every part the
-    requested components need; otherwise one error naming every missing or mismatched part."""
+    requested components need (both experts of a two-expert preset: transformer/ and transformer_2/),
+    with the latent layout of the preset; otherwise one error naming every missing or mismatched part."""
     if not os.path.isdir(weights):
         raise FileNotFoundError(f"weights directory {weights!r} does not exist")
+    two_experts = preset.transformer_2_config is not None
     index_path = os.path.join(weights, "model_index.json")
     if os.path.isfile(index_path):
-        with open(index_path) as f:
-            try:
-                index = json.load(f)
-            except ValueError as e:
-                raise ValueError(
-                    f"weights directory {weights!r}: model_index.json is not JSON ({e})"
-                ) from None
+        index = _read_json(weights, "model_index.json")
         found = index.get("_class_name")
+        saved = f" (saved from preset {index['gfdit_preset']!r})" if "gfdit_preset" in index else ""
         if found is not None and found != cls.pipeline_class_name:
-            saved = f" (saved from preset {index['gfdit_preset']!r})" if "gfdit_preset" in index else ""
             raise ValueError(
                 f"weights directory {weights!r} holds a {found}{saved}, but model {preset.name!r} needs a "
                 f"{cls.pipeline_class_name}"
+            )
+        # diffusers writes [null, null] for a pipeline component that is absent (Wan2.2 TI2V-5B's transformer_2).
+        has_second = any(v is not None for v in (index.get("transformer_2") or ()))
+        if has_second and not two_experts:
+            raise ValueError(
+                f"weights directory {weights!r} holds two experts (transformer/ and transformer_2/){saved}, but "
+                f"model {preset.name!r} has one transformer; serve it with a two-expert Wan2.2 preset"
+            )
+        ratio = index.get("boundary_ratio")
+        if ratio is not None and ratio != preset.boundary_ratio:
+            raise ValueError(
+                f"weights directory {weights!r}: model_index.json has boundary_ratio {ratio}{saved}, but model "
+                f"{preset.name!r} switches experts at {preset.boundary_ratio}"
             )
     needed = [spec.tokenizer_subfolder for spec in preset.text_encoders]
     if "text" in components:
         needed += [spec.subfolder for spec in preset.text_encoders]
     needed += [c for c in ("transformer", "vae") if c in components]
+    if two_experts and "transformer" in components:
+        needed.append("transformer_2")  # the low-noise expert (gfdit.models.wan22)
     missing = []
     for sub in needed:
         path = os.path.join(weights, sub)
         if not os.path.isdir(path):
-            missing.append(f"{sub}/")
+            missing.append(f"{sub}/ (the low-noise expert)" if sub == "transformer_2" else f"{sub}/")
         elif not sub.startswith("tokenizer") and not os.path.isfile(os.path.join(path, "config.json")):
             missing.append(f"{sub}/config.json")
     if missing:
@@ -544,6 +565,36 @@ def _check_weights_dir(cls, preset: ModelPreset, weights: str, components: tuple
             f"weights directory {weights!r} lacks {', '.join(missing)} (model {preset.name!r}, components "
             f"{list(components)}; expected the diffusers pipeline layout of a {cls.pipeline_class_name})"
         )
+    wanted = {"transformer": preset.transformer_config, "vae": preset.vae_config}
+    if two_experts:
+        wanted["transformer_2"] = preset.transformer_2_config
+    mismatched = []
+    for sub, config in wanted.items():
+        if sub not in needed:
+            continue
+        saved_config = _read_json(weights, os.path.join(sub, "config.json"))
+        for key in kLayoutKeys[sub.split("_")[0]]:
+            if key not in config:
+                continue
+            want = list(config[key]) if isinstance(config[key], tuple) else config[key]
+            if key in saved_config and saved_config[key] != want:
+                mismatched.append(f"{sub}/config.json has {key}={saved_config[key]!r}, the preset {want!r}")
+    if mismatched:
+        raise ValueError(
+            f"weights directory {weights!r} does not fit model {preset.name!r}: {'; '.join(mismatched)} (these "
+            "fix the latent layout; pick the preset these weights were made for)"
+        )
+
+
+def _read_json(weights: str, name: str) -> dict[str, Any]:
+    with open(os.path.join(weights, name)) as f:
+        try:
+            out = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"weights directory {weights!r}: {name} is not JSON ({e})") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"weights directory {weights!r}: {name} is not a JSON object")
+    return out
 
 
 def load_diffusers(model_cls, config: Mapping[str, Any], subfolder: str, device, dtype, weights):

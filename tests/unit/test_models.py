@@ -1,7 +1,9 @@
 """gfdit.models on one CPU process: presets, request validation, packed tokens, determinism, tiny requests
 end to end, weights directories, and agreement with the diffusers pipelines."""
 
+import json
 import math
+import shutil
 import string
 from dataclasses import replace
 
@@ -332,6 +334,42 @@ def test_weights_dir_round_trip(tiny, tmp_path, name):
     assert torch.equal(back.decode(y, req), m.decode(y, req))
     with pytest.raises(FileNotFoundError):
         load_model("tiny-flux", device="cpu", weights=tmp_path / "missing")
+
+
+@needs_accelerate
+def test_wan22_weights_dir_without_transformer_2_names_it(tmp_path):
+    d = tmp_path / "wan22"
+    load_model("tiny-wan2.2", device="cpu").save_pretrained(d)
+    shutil.rmtree(d / "transformer_2")
+    # Only transformer_2/ is named: everything else is there.
+    with pytest.raises(
+        FileNotFoundError, match=r"lacks transformer_2/ \(the low-noise expert\) \(model 'tiny-wan2.2'"
+    ):
+        load_model("tiny-wan2.2", device="cpu", weights=d)
+    # Without the transformers, the rest still loads.
+    m = load_model("tiny-wan2.2", device="cpu", weights=d, components=("text", "vae"))
+    assert m.components == ("text", "vae") and m.transformer_2 is None
+
+
+@needs_accelerate
+def test_video_weights_dirs_of_another_layout_are_refused(tmp_path):
+    two, ti2v = tmp_path / "two", tmp_path / "ti2v"
+    load_model("tiny-wan2.2", device="cpu", components=("transformer",)).save_pretrained(two)
+    load_model("tiny-wan2.2-ti2v", device="cpu", components=("transformer", "vae")).save_pretrained(ti2v)
+    # Two experts under a one-transformer preset: transformer_2/ would be silently left out.
+    for name in ("tiny-wan", "tiny-wan2.2-ti2v"):
+        with pytest.raises(ValueError, match=f"holds two experts .*'tiny-wan2.2'.*model '{name}' has one"):
+            load_model(name, device="cpu", weights=two, components=("transformer",))
+    # The 48-channel TI2V layout under Wan 2.1's 16 channels: named key by key.
+    with pytest.raises(
+        ValueError, match="transformer/config.json has in_channels=48, the preset 16;.*z_dim=48"
+    ):
+        load_model("tiny-wan", device="cpu", weights=ti2v, components=("transformer", "vae"))
+    index = json.loads((two / "model_index.json").read_text())
+    index["boundary_ratio"] = 0.9
+    (two / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="boundary_ratio 0.9 .*'tiny-wan2.2' switches experts at 0.875"):
+        load_model("tiny-wan2.2", device="cpu", weights=two, components=("transformer",))
 
 
 def _clip_tokenizer(max_length):
