@@ -88,8 +88,10 @@ each pair all-gathers its predictions:
                    compute and all-to-all bytes; c0 and the host floor paid in full)
   exchange(k)    = a2a_latency_s + (S/k) * token_dim * 4 B / a2a_bandwidth
 
-with estimate the fitted model (max(floor, s * gpu)) or the analytic one. A CFG-parallel chunk the
-workers ran (`observe_cfg`) keeps an exponential moving average per exact key, which then is the
+with estimate the fitted model (max(floor, s * gpu)) or the analytic one, times a per-model
+correction: the mean measured / predicted ratio of the profiled CFG-parallel steps (`gfdit profile
+--cfg`, `set_observed_cfg`), whose own keys are estimated by their measurement. A CFG-parallel chunk
+the workers ran (`observe_cfg`) keeps an exponential moving average per exact key, which then is the
 estimate. The base CostModel charges step_time(N, k): CFG-parallel never pays there, so a policy with
 cfg=auto keeps plain SP.
 """
@@ -534,6 +536,7 @@ class AnalyticCostModel(CostModel):
         self._batch_corr: dict[tuple[str, int], tuple[int, float]] = {}
         # Note [CFG-parallel step cost]: observed CFG-parallel steps, (model, w, h, frames, k) -> seconds
         self._cfg_observed: dict[tuple[str, int, int, int | None, int], float] = {}
+        self._cfg_corr: dict[str, tuple[int, float]] = {}  # model -> count, sum of measured / predicted
 
     def profile(self, model: str) -> ModelProfile:
         if self._profiles is not None:
@@ -846,9 +849,34 @@ class AnalyticCostModel(CostModel):
         seen = self._cfg_observed.get((model, width, height, frames, half_degree))
         if seen is not None:
             return seen
-        step = self.step_time(model, width, height, frames, half_degree)
-        branch = self.cfg_branch_factor(model, width, height, frames, half_degree)
-        return step * branch + self.cfg_exchange_time(model, width, height, frames, half_degree)
+        return self.cfg_predicted_time(model, width, height, frames, half_degree) * self.cfg_correction(model)
+
+    def cfg_predicted_time(self, model: str, width: int, height: int, frames: int | None, k: int) -> float:
+        """cfg_step(N, k) of Note [CFG-parallel step cost] before the profiled correction."""
+        step = self.step_time(model, width, height, frames, k)
+        return step * self.cfg_branch_factor(model, width, height, frames, k) + self.cfg_exchange_time(
+            model, width, height, frames, k
+        )
+
+    def set_observed_cfg(
+        self, model: str, width: int, height: int, frames: int | None, half_degree: int, seconds: float
+    ) -> None:
+        """Take `seconds` per CFG-parallel step on 2 x `half_degree` ranks as the estimate of exactly
+        this key (a profiled measurement, gfdit profile --cfg); its measured / predicted ratio joins the
+        per-model correction of unmeasured keys. Load the plain steps first (the prediction uses them)."""
+        self._check_degree(half_degree)
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"profiled seconds must be finite and >= 0, got {seconds}")
+        self._cfg_observed[(model, width, height, frames, half_degree)] = seconds
+        predicted = self.cfg_predicted_time(model, width, height, frames, half_degree)
+        if predicted > 0:
+            n, total = self._cfg_corr.get(model, (0, 0.0))
+            self._cfg_corr[model] = (n + 1, total + seconds / predicted)
+
+    def cfg_correction(self, model: str) -> float:
+        """The mean measured / predicted ratio of `model`'s profiled CFG-parallel steps (1.0 before any)."""
+        n, total = self._cfg_corr.get(model, (0, 0.0))
+        return total / n if n else 1.0
 
     def observe_cfg(
         self,
@@ -917,6 +945,19 @@ def read_profile(path: str, model: str | None = None) -> dict:
         )  # fmt: skip
         if not ok:
             raise ValueError(f"cost profile {path!r}: batch observation {i} is malformed: {r!r}")
+    cfg = data.get("cfg_observations", [])
+    if not isinstance(cfg, list):
+        raise ValueError(f"cost profile {path!r}: cfg_observations must be a list")
+    for i, r in enumerate(cfg):
+        ok = (
+            isinstance(r, dict) and r.get("kind") == "DENOISE"
+            and all(isinstance(r.get(k), int) and r[k] > 0 for k in ("width", "height", "degree", "half_degree"))
+            and r["degree"] == 2 * r["half_degree"]
+            and (r.get("frames") is None or (isinstance(r["frames"], int) and r["frames"] > 0))
+            and isinstance(r.get("seconds"), int | float) and r["seconds"] >= 0
+        )  # fmt: skip
+        if not ok:
+            raise ValueError(f"cost profile {path!r}: CFG-parallel observation {i} is malformed: {r!r}")
     return data
 
 
@@ -932,3 +973,6 @@ def apply_profile(cost_model, profile: dict) -> None:
     for r in profile.get("batch_observations", []):
         args = (model, r["width"], r["height"], r["frames"], r["degree"], r["batch"])
         cost_model.set_observed_batch(*args, float(r["seconds"]))
+    for r in profile.get("cfg_observations", []):
+        args = (model, r["width"], r["height"], r["frames"], r["half_degree"])
+        cost_model.set_observed_cfg(*args, float(r["seconds"]))

@@ -2,6 +2,7 @@
 
     gfdit profile --nproc 4 --model flux-dev --sizes 512,1024,2048 --degrees 1,2,4 --out flux-h100.json
     gfdit profile --nproc 1 --model flux-dev --sizes 512,1024 --batch-sizes 1,2,4 --out flux-batch.json
+    gfdit profile --nproc 4 --model wan2.1-1.3b --sizes 480 --frames 81 --cfg --out wan-cfg.json
     torchrun --nproc-per-node 4 -m gfdit.profile --model flux-dev ... --out flux-h100.json   # the same
 
 Every rank loads the model. Rank 0 times ENCODE (text encoders and initial noise) and DECODE (VAE,
@@ -14,16 +15,23 @@ observations in the cost model's terms (Note [Cost model] in gfdit.cost):
         ...],
      "batch_observations": [   (only with --batch-sizes beyond 1)
         {"kind": "DENOISE", "width": 512, "height": 512, "frames": null, "degree": 1, "batch": 4,
-         "seconds": 0.21}, ...]}
+         "seconds": 0.21}, ...],
+     "cfg_observations": [     (only with --cfg)
+        {"kind": "DENOISE", "width": 480, "height": 480, "frames": 81, "degree": 2, "half_degree": 1,
+         "seconds": 0.35}, ...]}
     (DENOISE: seconds per step, for batch_observations per step of the whole batch; other kinds:
     seconds per task). Batched steps (Note [Batched steps] in gfdit/models/batch.py) run `batch`
 requests of one size with different seeds and prompts together; their rows live under their own key so
-that a reader that does not know them reads the rest of the profile unchanged.
+that a reader that does not know them reads the rest of the profile unchanged. With --cfg, a model
+with true classifier-free guidance also times CFG-parallel steps (Note [CFG-parallel] in
+gfdit/models/base.py) on 2k ranks for every profiled degree k with 2k <= the world size: halves
+[0..k-1] (conditional) and [k..2k-1], rank i of each paired; `degree` is the group (2k).
 
 `gfdit serve --cost-profile FILE` and `gfdit tune --cost-profile FILE` load it into the analytic cost
 model (`apply_profile`): measured keys are estimated from the measurement, others from the analytic
 formula scaled by the measured/analytic factor of their kind; batched steps the same way with the
-per-batch-size factor of Note [Batched step cost] in gfdit.cost.
+per-batch-size factor of Note [Batched step cost] in gfdit.cost, and CFG-parallel steps as the
+estimates of their keys (Note [CFG-parallel step cost]).
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ __all__ = [
     "kFormat",
     "step_times",
     "batch_step_times",
+    "cfg_step_times",
     "stage_times",
     "breakdown",
     "read_profile",
@@ -147,6 +156,44 @@ def batch_step_times(
             "step_s": statistics.median(per), "samples_s": per}  # fmt: skip
 
 
+def cfg_step_times(
+    world, model, width: int, height: int, half_degree: int, steps: int, frames: int | None = None
+) -> dict:
+    """Collective: seconds per CFG-parallel denoising step on 2 x `half_degree` ranks (halves [0..k-1]
+    and [k..2k-1], rank i of each paired; Note [CFG-parallel] in gfdit/models/base.py), as step_times
+    (median over `steps` steps after one warm-up, the slowest member's). The other ranks wait."""
+    req = _request(model, width, height, frames, steps + 1, f"c{width}x{height}-{half_degree}")
+    if not model.uses_cfg(req):
+        raise ValueError(
+            f"{model.preset.name} runs no true classifier-free guidance: nothing to time CFG-parallel"
+        )
+    k = half_degree
+    ranks = list(range(2 * k))
+    member = world.rank in ranks
+    per = []
+    if member:
+        cond = model.encode(req)
+        full = model.init_latents(req).to(world.device)
+        seq = full.shape[1]
+        i = world.rank % k
+        half = ranks[:k] if world.rank < k else ranks[k:]
+        lo, hi = i * seq // k, (i + 1) * seq // k
+        x = full[:, lo:hi].contiguous()
+        group = world.group(half) if k > 1 else None
+        pair = world.group([i, k + i])
+    for step in range(steps + 1):
+        sync(world)
+        t0 = time.perf_counter()
+        if member:
+            x = model.denoise(x, (lo, hi), cond, step, step + 1, req, group=group, cfg_group=pair)
+            cuda_sync(world)
+        dt = max_over_world(world, time.perf_counter() - t0 if member else 0.0)
+        if step > 0:
+            per.append(dt)
+    return {"width": width, "height": height, "frames": frames, "half_degree": k,
+            "step_s": statistics.median(per), "samples_s": per}  # fmt: skip
+
+
 def breakdown(
     world, model, width: int, height: int, degree: int, steps: int, frames: int | None = None
 ) -> dict | None:
@@ -240,6 +287,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=lambda t: _ints(t, "--batch-sizes"), default=[1],
                    help="also time batched steps of these many requests together per size and degree "
                    "(Note [Batched steps]; default 1: no batched steps)")  # fmt: skip
+    p.add_argument("--cfg", action="store_true",
+                   help="also time CFG-parallel steps on 2k ranks for each profiled degree k (models with "
+                   "true classifier-free guidance: Wan, Wan2.2, Qwen-Image)")  # fmt: skip
     p.add_argument("--reps", type=int, default=3, help="timed ENCODE/DECODE repetitions (default 3)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--weights", default=None, help="local diffusers-layout directory (default: random)")
@@ -266,6 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--steps and --reps must be >= 1")
     if args.frames is not None and not preset.is_video:
         parser.error(f"--frames: {args.model} is an image model")
+    if args.cfg and not preset.uses_cfg:
+        parser.error(f"--cfg: {args.model} runs no true classifier-free guidance (nothing runs CFG-parallel)")
     from gfdit.fast_options import check_arguments, fast_kwargs
 
     check_arguments(parser, args)
@@ -281,6 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         degrees = args.degrees or [d for d in (1, 2, 4, 8, 16) if d <= world.size]
         rows: list[dict] = []
         batch_rows: list[dict] = []
+        cfg_rows: list[dict] = []
         for size in args.sizes:
             req = _request(model, size, size, args.frames, 2, "check")
             valid = set(model.valid_sp_degrees(req, world.size))
@@ -311,6 +364,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if world.rank == 0:
                         _say(f"{args.model} {size}x{size} SP{d} batch {b}: {rb['step_s'] * 1e3:.1f} ms/step "
                              f"({rb['step_s'] / r['step_s']:.2f}x one request's step)")  # fmt: skip
+                if args.cfg and 2 * d <= world.size:
+                    rc = cfg_step_times(world, model, size, size, d, args.steps, args.frames)
+                    cfg_rows.append(
+                        {**_obs("DENOISE", size, args.frames, 2 * d, rc["step_s"]), "half_degree": d}
+                    )
+                    if world.rank == 0:
+                        _say(f"{args.model} {size}x{size} CFG-parallel 2x{d}: {rc['step_s'] * 1e3:.1f} ms/step "
+                             f"(plain SP{d}: {r['step_s'] * 1e3:.1f})")  # fmt: skip
         if world.rank == 0:
             device = world.device
             data = {
@@ -329,10 +390,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             }
             if batch_rows:
                 data["batch_observations"] = batch_rows
+            if cfg_rows:
+                data["cfg_observations"] = cfg_rows
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
             with open(args.out, "w") as f:
                 json.dump(data, f, indent=2)
-            _say(f"wrote {len(rows)} observations ({len(batch_rows)} batched) to {args.out}")
+            _say(f"wrote {len(rows)} observations ({len(batch_rows)} batched, {len(cfg_rows)} CFG-parallel) "
+                 f"to {args.out}")  # fmt: skip
             if args.breakdown:
                 _write_breakdown(args.breakdown, data, breakdown_rows)
         sync(world)

@@ -85,6 +85,19 @@ def test_cfg_step_cost():
         cost.task_time(Task("w", TaskKind.ENCODE), r, 2, cfg=True)
 
 
+def test_profiled_cfg_steps_correct_the_unmeasured_ones():
+    cost = AnalyticCostModel()
+    args = ("wan2.1-1.3b", 832, 480, 81)
+    predicted = {k: cost.cfg_step_time(*args, k) for k in (1, 2)}
+    cost.set_observed_cfg(*args, 1, 2.0 * predicted[1])  # measured: twice the prediction
+    assert cost.cfg_step_time(*args, 1) == 2.0 * predicted[1]
+    assert cost.cfg_correction("wan2.1-1.3b") == pytest.approx(2.0)
+    assert cost.cfg_step_time(*args, 2) == pytest.approx(2.0 * predicted[2])
+    cost.set_observed_cfg(*args, 1, 2.0 * predicted[1])  # the same again: no compounding
+    assert cost.cfg_correction("wan2.1-1.3b") == pytest.approx(2.0)
+    assert cost.cfg_correction("wan2.1-14b") == 1.0
+
+
 def test_base_cost_model_never_makes_cfg_parallel_pay():
     class Plain(CostModel):
         def step_time(self, model, width, height, frames, sp_degree):
