@@ -203,9 +203,10 @@ class Worker:
                 if steps[-1][1] is None:  # CPU: the step is done now
                     self.notify(msg.StepDone(rank=self.rank, task_id=cmd.task_id, step=step))
 
+            extra = {} if pair is None else {"cfg_group": pair}  # models without CFG need not take it
             held.latents = self.model.denoise(
                 held.latents, (held.lo, held.hi), held.cond, cmd.start, cmd.end, req, group=group,
-                on_step=on_step if report else None, cfg_group=pair,
+                on_step=on_step if report else None, **extra,
             )  # fmt: skip
             for step, event in steps:  # CUDA: each step reported once its own work is done
                 if event is not None:
