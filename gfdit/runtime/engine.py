@@ -89,6 +89,7 @@ class RankInfo:
     pid: int  # its process id (0 until it reported ready)
     state: str  # "starting" | "up" | "lost" | "hung"
     reason: str = ""  # why lost or hung
+    requests: int = 0  # unfinished requests whose latent (or a slice of it) lives there
 
 
 @dataclass
@@ -311,6 +312,10 @@ class Engine:
     def num_running(self) -> int:
         return sum(1 for rec in tuple(self.scheduler.active.values()) if rec.state is RequestState.RUNNING)
 
+    def num_waiting(self) -> int:
+        """Started requests between two tasks (at a rescheduling point, their state on their last group)."""
+        return sum(1 for rec in tuple(self.scheduler.active.values()) if rec.state is RequestState.WAITING)
+
     def forget(self, request_id: str) -> None:
         """Drops the engine's reference to a finished request's handle, and so to its images: a
         long-running front end calls it once it holds the result. No-op while the request runs."""
@@ -321,7 +326,8 @@ class Engine:
 
     def health(self) -> EngineHealth:
         """Status, reason and every rank's state (Note [Surviving a lost rank]). Any thread."""
-        ranks = [dataclasses.replace(i) for i in self._ranks]
+        holders = [t.placement.latent_ranks for t in tuple(self._tracked.values())]  # a snapshot
+        ranks = [dataclasses.replace(i, requests=sum(1 for h in holders if i.rank in h)) for i in self._ranks]
         if self._fault is not None:
             return EngineHealth("unavailable", self._fault, ranks)
         gone = [i for i in ranks if i.state in ("lost", "hung")]

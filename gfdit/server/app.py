@@ -289,13 +289,16 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
         body = {
             "status": status,
             "reason": reason,
-            "ranks": [{"rank": i.rank, "pid": i.pid, "state": i.state} for i in ranks],
+            "ranks": [
+                {"rank": i.rank, "pid": i.pid, "state": i.state, "requests": i.requests} for i in ranks
+            ],
             "model": state.model_name,
             "policy": state.config.policy or engine.policy.spec(),
             "policy_spec": engine.policy.spec(),
             "world_size": engine.world.size,
             "queued": engine.num_queued(),
             "running": engine.num_running(),
+            "waiting": engine.num_waiting(),
         }
         return JSONResponse(body, status_code=200 if ok else 503)
 

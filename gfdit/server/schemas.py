@@ -212,6 +212,7 @@ class RankHealth(BaseModel):
     rank: int  # global rank
     pid: int  # its process id (0 until it reported ready)
     state: Literal["starting", "up", "lost", "hung"]  # lost: its process died; hung: past the watchdog
+    requests: int  # unfinished requests whose latent (or a slice of it) lives on this rank
 
 
 class Health(BaseModel):
@@ -227,3 +228,4 @@ class Health(BaseModel):
     world_size: int  # ranks
     queued: int  # requests waiting for their first task
     running: int  # requests with a task in flight
+    waiting: int  # started requests between two tasks (their state stays on their last group)
