@@ -19,8 +19,10 @@ gfdit.runtime.worker, Note [Reshard execution]):
   - decode placement: DECODE gathers the latent onto ranks[0], which alone decodes, so it
     costs the one-rank decode plus the gather, whatever the degree;
   - shared CPU cores (CPU runs only): with `cores` > 0 the ranks are processes sharing that many
-    cores, so a task dispatched while b ranks (its own included) are busy computes max(1, b / cores)
-    times slower (the slowdown is fixed at dispatch: a first-order model of processor sharing).
+    cores, so a task on d ranks dispatched while b ranks (its own included) are busy computes
+    max(1, b / cores) / max(1, d / cores) times slower: its cost-model time, profiled with its own d
+    ranks busy and the others idle, already holds its own group's share of the cores (the slowdown is
+    fixed at dispatch: a first-order model of processor sharing).
 `ExecutionModel()` (all off) is the plain simulator. `ExecutionState.batch_timing` prices a batched
 DENOISE chunk (several requests' chunks as one command on one group, Note [Batched step cost] in
 gfdit.cost).
@@ -204,7 +206,7 @@ class ExecutionState:
         m = self.model
         if m.cores > 0:
             busy = {x for x, t in self.rank_busy_until.items() if t > now} | set(ranks)
-            compute_s *= max(1.0, len(busy) / m.cores)
+            compute_s *= max(1.0, len(busy) / m.cores) / max(1.0, len(ranks) / m.cores)
         start = now
         if m.busy_senders:
             start = max([now, *(self.rank_free_s.get(x, now) for x in set(ranks) | senders)])

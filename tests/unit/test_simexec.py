@@ -137,5 +137,17 @@ def test_ranks_sharing_cpu_cores_slow_down_when_more_are_busy():
     assert last.end_s - last.start_s == pytest.approx(
         2 * cost.task_time(last.task, four[3], 1)
     )  # 4 busy / 2 cores
+    # A group's own ranks are already in its profiled time: SP4 alone on 2 cores is not slowed again,
+    # and SP2 beside another SP2 is slowed by (4 busy / 2 cores) / (2 / 2).
+    sp4 = simulate(
+        Scheduler(4, make_policy("static:sp=4,chunk=0"), learn=False), one, execution=ExecutionModel(cores=2)
+    )
+    assert sp4.trace == simulate(Scheduler(4, make_policy("static:sp=4,chunk=0"), learn=False), one).trace
+    two = [req(f"q{i}", 1024, steps=4) for i in range(2)]
+    pairs = simulate(
+        Scheduler(4, make_policy("static:sp=2,chunk=0"), learn=False), two, execution=ExecutionModel(cores=2)
+    )
+    second = [e for e in pairs.trace if e.task.request_id == "q1" and e.task.kind is TaskKind.DENOISE][0]
+    assert second.end_s - second.start_s == pytest.approx(2 * cost.task_time(second.task, two[1], 2))
     with pytest.raises(ValueError, match="cores"):
         ExecutionModel(cores=-1)
