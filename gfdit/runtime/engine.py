@@ -614,19 +614,24 @@ class Engine:
         if tracked is None:
             return
         try:
-            fence: set[int] = set()
-            for inf in self.watchdog.running():
-                if inf.assignment.task.request_id == rid:
-                    inf.abandoned = True
-                    fence |= inf.waiting
-                    if not inf.waiting:
-                        self.watchdog.pop(inf.task_id)
-            self.scheduler.fail(rid, reason, self.now(), fence=fence)
+            self.scheduler.fail(rid, reason, self.now(), fence=self._abandon(rid))
         except Exception:  # the scheduler's own bug must not keep the caller from its answer
             log.exception("failing request %s", rid)
         finally:
             self._release(rid)
             tracked.handle.finish(None, reason, Status.FAILED)
+
+    def _abandon(self, rid: str) -> set[int]:
+        """Marks the request's tasks in flight abandoned (their reports are ignored; one nobody still
+        runs is forgotten) and returns the ranks still running them, to fence."""
+        fence: set[int] = set()
+        for inf in self.watchdog.running():
+            if inf.assignment.task.request_id == rid:
+                inf.abandoned = True
+                fence |= inf.waiting
+                if not inf.waiting:
+                    self.watchdog.pop(inf.task_id)
+        return fence
 
     def _release(self, rid: str) -> None:
         tracked = self._tracked.pop(rid, None)
@@ -640,14 +645,7 @@ class Engine:
     def _rerun(self, rid: str, reason: str) -> None:
         """Restarts a request from its first task; its task in flight (if any) is abandoned."""
         tracked = self._tracked[rid]
-        fence: set[int] = set()
-        for inf in self.watchdog.running():
-            if inf.assignment.task.request_id == rid:
-                inf.abandoned = True
-                fence |= inf.waiting
-                if not inf.waiting:
-                    self.watchdog.pop(inf.task_id)
-        self.scheduler.rerun(rid, self.now(), reason, fence=fence)
+        self.scheduler.rerun(rid, self.now(), reason, fence=self._abandon(rid))
         if self.scheduler.record(rid).state.is_terminal:  # its cancel was asked meanwhile
             self._release(rid)
             tracked.handle.finish(None, "cancelled", Status.CANCELLED)

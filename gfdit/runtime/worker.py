@@ -144,14 +144,7 @@ class Worker:
             if event is not None:
                 event.synchronize()
                 self.notify(msg.StepDone(rank=self.rank, task_id=tasks[k].task_id, step=step))
-        e2 = self._mark()
-        if e2 is not None:
-            e2.synchronize()
-        t2 = time.perf_counter()
-        if e0 is None:
-            reshard_s, compute_s = t1 - t0, t2 - t1
-        else:
-            reshard_s, compute_s = e0.elapsed_time(e1) / 1e3, e1.elapsed_time(e2) / 1e3
+        reshard_s, compute_s = self._elapsed(t0, t1, e0, e1)
         return [
             msg.Done(
                 rank=self.rank,
@@ -225,14 +218,7 @@ class Worker:
                     latents = msg.Array.from_numpy(full.float().cpu().numpy())
         else:
             raise ValueError(f"unknown task kind {kind!r}")
-        e2 = self._mark()
-        if e2 is not None:
-            e2.synchronize()  # this task's work only (not the device): "done" means its results exist
-        t2 = time.perf_counter()
-        if e0 is None:
-            reshard_s, compute_s = t1 - t0, t2 - t1
-        else:  # stream time between the marks (milliseconds)
-            reshard_s, compute_s = e0.elapsed_time(e1) / 1e3, e1.elapsed_time(e2) / 1e3
+        reshard_s, compute_s = self._elapsed(t0, t1, e0, e1)
         return [
             msg.Done(
                 rank=self.rank,
@@ -245,6 +231,18 @@ class Worker:
                 latents=latents,
             )
         ]
+
+    def _elapsed(self, t0: float, t1: float, e0, e1) -> tuple[float, float]:
+        """(reshard, compute) seconds of the task begun at t0 / e0 whose compute was enqueued at
+        t1 / e1, once its work is done: stream time between the marks on CUDA (waiting for this task's
+        work only, not the device: "done" means its results exist), wall time on CPU."""
+        e2 = self._mark()
+        if e2 is not None:
+            e2.synchronize()
+        t2 = time.perf_counter()
+        if e0 is None:
+            return t1 - t0, t2 - t1
+        return e0.elapsed_time(e1) / 1e3, e1.elapsed_time(e2) / 1e3
 
     def _groups(self, cmd: msg.Task):
         """(SP group, CFG pair) of this member: the whole group and no pair; or, CFG-parallel, its

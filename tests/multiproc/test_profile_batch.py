@@ -11,15 +11,21 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def _env() -> dict:
+    """This environment without torchrun's variables, the repository importable."""
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    }
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
 def test_profile_measures_batch_sizes(tmp_path):
     from gfdit.cost import AnalyticCostModel
     from gfdit.profile import apply_profile, read_profile
 
     out = str(tmp_path / "tiny-batch.json")
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
-    }
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env = _env()
     run = subprocess.run(
         [sys.executable, "-m", "gfdit.cli", "profile", "--nproc", "2", "--model", "tiny-flux", "--device", "cpu",
          "--sizes", "64", "--steps", "2", "--reps", "1", "--batch-sizes", "1,3", "--out", out],
@@ -58,10 +64,7 @@ def test_profile_measures_cfg_parallel_steps(tmp_path):
     from gfdit.profile import apply_profile, read_profile
 
     out = str(tmp_path / "tiny-wan-cfg.json")
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
-    }
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env = _env()
     run = subprocess.run(
         [sys.executable, "-m", "gfdit.cli", "profile", "--nproc", "4", "--model", "tiny-wan", "--device", "cpu",
          "--sizes", "64", "--frames", "5", "--degrees", "1,2", "--steps", "2", "--reps", "1", "--cfg",

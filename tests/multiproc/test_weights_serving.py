@@ -50,6 +50,11 @@ def _local_image(preset: str, directory: str, body: dict) -> np.ndarray:
     w, h = (int(v) for v in body["size"].split("x"))
     req = Request("local", preset, body["prompt"], width=w, height=h,
                   num_inference_steps=body["num_inference_steps"], seed=body["seed"])  # fmt: skip
+    return _run_alone(model, req)
+
+
+def _run_alone(model, req) -> np.ndarray:
+    """`req` encoded, denoised and decoded by `model` on this one rank: its first output."""
     model.validate(req)
     cond = model.encode(req)
     x = model.init_latents(req)
@@ -98,11 +103,7 @@ def _local_video(model, body: dict) -> np.ndarray:
     req = Request("local", model.preset.name, body["prompt"], negative_prompt=body["negative_prompt"],
                   width=w, height=h, num_frames=body["num_frames"], guidance_scale=body["guidance_scale"],
                   num_inference_steps=body["num_inference_steps"], seed=body["seed"])  # fmt: skip
-    model.validate(req)
-    cond = model.encode(req)
-    x = model.init_latents(req)
-    x = model.denoise(x, (0, x.shape[1]), cond, 0, req.num_inference_steps, req)
-    return model.decode(x, req)[0].numpy()
+    return _run_alone(model, req)
 
 
 def _mp4_frames(data: bytes) -> np.ndarray:
