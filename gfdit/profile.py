@@ -3,6 +3,7 @@
     gfdit profile --nproc 4 --model flux-dev --sizes 512,1024,2048 --degrees 1,2,4 --out flux-h100.json
     gfdit profile --nproc 1 --model flux-dev --sizes 512,1024 --batch-sizes 1,2,4 --out flux-batch.json
     gfdit profile --nproc 4 --model wan2.1-1.3b --sizes 480 --frames 81 --cfg --out wan-cfg.json
+    gfdit profile --nproc 1 --model wan2.2-ti2v-5b --sizes 1280x704 --frames 121 --out ti2v.json
     torchrun --nproc-per-node 4 -m gfdit.profile --model flux-dev ... --out flux-h100.json   # the same
 
 Every rank loads the model. Rank 0 times ENCODE (text encoders and initial noise) and DECODE (VAE,
@@ -18,11 +19,15 @@ observations in the cost model's terms (Note [Cost model] in gfdit.cost):
          "seconds": 0.21}, ...],
      "cfg_observations": [     (only with --cfg)
         {"kind": "DENOISE", "width": 480, "height": 480, "frames": 81, "degree": 2, "half_degree": 1,
-         "seconds": 0.35}, ...]}
+         "seconds": 0.35}, ...],
+     "memory": {"model_gib": 31.2, "peak_steps": [   (CUDA only: GiB allocated per rank, the largest rank's)
+        {"width": 1024, "height": 1024, "frames": null, "degree": 1, "peak_gib": 33.0}, ...]}}
     (DENOISE: seconds per step, for batch_observations per step of the whole batch; other kinds:
     seconds per task). Batched steps (Note [Batched steps] in gfdit/models/batch.py) run `batch`
 requests of one size with different seeds and prompts together; their rows live under their own key so
-that a reader that does not know them reads the rest of the profile unchanged. With --cfg, a model
+that a reader that does not know them reads the rest of the profile unchanged. `memory` says what a
+rank holds: `model_gib` once the model is loaded (all its components), `peak_gib` the peak allocation
+while a size and degree denoised (model included; PyTorch's allocator, not counting its cache). With --cfg, a model
 with true classifier-free guidance also times CFG-parallel steps (Note [CFG-parallel] in
 gfdit/models/base.py) on 2k ranks for every profiled degree k with 2k <= the world size: halves
 [0..k-1] (conditional) and [k..2k-1], rank i of each paired; `degree` is the group (2k).
@@ -275,11 +280,37 @@ def _ints(text: str, what: str) -> list[int]:
     return out
 
 
+def _sizes(text: str) -> list[tuple[int, int]]:
+    """`--sizes`: SIZE (square) or WIDTHxHEIGHT, comma-separated."""
+    out = []
+    for tok in (t.strip() for t in text.split(",")):
+        if not tok:
+            continue
+        parts = tok.lower().split("x")
+        try:
+            dims = [int(x) for x in parts]
+        except ValueError:
+            dims = []
+        if len(dims) not in (1, 2) or min(dims) < 1:
+            raise argparse.ArgumentTypeError(
+                f"--sizes: expected SIZE or WIDTHxHEIGHT (positive integers) separated by commas, got {tok!r}"
+            )
+        out.append((dims[0], dims[-1]))
+    if not out:
+        raise argparse.ArgumentTypeError(f"--sizes: no size in {text!r}")
+    return out
+
+
+def _gib(nbytes: int) -> float:
+    return round(nbytes / 2**30, 3)
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="model preset, e.g. flux-dev")
-    p.add_argument("--sizes", type=lambda t: _ints(t, "--sizes"), default=[512, 1024],
-                   help="square sizes in pixels (default 512,1024)")  # fmt: skip
+    p.add_argument("--sizes", type=_sizes, default=[(512, 512), (1024, 1024)],
+                   help="image sizes in pixels, SIZE (square) or WIDTHxHEIGHT, comma-separated "
+                   "(default 512,1024)")  # fmt: skip
     p.add_argument("--frames", type=int, default=None, help="video frames (video models)")
     p.add_argument("--degrees", type=lambda t: _ints(t, "--degrees"), default=None,
                    help="SP degrees to time (default 1, 2, 4, ... up to the world size)")  # fmt: skip
@@ -334,43 +365,53 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows: list[dict] = []
         batch_rows: list[dict] = []
         cfg_rows: list[dict] = []
-        for size in args.sizes:
-            req = _request(model, size, size, args.frames, 2, "check")
+        memory: list[dict] = []
+        on_cuda = world.device.type == "cuda"
+        model_gib = max_over_world(world, _gib(torch.cuda.memory_allocated(world.device))) if on_cuda else None
+        for width, height in args.sizes:
+            req = _request(model, width, height, args.frames, 2, "check")
             valid = set(model.valid_sp_degrees(req, world.size))
             if world.rank == 0:
-                st = stage_times(model, size, size, args.frames, args.reps)
-                rows += [_obs("ENCODE", size, args.frames, 1, st["encode_s"]),
-                         _obs("DECODE", size, args.frames, 1, st["decode_s"])]  # fmt: skip
-                _say(f"{args.model} {size}x{size}: encode {st['encode_s'] * 1e3:.1f} ms, "
+                st = stage_times(model, width, height, args.frames, args.reps)
+                rows += [_obs("ENCODE", width, height, args.frames, 1, st["encode_s"]),
+                         _obs("DECODE", width, height, args.frames, 1, st["decode_s"])]  # fmt: skip
+                _say(f"{args.model} {width}x{height}: encode {st['encode_s'] * 1e3:.1f} ms, "
                      f"decode {st['decode_s'] * 1e3:.1f} ms")  # fmt: skip
             for d in degrees:
                 if d > world.size or d not in valid:
                     continue
-                r = step_times(world, model, size, size, d, args.steps, args.frames)
-                rows.append(_obs("DENOISE", size, args.frames, d, r["step_s"]))
+                if on_cuda:
+                    torch.cuda.reset_peak_memory_stats(world.device)
+                r = step_times(world, model, width, height, d, args.steps, args.frames)
+                rows.append(_obs("DENOISE", width, height, args.frames, d, r["step_s"]))
+                if on_cuda:
+                    peak = max_over_world(world, _gib(torch.cuda.max_memory_allocated(world.device)))
+                    memory.append({"width": width, "height": height, "frames": args.frames, "degree": d,
+                                   "peak_gib": peak})  # fmt: skip
                 if args.breakdown:
-                    b = breakdown(world, model, size, size, d, args.steps, args.frames)
+                    b = breakdown(world, model, width, height, d, args.steps, args.frames)
                     if b is not None:
                         breakdown_rows.append(b)
                 if world.rank == 0:
                     _say(
-                        f"{args.model} {size}x{size} ({r['tokens']} tokens) SP{d}: {r['step_s'] * 1e3:.1f} ms/step"
+                        f"{args.model} {width}x{height} ({r['tokens']} tokens) SP{d}: {r['step_s'] * 1e3:.1f} ms/step"
+                        + (f", peak {memory[-1]['peak_gib']} GiB per rank" if on_cuda else "")
                     )
                 for b in args.batch_sizes:
                     if b == 1:
                         continue
-                    rb = batch_step_times(world, model, size, size, d, b, args.steps, args.frames)
-                    batch_rows.append({**_obs("DENOISE", size, args.frames, d, rb["step_s"]), "batch": b})
+                    rb = batch_step_times(world, model, width, height, d, b, args.steps, args.frames)
+                    batch_rows.append({**_obs("DENOISE", width, height, args.frames, d, rb["step_s"]), "batch": b})
                     if world.rank == 0:
-                        _say(f"{args.model} {size}x{size} SP{d} batch {b}: {rb['step_s'] * 1e3:.1f} ms/step "
+                        _say(f"{args.model} {width}x{height} SP{d} batch {b}: {rb['step_s'] * 1e3:.1f} ms/step "
                              f"({rb['step_s'] / r['step_s']:.2f}x one request's step)")  # fmt: skip
                 if args.cfg and 2 * d <= world.size:
-                    rc = cfg_step_times(world, model, size, size, d, args.steps, args.frames)
+                    rc = cfg_step_times(world, model, width, height, d, args.steps, args.frames)
                     cfg_rows.append(
-                        {**_obs("DENOISE", size, args.frames, 2 * d, rc["step_s"]), "half_degree": d}
+                        {**_obs("DENOISE", width, height, args.frames, 2 * d, rc["step_s"]), "half_degree": d}
                     )
                     if world.rank == 0:
-                        _say(f"{args.model} {size}x{size} CFG-parallel 2x{d}: {rc['step_s'] * 1e3:.1f} ms/step "
+                        _say(f"{args.model} {width}x{height} CFG-parallel 2x{d}: {rc['step_s'] * 1e3:.1f} ms/step "
                              f"(plain SP{d}: {r['step_s'] * 1e3:.1f})")  # fmt: skip
         if world.rank == 0:
             device = world.device
@@ -392,6 +433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 data["batch_observations"] = batch_rows
             if cfg_rows:
                 data["cfg_observations"] = cfg_rows
+            if on_cuda:
+                data["memory"] = {"model_gib": model_gib, "peak_steps": memory}
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
             with open(args.out, "w") as f:
                 json.dump(data, f, indent=2)
@@ -405,11 +448,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _obs(kind: str, size: int, frames: int | None, degree: int, seconds: float) -> dict:
+def _obs(kind: str, width: int, height: int, frames: int | None, degree: int, seconds: float) -> dict:
     return {
         "kind": kind,
-        "width": size,
-        "height": size,
+        "width": width,
+        "height": height,
         "frames": frames,
         "degree": degree,
         "seconds": seconds,

@@ -3,6 +3,10 @@
 # and 4 ranks on however many GPUs there are (one GPU suffices: ranks share it), then the host-time
 # benchmark. Logs go under $OUT (default ./gpu-out); a short summary is printed last.
 #   usage: bash tests/gpu/run_ipc.sh [tests|bench|all] [pytest -k expression]
+#   env: IPC_MAXFAIL (4), IPC_TEST_TIMEOUT (400 s a test), IPC_TOTAL_TIMEOUT (560 s), HOST_TIME_ITERS;
+#        IPC_SEGV_TRACE=1: the tests run with tests/gpu/diag/segv_trace.so preloaded, and any native crash
+#        backtrace is resolved into $OUT/ipc-crashes-resolved.txt (build with
+#        SKBUILD_CMAKE_BUILD_TYPE=RelWithDebInfo for gfcoll's file and line numbers)
 set -uo pipefail
 what=${1:-all}
 select=${2:-}
@@ -33,7 +37,15 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
   args=(-v -rs --tb=short --maxfail="${IPC_MAXFAIL:-4}" -p no:cacheprovider --timeout "${IPC_TEST_TIMEOUT:-400}"
     tests/gpu/test_ipc_transport.py)
   [ -n "$select" ] && args+=(-k "$select")
-  step ipc_tests timeout "${IPC_TOTAL_TIMEOUT:-560}" python3 -m pytest "${args[@]}"
+  preload=()
+  if [ "${IPC_SEGV_TRACE:-0}" = 1 ] && cc -O1 -g -fPIC -shared -o /tmp/segv_trace.so tests/gpu/diag/segv_trace.c; then
+    preload=(env LD_PRELOAD=/tmp/segv_trace.so)
+  fi
+  step ipc_tests "${preload[@]}" timeout "${IPC_TOTAL_TIMEOUT:-560}" python3 -m pytest "${args[@]}"
+  if grep -q "^\[segv_trace\]" "$log"; then
+    python3 tests/gpu/diag/resolve_frames.py "$log" >"$OUT/ipc-crashes-resolved.txt" 2>&1
+    grep -A30 "segv_trace\]" "$OUT/ipc-crashes-resolved.txt" | grep -v "^  /usr\|libc\|libpython" | head -40
+  fi
 fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
   for n in 2 4; do

@@ -2,7 +2,7 @@
 # On a one-GPU device machine, from the repository root (carry .whl): the checks of the fast step
 # path and the elastic runtime that one GPU allows. Logs and results under $OUT (default ./gpu-out).
 #   usage: bash tests/gpu/run_one_gpu.sh tests|speed|breakdown
-#   tests      tests/gpu/test_elastic_dit.py (ipc variants: 4 ranks on the GPU) and test_step_graphs.py
+#   tests      tests/gpu/test_step_graphs.py, test_batch_graphs.py and test_elastic_dit.py (ipc variants: 4 ranks on the GPU)
 #              (ONE_GPU_K: a pytest -k expression; ONE_GPU_TIMEOUT: seconds, default 540)
 #   speed      bench/step_speed.py on flux-dev with the fp32 reference (eager vs compiled + graph)
 #   breakdown  gfdit profile --breakdown with 4 ranks sharing the GPU over ipc (eager), SP 1/2/4
@@ -26,7 +26,7 @@ python3 -m pip install -q --no-build-isolation --no-deps -e . >>"$log" 2>&1 || {
 case "$what" in
   tests)
     timeout "${ONE_GPU_TIMEOUT:-540}" python3 -m pytest -v -s -rs --tb=short -p no:cacheprovider \
-      ${ONE_GPU_K:+-k "$ONE_GPU_K"} tests/gpu/test_step_graphs.py tests/gpu/test_elastic_dit.py >>"$log" 2>&1
+      ${ONE_GPU_K:+-k "$ONE_GPU_K"} tests/gpu/test_step_graphs.py tests/gpu/test_batch_graphs.py tests/gpu/test_elastic_dit.py >>"$log" 2>&1
     echo "tests rc $?" | tee -a "$log"
     grep -E "PASSED|FAILED|SKIPPED|ERROR|elastic vs single|passed|failed" "$log" | tail -20 ;;
   speed)

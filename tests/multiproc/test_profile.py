@@ -79,16 +79,21 @@ def test_profile_breakdown_smoke(tmp_path):
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     run = subprocess.run(
         [sys.executable, "-m", "gfdit.cli", "profile", "--nproc", "2", "--model", "tiny-flux", "--device", "cpu",
-         "--sizes", "64", "--steps", "2", "--reps", "1", "--out", str(tmp_path / "p.json"), "--breakdown", prefix],
+         "--sizes", "64x32", "--steps", "2", "--reps", "1", "--out", str(tmp_path / "p.json"), "--breakdown", prefix],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     rows = json.load(open(prefix + ".json"))["rows"]
-    assert [(r["width"], r["degree"]) for r in rows] == [(64, 1), (64, 2)]
+    assert [(r["width"], r["height"], r["degree"]) for r in rows] == [(64, 32, 1), (64, 32, 2)]
+    profile = json.load(open(tmp_path / "p.json"))
+    assert {(o["kind"], o["width"], o["height"]) for o in profile["observations"]} == {
+        ("ENCODE", 64, 32), ("DECODE", 64, 32), ("DENOISE", 64, 32)
+    }
+    assert "memory" not in profile  # CUDA only
     for r in rows:
         assert r["wall_ms"] > 0 and 0 < r["host_ms"] <= r["wall_ms"] * 1.05
         assert 0 < r["device_busy_fraction"] <= 1
         assert r["device_ms_by_kind"]["gemm"] > 0 and r["device_ms_by_kind"]["attention"] > 0
     assert rows[0]["device_ms_by_kind"]["collective"] == 0
     assert rows[1]["device_ms_by_kind"]["collective"] > 0
-    assert "| 64x64 | 2 |" in open(prefix + ".md").read()
+    assert "| 64x32 | 2 |" in open(prefix + ".md").read()

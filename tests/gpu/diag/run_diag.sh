@@ -26,25 +26,7 @@ if [ -n "${DIAG_KILLED:-1}" ] && [ "${DIAG_KILLED:-1}" != 0 ]; then
   LD_PRELOAD=/tmp/segv_trace.so timeout 150 python3 -m pytest -x -s -p no:cacheprovider --timeout 120 \
     "tests/gpu/test_ipc_transport.py::test_killed_peer_ends_waits_with_error" >"$OUT/killed-peer.log" 2>&1
   echo "killed-peer rc $?"
-  # Resolve "object(+0xOFFSET)" frames of crash reports into functions and lines.
-  python3 - "$OUT/killed-peer.log" >"$OUT/killed-peer-resolved.txt" 2>&1 <<'PY'
-import re, subprocess, sys
-seen = set()
-for line in open(sys.argv[1], errors="replace"):
-    if line.startswith("[segv_trace]"):
-        print(line.rstrip())
-    m = re.match(r"^(/\S+?\.so[\w.]*)\(([^)]*)\)\[(0x[0-9a-f]+)\]", line.strip())
-    if not m:
-        continue
-    obj, sym = m.group(1), m.group(2)
-    off = sym[1:] if sym.startswith("+") else None
-    if off is None or (obj, off) in seen:
-        print(f"  {obj} {sym}")
-        continue
-    seen.add((obj, off))
-    r = subprocess.run(["addr2line", "-C", "-f", "-i", "-e", obj, off], capture_output=True, text=True)
-    print(f"  {obj} {off}: {' | '.join(r.stdout.split())}")
-PY
+  python3 tests/gpu/diag/resolve_frames.py "$OUT/killed-peer.log" >"$OUT/killed-peer-resolved.txt" 2>&1
   grep -A40 "segv_trace\]" "$OUT/killed-peer-resolved.txt" | head -60
   grep -E "passed|failed|rank .*\]" "$OUT/killed-peer.log" | tail -12
 fi
