@@ -367,7 +367,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg_rows: list[dict] = []
         memory: list[dict] = []
         on_cuda = world.device.type == "cuda"
-        model_gib = max_over_world(world, _gib(torch.cuda.memory_allocated(world.device))) if on_cuda else None
+        model_gib = (
+            max_over_world(world, _gib(torch.cuda.memory_allocated(world.device))) if on_cuda else None
+        )
         for width, height in args.sizes:
             req = _request(model, width, height, args.frames, 2, "check")
             valid = set(model.valid_sp_degrees(req, world.size))
@@ -401,7 +403,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if b == 1:
                         continue
                     rb = batch_step_times(world, model, width, height, d, b, args.steps, args.frames)
-                    batch_rows.append({**_obs("DENOISE", width, height, args.frames, d, rb["step_s"]), "batch": b})
+                    batch_rows.append(
+                        {**_obs("DENOISE", width, height, args.frames, d, rb["step_s"]), "batch": b}
+                    )
                     if world.rank == 0:
                         _say(f"{args.model} {width}x{height} SP{d} batch {b}: {rb['step_s'] * 1e3:.1f} ms/step "
                              f"({rb['step_s'] / r['step_s']:.2f}x one request's step)")  # fmt: skip

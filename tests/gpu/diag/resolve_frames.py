@@ -29,7 +29,9 @@ def main(path: str) -> None:
                 print(f"  {obj} {sym}")
                 continue
             seen.add((obj, off))
-            r = subprocess.run(["addr2line", "-C", "-f", "-i", "-e", obj, off], capture_output=True, text=True)
+            r = subprocess.run(
+                ["addr2line", "-C", "-f", "-i", "-e", obj, off], capture_output=True, text=True
+            )
             print(f"  {obj} {off}: {' | '.join(r.stdout.split())}")
 
 
