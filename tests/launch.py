@@ -34,6 +34,11 @@ def _child(fn, rank, size, port, args, results, env, device, init, torch_dist):
         }
     )
     os.environ.update(env or {})
+    import faulthandler
+    import signal
+
+    # A hung rank's Python stacks, on request of the parent (run_ranks, at its timeout).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         import torch
 
@@ -65,6 +70,22 @@ def _child(fn, rank, size, port, args, results, env, device, init, torch_dist):
         results.put((rank, "err", traceback.format_exc()))
 
 
+def _dump_stacks(procs) -> None:
+    """Asks each live process for its Python stacks (faulthandler on SIGUSR1, written to its stderr)
+    and waits until each has written them or a few seconds passed."""
+    import signal
+    import time
+
+    for p in procs:
+        if p.is_alive():
+            os.kill(p.pid, signal.SIGUSR1)
+    # The dump is written synchronously by the signal handler; give the children's stderr a moment
+    # to reach the terminal (bounded: the processes are killed right after).
+    end = time.monotonic() + 3.0
+    while time.monotonic() < end and any(p.is_alive() for p in procs):
+        time.sleep(0.1)
+
+
 def run_ranks(
     fn, n, *args, timeout=240.0, env=None, device="cpu", init=True, expect_exit=None, torch_dist=None
 ):
@@ -91,7 +112,10 @@ def run_ranks(
             left = deadline - time.monotonic()
             if left <= 0:
                 missing = sorted(set(range(n)) - set(out) - expect_exit)
-                raise AssertionError(f"ranks {missing} did not finish within {timeout} s")
+                _dump_stacks([procs[r] for r in missing])
+                raise AssertionError(
+                    f"ranks {missing} did not finish within {timeout} s (their Python stacks: stderr)"
+                )
             try:
                 rank, status, value = results.get(timeout=min(left, 1.0))
             except queue.Empty:

@@ -324,7 +324,21 @@ def _silent_peer(world, timeout_s):
         return None
     t0 = time.monotonic()
     g.all_reduce(t)
-    torch.cuda.synchronize()
+    done = torch.cuda.Event()
+    done.record()
+    # Bounded: poll the stream's completion, so that a release that does not come fails with what
+    # the transport knew (its recorded failure) instead of hanging the test.
+    while not done.query():
+        if time.monotonic() - t0 > timeout_s + 20:
+            try:
+                world.check()
+                state = "the watchdog recorded no failure"
+            except gfcoll.GfcollError as e:
+                state = f"the watchdog recorded {type(e).__name__}: {e}"
+            raise AssertionError(
+                f"the stream was not released {timeout_s + 20} s after the operation; {state}"
+            )
+        time.sleep(0.01)
     with pytest.raises(gfcoll.GfcollTimeoutError) as err:
         world.check()
     assert "GFCOLL_TIMEOUT_S" in str(err.value)
