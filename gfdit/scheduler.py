@@ -389,7 +389,9 @@ class Scheduler:
             for rec in self._active.values()
             if rec.running is not None
         )
-        return SchedulerView(now, self.world_size, self.free_ranks, tuple(runnable), running, self.cost_model)
+        return SchedulerView(
+            now, self.world_size, self.free_ranks, tuple(runnable), running, self.cost_model, self.chunk_steps
+        )
 
     def schedule(self, now: float) -> list[Assignment]:
         """Ask the policy what to start at `now` and commit it. Returns the assignments to dispatch,
