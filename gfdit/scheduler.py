@@ -398,8 +398,10 @@ class Scheduler:
         each with the task actually run (DENOISE with the chosen steps), `num_steps` set for DENOISE,
         and the reshard plan (None for ENCODE). Raises PolicyError, committing nothing, if the policy's
         output breaks the contract."""
+        if not self.free_ranks:  # nothing can start: skip the view, a pass over every waiting request
+            return []
         view = self.view(now)
-        if not view.runnable or not view.free_ranks:
+        if not view.runnable:
             return []
         proposed = self.policy.schedule(view)
         self._validate(view, proposed)
