@@ -224,9 +224,8 @@ def choose_encode_ahead(
         alone_s = cost.remaining_time(rt.request, rt.task, degree, rt.remaining_steps)
         return (d is not None and now_s + alone_s > d, *_urgency(rt))
 
-    for rt in sorted(waiting, key=order):
-        if degree not in rt.valid_degrees or batch_key(rt.request, 0) != key:
-            continue
+    same = [rt for rt in waiting if degree in rt.valid_degrees and batch_key(rt.request, 0) == key]
+    for rt in sorted(same, key=order):
         steps = first_chunk(rt)
         if not isinstance(steps, int) or not 1 <= steps <= rt.remaining_steps:
             raise ValueError(f"first_chunk of {rt.request_id!r}: {steps!r} not in [1, {rt.remaining_steps}]")
