@@ -26,11 +26,16 @@ max_batch = 1 gives every chunk alone, in urgency order: no batching.
 
 The time a member waits while others run is not modelled here: like the "alone" it is compared with,
 the batch is assumed to start now. A policy that cannot run every batch at once decides the order.
+
+`choose_encode_ahead` makes the other batching decision, whether a batch should first wait for a
+request that is not yet encoded (Note [Encoding ahead for batches] in gfdit/policy.py), with the same
+conditions (2) and (3).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable, Sequence
+import dataclasses
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -41,7 +46,16 @@ from gfdit.tasks import Task, TaskKind
 if TYPE_CHECKING:  # policies import this module
     from gfdit.policy import RunnableTask
 
-__all__ = ["BatchKey", "Batch", "batch_key", "batchable", "uses_cfg", "choose_batches", "kBatchedFamilies"]
+__all__ = [
+    "BatchKey",
+    "Batch",
+    "batch_key",
+    "batchable",
+    "uses_cfg",
+    "choose_batches",
+    "choose_encode_ahead",
+    "kBatchedFamilies",
+]
 
 # Model families whose models denoise in batches (Note [Batched steps]); Wan2.2 (two experts) and
 # Qwen-Image refuse, so a policy never batches them.
@@ -171,24 +185,129 @@ def choose_batches(
     return [b for _, b in batches]
 
 
+def choose_encode_ahead(
+    batch: Sequence[RunnableTask],
+    waiting: Iterable[RunnableTask],
+    cost: CostModel,
+    *,
+    now_s: float,
+    degree: int,
+    max_batch: int,
+    first_chunk: Callable[[RunnableTask], int],
+) -> RunnableTask | None:
+    """Note [Encoding ahead for batches] (gfdit/policy.py): the request of `waiting` to encode now on
+    the group of `degree` ranks that `batch` would run on, so that it joins the batch at the next
+    rescheduling point; None to run the batch now. `batch`: the DENOISE chunks about to run together
+    (one BatchKey; each `task` the chunk as it would run); `waiting`: requests whose next task is
+    ENCODE; `first_chunk(rt)`: the steps of a waiting request's first DENOISE chunk. Most urgent first."""
+    members = list(batch)
+    if not members:
+        raise ValueError("choose_encode_ahead: an empty batch")
+    if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
+        raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+    if not isinstance(degree, int) or isinstance(degree, bool) or degree < 1:
+        raise ValueError(f"degree must be a positive integer, got {degree!r}")
+    key = batch_key(members[0].request, members[0].task.start)
+    for m in members:
+        if m.kind is not TaskKind.DENOISE or batch_key(m.request, m.task.start) != key:
+            raise ValueError(f"choose_encode_ahead: {m.task} is not a DENOISE chunk of batch key {key}")
+    if len(members) >= max_batch:
+        return None
+    batch_s = _chunk_time(cost, key, degree, members)
+    waiting = list(waiting)
+    for rt in waiting:
+        if rt.kind is not TaskKind.ENCODE:
+            raise ValueError(f"choose_encode_ahead: {rt.task} is not an ENCODE task")
+
+    def order(rt: RunnableTask) -> tuple:  # those that can still meet their deadline first
+        d = rt.request.deadline_s
+        alone_s = cost.remaining_time(rt.request, rt.task, degree, rt.remaining_steps)
+        return (d is not None and now_s + alone_s > d, *_urgency(rt))
+
+    same = [rt for rt in waiting if degree in rt.valid_degrees and batch_key(rt.request, 0) == key]
+    for rt in sorted(same, key=order):
+        steps = first_chunk(rt)
+        if not isinstance(steps, int) or not 1 <= steps <= rt.remaining_steps:
+            raise ValueError(f"first_chunk of {rt.request_id!r}: {steps!r} not in [1, {rt.remaining_steps}]")
+        joiner = dataclasses.replace(rt, task=Task(rt.request_id, TaskKind.DENOISE, 0, steps))
+        trial = [*members, joiner]
+        trial_s = _chunk_time(cost, key, degree, trial)
+        saved_s = batch_s + _chunk_time(cost, key, degree, [joiner]) - trial_s
+        encode_s = cost.task_time(rt.task, rt.request, degree)
+        # (2) batching pays, and the group's ranks save more than they spend on the encode beyond
+        # the one rank that would encode the request anyway.
+        if saved_s <= 0 or degree * saved_s <= (degree - 1) * encode_s:
+            continue
+        # (3) as choose_batches checks it (this chunk batched, then alone), and with the batch staying
+        # together to the end, as an encode-ahead that refills it makes it.
+        before_s = {rt.request_id: cost.task_time(rt.task, rt.request, 1)}  # as remaining_time counts it
+        if _deadlines_hold(
+            cost, trial, trial_s, now_s, degree, delay_s=encode_s, before_s=before_s
+        ) and _deadlines_hold_in_lockstep(cost, key, trial, now_s, degree, encode_s, before_s):
+            return rt
+    return None
+
+
 def _chunk_time(cost: CostModel, key: BatchKey, degree: int, members: Sequence[RunnableTask]) -> float:
     steps = [m.task.num_steps for m in members]
     return cost.batch_chunk_time(key.model, key.width, key.height, key.frames, degree, steps)
 
 
 def _deadlines_hold(
-    cost: CostModel, members: Sequence[RunnableTask], batch_s: float, now_s: float, degree: int
+    cost: CostModel,
+    members: Sequence[RunnableTask],
+    batch_s: float,
+    now_s: float,
+    degree: int,
+    *,
+    delay_s: float = 0.0,
+    before_s: Mapping[str, float] | None = None,
 ) -> bool:
-    """Condition (3) of Note [Choosing batches] for every member of a candidate batch."""
+    """Condition (3) of Note [Choosing batches] for every member of a candidate batch that starts
+    `delay_s` after now. `before_s`: request id -> seconds of its tasks before its chunk when it runs
+    alone from now (the ENCODE of a request encoded ahead, Note [Encoding ahead for batches])."""
+    before_s = before_s or {}
     for m in members:
         deadline = m.request.deadline_s
         if deadline is None:
             continue
         r = m.request
-        alone_total = cost.remaining_time(r, m.task, degree, m.remaining_steps)
-        if now_s + alone_total > deadline:
+        alone_rest = cost.remaining_time(r, m.task, degree, m.remaining_steps)  # from its chunk on
+        if now_s + before_s.get(m.request_id, 0.0) + alone_rest > deadline:
             continue  # misses alone: not protected
         alone_chunk = m.task.num_steps * cost.step_time(r.model, r.width, r.height, r.num_frames, degree)
-        if now_s + batch_s + (alone_total - alone_chunk) > deadline + 1e-12 * max(1.0, abs(deadline)):
+        end_s = now_s + delay_s + batch_s + (alone_rest - alone_chunk)
+        if end_s > deadline + 1e-12 * max(1.0, abs(deadline)):
+            return False
+    return True
+
+
+def _deadlines_hold_in_lockstep(
+    cost: CostModel,
+    key: BatchKey,
+    members: Sequence[RunnableTask],
+    now_s: float,
+    degree: int,
+    delay_s: float,
+    before_s: Mapping[str, float],
+) -> bool:
+    """Condition (3) of Note [Encoding ahead for batches] with each member's whole remaining
+    trajectory batched: the members start `delay_s` after now and run all their remaining steps in
+    lockstep (the batch shrinking as members finish), so member m ends its steps after
+    batch_chunk_time of min(n_k, n_m) steps of every member k, then runs the rest (DECODE) alone."""
+    for m in members:
+        deadline = m.request.deadline_s
+        if deadline is None:
+            continue
+        r = m.request
+        alone_rest = cost.remaining_time(r, m.task, degree, m.remaining_steps)
+        if now_s + before_s.get(m.request_id, 0.0) + alone_rest > deadline:
+            continue  # misses alone: not protected
+        n = m.remaining_steps
+        steps_s = cost.batch_chunk_time(
+            key.model, key.width, key.height, key.frames, degree, [min(k.remaining_steps, n) for k in members]
+        )
+        after_s = alone_rest - n * cost.step_time(r.model, r.width, r.height, r.num_frames, degree)
+        if now_s + delay_s + steps_s + after_s > deadline + 1e-12 * max(1.0, abs(deadline)):
             return False
     return True

@@ -31,6 +31,46 @@ that knows nothing of batching, nothing is ever batched.
 The default stays 1 until a measured batched step (gfdit profile --batch-sizes on the target GPU)
 shows which sizes pay: no measurement backs a larger default yet.
 
+Note [Encoding ahead for batches]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+Batching alone only batches chunks that are ready at the same rescheduling point. When a policy serves
+requests one after the other (one rank; or FCFS whose head takes every rank), a queued request's next
+task is ENCODE, which gets ranks only once the head has finished: at most one request is ever at
+DENOISE and nothing batches, however deep the queue. So every built-in policy (in `finish`, after
+`batch_denoise`; `encode_ahead`) may run, instead of a batchable DENOISE chunk (alone or a batch, not
+CFG-parallel), the ENCODE of one waiting request (next task ENCODE, not given ranks by the policy) of
+the same BatchKey, on that chunk's ranks in their order. At the next rescheduling point, when that
+ENCODE ends, its DENOISE is ready beside the chunk's and `batch_denoise` batches them. Per decision:
+  - one ENCODE per chunk, on the chunk's whole group: a rank runs one task at a time, so one rank can
+    take one encode per rescheduling point anyway, and this way the newcomer's state lands sharded
+    over the group the batch runs on (no reshard, conditioning on every member; the group that the
+    fixed pipelines, static, rssp and tetriserve, then keep for it). The chunk waits (the scheduler
+    counts a preemption); the next point decides again, so a batch grows by one member per encode, up
+    to max_batch, and refills as members finish;
+  - the newcomer is the first waiting request of the key, those that can still meet their deadline
+    alone first, then by urgency (deadline, arrival), for which `choose_encode_ahead`
+    (gfdit/batching.py) finds, by the cost model, with its first chunk as the policy would run it
+    (`chunk`, else the scheduler's `chunk_steps`):
+      (2) batching pays: the batched chunk with the newcomer costs less than the batch without it plus
+          the newcomer's chunk alone (CostModel.batch_chunk_time), by more than the encode costs the
+          group beyond the one rank that would encode the request anyway:
+          degree x saved > (degree - 1) x encode seconds (on one rank: saved > 0);
+      (3) the delay breaks no deadline: every member (the chunk's and the newcomer) that would meet
+          its deadline without the encode-ahead (from now: its chunk alone; the newcomer encoded on
+          one rank, then alone) still meets it when the batch starts after the encode, both as
+          choose_batches counts it (this chunk batched, the rest of its trajectory alone) and with
+          the batch staying together to the end (every member's remaining steps in lockstep, the
+          batch shrinking as members finish, then DECODE), which is what refilling makes of it. As in
+          Note [Choosing batches], members that miss alone are not protected, and requests outside
+          the batch that wait for these ranks are not modelled: in the simulator (tiny-flux 64² and
+          128², one rank, edf-best-fit, deadlines at 3x standalone) deadline attainment stays at or
+          above the unbatched one up to 1.3x overload, with 23-28 % more throughput there, and
+          loses up to 6 points at 1.7x overload, where throughput is 33 % higher.
+  - nothing changes with max_batch = 1, for models that do not batch, or when no waiting request
+    of the key exists; `disaggregated` opts out while it keeps ENCODE off its denoise ranks.
+The workers keep each request's state on its ranks, whatever else runs there (gfdit.runtime.worker
+holds it by request id), so the waiting chunk resumes where it was.
+
 Note [CFG-parallel in policies]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 A request with true classifier-free guidance (`gfdit.models.presets.runs_true_cfg`: Wan, Wan2.2,
@@ -60,7 +100,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from gfdit.batching import batchable, choose_batches
+from gfdit.batching import batchable, choose_batches, choose_encode_ahead
 from gfdit.cost import CostModel
 from gfdit.layout import Layout, ReshardPlan, choose_ranks_for_reuse
 from gfdit.request import Request
@@ -90,6 +130,7 @@ __all__ = [
     "place",
     "state_holders",
     "batch_denoise",
+    "encode_ahead",
     "cfg_view",
     "finish",
     "kCfgModes",
@@ -157,6 +198,9 @@ class SchedulerView:
     runnable: tuple[RunnableTask, ...]  # requests at a rescheduling point, by arrival
     running: tuple[RunningTask, ...]  # tasks in flight
     cost: CostModel  # for estimates beyond the precomputed ones
+    # the scheduler's default DENOISE chunk (Trajectory.chunk_steps): a request's chunk as listed once it
+    # reaches DENOISE (Note [Encoding ahead for batches])
+    chunk_steps: int
 
 
 @dataclass(frozen=True)
@@ -295,6 +339,66 @@ def batch_denoise(
     return out
 
 
+def _first_chunk(view: SchedulerView, rt: RunnableTask, chunk: int | None) -> int:
+    """Steps of `rt`'s first DENOISE chunk as a policy with `chunk` would run it (`_steps` of its
+    chunk as the scheduler will list it)."""
+    if chunk is None:
+        return min(view.chunk_steps, rt.remaining_steps)
+    return rt.remaining_steps if chunk == 0 else min(chunk, rt.remaining_steps)
+
+
+def encode_ahead(
+    view: SchedulerView, assignments: Sequence[Assignment], max_batch: int, chunk: int | None
+) -> list[Assignment]:
+    """Note [Encoding ahead for batches]: `assignments` (after `batch_denoise`) with each batchable
+    DENOISE chunk (alone or a batch) that a waiting request should join replaced, in place, by that
+    request's ENCODE on the chunk's ranks. max_batch 1: unchanged."""
+    out = list(assignments)
+    if max_batch <= 1:
+        return out
+    assigned = {a.task.request_id for a in out}
+    waiting = [
+        rt
+        for rt in view.runnable
+        if rt.kind is TaskKind.ENCODE and rt.request_id not in assigned and batchable(rt.request)
+    ]
+    if not waiting:
+        return out
+    by_id = {rt.request_id: rt for rt in view.runnable}
+    result: list[Assignment] = []
+    seen_tags: set[int] = set()
+    for a in out:
+        rt = by_id.get(a.task.request_id)
+        if rt is None or a.task.kind is not TaskKind.DENOISE or a.cfg or not batchable(rt.request):
+            result.append(a)
+            continue
+        if a.batch is not None and a.batch in seen_tags:
+            continue  # a later member of a batch already decided
+        members = [a] if a.batch is None else [x for x in out if x.batch == a.batch]
+        if a.batch is not None:
+            seen_tags.add(a.batch)
+        chunks = []
+        for m in members:
+            steps = m.num_steps if m.num_steps is not None else m.task.num_steps
+            task = Task(m.task.request_id, TaskKind.DENOISE, m.task.start, m.task.start + steps)
+            chunks.append(dataclasses.replace(by_id[m.task.request_id], task=task))
+        pick = choose_encode_ahead(
+            chunks,
+            waiting,
+            view.cost,
+            now_s=view.now_s,
+            degree=len(a.ranks),
+            max_batch=max_batch,
+            first_chunk=lambda w: _first_chunk(view, w, chunk),
+        )
+        if pick is None:
+            result.extend(members)
+            continue
+        waiting.remove(pick)
+        result.append(Assignment(pick.task, a.ranks))
+    return result
+
+
 def _check_cfg(p: Policy, cfg: str) -> None:
     _check(p.name, cfg in kCfgModes, f"cfg must be one of {', '.join(kCfgModes)}, got {cfg!r}")
 
@@ -356,11 +460,18 @@ def _cfg_ranks(rt: RunnableTask, ranks: Sequence[int]) -> tuple[int, ...]:
 
 
 def finish(
-    view: SchedulerView, assignments: Sequence[Assignment], mode: str, max_batch: int, chunk: int | None
+    view: SchedulerView,
+    assignments: Sequence[Assignment],
+    mode: str,
+    max_batch: int,
+    chunk: int | None,
+    *,
+    ahead: bool = True,
 ) -> list[Assignment]:
     """What every built-in policy does with its assignments (made on `cfg_view(view, mode)`): marks
     the DENOISE chunks whose chosen layout is CFG-parallel (Note [CFG-parallel in policies]), then
-    batches (Note [Batching in policies])."""
+    batches (Note [Batching in policies]) and, with `ahead`, encodes ahead for batches (Note
+    [Encoding ahead for batches])."""
     out = list(assignments)
     if mode != "off":
         by_id = {rt.request_id: rt for rt in view.runnable}
@@ -370,7 +481,8 @@ def finish(
                 continue
             if _cfg_choice(rt, mode).get(len(a.ranks), False):
                 out[i] = dataclasses.replace(a, ranks=_cfg_ranks(rt, a.ranks), cfg=True)
-    return batch_denoise(view, out, max_batch, chunk)
+    out = batch_denoise(view, out, max_batch, chunk)
+    return encode_ahead(view, out, max_batch, chunk) if ahead else out
 
 
 def _assign_greedily(
@@ -975,4 +1087,4 @@ class DisaggregatedPolicy(Policy):
                 ranks = place(rt, stage_free, 1, _others(holders, rt.request_id))
                 stage_free = [r for r in stage_free if r not in ranks]
             out.append(Assignment(rt.task, ranks, _steps(rt, self.chunk)))
-        return finish(original, out, self.cfg, self.max_batch, self.chunk)
+        return finish(original, out, self.cfg, self.max_batch, self.chunk, ahead=False)

@@ -389,15 +389,19 @@ class Scheduler:
             for rec in self._active.values()
             if rec.running is not None
         )
-        return SchedulerView(now, self.world_size, self.free_ranks, tuple(runnable), running, self.cost_model)
+        return SchedulerView(
+            now, self.world_size, self.free_ranks, tuple(runnable), running, self.cost_model, self.chunk_steps
+        )
 
     def schedule(self, now: float) -> list[Assignment]:
         """Ask the policy what to start at `now` and commit it. Returns the assignments to dispatch,
         each with the task actually run (DENOISE with the chosen steps), `num_steps` set for DENOISE,
         and the reshard plan (None for ENCODE). Raises PolicyError, committing nothing, if the policy's
         output breaks the contract."""
+        if not self.free_ranks:  # nothing can start: skip the view, a pass over every waiting request
+            return []
         view = self.view(now)
-        if not view.runnable or not view.free_ranks:
+        if not view.runnable:
             return []
         proposed = self.policy.schedule(view)
         self._validate(view, proposed)

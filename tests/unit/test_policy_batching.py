@@ -5,13 +5,15 @@ batch never batched, and the contract checks on batch tags."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from gfdit.cost import AnalyticCostModel
 from gfdit.policy import Assignment, PolicySpecError, available_policies, make_policy
 from gfdit.request import Request
 from gfdit.scheduler import PolicyError, Scheduler
-from gfdit.tasks import TaskKind, TaskTimings
+from gfdit.tasks import Task, TaskKind, TaskTimings
 
 
 class CountingCost(AnalyticCostModel):
@@ -226,3 +228,208 @@ def test_batch_command_round_trips_and_checks_its_members():
     for data in bad:
         with pytest.raises(msg.MessageError):
             msg.decode_command(enc.encode(data))
+
+
+# Note [Encoding ahead for batches]: requests served one after the other still batch.
+
+
+def _one_rank(spec: str, requests, cost=None) -> Scheduler:
+    """A 1-rank scheduler under `spec` whose first request has run ENCODE (at t=0, ending at 0.01) and
+    waits at DENOISE while the others wait at ENCODE."""
+    sched = Scheduler(1, make_policy(spec), cost, learn=False)  # the estimates stay as the test computes them
+    for r in requests:
+        sched.submit(r)
+    (a,) = sched.schedule(0.0)
+    assert (a.task.request_id, a.task.kind) == (requests[0].request_id, TaskKind.ENCODE)
+    sched.on_task_done(a.task, a.ranks, TaskTimings(0.0, 0.01))
+    return sched
+
+
+def _decisions(sched: Scheduler, now: float, rounds: int) -> list[list[tuple[str, str, int | None]]]:
+    """`rounds` rescheduling points from `now`, each task ending 0.01 s after its decision: per point,
+    (request, kind, batch tag) of every assignment."""
+    out = []
+    for _ in range(rounds):
+        made = sched.schedule(now)
+        out.append([(a.task.request_id, a.task.kind.name, a.batch) for a in made])
+        for a in made:
+            sched.on_task_done(a.task, a.ranks, TaskTimings(now, now + 0.01))
+        now += 0.01
+    return out
+
+
+def test_one_rank_encodes_ahead_then_batches():
+    sched = _one_rank("fcfs-elastic:max_batch=4", [_req(f"r{i}") for i in range(4)])
+    points = _decisions(sched, 0.01, 4)
+    # The head waits at DENOISE while each queued request of its shape is encoded on its rank ...
+    assert points[:3] == [[("r1", "ENCODE", None)], [("r2", "ENCODE", None)], [("r3", "ENCODE", None)]]
+    # ... then all four run their first chunk as one batch.
+    assert sorted(p[0] for p in points[3]) == ["r0", "r1", "r2", "r3"]
+    assert {p[1] for p in points[3]} == {"DENOISE"} and len({p[2] for p in points[3]}) == 1
+    assert points[3][0][2] is not None
+    assert sched.record("r0").history[-1].batch_size == 4
+    # Waiting for the encodes counts as a preemption of the head (its rank went to another request).
+    assert sched.record("r0").num_preemptions == 1
+
+
+def test_one_rank_without_batching_serves_one_request_after_the_other():
+    sched = _one_rank("fcfs-elastic", [_req(f"r{i}") for i in range(4)])
+    points = _decisions(sched, 0.01, 4)
+    # r0's two chunks (4 steps, chunks of 2) and its DECODE, then r1's ENCODE: exactly as before.
+    assert points == [
+        [("r0", "DENOISE", None)], [("r0", "DENOISE", None)], [("r0", "DECODE", None)], [("r1", "ENCODE", None)]
+    ]  # fmt: skip
+
+
+def test_encode_ahead_stops_at_max_batch():
+    sched = _one_rank("fcfs-elastic:max_batch=2", [_req(f"r{i}") for i in range(4)])
+    points = _decisions(sched, 0.01, 2)
+    assert points[0] == [("r1", "ENCODE", None)]
+    assert sorted(p[0] for p in points[1]) == ["r0", "r1"] and points[1][0][2] is not None
+
+
+def test_encode_ahead_keeps_a_deadline_the_head_meets_alone():
+    cost = AnalyticCostModel()
+    head = _req("r0")
+    encode_s = cost.stage_time(TaskKind.ENCODE, "tiny-flux", 64, 64, None, 1)
+    alone_s = cost.remaining_time(head, Task("r0", TaskKind.DENOISE, 0, 2), 1, head.num_inference_steps)
+    # From t=0.01, r0 alone ends at 0.01 + alone_s; encoding r1 first would cost it encode_s and more.
+    tight = dataclasses.replace(head, deadline_s=0.01 + alone_s + 0.5 * encode_s)
+    sched = _one_rank("fcfs-elastic:max_batch=4", [tight, _req("r1"), _req("r2")], cost)
+    assert _decisions(sched, 0.01, 1) == [[("r0", "DENOISE", None)]]
+    # With room for the encode and the batched chunks, the same head waits for r1's encode.
+    loose = dataclasses.replace(head, deadline_s=0.01 + 2 * alone_s)
+    sched = _one_rank("fcfs-elastic:max_batch=4", [loose, _req("r1"), _req("r2")], cost)
+    assert _decisions(sched, 0.01, 1) == [[("r1", "ENCODE", None)]]
+
+
+def test_encode_ahead_keeps_a_deadline_the_newcomer_meets_alone():
+    cost = AnalyticCostModel()
+    late = _req("r1")
+    alone_s = cost.standalone_time(late, 1)
+    tight = dataclasses.replace(late, deadline_s=0.01 + alone_s + 1e-4)  # met alone, not in a batch
+    sched = _one_rank("fcfs-elastic:max_batch=4", [_req("r0"), tight], cost)
+    assert _decisions(sched, 0.01, 1) == [[("r0", "DENOISE", None)]]
+
+
+@pytest.mark.parametrize("other", [dict(size=128), dict(model="tiny-qwen-image")])
+def test_no_encode_ahead_for_another_shape_or_model(other):
+    sched = _one_rank("fcfs-elastic:max_batch=4", [_req("r0"), _req("r1", **other), _req("r2", **other)])
+    assert _decisions(sched, 0.01, 1) == [[("r0", "DENOISE", None)]]
+
+
+def test_no_encode_ahead_when_batching_does_not_pay():
+    from gfdit.cost import CostModel
+
+    class NoBatching(CostModel):  # B steps of a batch cost B steps: batching never pays
+        def step_time(self, model, width, height, frames, sp_degree):
+            return 0.01
+
+        def stage_time(self, kind, model, width, height, frames, sp_degree):
+            return 0.005
+
+        def reshard_time(self, num_bytes):
+            return 0.0
+
+        def observe(self, *args, **kwargs):
+            pass
+
+    sched = _one_rank("fcfs-elastic:max_batch=4", [_req(f"r{i}") for i in range(3)], NoBatching())
+    assert _decisions(sched, 0.01, 1) == [[("r0", "DENOISE", None)]]
+
+
+@pytest.mark.parametrize("name", ["static", "tetriserve", "edf-best-fit", "srtf", "disaggregated"])
+def test_every_builtin_policy_encodes_ahead_on_one_rank(name):
+    # disaggregated on one rank (no ranks to set apart for stages) runs everything there.
+    sched = _one_rank(f"{name}:max_batch=3", [_req(f"r{i}") for i in range(3)])
+    points = _decisions(sched, 0.01, 3)
+    assert points[:2] == [[("r1", "ENCODE", None)], [("r2", "ENCODE", None)]], points
+    assert sorted(p[0] for p in points[2]) == ["r0", "r1", "r2"] and points[2][0][2] is not None
+
+
+def test_disaggregated_keeps_encode_off_its_denoise_ranks():
+    sched = Scheduler(2, make_policy("disaggregated:max_batch=4"))
+    for i in range(3):
+        sched.submit(_req(f"r{i}"))
+    now = 0.0
+    for _ in range(12):
+        made = sched.schedule(now)
+        for a in made:
+            if a.task.kind is TaskKind.ENCODE:
+                assert a.ranks == (1,), a  # its stage rank
+            sched.on_task_done(a.task, a.ranks, TaskTimings(now, now + 0.01))
+        now += 0.01
+
+
+def _trace(spec: str, world: int, requests) -> list[tuple]:
+    from gfdit.sim import simulate
+
+    out = simulate(Scheduler(world, make_policy(spec)), [dataclasses.replace(r) for r in requests])
+    return [(e.task, e.ranks, e.start_s, e.end_s) for e in out.trace]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_max_batch_one_decisions_are_unchanged(world, monkeypatch):
+    """max_batch=1 makes every decision that the policy made before encoding ahead existed: a
+    mixed trace simulated with encode_ahead in place and with it taken out gives the same tasks, on
+    the same ranks, at the same times, for every built-in policy."""
+    import gfdit.policy as policy
+
+    reqs = [
+        dataclasses.replace(_req(f"q{i}", size=(64, 128)[i % 2], steps=4 + i % 3), arrival_s=0.004 * i)
+        for i in range(10)
+    ]
+    builtin = [n for n in available_policies() if type(make_policy(n)).__module__ == "gfdit.policy"]
+    for name in builtin:
+        with_it = _trace(f"{name}:max_batch=1", world, reqs)
+        with monkeypatch.context() as m:
+            m.setattr(policy, "encode_ahead", lambda view, out, max_batch, chunk: list(out))
+            without = _trace(f"{name}:max_batch=1", world, reqs)
+        assert with_it == without, name
+
+
+def test_simulator_batches_an_overloaded_queue_on_one_rank():
+    """One rank, one shape, arrivals far faster than it serves them: with max_batch=4 the queue's
+    requests are encoded ahead and batched (mean batch size > 1) and throughput rises."""
+    from gfdit.sim import simulate
+
+    reqs = [dataclasses.replace(_req(f"s{i}", steps=8), arrival_s=0.005 * i) for i in range(24)]
+    cost = AnalyticCostModel()
+    assert cost.batch_step_time("tiny-flux", 64, 64, None, 1, 4) < 4 * cost.step_time(
+        "tiny-flux", 64, 64, None, 1
+    )
+    results = {}
+    for spec in ("fcfs-elastic", "fcfs-elastic:max_batch=4"):
+        sched = Scheduler(1, make_policy(spec), AnalyticCostModel())
+        out = simulate(sched, [dataclasses.replace(r) for r in reqs])
+        assert out.num_done == len(reqs)
+        sizes = [
+            t.batch_size
+            for r in reqs
+            for t in sched.record(r.request_id).history
+            if t.task.kind is TaskKind.DENOISE
+        ]
+        results[spec] = (sum(sizes) / len(sizes), out.throughput_rps)
+    alone, batched = results["fcfs-elastic"], results["fcfs-elastic:max_batch=4"]
+    assert alone[0] == 1.0
+    assert batched[0] > 2.0, results
+    assert batched[1] > 1.3 * alone[1], results
+
+
+def test_choose_encode_ahead_refuses_bad_input():
+    from gfdit.batching import choose_encode_ahead
+
+    sched = _one_rank("fcfs-elastic", [_req("r0"), _req("r1")])
+    view = sched.view(0.01)
+    head, waiting = view.runnable
+    kw = dict(now_s=0.01, degree=1, max_batch=4, first_chunk=lambda rt: 2)
+    with pytest.raises(ValueError, match="empty batch"):
+        choose_encode_ahead([], [waiting], view.cost, **kw)
+    with pytest.raises(ValueError, match="not an ENCODE"):
+        choose_encode_ahead([head], [head], view.cost, **kw)
+    with pytest.raises(ValueError, match="not a DENOISE"):
+        choose_encode_ahead([waiting], [waiting], view.cost, **kw)
+    with pytest.raises(ValueError, match="first_chunk"):
+        choose_encode_ahead([head], [waiting], view.cost, **{**kw, "first_chunk": lambda rt: 0})
+    assert choose_encode_ahead([head], [waiting], view.cost, **kw) == waiting
+    assert choose_encode_ahead([head], [waiting], view.cost, **{**kw, "max_batch": 1}) is None
