@@ -1,6 +1,7 @@
 // Implementation of the host transport; the protocol is described in Note [host protocol] in
 // host_transport.h.
 #include "gfcoll/host_transport.h"
+#include "gfcoll/proc.h"
 
 #include <fcntl.h>
 #include <linux/futex.h>
@@ -18,7 +19,6 @@
 #include <climits>
 #include <cstdio>
 #include <cstring>
-#include <fstream>
 
 #include "../kernels/host_reduce.h"
 
@@ -260,22 +260,7 @@ void HostTransport::ring(int r) const {
   if (h->waiters.load(std::memory_order_seq_cst) > 0) futex_wake_all(&h->doorbell);
 }
 
-bool HostTransport::peer_alive(int r) const {
-  pid_t pid = static_cast<pid_t>(seg(r)->pid);
-  if (pid == getpid()) return true;
-  if (kill(pid, 0) != 0 && errno == ESRCH) return false;
-  // A process that died but was not reaped yet is a zombie: still signalable, but gone.
-  char path[64];
-  std::snprintf(path, sizeof(path), "/proc/%d/stat", static_cast<int>(pid));
-  std::ifstream f(path);
-  if (!f) return errno != ENOENT;
-  std::string line;
-  std::getline(f, line);
-  auto close_paren = line.rfind(')');
-  if (close_paren == std::string::npos || close_paren + 2 >= line.size()) return true;
-  char state = line[close_paren + 2];
-  return state != 'Z' && state != 'X';
-}
+bool HostTransport::peer_alive(int r) const { return process_alive(seg(r)->pid); }
 
 template <typename Ready>
 void HostTransport::wait_until(int seg_rank, Ready&& ready, const Op& op, const std::vector<int>& watch,

@@ -1,5 +1,6 @@
 // ipc transport; the protocol is Note [ipc signalling] in gfcoll/ipc_transport.h.
 #include "gfcoll/ipc_transport.h"
+#include "gfcoll/proc.h"
 
 #include <cuda.h>
 #include <cudaTypedefs.h>
@@ -10,7 +11,6 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
-#include <fstream>
 
 #include "../kernels/ipc.h"
 
@@ -44,21 +44,7 @@ const MemOps& memops() {
   return ops;
 }
 
-bool pid_alive(int64_t pid) {
-  if (pid <= 0) return true;
-  if (kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) return false;
-  // A process that died but was not reaped yet is a zombie: still signalable, but gone.
-  char path[64];
-  std::snprintf(path, sizeof(path), "/proc/%lld/stat", static_cast<long long>(pid));
-  std::ifstream f(path);
-  if (!f) return true;
-  std::string line;
-  std::getline(f, line);
-  const auto close_paren = line.rfind(')');
-  if (close_paren == std::string::npos || close_paren + 2 >= line.size()) return true;
-  const char state = line[close_paren + 2];
-  return state != 'Z' && state != 'X';
-}
+bool pid_alive(int64_t pid) { return process_alive(pid); }
 
 std::string ranks_text(const std::vector<int>& r) {
   std::string s = "[";

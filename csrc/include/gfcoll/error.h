@@ -2,9 +2,11 @@
 // mapped by the bindings to a Python exception subclass chosen by its code.
 #pragma once
 
-#include <sstream>
+#include <cstdio>
 #include <stdexcept>
 #include <string>
+#include <string_view>
+#include <type_traits>
 
 namespace gfcoll {
 
@@ -31,11 +33,46 @@ class Error : public std::runtime_error {
 };
 
 namespace detail {
+// Error messages are built from plain strings, never iostreams: on the GPU build a message formatted
+// through std::ostringstream crashed the process (SIGSEGV inside the stream's locale machinery,
+// seen on H100 and H200, 2026-12-05/06) whenever an error was raised, so every error path must stay
+// clear of <sstream> and <iostream>.
+template <typename T>
+inline constexpr bool kAlwaysFalse = false;
+
+template <typename T>
+void append(std::string& out, const T& v) {
+  using U = std::decay_t<T>;
+  if constexpr (std::is_same_v<U, bool>) {
+    out += v ? "true" : "false";
+  } else if constexpr (std::is_same_v<U, char>) {
+    out += v;
+  } else if constexpr (std::is_same_v<U, const char*> || std::is_same_v<U, char*>) {
+    out += v != nullptr ? v : "(null)";
+  } else if constexpr (std::is_convertible_v<const T&, std::string_view>) {
+    out += std::string_view(v);
+  } else if constexpr (std::is_enum_v<U>) {
+    out += std::to_string(static_cast<long long>(v));
+  } else if constexpr (std::is_integral_v<U>) {
+    out += std::to_string(v);
+  } else if constexpr (std::is_floating_point_v<U>) {
+    char buf[40];
+    std::snprintf(buf, sizeof(buf), "%g", static_cast<double>(v));
+    out += buf;
+  } else if constexpr (std::is_pointer_v<U>) {
+    char buf[32];
+    std::snprintf(buf, sizeof(buf), "%p", static_cast<const void*>(v));
+    out += buf;
+  } else {
+    static_assert(kAlwaysFalse<T>, "gfcoll error messages take strings, numbers, enums and pointers");
+  }
+}
+
 template <typename... Args>
 std::string concat(Args&&... args) {
-  std::ostringstream os;
-  (os << ... << args);
-  return os.str();
+  std::string out;
+  (append(out, args), ...);
+  return out;
 }
 }  // namespace detail
 
