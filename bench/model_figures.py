@@ -42,6 +42,10 @@ def _rows(profile: dict) -> list[dict]:
     return out
 
 
+def _gib(v) -> str:
+    return "—" if v is None else f"{v:.2f}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("dir")
@@ -56,7 +60,7 @@ def main() -> None:
         for r in _rows(prof):
             lines.append(
                 f"| {r['model']} | {r['size']} | {r['mode']} | {r['step_ms']:.1f} | {r['encode_ms']:.1f} | "
-                f"{r['decode_ms']:.1f} | {r['request_s']:.2f} ({r['steps']}) | {r['model_gib']} | {r['peak_gib']} |"
+                f"{r['decode_ms']:.1f} | {r['request_s']:.2f} ({r['steps']}) | {_gib(r['model_gib'])} | {_gib(r['peak_gib'])} |"
             )
     meta = sorted({(x["card"], x["date"][:10], x["torch"]) for x in profiles})
     lines += ["", "card, date, torch: " + "; ".join(", ".join(m) for m in meta)]

@@ -368,7 +368,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         memory: list[dict] = []
         on_cuda = world.device.type == "cuda"
         model_gib = (
-            max_over_world(world, _gib(torch.cuda.memory_allocated(world.device))) if on_cuda else None
+            round(max_over_world(world, _gib(torch.cuda.memory_allocated(world.device))), 3)
+            if on_cuda
+            else None
         )
         for width, height in args.sizes:
             req = _request(model, width, height, args.frames, 2, "check")
@@ -387,7 +389,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 r = step_times(world, model, width, height, d, args.steps, args.frames)
                 rows.append(_obs("DENOISE", width, height, args.frames, d, r["step_s"]))
                 if on_cuda:
-                    peak = max_over_world(world, _gib(torch.cuda.max_memory_allocated(world.device)))
+                    peak = round(
+                        max_over_world(world, _gib(torch.cuda.max_memory_allocated(world.device))), 3
+                    )
                     memory.append({"width": width, "height": height, "frames": args.frames, "degree": d,
                                    "peak_gib": peak})  # fmt: skip
                 if args.breakdown:
