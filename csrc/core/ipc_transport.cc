@@ -83,7 +83,7 @@ IpcTransport::IpcTransport(int rank, int device, int num_local, IpcOptions optio
   // rest is a ring shared by eager operations, a quarter at most per operation (or chunk), so that
   // a few operations can be in flight before one waits for another's staging.
   arena_end_ = ws_bytes_;
-  arena_begin_ = arena_head_ = ws_bytes_ - staging / 4 / kAlign * kAlign;
+  arena_begin_ = ws_bytes_ - staging / 4 / kAlign * kAlign;
   ring_begin_ = ring_head_ = lay.staging;
   ring_end_ = arena_begin_;
   chunk_cap_ = std::max<uint64_t>(kAlign, (ring_end_ - ring_begin_) / 4 / kAlign * kAlign);
@@ -305,17 +305,16 @@ void IpcTransport::prune_locked() {
 IpcTransport::Issue IpcTransport::begin(const Group& g, uint64_t bytes, uintptr_t stream_, const char* what) {
   Issue is{as_stream(stream_), false, ring_begin_, bytes};
   cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
-  GF_CHECK_CUDA(cudaStreamIsCapturing(is.stream, &cs));
+  GF_CHECK_CUDA(cudaStreamGetCaptureInfo(is.stream, &cs));
   is.capturing = cs != cudaStreamCaptureStatusNone;
   const uint64_t size = align_up(std::max<uint64_t>(bytes, 1), kAlign);
   if (is.capturing) {
-    // Captured staging is replayed later: it comes from the arena that nothing else reuses.
-    std::lock_guard<std::mutex> lock(mu_);
-    GF_ASSERT(arena_head_ + size <= arena_end_, kUnsupported, what, ": the ipc graph arena is full (",
-              arena_end_ - arena_begin_, " bytes, a quarter of GFCOLL_IPC_BYTES); captured operations keep "
-              "their staging for the life of the world");
-    is.staging = arena_head_;
-    arena_head_ += size;
+    // Note [ipc signalling], "Staging of captured operations": every captured operation stages at
+    // the start of the graph arena, which the eager ring never touches.
+    GF_ASSERT(size <= arena_end_ - arena_begin_, kUnsupported, what, ": needs ", bytes,
+              " bytes of ipc staging in a CUDA graph, more than the graph arena's ", arena_end_ - arena_begin_,
+              " (a quarter of GFCOLL_IPC_BYTES; raise it)");
+    is.staging = arena_begin_;
     return is;
   }
   GF_ASSERT(size <= ring_end_ - ring_begin_, kUnsupported, what, ": needs ", bytes,

@@ -49,6 +49,18 @@
 // writes seq + 1 into the receiver's ready word; the receiver waits for it, copies, and writes
 // seq + 1 into the sender's done word; the sender waits for that before the staging is reused.
 //
+// Staging of captured operations. Captured staging is replayed later, so it must not be the eager
+// ring's (a later eager operation would overwrite it between replays): captured operations use the
+// graph arena, the top quarter of the staging area, and every one of them uses it from its start.
+// That is safe because an operation's own last step waits until every peer has read this rank's
+// staging (counter 2 above), so the next operation in stream order may overwrite it; the rule for
+// callers is that gfcoll operations inside one capture are stream-ordered (one stream, or streams
+// joined by events) and that graphs holding gfcoll operations replay one at a time per rank (the
+// runtime replays denoising steps on one stream). One arena then serves any number of graphs, sized
+// by the largest single operation, where a bump allocator kept for the life of the world ran out
+// after one full-size DiT step (a 6-block flux-dev layout at 512² over 2 ranks needs ~113 MB of
+// captured staging; the arena is 64 MiB at the default GFCOLL_IPC_BYTES).
+//
 // Group-agnostic graphs: the kernels find n, this rank's index and the members in a Ctx that is
 // either launch arguments (eager groups) or, for a graph slot, a device-side Table that
 // bind() rewrites on the stream before a replay. Waits are on this rank's own counters with
@@ -70,9 +82,14 @@
 // The watchdog also keeps a mask of dead local peers, and no operation with a dead member is
 // enqueued (it raises GfcollPeerDiedError at once), so this rank's kernels do not touch the
 // workspace of a process known to be gone. On one H100 (2026-12-05) the watchdog thread itself
-// crashed (SIGSEGV in gfcoll-ipc-wd) whenever it failed the transport, formatting its message with
-// iostreams and releasing with a memset kernel; it now builds messages from plain strings and
-// releases with a copy.
+// crashed (SIGSEGV in gfcoll-ipc-wd) whenever it failed the transport; on 2026-12-06 (H100, H200) a
+// dead peer then ended the survivors' waits with GfcollPeerDiedError as designed once the watchdog
+// formatted without iostreams, and a crash of the same kind in an ordinary error path (an error
+// message built through std::ostringstream, faulting inside the stream's locale code) showed the
+// cause was iostreams themselves on that build: no gfcoll native code uses them now (error.h).
+// Open (2026-12-06, one H100 and one H200): with a silent peer (alive, never joining) the survivor
+// did not come back within 120 s; where it blocks is not known yet (tests/gpu: the silent-peer
+// test now dumps the ranks' stacks when it hangs).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -208,7 +225,7 @@ class IpcTransport {
   uint64_t num_channels_ = 0;
   uint64_t counters_ = 0, infos_ = 0, signal_begin_ = 0, signal_end_ = 0;
   uint64_t ring_begin_ = 0, ring_end_ = 0, ring_head_ = 0, chunk_cap_ = 0;
-  uint64_t arena_begin_ = 0, arena_head_ = 0, arena_end_ = 0;
+  uint64_t arena_begin_ = 0, arena_end_ = 0;  // the graph arena (Note [ipc signalling])
   std::vector<int> slot_sizes_;
   std::vector<std::vector<int>> slot_ranks_;
   std::vector<uint32_t> send_seq_, recv_seq_;  // per local peer
