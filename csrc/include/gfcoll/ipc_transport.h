@@ -87,9 +87,11 @@
 // formatted without iostreams, and a crash of the same kind in an ordinary error path (an error
 // message built through std::ostringstream, faulting inside the stream's locale code) showed the
 // cause was iostreams themselves on that build: no gfcoll native code uses them now (error.h).
-// Open (2026-12-06, one H100 and one H200): with a silent peer (alive, never joining) the survivor
-// did not come back within 120 s; where it blocks is not known yet (tests/gpu: the silent-peer
-// test now dumps the ranks' stacks when it hangs).
+// Open (2026-12-06, one H100 and one H200, ranks sharing the GPU): with a silent peer (alive, never
+// joining) the watchdog records GfcollTimeoutError but its release copy did not free the blocked
+// stream while the peer's process lived, and close() then waited for that operation's event without
+// bound (the ranks' stacks: bench/results/2026-12-06-gpu, run5). A killed peer is released. To do: a
+// bounded close() and a release that a live peer performs from its own context on request.
 #pragma once
 
 #include <cuda_runtime.h>
