@@ -16,10 +16,14 @@ communicator of the survivors only, behind the same World:
      rank numbers and maps them to communicator ranks for every masked collective;
   3. the parent is destroyed by the transport once it has switched to the new one.
 This module holds that logic over ctypes so that it is unit-tested on CPU against a fake library
-(tests/unit/test_nccl_shrink.py). Not yet wired, and never run on a GPU: the native
-NcclTransport (csrc/, being changed by the ipc/nccl transport work) does not expose its
-communicator handle nor adopt a new one with a rank map; that work adds `comm_handle()` and
-`adopt(newcomm, plan.new_rank)`, and the multi-GPU measurement issues run it for real.
+(tests/unit/test_nccl_shrink.py). `World.shrink_nccl()` runs it: it plans the shrink against the
+communicator's current members (a second loss is named by its rank in the already shrunk
+communicator), shrinks the native transport's communicator (`NcclTransport.comm_handle()`) and hands
+the child back with the global -> communicator rank map (`NcclTransport.adopt`), through which every
+later operation maps its peers. The serving runtime calls it on every survivor when it handles
+msg.Exclude. A communicator the nccl watchdog already aborted cannot be shrunk (GfcollUnsupportedError;
+re-creating one over the survivors is not done). Never run on GPUs yet: the multi-GPU measurement
+issues run it for real.
 """
 
 from __future__ import annotations

@@ -346,6 +346,9 @@ class World:
         self._async_threads = 64
         self._closed = False
         self._lost: frozenset[int] = frozenset()  # ranks excluded by exclude(): Note [Excluded ranks]
+        self._nccl_members: tuple[int, ...] | None = (
+            None  # global ranks of the nccl communicator, in its order
+        )
         self.timeout_s = 300.0  # how long an operation waits for a peer (set by init: GFCOLL_TIMEOUT_S)
 
     def __repr__(self) -> str:
@@ -388,9 +391,9 @@ class World:
     # host transport's operations only touch their members' segments, so they keep working.
     # An operation already waiting on the excluded rank when exclude() is called ends as the
     # transport decides (host: peer-died within a liveness period for a dead process, the timeout
-    # for a stopped one). nccl needs the global communicator shrunk to the survivors
-    # (gfcoll.nccl_shrink, not yet wired to the native transport); ipc drops the peer's mapping in
-    # the native transport (not done here: csrc is unchanged).
+    # for a stopped one). nccl needs the global communicator shrunk to the survivors: that is
+    # collective, so it is its own call, `shrink_nccl()` (Note [NCCL shrink] in gfcoll.nccl_shrink);
+    # ipc refuses operations with a dead local peer in the native transport (its watchdog's mask).
     def exclude(self, ranks: Sequence[int]) -> None:
         """Marks global ranks as lost on this rank (Note [Excluded ranks]). Local, no communication;
         any thread. Excluding this rank itself or an out-of-range rank is an error."""
@@ -405,6 +408,42 @@ class World:
             self._lost = self._lost | new
         if new:
             log.warning("rank %d: excluded ranks %s from the world", self.rank, sorted(new))
+
+    def shrink_nccl(self, *, shrinker=None) -> bool:
+        """Collective over the ranks not excluded: replaces the nccl transport's communicator by one of
+        those ranks only (Note [NCCL shrink] in gfcoll.nccl_shrink), so that groups without lost ranks
+        run on nccl again. Every survivor calls it after excluding the same ranks, with none of its
+        nccl operations in flight. Returns False (nothing to do) without an nccl transport or when no
+        excluded rank is still in the communicator. `shrinker`: an NcclShrinker (tests pass one over
+        a fake library); default: over the library the transport loaded. Not yet run on GPUs (the
+        multi-GPU measurement issues)."""
+        from .nccl_shrink import NcclShrinker, plan_shrink
+
+        self._check_open()
+        nccl = self._nccl
+        if nccl is None:
+            return False
+        members = self._nccl_members if self._nccl_members is not None else tuple(range(self.size))
+        gone = [i for i, r in enumerate(members) if r in self._lost]
+        if not gone:
+            return False
+        plan = plan_shrink(len(members), gone, members.index(self.rank))
+        handle = nccl.comm_handle()
+        if not handle:
+            raise GfcollUnsupportedError(
+                "shrink_nccl: the nccl communicator is gone (closed, or aborted by the watchdog after a "
+                "failure): nothing to shrink"
+            )
+        if shrinker is None:
+            shrinker = NcclShrinker.load(nccl.library_path(), timeout_s=self.timeout_s)
+        child = shrinker.shrink(handle, plan)
+        survivors = tuple(members[i] for i in plan.survivors)
+        comm_rank_of = [-1] * self.size
+        for k, r in enumerate(survivors):
+            comm_rank_of[r] = k
+        nccl.adopt(child.value, comm_rank_of)
+        self._nccl_members = survivors
+        return True
 
     @property
     def lost_ranks(self) -> frozenset[int]:

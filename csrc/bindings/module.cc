@@ -284,6 +284,8 @@ PYBIND11_MODULE(_gfcoll, m) {
       .def("start_watchdog", &NT::start_watchdog)
       .def("check", &NT::check)
       .def("close", &NT::close, py::arg("abort") = false, nogil)
+      .def("comm_handle", &NT::comm_handle, nogil)
+      .def("adopt", &NT::adopt, py::arg("comm"), py::arg("comm_rank_of"), nogil)
       .def(
           "all_gather",
           [](NT& t, const std::vector<int>& members, int me, uintptr_t in, uintptr_t out, uint64_t bytes,

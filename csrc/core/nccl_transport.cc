@@ -170,9 +170,9 @@ void NcclTransport::warmup() {
   {
     GroupGuard g(*lib_);
     for (int p = 0; p < world_size_; ++p) {
-      if (p == rank_) continue;
-      GF_CHECK_NCCL(*lib_, lib_->Send(static_cast<char*>(buf) + p, 1, ncclUint8, p, comm, stream));
-      GF_CHECK_NCCL(*lib_, lib_->Recv(static_cast<char*>(buf) + world_size_ + p, 1, ncclUint8, p, comm, stream));
+      if (p == rank_ || (!comm_rank_of_.empty() && comm_rank_of_[p] < 0)) continue;
+      GF_CHECK_NCCL(*lib_, lib_->Send(static_cast<char*>(buf) + p, 1, ncclUint8, peer(p), comm, stream));
+      GF_CHECK_NCCL(*lib_, lib_->Recv(static_cast<char*>(buf) + world_size_ + p, 1, ncclUint8, peer(p), comm, stream));
     }
     g.end();
   }
@@ -196,8 +196,8 @@ void NcclTransport::all_gather(const std::vector<int>& members, int me, const vo
   GroupGuard g(*lib_);
   for (size_t j = 0; j < members.size(); ++j) {
     if (static_cast<int>(j) == me) continue;
-    GF_CHECK_NCCL(*lib_, lib_->Send(in, bytes, ncclUint8, members[j], comm, stream));
-    GF_CHECK_NCCL(*lib_, lib_->Recv(dst + j * bytes, bytes, ncclUint8, members[j], comm, stream));
+    GF_CHECK_NCCL(*lib_, lib_->Send(in, bytes, ncclUint8, peer(members[j]), comm, stream));
+    GF_CHECK_NCCL(*lib_, lib_->Recv(dst + j * bytes, bytes, ncclUint8, peer(members[j]), comm, stream));
   }
   g.end();
   track(stream);
@@ -226,8 +226,8 @@ void NcclTransport::all_to_all(const std::vector<int>& members, int me, const vo
   GroupGuard g(*lib_);
   for (size_t j = 0; j < n; ++j) {
     if (static_cast<int>(j) == me) continue;
-    if (in_sizes[j] > 0) GF_CHECK_NCCL(*lib_, lib_->Send(src + in_offsets[j], in_sizes[j], ncclUint8, members[j], comm, stream));
-    if (out_sizes[j] > 0) GF_CHECK_NCCL(*lib_, lib_->Recv(dst + out_offsets[j], out_sizes[j], ncclUint8, members[j], comm, stream));
+    if (in_sizes[j] > 0) GF_CHECK_NCCL(*lib_, lib_->Send(src + in_offsets[j], in_sizes[j], ncclUint8, peer(members[j]), comm, stream));
+    if (out_sizes[j] > 0) GF_CHECK_NCCL(*lib_, lib_->Recv(dst + out_offsets[j], out_sizes[j], ncclUint8, peer(members[j]), comm, stream));
   }
   g.end();
   track(stream);
@@ -254,8 +254,8 @@ void NcclTransport::reduce_scatter(const std::vector<int>& members, int me, cons
     GroupGuard g(*lib_);
     for (int j = 0; j < n; ++j) {
       if (j == me) continue;
-      GF_CHECK_NCCL(*lib_, lib_->Send(src + block * j, block, ncclUint8, members[j], comm, stream));
-      GF_CHECK_NCCL(*lib_, lib_->Recv(slot(j), block, ncclUint8, members[j], comm, stream));
+      GF_CHECK_NCCL(*lib_, lib_->Send(src + block * j, block, ncclUint8, peer(members[j]), comm, stream));
+      GF_CHECK_NCCL(*lib_, lib_->Recv(slot(j), block, ncclUint8, peer(members[j]), comm, stream));
     }
     g.end();
   }
@@ -293,8 +293,8 @@ void NcclTransport::all_reduce(const std::vector<int>& members, int me, const vo
     GroupGuard g(*lib_);
     for (int j = 0; j < n; ++j) {
       if (j == me) continue;
-      if (len(j) > 0) GF_CHECK_NCCL(*lib_, lib_->Send(src + first(j) * es, len(j) * es, ncclUint8, members[j], comm, stream));
-      if (mine > 0) GF_CHECK_NCCL(*lib_, lib_->Recv(slot(j), mine, ncclUint8, members[j], comm, stream));
+      if (len(j) > 0) GF_CHECK_NCCL(*lib_, lib_->Send(src + first(j) * es, len(j) * es, ncclUint8, peer(members[j]), comm, stream));
+      if (mine > 0) GF_CHECK_NCCL(*lib_, lib_->Recv(slot(j), mine, ncclUint8, peer(members[j]), comm, stream));
     }
     g.end();
   }
@@ -308,8 +308,8 @@ void NcclTransport::all_reduce(const std::vector<int>& members, int me, const vo
   GroupGuard g(*lib_);
   for (int j = 0; j < n; ++j) {
     if (j == me) continue;
-    if (mine > 0) GF_CHECK_NCCL(*lib_, lib_->Send(dst + first(me) * es, mine, ncclUint8, members[j], comm, stream));
-    if (len(j) > 0) GF_CHECK_NCCL(*lib_, lib_->Recv(dst + first(j) * es, len(j) * es, ncclUint8, members[j], comm, stream));
+    if (mine > 0) GF_CHECK_NCCL(*lib_, lib_->Send(dst + first(me) * es, mine, ncclUint8, peer(members[j]), comm, stream));
+    if (len(j) > 0) GF_CHECK_NCCL(*lib_, lib_->Recv(dst + first(j) * es, len(j) * es, ncclUint8, peer(members[j]), comm, stream));
   }
   g.end();
   track(stream);
@@ -336,10 +336,10 @@ void NcclTransport::broadcast(const std::vector<int>& members, int me, int root_
     GroupGuard g(*lib_);
     if (me == root_index) {
       for (int j = 0; j < n; ++j) {
-        if (j != me) GF_CHECK_NCCL(*lib_, lib_->Send(data, bytes, ncclUint8, members[j], comm, stream));
+        if (j != me) GF_CHECK_NCCL(*lib_, lib_->Send(data, bytes, ncclUint8, peer(members[j]), comm, stream));
       }
     } else {
-      GF_CHECK_NCCL(*lib_, lib_->Recv(data, bytes, ncclUint8, members[root_index], comm, stream));
+      GF_CHECK_NCCL(*lib_, lib_->Recv(data, bytes, ncclUint8, peer(members[root_index]), comm, stream));
     }
     g.end();
     track(stream);
@@ -354,23 +354,23 @@ void NcclTransport::broadcast(const std::vector<int>& members, int me, int root_
     GroupGuard g(*lib_);
     if (me == root_index) {
       for (int j = 0; j < n; ++j) {
-        if (j != me && len(j) > 0) GF_CHECK_NCCL(*lib_, lib_->Send(data + first(j), len(j), ncclUint8, members[j], comm, stream));
+        if (j != me && len(j) > 0) GF_CHECK_NCCL(*lib_, lib_->Send(data + first(j), len(j), ncclUint8, peer(members[j]), comm, stream));
       }
     } else if (len(me) > 0) {
-      GF_CHECK_NCCL(*lib_, lib_->Recv(data + first(me), len(me), ncclUint8, members[root_index], comm, stream));
+      GF_CHECK_NCCL(*lib_, lib_->Recv(data + first(me), len(me), ncclUint8, peer(members[root_index]), comm, stream));
     }
     g.end();
   }
   GroupGuard g(*lib_);
   for (int j = 0; j < n; ++j) {
     if (j == me || j == root_index) continue;
-    if (len(me) > 0) GF_CHECK_NCCL(*lib_, lib_->Send(data + first(me), len(me), ncclUint8, members[j], comm, stream));
+    if (len(me) > 0) GF_CHECK_NCCL(*lib_, lib_->Send(data + first(me), len(me), ncclUint8, peer(members[j]), comm, stream));
     if (me != root_index && len(j) > 0) {
-      GF_CHECK_NCCL(*lib_, lib_->Recv(data + first(j), len(j), ncclUint8, members[j], comm, stream));
+      GF_CHECK_NCCL(*lib_, lib_->Recv(data + first(j), len(j), ncclUint8, peer(members[j]), comm, stream));
     }
   }
   if (me != root_index && len(root_index) > 0) {
-    GF_CHECK_NCCL(*lib_, lib_->Recv(data + first(root_index), len(root_index), ncclUint8, members[root_index], comm, stream));
+    GF_CHECK_NCCL(*lib_, lib_->Recv(data + first(root_index), len(root_index), ncclUint8, peer(members[root_index]), comm, stream));
   }
   g.end();
   track(stream);
@@ -390,13 +390,57 @@ void NcclTransport::batch_p2p(const std::vector<NcclP2P>& ops, uintptr_t stream_
   for (const auto& x : ops) {
     if (x.bytes == 0) continue;
     if (x.is_send) {
-      GF_CHECK_NCCL(*lib_, lib_->Send(x.ptr, x.bytes, ncclUint8, x.peer, comm, stream));
+      GF_CHECK_NCCL(*lib_, lib_->Send(x.ptr, x.bytes, ncclUint8, peer(x.peer), comm, stream));
     } else {
-      GF_CHECK_NCCL(*lib_, lib_->Recv(x.ptr, x.bytes, ncclUint8, x.peer, comm, stream));
+      GF_CHECK_NCCL(*lib_, lib_->Recv(x.ptr, x.bytes, ncclUint8, peer(x.peer), comm, stream));
     }
   }
   g.end();
   track(stream);
+}
+
+int NcclTransport::peer(int global) const {
+  if (comm_rank_of_.empty()) return global;
+  const int r = comm_rank_of_[global];
+  GF_ASSERT(r >= 0, kPeerDied, "nccl: rank ", global, " is not in the shrunk communicator (lost)");
+  return r;
+}
+
+uintptr_t NcclTransport::comm_handle() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return closed_ ? 0 : reinterpret_cast<uintptr_t>(comm_);
+}
+
+void NcclTransport::adopt(uintptr_t comm, const std::vector<int>& comm_rank_of) {
+  GF_ASSERT(comm != 0, kInvalidArgument, "adopt: no communicator");
+  GF_ASSERT(static_cast<int>(comm_rank_of.size()) == world_size_, kInvalidArgument, "adopt: a rank map of ",
+            comm_rank_of.size(), " entries for a world of ", world_size_);
+  GF_ASSERT(comm_rank_of[rank_] >= 0, kInvalidArgument, "adopt: rank ", rank_, " is not in the new communicator");
+  std::vector<int> seen(world_size_, 0);
+  for (int r : comm_rank_of) {
+    GF_ASSERT(r < world_size_, kInvalidArgument, "adopt: communicator rank ", r, " out of range");
+    if (r >= 0) {
+      GF_ASSERT(!seen[r], kInvalidArgument, "adopt: communicator rank ", r, " given twice");
+      seen[r] = 1;
+    }
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  GF_ASSERT(!closed_, kClosed, "the gfcoll world was closed");
+  void* old = nullptr;
+  {
+    // The watchdog reads comm_ under wd_mu_; operations use it under mu_ (held).
+    std::lock_guard<std::mutex> wd_lock(wd_mu_);
+    old = comm_;
+    comm_ = reinterpret_cast<void*>(comm);
+    comm_rank_of_ = comm_rank_of;
+    // What was in flight ran on the old communicator, which the shrink (NCCL_SHRINK_ABORT) ended.
+    for (auto& f : inflight_) event_pool_.push_back(f.event);
+    inflight_.clear();
+    error_.clear();
+    error_code_ = ErrorCode::kNccl;
+    failed_.store(false, std::memory_order_release);
+  }
+  if (old != nullptr && old != comm_) lib_->CommAbort(static_cast<ncclComm_t>(old));
 }
 
 void NcclTransport::check_async_error() {

@@ -25,8 +25,10 @@ Note [Surviving a lost rank]
 A non-zero rank is lost when its liveness connection closes (its process died, Note [Worker
 liveness]) or when the watchdog finds it hung (Note [Hung ranks]). The engine then
   1. removes it from the scheduler for good (no policy sees it free again) and tells every
-     surviving rank's gfcoll world to exclude it (msg.Exclude; Note [Excluded ranks] in
-     gfcoll.world), so operations with it fail at once and groups without it keep working;
+     surviving rank's gfcoll world to exclude it (msg.Exclude, rank 0's worker included; Note
+     [Excluded ranks] in gfcoll.world), so operations with it fail at once and groups without it
+     keep working; with nccl every survivor's worker then shrinks the communicator to the survivors
+     (World.shrink_nccl, Note [NCCL shrink]; not yet run on GPUs);
   2. re-runs from its first task every unfinished request whose state it held (a latent slice,
      the last copy of the conditioning: Placement.needs_rerun) or whose task in
      flight it was a member of; the request keeps its seed, so the re-run produces the same
@@ -668,8 +670,8 @@ class Engine:
             self.scheduler.lose_rank(rank)
             self.world.exclude([rank])
             lost = tuple(sorted(i.rank for i in self._ranks if i.state in ("lost", "hung")))
-            for i in self._ranks:
-                if i.rank != 0 and i.state == "up":
+            for i in self._ranks:  # rank 0's worker too: it takes part in the nccl shrink
+                if i.state == "up":
                     self.channel.send(i.rank, msg.Exclude(ranks=lost))
             why = f"rank {rank} {state}: {reason}"
             for inf in self.watchdog.all():

@@ -77,6 +77,13 @@ class Worker:
             return []
         if isinstance(cmd, msg.Exclude):
             self.world.exclude([r for r in cmd.ranks if r != self.rank])
+            # Note [NCCL shrink] (gfcoll.nccl_shrink): every survivor, rank 0's worker included, handles
+            # Exclude in its command order, after the tasks sent to it before; the shrink is collective
+            # over them. Without nccl (host, ipc) it does nothing. Not yet run on GPUs.
+            try:
+                self.world.shrink_nccl()
+            except gfcoll.GfcollError as e:
+                log.error("rank %d: the nccl communicator was not shrunk: %s", self.rank, e)
             return []
         if isinstance(cmd, (msg.Task, msg.Batch)):
             tasks = [cmd] if isinstance(cmd, msg.Task) else list(cmd.tasks)

@@ -120,3 +120,63 @@ def test_old_or_missing_shrink_is_refused_before_any_call(lib, words):
 def test_a_failed_shrink_names_the_error():
     with pytest.raises(GfcollNcclError, match="ncclCommShrink failed with ncclResult 2: unhandled system"):
         NcclShrinker(FakeNccl(shrink_rc=2)).shrink(kParent, plan_shrink(4, [2], my_rank=0))
+
+
+class FakeNativeNccl:
+    """The native transport's side of a shrink (NcclTransport.comm_handle / adopt)."""
+
+    def __init__(self, handle=kParent):
+        self.handle = handle
+        self.adopted = []
+
+    def comm_handle(self):
+        return self.handle
+
+    def library_path(self):
+        raise AssertionError("the test passes its own shrinker")
+
+    def adopt(self, comm, comm_rank_of):
+        self.adopted.append((comm, list(comm_rank_of)))
+        self.handle = comm
+
+
+def _world(rank, size, native):
+    import torch
+
+    from gfcoll.world import World
+
+    w = World(rank, size, rank, size, torch.device("cpu"))
+    w.attach_transport("nccl", native)
+    return w
+
+
+def test_world_shrinks_nccl_to_the_survivors_and_maps_global_ranks():
+    native, lib = FakeNativeNccl(), FakeNccl()
+    w = _world(1, 4, native)
+    assert w.shrink_nccl(shrinker=NcclShrinker(lib)) is False  # nothing excluded: no call
+    assert lib.calls == [] and native.adopted == []
+    w.exclude([2])
+    assert w.shrink_nccl(shrinker=NcclShrinker(lib)) is True
+    assert ("shrink", kParent, [2], None, kNcclShrinkAbort) in lib.calls
+    assert native.adopted == [(kChild, [0, 1, -1, 2])]  # global 3 is communicator rank 2 now
+    assert w.shrink_nccl(shrinker=NcclShrinker(lib)) is False  # rank 2 is already out
+    # A second loss is named by its rank in the CURRENT communicator: global 3 is rank 2 there.
+    lib.calls.clear()
+    w.exclude([3])
+    assert w.shrink_nccl(shrinker=NcclShrinker(lib)) is True
+    assert [c for c in lib.calls if c[0] == "shrink"] == [("shrink", kChild, [2], None, kNcclShrinkAbort)]
+    assert native.adopted[-1] == (kChild, [0, 1, -1, -1])
+
+
+def test_world_shrink_refuses_a_gone_communicator_and_is_a_noop_without_nccl():
+    import torch
+
+    from gfcoll.world import World
+
+    w = _world(0, 2, FakeNativeNccl(handle=0))
+    w.exclude([1])
+    with pytest.raises(GfcollUnsupportedError, match="communicator is gone"):
+        w.shrink_nccl(shrinker=NcclShrinker(FakeNccl()))
+    plain = World(0, 2, 0, 2, torch.device("cpu"))
+    plain.exclude([1])
+    assert plain.shrink_nccl() is False

@@ -87,12 +87,21 @@ class NcclTransport {
   void check() const;
   // Aborts outstanding work and frees the communicator. Local; safe to call twice.
   void close(bool abort = false);
+  // Note [NCCL shrink] (gfcoll/nccl_shrink.py). The communicator as an integer (ncclComm_t), for the
+  // shrink that gfcoll.nccl_shrink runs over the same library; 0 when there is none (not initialised,
+  // closed, or aborted by the watchdog).
+  uintptr_t comm_handle();
+  // Replaces the communicator by `comm` (made from the current one by ncclCommShrink), in which global
+  // rank g is rank comm_rank_of[g] (-1: not a member). Every later operation maps its peers through
+  // it; the old communicator is aborted; a failure the watchdog recorded is cleared.
+  void adopt(uintptr_t comm, const std::vector<int>& comm_rank_of);
   int device() const { return device_; }
 
  private:
   void check_ready() const;
   void check_members(const std::vector<int>& members, int me, const char* what) const;
   void track(void* stream);  // records the completion event of the operation just enqueued
+  int peer(int global) const;  // the communicator rank of a global rank (Note [NCCL shrink])
   void watchdog();
   void stop_watchdog();
 
@@ -100,6 +109,7 @@ class NcclTransport {
   void* comm_ = nullptr;
   int rank_ = -1;
   int world_size_ = 0;
+  std::vector<int> comm_rank_of_;  // global -> communicator rank after a shrink; empty: the identity
   int device_ = -1;
   bool closed_ = false;
   std::mutex mu_;
