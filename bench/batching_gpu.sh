@@ -3,7 +3,8 @@
 # with batching off and on (bench/serving_gpu.sh, one server after the other), eager unless
 # SERVE_ARGS says otherwise. Afterwards, anywhere: gfdit bench report DIR/unbatched DIR/batched --out R
 #   usage: bash bench/batching_gpu.sh            (env: OUT, DURATION 40, LOAD 1.6, MIX "S:3,L:1",
-#          STEPS 8, MAX_BATCH 4, POLICY fcfs-elastic, SERVE_ARGS "--compile off --cuda-graphs off";
+#          STEPS 8, MAX_BATCH 4, POLICY fcfs-elastic, SERVE_ARGS "--compile off --cuda-graphs off",
+#          ALONE_SAMPLE 12 (images compared with the same request served alone);
 #          a CPU smoke run: MODEL tiny-flux DEVICE cpu S_SIZE 64 L_SIZE 128)
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
@@ -20,5 +21,6 @@ python3 -m gfdit.cli bench gen --model "$MODEL" --duration "${DURATION:-40}" --t
   --class "L:size=${L_SIZE:-1024}x${L_SIZE:-1024},steps=$steps,weight=$l_weight" --out "$OUT/trace.jsonl" || exit 1
 export SERVE_ARGS=${SERVE_ARGS:---compile off --cuda-graphs off}
 policy=${POLICY:-fcfs-elastic}
+export ALONE_SAMPLE=${ALONE_SAMPLE:-12}  # images within 2/255 of the same request alone (gfdit bench alone)
 NPROC=1 bash bench/serving_gpu.sh "$OUT/trace.jsonl" "unbatched=$policy:max_batch=1" \
   "batched=$policy:max_batch=${MAX_BATCH:-4}"

@@ -7,7 +7,9 @@
 #   usage: bash bench/serving_gpu.sh TRACE LABEL=POLICY [LABEL=POLICY ...]
 #   env: MODEL (flux-dev), NPROC (all GPUs), PORT (8321), SERVE_ARGS (more gfdit.serve options),
 #        HEALTH_TIMEOUT (600 s to become healthy; every 90 s of waiting the ranks' stacks go to server.log),
-#        WARMUP (1: one short request per class alone, then one per class all at once; 0: none)
+#        WARMUP (1: one short request per class alone, then one per class all at once; 0: none),
+#        ALONE_SAMPLE (N: the run saves its images and N of them are compared with the same requests
+#        sent again alone, `gfdit bench alone`, into LABEL/alone.json; default: none)
 set -uo pipefail
 [ $# -ge 2 ] || { sed -n 2,10p "$0"; exit 2; }
 trace=$1; shift
@@ -86,7 +88,12 @@ for spec in "$@"; do
   fi
   echo "healthy after $((SECONDS - t0)) s" | tee -a "$log"
   [ "$WARMUP" = 1 ] && warm 2>&1 | tee -a "$log"
-  python3 -m gfdit.cli bench run --url "$url" --trace "$trace" --out "$dir" --label "$label" 2>&1 | tee -a "$log" || status=1
+  python3 -m gfdit.cli bench run --url "$url" --trace "$trace" --out "$dir" --label "$label" \
+    ${ALONE_SAMPLE:+--save-images} 2>&1 | tee -a "$log" || status=1
+  if [ -n "${ALONE_SAMPLE:-}" ]; then
+    python3 -m gfdit.cli bench alone --url "$url" --run "$dir" --sample "$ALONE_SAMPLE" 2>&1 | tee -a "$log"
+    rm -rf "$dir/images"  # alone.json keeps the differences; the images would bloat the results
+  fi
   python3 -c "import httpx; print(httpx.get('$url/metrics').text)" >"$dir/metrics.txt" 2>&1
   grep -E '^gfdit_(reshard|requests_total|slo|rank_busy)' "$dir/metrics.txt" | tee -a "$log"
   kill -TERM $pid

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     # serve and profile are parsed by their own modules' parsers (main): listed here for --help.
     sub.add_parser("serve", help="serve a model over HTTP on N ranks of this node (gfdit serve --help)")
 
-    b = sub.add_parser("bench", help="serving benchmarks: gen, run, report")
+    b = sub.add_parser("bench", help="serving benchmarks: gen, run, alone, report")
     bsub = b.add_subparsers(dest="bench_command", required=True)
 
     g = bsub.add_parser("gen", help="generate a workload trace (JSON lines)")
@@ -107,7 +107,33 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="a progress line on stderr: requests sent, done, failed, elapsed (default: when stderr is a terminal)",
     )
-    for sp in (g, r):
+    r.add_argument(
+        "--save-images",
+        action="store_true",
+        help="write every completed image to OUT/images/REQUEST_ID.png (for `gfdit bench alone`)",
+    )
+
+    a = bsub.add_parser(
+        "alone",
+        help="compare a run's images with the same requests served alone",
+        description="Send a sample of a `gfdit bench run --save-images` run's image requests again, one "
+        "at a time, to an otherwise idle server and compare each image with the one the run got "
+        "(mean and largest absolute uint8 pixel difference). Writes RUN/alone.json; exits 1 when an "
+        "image's mean difference is over --max-mean-diff.",
+    )
+    a.add_argument("--url", required=True, help="server base URL (the same server configuration as the run)")
+    a.add_argument("--run", required=True, help="a directory written by `gfdit bench run --save-images`")
+    a.add_argument(
+        "--sample", type=int, default=20, help="requests to re-send, spread over the trace (default 20)"
+    )
+    a.add_argument(
+        "--max-mean-diff",
+        type=float,
+        default=2.0,
+        help="bound on an image's mean |difference|, in 1/255 (default 2)",
+    )
+    a.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    for sp in (g, r, a):
         sp.add_argument(
             "--api-key",
             default=None,
@@ -314,10 +340,33 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         args.url, args.trace, args.out, label=args.label, time_scale=args.time_scale, timeout_s=args.timeout,
         command=_redacted_command(), api_key=_client_api_key(args),
         show_progress=sys.stderr.isatty() if args.progress is None else args.progress,
+        save_images=args.save_images,
     )  # fmt: skip
     what = f"{run['num_requests']} requests against {args.url} ({run['policy']})"
     _out(f"{what} in {run['wall_s']:.1f} s -> {args.out}")
     return 0
+
+
+def _alone(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from gfdit.bench.alone import compare_alone
+
+    if not os.path.isfile(os.path.join(args.run, "run.json")):
+        parser.error(f"--run: {args.run!r} is not a `gfdit bench run` directory (no run.json)")
+    if args.sample < 1 or args.max_mean_diff < 0 or args.timeout <= 0:
+        parser.error("--sample must be >= 1, --max-mean-diff >= 0 and --timeout > 0")
+    try:
+        out = compare_alone(
+            args.url, args.run, sample=args.sample, max_mean_diff=args.max_mean_diff, timeout_s=args.timeout,
+            api_key=_client_api_key(args),
+        )  # fmt: skip
+    except ValueError as e:
+        parser.error(str(e))
+    _out(
+        f"{out['sample']} images of {args.run} against the same requests alone: largest mean difference "
+        f"{out['largest_mean_abs_diff']:.3f}/255, largest pixel difference {out['largest_max_abs_diff']}/255; "
+        f"{len(out['over'])} over {args.max_mean_diff}/255 -> {os.path.join(args.run, 'alone.json')}"
+    )
+    return 1 if out["over"] else 0
 
 
 def _client_api_key(args: argparse.Namespace) -> str | None:
@@ -408,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
         return run_eval(parser, args)
-    handler = {"gen": _gen, "run": _run, "report": _report}[args.bench_command]
+    handler = {"gen": _gen, "run": _run, "alone": _alone, "report": _report}[args.bench_command]
     return handler(parser, args)
 
 

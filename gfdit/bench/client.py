@@ -15,6 +15,7 @@ before the first request and after the last result; gfdit.bench.batches says wha
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import math
 import os
@@ -29,7 +30,19 @@ import httpx
 from . import batches
 from .workload import RequestClass, TraceRecord
 
-__all__ = ["RequestOutcome", "ReplayProgress", "replay", "run_trace", "calibrate", "scrape_batch_sizes"]
+__all__ = [
+    "RequestOutcome",
+    "ReplayProgress",
+    "replay",
+    "run_trace",
+    "calibrate",
+    "scrape_batch_sizes",
+    "request_body",
+    "error_text",
+    "response_png",
+    "save_image",
+    "auth_headers",
+]
 
 kPollS = 0.1  # video: seconds between status polls
 kTerminalVideo = ("completed", "failed")
@@ -54,7 +67,7 @@ class RequestOutcome:
     error: str | None  # why it did not complete
 
 
-def _body(rec: TraceRecord) -> dict:
+def request_body(rec: TraceRecord) -> dict:
     body = {
         "prompt": rec.prompt,
         "model": rec.model,
@@ -74,7 +87,7 @@ def _body(rec: TraceRecord) -> dict:
     return body
 
 
-def _error_text(r: httpx.Response) -> str:
+def error_text(r: httpx.Response) -> str:
     try:
         return r.json()["error"]["message"]
     except (ValueError, KeyError, TypeError):
@@ -124,7 +137,9 @@ class ReplayProgress:
         self.stream.flush()
 
 
-async def _one(client: httpx.AsyncClient, rec: TraceRecord, start: float, timeout_s: float) -> RequestOutcome:
+async def _one(
+    client: httpx.AsyncClient, rec: TraceRecord, start: float, timeout_s: float, images_dir: str | None = None
+) -> RequestOutcome:
     loop = asyncio.get_running_loop()
     sent = loop.time()
     out = RequestOutcome(
@@ -132,7 +147,7 @@ async def _one(client: httpx.AsyncClient, rec: TraceRecord, start: float, timeou
         rec.slo_s, False, None, None, None,
     )  # fmt: skip
     try:
-        await asyncio.wait_for(_send(client, rec, out), timeout_s)
+        await asyncio.wait_for(_send(client, rec, out, images_dir), timeout_s)
     except (asyncio.TimeoutError, TimeoutError):
         out.status, out.error = "error", f"no result within {timeout_s} s"
     except httpx.HTTPError as e:
@@ -143,27 +158,32 @@ async def _one(client: httpx.AsyncClient, rec: TraceRecord, start: float, timeou
     return out
 
 
-async def _send(client: httpx.AsyncClient, rec: TraceRecord, out: RequestOutcome) -> None:
+async def _send(
+    client: httpx.AsyncClient, rec: TraceRecord, out: RequestOutcome, images_dir: str | None = None
+) -> None:
     if rec.kind == "video":
         return await _video(client, rec, out)
-    r = await client.post("/v1/images/generations", json=_body(rec))
+    r = await client.post("/v1/images/generations", json=request_body(rec))
     out.http_status = r.status_code
     if r.status_code == 200:
-        info = r.json()["gfdit"]
+        body = r.json()
+        info = body["gfdit"]
+        if images_dir is not None:
+            save_image(body, os.path.join(images_dir, f"{rec.request_id}.png"))
         out.status = "completed"
         out.server_latency_s = info["latency_ms"] / 1000.0
         out.reshards = info["reshards"]
     else:
         out.status = "rejected" if r.status_code < 500 else "failed"
-        out.error = _error_text(r)
+        out.error = error_text(r)
 
 
 async def _video(client: httpx.AsyncClient, rec: TraceRecord, out: RequestOutcome) -> None:
-    r = await client.post("/v1/videos", json=_body(rec))
+    r = await client.post("/v1/videos", json=request_body(rec))
     out.http_status = r.status_code
     if r.status_code != 200:
         out.status = "rejected" if r.status_code < 500 else "failed"
-        out.error = _error_text(r)
+        out.error = error_text(r)
         return
     job = r.json()
     while job["status"] not in kTerminalVideo:
@@ -191,6 +211,17 @@ async def _redraw(progress: ReplayProgress, period_s: float = 1.0) -> None:
         progress.draw()
 
 
+def response_png(body: dict) -> bytes:
+    """The first image of an images response (response_format b64_json): PNG bytes."""
+    return base64.b64decode(body["data"][0]["b64_json"])
+
+
+def save_image(body: dict, path: str) -> None:
+    """Writes the first image of an images response to `path` (PNG)."""
+    with open(path, "wb") as f:
+        f.write(response_png(body))
+
+
 def auth_headers(api_key: str | None) -> dict[str, str]:
     """The headers that carry an API key (gfdit.serve --api-key) as OpenAI's SDKs send it."""
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -198,11 +229,12 @@ def auth_headers(api_key: str | None) -> dict[str, str]:
 
 async def replay(
     url: str, records: Sequence[TraceRecord], *, time_scale: float = 1.0, timeout_s: float = 600.0,
-    progress: ReplayProgress | None = None, api_key: str | None = None,
+    progress: ReplayProgress | None = None, api_key: str | None = None, images_dir: str | None = None,
 ) -> tuple[dict, list[RequestOutcome]]:  # fmt: skip
     """Sends every record at start + arrival_s * time_scale; returns (server info, outcomes in
     trace order). The server must answer /health with 200. `progress`, if given, is told of every
-    request sent and ended."""
+    request sent and ended; `images_dir`, if given, receives each completed image as
+    REQUEST_ID.png."""
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
     async with httpx.AsyncClient(
         base_url=url, timeout=httpx.Timeout(timeout_s), limits=limits, headers=auth_headers(api_key)
@@ -219,7 +251,7 @@ async def replay(
                 delay = start + rec.arrival_s * time_scale - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                one = _one(client, rec, start, timeout_s)
+                one = _one(client, rec, start, timeout_s, images_dir)
                 tasks.append(asyncio.create_task(one if progress is None else _tracked(progress, one)))
                 if progress is not None:
                     progress.sent()
@@ -234,18 +266,30 @@ async def replay(
 def run_trace(
     url: str, trace_path: str, out_dir: str, *, label: str | None = None, time_scale: float = 1.0,
     timeout_s: float = 600.0, command: str | None = None, show_progress: bool = False,
-    api_key: str | None = None,
+    api_key: str | None = None, save_images: bool = False,
 ) -> dict:  # fmt: skip
     """Replays a trace file against `url` and writes results.jsonl and run.json under out_dir.
-    Returns run.json's content. `show_progress`: a progress line on stderr (ReplayProgress)."""
+    Returns run.json's content. `show_progress`: a progress line on stderr (ReplayProgress);
+    `save_images`: every completed image as out_dir/images/REQUEST_ID.png."""
     from .workload import read_trace
 
     meta, records = read_trace(trace_path)
     before, before_error = scrape_batch_sizes(url, api_key)
     t0 = time.time()
     progress = ReplayProgress(len(records)) if show_progress else None
+    images_dir = os.path.join(out_dir, "images") if save_images else None
+    if images_dir is not None:
+        os.makedirs(images_dir, exist_ok=True)
     server, outcomes = asyncio.run(
-        replay(url, records, time_scale=time_scale, timeout_s=timeout_s, progress=progress, api_key=api_key)
+        replay(
+            url,
+            records,
+            time_scale=time_scale,
+            timeout_s=timeout_s,
+            progress=progress,
+            api_key=api_key,
+            images_dir=images_dir,
+        )  # fmt: skip
     )
     wall = time.time() - t0
     after, after_error = scrape_batch_sizes(url, api_key)

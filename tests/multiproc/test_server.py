@@ -860,7 +860,8 @@ def test_bench_report_shows_chunk_batch_sizes(elastic, batch, tmp_path):
     for server in (elastic, batch):
         out_dir = str(tmp_path / server.name)
         before = _batch_histogram(server.url)
-        _cli("bench", "run", "--url", server.url, "--trace", trace, "--out", out_dir, "--time-scale", "0.01")
+        _cli("bench", "run", "--url", server.url, "--trace", trace, "--out", out_dir, "--time-scale", "0.01",
+             "--save-images")  # fmt: skip
         after = _batch_histogram(server.url)
         deltas.append({k: after[k] - before.get(k, 0.0) for k in after})
         runs.append(out_dir)
@@ -886,6 +887,16 @@ def test_bench_report_shows_chunk_batch_sizes(elastic, batch, tmp_path):
     assert batched["mean"] > 1.0 and batched["batched_share"] > 0.0, batched
     md = open(os.path.join(report_dir, "report.md")).read()
     assert "## chunk batch sizes" in md and "| max batch size | 1 | 2 |" in md, md
+    # Batching changes no image: a sample of the batched run's images against the same requests sent
+    # again alone (gfdit bench alone; fp32 on CPU, so the bound is far from tight).
+    assert len(os.listdir(os.path.join(runs[1], "images"))) == n
+    out = _cli(
+        "bench", "alone", "--url", batch.url, "--run", runs[1], "--sample", "6", "--max-mean-diff", "2"
+    )
+    alone_check = json.load(open(os.path.join(runs[1], "alone.json")))
+    assert alone_check["sample"] == 6 and alone_check["over"] == [], alone_check
+    assert alone_check["largest_mean_abs_diff"] <= 0.5, alone_check
+    assert "6 images" in out.stdout, out.stdout
 
 
 def test_bad_policy_exits_2():
