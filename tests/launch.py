@@ -71,14 +71,19 @@ def _child(fn, rank, size, port, args, results, env, device, init, torch_dist):
 
 
 def _dump_stacks(procs) -> None:
-    """Asks each live process for its Python stacks (faulthandler on SIGUSR1, written to its stderr)
-    and waits until each has written them or a few seconds passed."""
+    """Asks each live process for its Python stacks (faulthandler on SIGUSR1, written to its stderr),
+    and its native ones where the crash tracer is preloaded, then gives them a few seconds."""
     import signal
     import time
 
+    # With tests/gpu/diag/segv_trace.so preloaded, SIGUSR2 makes every thread print its native stack
+    # too (without it SIGUSR2 would end the process, so it is sent only then).
+    native = "segv_trace" in os.environ.get("LD_PRELOAD", "")
     for p in procs:
         if p.is_alive():
             os.kill(p.pid, signal.SIGUSR1)
+            if native:
+                os.kill(p.pid, signal.SIGUSR2)
     # The dump is written synchronously by the signal handler; give the children's stderr a moment
     # to reach the terminal (bounded: the processes are killed right after).
     end = time.monotonic() + 3.0
