@@ -31,6 +31,12 @@ step() {  # step NAME COMMAND...: runs, logs, records pass/fail
 } >>"$log" 2>&1
 step build python3 -m pip install -q --no-build-isolation --no-deps -e .
 step build_info python3 -c 'import gfcoll, json; print(json.dumps(gfcoll.build_info()))'
+{  # How the module links the C++ runtime (a static copy inside it once broke iostreams: error.h).
+  so=$(python3 -c 'import gfcoll._gfcoll as m; print(m.__file__)')
+  readelf -d "$so" | grep NEEDED
+  echo "libstdc++ objects inside the module: $(strings "$so" | grep -c 'lt1-\|codecvt')"
+  echo "LDFLAGS=${LDFLAGS:-} CXXFLAGS=${CXXFLAGS:-}"
+} >>"$log" 2>&1
 if [ "$what" = all ] || [ "$what" = tests ]; then
   # Short per-test bounds and --maxfail, so that pytest's failure report is written before the
   # outer timeout ends it.
