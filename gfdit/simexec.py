@@ -33,6 +33,12 @@ gfdit.runtime.worker, Note [Reshard execution]):
     cores) times slower. `gfdit eval fidelity --calibrate-overhead` measures the per-request CPU on
     the idle server (gfdit.eval.fidelity.measured_host_cpu); the window is a smoothing choice, not
     a calibrated constant (tasks last milliseconds, requests tenths of seconds).
+  - the control thread waiting for rank 0's worker (CPU runs): the engine's control thread and rank
+    0's worker are threads of one Python process. While that worker computes (a CPU model holds the
+    GIL between its many small operations), the control thread gets the GIL only when the
+    interpreter forces a switch, after `control_delay_s` (CPython's switch interval,
+    sys.getswitchinterval(), 5 ms by default): a task dispatched while rank 0 is busy starts that
+    much later. On GPUs the worker waits on the device with the GIL released: 0.
 `ExecutionModel()` (all off) is the plain simulator. `ExecutionState.batch_timing` prices a batched
 DENOISE chunk (several requests' chunks as one command on one group, Note [Batched step cost] in
 gfdit.cost).
@@ -97,6 +103,7 @@ class ExecutionModel:
     # (width, height, CPU-seconds) per request shape, overriding host_cpu_s for requests of that shape
     host_cpu_by_size: tuple[tuple[int, int, float], ...] = ()
     host_window_s: float = 1.0  # host work charged in this trailing window / its length = the host load
+    control_delay_s: float = 0.0  # a dispatch waits this long while rank 0's worker computes (CPU: the GIL)
 
     def __post_init__(self) -> None:
         # JSON round trips (fidelity.json's "execution") turn the tuples into lists
@@ -107,6 +114,8 @@ class ExecutionModel:
                 raise ValueError(f"host CPU seconds per request must be >= 0, got {s}")
         if len({(w, h) for w, h, _ in table}) != len(table):
             raise ValueError(f"host_cpu_by_size names a size twice: {table}")
+        if not (self.control_delay_s >= 0 and math.isfinite(self.control_delay_s)):
+            raise ValueError(f"control_delay_s must be >= 0, got {self.control_delay_s}")
         if not (self.host_window_s > 0 and math.isfinite(self.host_window_s)):
             raise ValueError(f"host_window_s must be > 0, got {self.host_window_s}")
         if not (self.host_overhead_s >= 0 and math.isfinite(self.host_overhead_s)):
@@ -158,6 +167,8 @@ class ExecutionState:
     rank_busy_until: dict[int, float] = field(default_factory=dict)  # rank -> end of its task in flight
     host_charges: deque = field(default_factory=deque)  # (time, CPU-seconds) of host work, oldest first
     host_charged_s: float = 0.0  # the sum of host_charges' CPU-seconds
+    _round_s: float = -math.inf  # the time of the last scheduling round that dispatched
+    _rank0_busy: bool = False  # whether rank 0 was computing when that round began
 
     def timing(self, a: Assignment, request: Request, now: float) -> tuple[float, float, float]:
         """(start, reshard seconds, compute seconds) of assignment `a` dispatched at `now`."""
@@ -259,8 +270,12 @@ class ExecutionState:
             load = len(busy) + self.host_load(now)
             compute_s *= max(1.0, load / m.cores) / max(1.0, len(ranks) / m.cores)
         start = now
+        if self._round_s != now:  # the first dispatch of this scheduling round: was rank 0 computing?
+            self._round_s, self._rank0_busy = now, self.rank_busy_until.get(0, now) > now
+        if m.control_delay_s > 0 and self._rank0_busy:
+            start += m.control_delay_s  # the control thread waited for rank 0's worker to yield the GIL
         if m.busy_senders:
-            start = max([now, *(self.rank_free_s.get(x, now) for x in set(ranks) | senders)])
+            start = max([start, *(self.rank_free_s.get(x, now) for x in set(ranks) | senders)])
             for x in senders - set(ranks):
                 self.rank_free_s[x] = start + reshard_s  # its next command waits for the send
         for x in ranks:

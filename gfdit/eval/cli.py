@@ -49,6 +49,11 @@ def _execution_args(p: argparse.ArgumentParser) -> None:
         help="CPU runs: the ranks share this many cores (tasks slow down when more ranks are busy; default 0: no sharing)",
     )  # fmt: skip
     p.add_argument(
+        "--control-delay-s", type=float, default=None,
+        help="CPU runs: a dispatch waits this long while rank 0's worker computes (the GIL; Note [Simulated "
+        "execution]); default: with --cpu-cores, this interpreter's switch interval (sys.getswitchinterval()), else 0",
+    )  # fmt: skip
+    p.add_argument(
         "--plain-sim", action="store_true",
         help="no execution model: tasks cost their cost-model time only (the old simulator)",
     )  # fmt: skip
@@ -61,7 +66,12 @@ def execution_model(args: argparse.Namespace):
         return ExecutionModel()
     lat = kH100ReshardLatencyS if args.reshard_latency_s is None else args.reshard_latency_s
     bw = kH100ReshardBandwidth if args.reshard_bandwidth is None else args.reshard_bandwidth
-    return replace(ExecutionModel.worker(args.host_overhead_s, lat, bw), cores=args.cpu_cores)
+    delay = args.control_delay_s
+    if delay is None:
+        delay = sys.getswitchinterval() if args.cpu_cores > 0 else 0.0
+    return replace(
+        ExecutionModel.worker(args.host_overhead_s, lat, bw), cores=args.cpu_cores, control_delay_s=delay
+    )
 
 
 def add_eval_parser(sub) -> None:

@@ -203,3 +203,21 @@ def test_host_cpu_by_size_overrides_the_default_and_survives_json():
         ExecutionModel(host_cpu_s=-1.0)
     with pytest.raises(ValueError, match="host_window_s"):
         ExecutionModel(host_window_s=0.0)
+
+
+def test_a_dispatch_waits_for_the_gil_while_rank_0_computes():
+    """a and b arrive at 0 (rank 0 idle: no wait) and run on ranks 0 and 1; c arrives at 0.001 while
+    rank 0 computes a: its ENCODE starts control_delay_s later. Once rank 0 is idle again, no wait."""
+    m = ExecutionModel(cores=3, control_delay_s=0.01)
+    three = [req("a", 1024, steps=4), req("b", 1024, steps=4), req("c", 1024, steps=4, arrival=0.001)]
+    res = simulate(Scheduler(3, make_policy("static:sp=1,chunk=0"), learn=False), three, execution=m)
+    enc = {e.task.request_id: e for e in res.trace if e.task.kind is TaskKind.ENCODE}
+    assert enc["a"].start_s == 0.0 and enc["b"].start_s == 0.0 and 0 in enc["a"].ranks
+    assert enc["c"].start_s == pytest.approx(0.011)
+    late = simulate(
+        Scheduler(3, make_policy("static:sp=1,chunk=0"), learn=False), [req("d", 1024, steps=4, arrival=5.0)],
+        execution=m,
+    )  # fmt: skip
+    assert late.trace[0].start_s == 5.0
+    with pytest.raises(ValueError, match="control_delay_s"):
+        ExecutionModel(control_delay_s=-0.001)
