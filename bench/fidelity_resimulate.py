@@ -1,6 +1,6 @@
 """Re-simulates a saved CPU fidelity run (bench/fidelity_cpu.sh OUT) with the current simulator and
 writes OUT/resimulated.json: the saved measurements beside the new simulation, and the errors before.
-    python bench/fidelity_resimulate.py OUT [--control-delay-s S] [--host-window-s S] [--no-host-cpu]
+    python bench/fidelity_resimulate.py OUT [--sharing FILE] [--host-window-s S] [--no-host-cpu]
 
 The execution model is the saved one (fidelity.json's "execution") with what each policy's idle
 server measured: its per-request host CPU (run["host_cpu"], Note [Simulated execution] in
@@ -13,11 +13,11 @@ host CPU was measured takes the same policy's measurement from another load of O
 import argparse
 import json
 import math
-import sys
 from dataclasses import replace
 
 from gfdit.bench.workload import RequestClass, read_trace
 from gfdit.cost import read_profile
+from gfdit.eval.cli import sharing_points
 from gfdit.eval.fidelity import calibrated_overhead, errors, host_cpu_by_size, simulated_metrics
 from gfdit.simexec import ExecutionModel
 
@@ -28,8 +28,8 @@ ap = argparse.ArgumentParser()
 ap.add_argument("out")
 ap.add_argument("--host-window-s", type=float, default=None, help="override ExecutionModel.host_window_s")
 ap.add_argument(
-    "--control-delay-s", type=float, default=None,
-    help="ExecutionModel.control_delay_s (default: the saved value, else this interpreter's switch interval)",
+    "--sharing", default=None,
+    help="bench/fidelity_concurrency.py's JSON: the measured slowdown of k processes (default: the saved model's)",
 )  # fmt: skip
 ap.add_argument("--no-host-cpu", action="store_true", help="leave the host CPU out (the model before it)")
 ap.add_argument("--json", default="resimulated.json", help="file name under OUT")
@@ -57,10 +57,8 @@ for load, d in reports.items():
         for c in meta["spec"]["classes"]
     ]
     ex0 = ExecutionModel(**d["execution"])
-    delay = args.control_delay_s
-    if delay is None:
-        delay = d["execution"].get("control_delay_s", sys.getswitchinterval() if ex0.cores > 0 else 0.0)
-    ex0 = replace(ex0, control_delay_s=delay)
+    if args.sharing is not None:
+        ex0 = replace(ex0, sharing=sharing_points(args.sharing))
     if args.host_window_s is not None:
         ex0 = replace(ex0, host_window_s=args.host_window_s)
     for r in d["runs"]:

@@ -22,7 +22,12 @@ gfdit.runtime.worker, Note [Reshard execution]):
     cores, so a task on d ranks dispatched while b ranks (its own included) are busy computes
     max(1, b / cores) / max(1, d / cores) times slower: its cost-model time, profiled with its own d
     ranks busy and the others idle, already holds its own group's share of the cores (the slowdown is
-    fixed at dispatch: a first-order model of processor sharing);
+    fixed at dispatch: a first-order model of processor sharing). With `sharing` (measured (k,
+    slowdown) points: k one-rank processes computing at once on the cores, each's step time over
+    one alone's; bench/fidelity_concurrency.py) the slowdown of k busy is s(k), interpolated
+    between the points and proportional to k beyond the last, instead of the ideal max(1, k / cores):
+    the task computes s(b) / s(d) times slower. On the 2-core development machine 4 processes run
+    2.2-2.7 times slower each, not 2 (bench/results/2026-12-06-cpu/fidelity2/README.md);
   - host work on the shared cores (CPU runs, with `cores` > 0): the HTTP front end, the engine's
     control thread (rank 0's process, beside rank 0's worker) and the replaying client compute too.
     Each request costs `host_cpu_s` CPU-seconds of it (or its shape's entry in `host_cpu_by_size`),
@@ -33,12 +38,6 @@ gfdit.runtime.worker, Note [Reshard execution]):
     cores) times slower. `gfdit eval fidelity --calibrate-overhead` measures the per-request CPU on
     the idle server (gfdit.eval.fidelity.measured_host_cpu); the window is a smoothing choice, not
     a calibrated constant (tasks last milliseconds, requests tenths of seconds).
-  - the control thread waiting for rank 0's worker (CPU runs): the engine's control thread and rank
-    0's worker are threads of one Python process. While that worker computes (a CPU model holds the
-    GIL between its many small operations), the control thread gets the GIL only when the
-    interpreter forces a switch, after `control_delay_s` (CPython's switch interval,
-    sys.getswitchinterval(), 5 ms by default): a task dispatched while rank 0 is busy starts that
-    much later. On GPUs the worker waits on the device with the GIL released: 0.
 `ExecutionModel()` (all off) is the plain simulator. `ExecutionState.batch_timing` prices a batched
 DENOISE chunk (several requests' chunks as one command on one group, Note [Batched step cost] in
 gfdit.cost).
@@ -103,10 +102,18 @@ class ExecutionModel:
     # (width, height, CPU-seconds) per request shape, overriding host_cpu_s for requests of that shape
     host_cpu_by_size: tuple[tuple[int, int, float], ...] = ()
     host_window_s: float = 1.0  # host work charged in this trailing window / its length = the host load
-    control_delay_s: float = 0.0  # a dispatch waits this long while rank 0's worker computes (CPU: the GIL)
+    # measured (k, slowdown) of k one-rank processes on the shared cores; () = ideal max(1, k / cores)
+    sharing: tuple[tuple[float, float], ...] = ()
 
     def __post_init__(self) -> None:
         # JSON round trips (fidelity.json's "execution") turn the tuples into lists
+        points = tuple(sorted((float(k), float(v)) for k, v in self.sharing))
+        object.__setattr__(self, "sharing", points)
+        for k, v in points:
+            if not (k > 0 and v > 0 and math.isfinite(k) and math.isfinite(v)):
+                raise ValueError(f"sharing points must be (k > 0, slowdown > 0), got {(k, v)}")
+        if len({k for k, _ in points}) != len(points):
+            raise ValueError(f"sharing names a process count twice: {points}")
         table = tuple((int(w), int(h), float(s)) for w, h, s in self.host_cpu_by_size)
         object.__setattr__(self, "host_cpu_by_size", table)
         for s in (self.host_cpu_s, *(s for _, _, s in table)):
@@ -114,8 +121,6 @@ class ExecutionModel:
                 raise ValueError(f"host CPU seconds per request must be >= 0, got {s}")
         if len({(w, h) for w, h, _ in table}) != len(table):
             raise ValueError(f"host_cpu_by_size names a size twice: {table}")
-        if not (self.control_delay_s >= 0 and math.isfinite(self.control_delay_s)):
-            raise ValueError(f"control_delay_s must be >= 0, got {self.control_delay_s}")
         if not (self.host_window_s > 0 and math.isfinite(self.host_window_s)):
             raise ValueError(f"host_window_s must be > 0, got {self.host_window_s}")
         if not (self.host_overhead_s >= 0 and math.isfinite(self.host_overhead_s)):
@@ -145,6 +150,21 @@ class ExecutionModel:
         assert self.reshard_latency_s is not None
         return self.reshard_latency_s + num_bytes / self.reshard_bandwidth
 
+    def slowdown(self, k: float) -> float:
+        """How much slower each of `k` busy processes computes on the shared cores than one alone
+        (Note [Simulated execution]); 1 without shared cores."""
+        if self.cores <= 0:
+            return 1.0
+        if not self.sharing:
+            return max(1.0, k / self.cores)
+        pts = self.sharing
+        if k <= pts[0][0]:
+            return pts[0][1]
+        for (k0, v0), (k1, v1) in zip(pts, pts[1:], strict=False):
+            if k <= k1:
+                return v0 + (v1 - v0) * (k - k0) / (k1 - k0)
+        return pts[-1][1] * k / pts[-1][0]
+
     def request_host_cpu_s(self, request: Request) -> float:
         """CPU-seconds of host work that `request` costs (Note [Simulated execution])."""
         for w, h, s in self.host_cpu_by_size:
@@ -167,8 +187,6 @@ class ExecutionState:
     rank_busy_until: dict[int, float] = field(default_factory=dict)  # rank -> end of its task in flight
     host_charges: deque = field(default_factory=deque)  # (time, CPU-seconds) of host work, oldest first
     host_charged_s: float = 0.0  # the sum of host_charges' CPU-seconds
-    _round_s: float = -math.inf  # the time of the last scheduling round that dispatched
-    _rank0_busy: bool = False  # whether rank 0 was computing when that round began
 
     def timing(self, a: Assignment, request: Request, now: float) -> tuple[float, float, float]:
         """(start, reshard seconds, compute seconds) of assignment `a` dispatched at `now`."""
@@ -268,12 +286,8 @@ class ExecutionState:
         if m.cores > 0:
             busy = {x for x, t in self.rank_busy_until.items() if t > now} | set(ranks)
             load = len(busy) + self.host_load(now)
-            compute_s *= max(1.0, load / m.cores) / max(1.0, len(ranks) / m.cores)
+            compute_s *= m.slowdown(load) / m.slowdown(len(ranks))
         start = now
-        if self._round_s != now:  # the first dispatch of this scheduling round: was rank 0 computing?
-            self._round_s, self._rank0_busy = now, self.rank_busy_until.get(0, now) > now
-        if m.control_delay_s > 0 and self._rank0_busy:
-            start += m.control_delay_s  # the control thread waited for rank 0's worker to yield the GIL
         if m.busy_senders:
             start = max([start, *(self.rank_free_s.get(x, now) for x in set(ranks) | senders)])
             for x in senders - set(ranks):

@@ -49,14 +49,29 @@ def _execution_args(p: argparse.ArgumentParser) -> None:
         help="CPU runs: the ranks share this many cores (tasks slow down when more ranks are busy; default 0: no sharing)",
     )  # fmt: skip
     p.add_argument(
-        "--control-delay-s", type=float, default=None,
-        help="CPU runs: a dispatch waits this long while rank 0's worker computes (the GIL; Note [Simulated "
-        "execution]); default: with --cpu-cores, this interpreter's switch interval (sys.getswitchinterval()), else 0",
+        "--sharing", default=None,
+        help="CPU runs: bench/fidelity_concurrency.py's JSON, the measured slowdown of k processes on the "
+        "shared cores (default: the ideal max(1, k / cores))",
     )  # fmt: skip
     p.add_argument(
         "--plain-sim", action="store_true",
         help="no execution model: tasks cost their cost-model time only (the old simulator)",
     )  # fmt: skip
+
+
+def sharing_points(path: str) -> tuple[tuple[float, float], ...]:
+    """ExecutionModel.sharing from bench/fidelity_concurrency.py's JSON: per process count, the mean
+    slowdown over the sizes it measured."""
+    import json
+
+    with open(path) as f:
+        rows = json.load(f)["rows"]
+    by_k: dict[float, list[float]] = {}
+    for r in rows:
+        by_k.setdefault(float(r["procs"]), []).append(float(r["ratio"]))
+    if not by_k:
+        raise ValueError(f"{path}: no measurements")
+    return tuple((k, sum(v) / len(v)) for k, v in sorted(by_k.items()))
 
 
 def execution_model(args: argparse.Namespace):
@@ -66,11 +81,9 @@ def execution_model(args: argparse.Namespace):
         return ExecutionModel()
     lat = kH100ReshardLatencyS if args.reshard_latency_s is None else args.reshard_latency_s
     bw = kH100ReshardBandwidth if args.reshard_bandwidth is None else args.reshard_bandwidth
-    delay = args.control_delay_s
-    if delay is None:
-        delay = sys.getswitchinterval() if args.cpu_cores > 0 else 0.0
+    sharing = () if args.sharing is None else sharing_points(args.sharing)
     return replace(
-        ExecutionModel.worker(args.host_overhead_s, lat, bw), cores=args.cpu_cores, control_delay_s=delay
+        ExecutionModel.worker(args.host_overhead_s, lat, bw), cores=args.cpu_cores, sharing=sharing
     )
 
 

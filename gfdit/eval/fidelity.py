@@ -43,6 +43,7 @@ __all__ = [
     "measured_host_cpu",
     "lone_compute_cpu_s",
     "host_cpu_by_size",
+    "calibration_request",
 ]
 
 log = logging.getLogger("gfdit.eval")
@@ -119,6 +120,19 @@ def errors(measured: dict, simulated: dict) -> dict:
     }
 
 
+kCalibrationSloS = 3600.0  # the SLO gfdit.bench.client.calibrate gives its lone requests
+
+
+def calibration_request(model: str, c):
+    """The simulated twin of a lone calibration request of class `c` (gfdit.bench.client.calibrate):
+    its class label (per-class policies such as rssp choose its degree by it) and its far deadline."""
+    from gfdit.request import Request
+
+    return Request("calibration", model, width=c.width, height=c.height, num_frames=c.num_frames,
+                   num_inference_steps=c.num_inference_steps, slo_class=c.name,
+                   deadline_s=kCalibrationSloS)  # fmt: skip
+
+
 def calibrated_overhead(
     policy: str, world_size: int, model: str, classes, measured_s: dict, *, chunk_steps: int,
     cost_profile: dict | None, execution: ExecutionModel,
@@ -127,13 +141,11 @@ def calibrated_overhead(
     latency - simulated lone latency without overhead) / tasks simulated; the median, at least 0.
     An independent measurement (an idle server, one request at a time), not a fit to the trace."""
     from gfdit.eval.sweep import SweepConfig
-    from gfdit.request import Request
 
     cfg = SweepConfig("x", world_size, "paper-image", (1.0,), (policy,), cost_profile=cost_profile)
     values = []
     for c in classes:
-        req = Request("calibration", model, width=c.width, height=c.height, num_frames=c.num_frames,
-                      num_inference_steps=c.num_inference_steps)  # fmt: skip
+        req = calibration_request(model, c)
         sched = Scheduler(world_size, make_policy(policy), cfg.cost_model(), chunk_steps=chunk_steps)
         res = simulate(
             sched, [req], true_cost=cfg.cost_model(), execution=replace(execution, host_overhead_s=0.0)
@@ -207,12 +219,10 @@ def lone_compute_cpu_s(
     that runs on ranks[0] alone keeps one. An upper bound for groups wider than one rank: their ranks
     wait for each other in collectives on a futex, not spinning."""
     from gfdit.eval.sweep import SweepConfig
-    from gfdit.request import Request
     from gfdit.tasks import TaskKind
 
     cfg = SweepConfig("x", world_size, "paper-image", (1.0,), (policy,), cost_profile=cost_profile)
-    req = Request("calibration", model, width=c.width, height=c.height, num_frames=c.num_frames,
-                  num_inference_steps=c.num_inference_steps)  # fmt: skip
+    req = calibration_request(model, c)
     sched = Scheduler(world_size, make_policy(policy), cfg.cost_model(), chunk_steps=chunk_steps)
     ex = replace(execution, host_overhead_s=0.0, host_cpu_s=0.0, host_cpu_by_size=())
     res = simulate(sched, [req], true_cost=cfg.cost_model(), execution=ex)

@@ -205,19 +205,24 @@ def test_host_cpu_by_size_overrides_the_default_and_survives_json():
         ExecutionModel(host_window_s=0.0)
 
 
-def test_a_dispatch_waits_for_the_gil_while_rank_0_computes():
-    """a and b arrive at 0 (rank 0 idle: no wait) and run on ranks 0 and 1; c arrives at 0.001 while
-    rank 0 computes a: its ENCODE starts control_delay_s later. Once rank 0 is idle again, no wait."""
-    m = ExecutionModel(cores=3, control_delay_s=0.01)
-    three = [req("a", 1024, steps=4), req("b", 1024, steps=4), req("c", 1024, steps=4, arrival=0.001)]
-    res = simulate(Scheduler(3, make_policy("static:sp=1,chunk=0"), learn=False), three, execution=m)
-    enc = {e.task.request_id: e for e in res.trace if e.task.kind is TaskKind.ENCODE}
-    assert enc["a"].start_s == 0.0 and enc["b"].start_s == 0.0 and 0 in enc["a"].ranks
-    assert enc["c"].start_s == pytest.approx(0.011)
-    late = simulate(
-        Scheduler(3, make_policy("static:sp=1,chunk=0"), learn=False), [req("d", 1024, steps=4, arrival=5.0)],
-        execution=m,
-    )  # fmt: skip
-    assert late.trace[0].start_s == 5.0
-    with pytest.raises(ValueError, match="control_delay_s"):
-        ExecutionModel(control_delay_s=-0.001)
+def test_measured_sharing_replaces_the_ideal_slowdown():
+    """Measured: 4 one-rank processes on 2 cores each run 2.4x slower (not 2x), 3 run 1.6x."""
+    cost = AnalyticCostModel()
+    m = ExecutionModel(cores=2, sharing=[[1, 1.0], [2, 1.0], [3, 1.6], [4, 2.4]])
+    assert m.sharing == ((1.0, 1.0), (2.0, 1.0), (3.0, 1.6), (4.0, 2.4))
+    assert m.slowdown(2.5) == pytest.approx(1.3)  # interpolated
+    assert m.slowdown(8) == pytest.approx(4.8)  # proportional beyond the last point
+    assert ExecutionModel(cores=2).slowdown(4) == 2.0 and ExecutionModel().slowdown(4) == 1.0
+    assert ExecutionModel(**m.to_json()) == m
+    four = [req(f"r{i}", 1024, steps=4) for i in range(4)]
+    shared = simulate(Scheduler(4, make_policy("static:sp=1,chunk=0"), learn=False), four, execution=m)
+    last = [e for e in shared.trace if e.task.request_id == "r3" and e.task.kind is TaskKind.DENOISE][0]
+    assert last.end_s - last.start_s == pytest.approx(2.4 * cost.task_time(last.task, four[3], 1))
+    # SP4 alone: its own 4 ranks are in its profiled time, 2.4 / 2.4
+    one = [req("a", 1024, steps=4)]
+    sp4 = simulate(Scheduler(4, make_policy("static:sp=4,chunk=0"), learn=False), one, execution=m)
+    assert sp4.trace == simulate(Scheduler(4, make_policy("static:sp=4,chunk=0"), learn=False), one).trace
+    with pytest.raises(ValueError, match="twice"):
+        ExecutionModel(sharing=((2, 1.0), (2, 1.1)))
+    with pytest.raises(ValueError, match="sharing"):
+        ExecutionModel(sharing=((0, 1.0),))
