@@ -18,7 +18,13 @@ from dataclasses import replace
 from gfdit.bench.workload import RequestClass, read_trace
 from gfdit.cost import read_profile
 from gfdit.eval.cli import sharing_points
-from gfdit.eval.fidelity import calibrated_overhead, errors, host_cpu_by_size, simulated_metrics
+from gfdit.eval.fidelity import (
+    calibrated_overhead,
+    calibrated_scale,
+    errors,
+    host_cpu_by_size,
+    simulated_metrics,
+)
 from gfdit.simexec import ExecutionModel
 
 kLoads = ["0.5", "0.8", "1.0"]
@@ -30,6 +36,10 @@ ap.add_argument("--host-window-s", type=float, default=None, help="override Exec
 ap.add_argument(
     "--sharing", default=None,
     help="bench/fidelity_concurrency.py's JSON: the measured slowdown of k processes (default: the saved model's)",
+)  # fmt: skip
+ap.add_argument(
+    "--scale-from-lone", action="store_true",
+    help="also calibrate ExecutionModel.compute_scale from the lone requests (calibrated_scale)",
 )  # fmt: skip
 ap.add_argument("--no-host-cpu", action="store_true", help="leave the host CPU out (the model before it)")
 ap.add_argument("--json", default="resimulated.json", help="file name under OUT")
@@ -72,6 +82,10 @@ for load, d in reports.items():
             table = host_cpu_by_size(policy, world, "tiny-flux", classes, host_cpu["per_request_s"],
                                      chunk_steps=chunk, cost_profile=prof, execution=ex)  # fmt: skip
             ex = replace(ex, host_cpu_by_size=table)
+        if args.scale_from_lone:
+            scale = calibrated_scale(policy, world, "tiny-flux", classes, r["calibrated_standalone_s"],
+                                     chunk_steps=chunk, cost_profile=prof, execution=ex)  # fmt: skip
+            ex = replace(ex, compute_scale=scale)
         overhead = calibrated_overhead(policy, world, "tiny-flux", classes, r["calibrated_standalone_s"],
                                        chunk_steps=chunk, cost_profile=prof, execution=ex)  # fmt: skip
         ex = replace(ex, host_overhead_s=overhead)

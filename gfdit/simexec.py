@@ -38,6 +38,8 @@ gfdit.runtime.worker, Note [Reshard execution]):
     cores) times slower. `gfdit eval fidelity --calibrate-overhead` measures the per-request CPU on
     the idle server (gfdit.eval.fidelity.measured_host_cpu); the window is a smoothing choice, not
     a calibrated constant (tasks last milliseconds, requests tenths of seconds).
+  - compute scale: every task's compute is `compute_scale` times the cost model's (a profile that is
+    slower than the server, as the idle server's lone requests show: gfdit.eval.fidelity.calibrated_scale).
 `ExecutionModel()` (all off) is the plain simulator. `ExecutionState.batch_timing` prices a batched
 DENOISE chunk (several requests' chunks as one command on one group, Note [Batched step cost] in
 gfdit.cost).
@@ -102,6 +104,7 @@ class ExecutionModel:
     # (width, height, CPU-seconds) per request shape, overriding host_cpu_s for requests of that shape
     host_cpu_by_size: tuple[tuple[int, int, float], ...] = ()
     host_window_s: float = 1.0  # host work charged in this trailing window / its length = the host load
+    compute_scale: float = 1.0  # every task's compute times this (the lone-request calibration's)
     # measured (k, slowdown) of k one-rank processes on the shared cores; () = ideal max(1, k / cores)
     sharing: tuple[tuple[float, float], ...] = ()
 
@@ -121,6 +124,8 @@ class ExecutionModel:
                 raise ValueError(f"host CPU seconds per request must be >= 0, got {s}")
         if len({(w, h) for w, h, _ in table}) != len(table):
             raise ValueError(f"host_cpu_by_size names a size twice: {table}")
+        if not (self.compute_scale > 0 and math.isfinite(self.compute_scale)):
+            raise ValueError(f"compute_scale must be > 0, got {self.compute_scale}")
         if not (self.host_window_s > 0 and math.isfinite(self.host_window_s)):
             raise ValueError(f"host_window_s must be > 0, got {self.host_window_s}")
         if not (self.host_overhead_s >= 0 and math.isfinite(self.host_overhead_s)):
@@ -283,6 +288,7 @@ class ExecutionState:
         self, ranks: tuple[int, ...], senders: set[int], reshard_s: float, compute_s: float, now: float
     ) -> tuple[float, float, float]:
         m = self.model
+        compute_s *= m.compute_scale
         if m.cores > 0:
             busy = {x for x, t in self.rank_busy_until.items() if t > now} | set(ranks)
             load = len(busy) + self.host_load(now)

@@ -44,6 +44,7 @@ __all__ = [
     "lone_compute_cpu_s",
     "host_cpu_by_size",
     "calibration_request",
+    "calibrated_scale",
 ]
 
 log = logging.getLogger("gfdit.eval")
@@ -246,6 +247,26 @@ def host_cpu_by_size(
                                      cost_profile=cost_profile, execution=execution)  # fmt: skip
         out.append((c.width, c.height, max(0.0, per_request_s[c.name] - compute)))
     return tuple(out)
+
+
+def calibrated_scale(
+    policy: str, world_size: int, model: str, classes, measured_s: dict, *, chunk_steps: int,
+    cost_profile: dict | None, execution: ExecutionModel,
+) -> float:  # fmt: skip
+    """Compute scale implied by the idle-server calibration: for each class, measured lone latency /
+    simulated lone latency (no host overhead, scale 1); the median, at most 1 (a server slower than
+    the simulation is calibrated_overhead's business, per task). The same independent measurement."""
+    from gfdit.eval.sweep import SweepConfig
+
+    cfg = SweepConfig("x", world_size, "paper-image", (1.0,), (policy,), cost_profile=cost_profile)
+    ex = replace(execution, host_overhead_s=0.0, compute_scale=1.0)
+    values = []
+    for c in classes:
+        sched = Scheduler(world_size, make_policy(policy), cfg.cost_model(), chunk_steps=chunk_steps)
+        res = simulate(sched, [calibration_request(model, c)], true_cost=cfg.cost_model(), execution=ex)
+        values.append(measured_s[c.name] / res.outcomes["calibration"].latency_s)
+    values.sort()
+    return min(1.0, values[len(values) // 2]) if values else 1.0
 
 
 def _free_port() -> int:

@@ -151,6 +151,27 @@ def test_host_cpu_is_the_measured_cpu_less_the_simulated_compute():
     assert table[1] == (1024, 1024, 0.0)  # less than the compute: none
 
 
+def test_calibrated_scale_is_the_lone_requests_speed_against_the_simulation():
+    from gfdit.bench.workload import RequestClass
+    from gfdit.eval.fidelity import calibrated_scale, calibration_request
+    from gfdit.policy import make_policy
+    from gfdit.scheduler import Scheduler
+    from gfdit.sim import simulate
+
+    classes = (RequestClass("S", 512, 512, None, 4, 1.0), RequestClass("L", 1024, 1024, None, 4, 1.0))
+    lone = {}
+    for c in classes:
+        res = simulate(
+            Scheduler(4, make_policy("static:sp=1"), chunk_steps=2), [calibration_request("flux-dev", c)]
+        )
+        lone[c.name] = res.outcomes["calibration"].latency_s
+    kw = dict(chunk_steps=2, cost_profile=None, execution=ExecutionModel())
+    faster = {k: 0.8 * v for k, v in lone.items()}
+    assert calibrated_scale("static:sp=1", 4, "flux-dev", classes, faster, **kw) == pytest.approx(0.8)
+    slower = {k: 1.3 * v for k, v in lone.items()}
+    assert calibrated_scale("static:sp=1", 4, "flux-dev", classes, slower, **kw) == 1.0  # the overhead's job
+
+
 def test_process_tree_cpu_counts_children(tmp_path):
     import os
     import subprocess

@@ -226,3 +226,16 @@ def test_measured_sharing_replaces_the_ideal_slowdown():
         ExecutionModel(sharing=((2, 1.0), (2, 1.1)))
     with pytest.raises(ValueError, match="sharing"):
         ExecutionModel(sharing=((0, 1.0),))
+
+
+def test_compute_scale_multiplies_every_task():
+    one = [req("a", 1024, steps=4)]
+    plain = simulate(Scheduler(4, make_policy("static:sp=1,chunk=2"), learn=False), one)
+    half = simulate(
+        Scheduler(4, make_policy("static:sp=1,chunk=2"), learn=False),
+        one,
+        execution=ExecutionModel(compute_scale=0.5),
+    )
+    assert half.outcomes["a"].latency_s == pytest.approx(0.5 * plain.outcomes["a"].latency_s)
+    with pytest.raises(ValueError, match="compute_scale"):
+        ExecutionModel(compute_scale=0.0)
