@@ -1,11 +1,12 @@
 """Re-simulates a saved CPU fidelity run (bench/fidelity_cpu.sh OUT) with the current simulator and
 writes OUT/resimulated.json: the saved measurements beside the new simulation, and the errors before.
-    python bench/fidelity_resimulate.py OUT [--sharing FILE] [--host-window-s S] [--no-host-cpu]
+    python bench/fidelity_resimulate.py OUT [--sharing FILE] [--no-scale] [--no-host-cpu] [--host-window-s S]
 
 The execution model is the saved one (fidelity.json's "execution") with what each policy's idle
-server measured: its per-request host CPU (run["host_cpu"], Note [Simulated execution] in
-gfdit.simexec) and its lone-request latencies, from which the per-task host overhead is calibrated
-again under the current model (gfdit.eval.fidelity.calibrated_overhead). A run saved before the
+server measured, calibrated again under the current model in the order gfdit eval fidelity uses:
+the compute scale from the lone-request latencies (gfdit.eval.fidelity.calibrated_scale), the
+per-request host CPU (run["host_cpu"] less the scaled compute, Note [Simulated execution] in
+gfdit.simexec), then the per-task host overhead (calibrated_overhead). A run saved before the
 host CPU was measured takes the same policy's measurement from another load of OUT (named in
 "host_cpu_from"), or none.
 """
@@ -38,8 +39,8 @@ ap.add_argument(
     help="bench/fidelity_concurrency.py's JSON: the measured slowdown of k processes (default: the saved model's)",
 )  # fmt: skip
 ap.add_argument(
-    "--scale-from-lone", action="store_true",
-    help="also calibrate ExecutionModel.compute_scale from the lone requests (calibrated_scale)",
+    "--no-scale", action="store_true",
+    help="leave ExecutionModel.compute_scale at 1 (no calibration of the compute from the lone requests)",
 )  # fmt: skip
 ap.add_argument("--no-host-cpu", action="store_true", help="leave the host CPU out (the model before it)")
 ap.add_argument("--json", default="resimulated.json", help="file name under OUT")
@@ -78,14 +79,14 @@ for load, d in reports.items():
             cpu_from, host_cpu = load, r["host_cpu"]
         elif policy in measured_cpu:
             cpu_from, host_cpu = measured_cpu[policy]
+        if not args.no_scale:  # first: the host CPU is what the scaled compute leaves
+            scale = calibrated_scale(policy, world, "tiny-flux", classes, r["calibrated_standalone_s"],
+                                     chunk_steps=chunk, cost_profile=prof, execution=ex)  # fmt: skip
+            ex = replace(ex, compute_scale=scale)
         if host_cpu is not None and not args.no_host_cpu and ex.cores > 0:
             table = host_cpu_by_size(policy, world, "tiny-flux", classes, host_cpu["per_request_s"],
                                      chunk_steps=chunk, cost_profile=prof, execution=ex)  # fmt: skip
             ex = replace(ex, host_cpu_by_size=table)
-        if args.scale_from_lone:
-            scale = calibrated_scale(policy, world, "tiny-flux", classes, r["calibrated_standalone_s"],
-                                     chunk_steps=chunk, cost_profile=prof, execution=ex)  # fmt: skip
-            ex = replace(ex, compute_scale=scale)
         overhead = calibrated_overhead(policy, world, "tiny-flux", classes, r["calibrated_standalone_s"],
                                        chunk_steps=chunk, cost_profile=prof, execution=ex)  # fmt: skip
         ex = replace(ex, host_overhead_s=overhead)

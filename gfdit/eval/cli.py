@@ -137,7 +137,8 @@ def add_eval_parser(sub) -> None:
     )
     f.add_argument(
         "--calibrate-overhead", action="store_true",
-        help="derive the per-task host overhead from each idle server's calibration (overrides --host-overhead-s)",
+        help="calibrate from each idle server's lone requests: the compute scale, the host CPU per request (with "
+        "--cpu-cores) and the per-task host overhead (overrides --host-overhead-s)",
     )  # fmt: skip
     f.add_argument("--out", required=True, help="directory for fidelity.json, fidelity.md and the runs")
     _execution_args(f)

@@ -417,10 +417,16 @@ def run_fidelity(args, execution: ExecutionModel, command: str) -> dict:
             log.info("%s: server exited with %s", policy, code)
         measured = measured_metrics(got["rows"], args.time_scale)
         ex = execution
+        if getattr(args, "calibrate_overhead", False) and classes:  # first: the host CPU is what it leaves
+            scale = calibrated_scale(
+                policy, world, model, classes, got["standalone_s"], chunk_steps=args.chunk_steps,
+                cost_profile=profile, execution=ex,
+            )  # fmt: skip
+            ex = replace(ex, compute_scale=scale)
         if got["host_cpu"] is not None and execution.cores > 0:
             table = host_cpu_by_size(
                 policy, world, model, classes, got["host_cpu"]["per_request_s"], chunk_steps=args.chunk_steps,
-                cost_profile=profile, execution=execution,
+                cost_profile=profile, execution=ex,
             )  # fmt: skip
             ex = replace(ex, host_cpu_by_size=table)
         if getattr(args, "calibrate_overhead", False) and classes:
@@ -439,7 +445,7 @@ def run_fidelity(args, execution: ExecutionModel, command: str) -> dict:
         )  # fmt: skip
         row = {"policy": policy, "world_size": world, "server_command": server_command,
                "calibrated_standalone_s": got["standalone_s"], "host_overhead_s": ex.host_overhead_s,
-               "host_cpu": got["host_cpu"], "host_cpu_by_size": ex.host_cpu_by_size,
+               "host_cpu": got["host_cpu"], "host_cpu_by_size": ex.host_cpu_by_size, "compute_scale": ex.compute_scale,
                "measured": measured, "simulated": simulated, **errors(measured, simulated),
                "plain_simulated": plain,
                "plain_errors": errors(measured, plain)}  # fmt: skip
