@@ -10,6 +10,9 @@ out=$1
 policies=${2:-"static:sp=1;edf-best-fit;srtf"}
 export OMP_NUM_THREADS=1
 prof=$out/tiny-flux-cpu4.json
+# How one-rank steps slow down with k processes on the cores (the simulator's sharing curve)
+[ -f "$out/concurrency.json" ] || python bench/fidelity_concurrency.py --model tiny-flux --sizes 32,144,256 \
+  --procs 1,2,3,4,5 --seconds 3 --out "$out/concurrency.json"
 classes=(--class S:size=32x32,steps=50,weight=1 --class M:size=144x144,steps=50,weight=1
          --class L:size=256x256,steps=50,weight=1)
 for load in 0.5 0.8 1.0; do
@@ -23,5 +26,5 @@ for load in 0.5 0.8 1.0; do
     --target-load "$load" --world-size 4 --duration "$duration" --seed 0 --out "$trace"
   gfdit eval fidelity --trace "$trace" --policies "$policies" --chunk-steps 5 \
     --serve-args "--nproc 4 --model tiny-flux --device cpu --cost-profile $prof --chunk-steps 5 --max-queue 1000" \
-    --cost-profile "$prof" --calibrate-overhead --cpu-cores 2 --out "$out/load$load"
+    --cost-profile "$prof" --calibrate-overhead --cpu-cores 2 --sharing "$out/concurrency.json" --out "$out/load$load"
 done

@@ -1,59 +1,123 @@
 """Re-simulates a saved CPU fidelity run (bench/fidelity_cpu.sh OUT) with the current simulator and
 writes OUT/resimulated.json: the saved measurements beside the new simulation, and the errors before.
-    python bench/fidelity_resimulate.py OUT
+    python bench/fidelity_resimulate.py OUT [--sharing FILE] [--no-scale] [--no-host-cpu] [--host-window-s S]
+
+The execution model is the saved one (fidelity.json's "execution") with what each policy's idle
+server measured, calibrated again under the current model in the order gfdit eval fidelity uses:
+the compute scale from the lone-request latencies (gfdit.eval.fidelity.calibrated_scale), the
+per-request host CPU (run["host_cpu"] less the scaled compute, Note [Simulated execution] in
+gfdit.simexec), then the per-task host overhead (calibrated_overhead). A run saved before the
+host CPU was measured takes the same policy's measurement from another load of OUT (named in
+"host_cpu_from"), or none.
 """
 
+import argparse
 import json
-import sys
+import math
 from dataclasses import replace
 
-from gfdit.bench.workload import read_trace
+from gfdit.bench.workload import RequestClass, read_trace
 from gfdit.cost import read_profile
-from gfdit.eval.fidelity import errors, simulated_metrics
+from gfdit.eval.cli import sharing_points
+from gfdit.eval.fidelity import (
+    calibrated_overhead,
+    calibrated_scale,
+    errors,
+    host_cpu_by_size,
+    simulated_metrics,
+)
 from gfdit.simexec import ExecutionModel
 
-base = sys.argv[1]
+kLoads = ["0.5", "0.8", "1.0"]
+kErrorKeys = ("mean_latency_error", "p99_latency_error", "throughput_error", "slo_points_error")
+
+ap = argparse.ArgumentParser()
+ap.add_argument("out")
+ap.add_argument("--host-window-s", type=float, default=None, help="override ExecutionModel.host_window_s")
+ap.add_argument(
+    "--sharing", default=None,
+    help="bench/fidelity_concurrency.py's JSON: the measured slowdown of k processes (default: the saved model's)",
+)  # fmt: skip
+ap.add_argument(
+    "--no-scale", action="store_true",
+    help="leave ExecutionModel.compute_scale at 1 (no calibration of the compute from the lone requests)",
+)  # fmt: skip
+ap.add_argument("--no-host-cpu", action="store_true", help="leave the host CPU out (the model before it)")
+ap.add_argument("--json", default="resimulated.json", help="file name under OUT")
+args = ap.parse_args()
+base = args.out
 prof = read_profile(f"{base}/tiny-flux-cpu4.json", model="tiny-flux")
-out = []
-for load in ["0.5", "0.8", "1.0"]:
-    d = json.load(open(f"{base}/load{load}/fidelity.json"))
-    _, records = read_trace(f"{base}/trace-load{load}.jsonl")
-    ex0 = ExecutionModel(**d["execution"])
+reports = {}
+for load in kLoads:
+    try:
+        reports[load] = json.load(open(f"{base}/load{load}/fidelity.json"))
+    except FileNotFoundError:
+        print(f"load {load}: no fidelity.json, skipped")
+measured_cpu = {}  # policy -> (load, host_cpu) of the first load that measured it
+for load, d in reports.items():
     for r in d["runs"]:
-        ex = replace(ex0, host_overhead_s=r["host_overhead_s"])
-        sim = simulated_metrics(
-            records,
-            r["policy"],
-            r["world_size"],
-            chunk_steps=d["chunk_steps"],
-            cost_profile=prof,
-            execution=ex,
+        if r.get("host_cpu") is not None:
+            measured_cpu.setdefault(r["policy"], (load, r["host_cpu"]))
+out = []
+for load, d in reports.items():
+    meta, records = read_trace(f"{base}/trace-load{load}.jsonl")
+    classes = [
+        RequestClass(
+            c["name"], c["width"], c["height"], c["num_frames"], c["num_inference_steps"], c["weight"]
         )
+        for c in meta["spec"]["classes"]
+    ]
+    ex0 = ExecutionModel(**d["execution"])
+    if args.sharing is not None:
+        ex0 = replace(ex0, sharing=sharing_points(args.sharing))
+    if args.host_window_s is not None:
+        ex0 = replace(ex0, host_window_s=args.host_window_s)
+    for r in d["runs"]:
+        policy, world, chunk = r["policy"], r["world_size"], d["chunk_steps"]
+        ex, cpu_from, host_cpu = ex0, None, None
+        if r.get("host_cpu") is not None:
+            cpu_from, host_cpu = load, r["host_cpu"]
+        elif policy in measured_cpu:
+            cpu_from, host_cpu = measured_cpu[policy]
+        if not args.no_scale:  # first: the host CPU is what the scaled compute leaves
+            scale = calibrated_scale(policy, world, "tiny-flux", classes, r["calibrated_standalone_s"],
+                                     chunk_steps=chunk, cost_profile=prof, execution=ex)  # fmt: skip
+            ex = replace(ex, compute_scale=scale)
+        if host_cpu is not None and not args.no_host_cpu and ex.cores > 0:
+            table = host_cpu_by_size(policy, world, "tiny-flux", classes, host_cpu["per_request_s"],
+                                     chunk_steps=chunk, cost_profile=prof, execution=ex)  # fmt: skip
+            ex = replace(ex, host_cpu_by_size=table)
+        overhead = calibrated_overhead(policy, world, "tiny-flux", classes, r["calibrated_standalone_s"],
+                                       chunk_steps=chunk, cost_profile=prof, execution=ex)  # fmt: skip
+        ex = replace(ex, host_overhead_s=overhead)
+        sim = simulated_metrics(records, policy, world, chunk_steps=chunk, cost_profile=prof, execution=ex)
         e = errors(r["measured"], sim)
         out.append(
             {
                 "load": load,
-                "policy": r["policy"],
+                "policy": policy,
                 "measured": r["measured"],
                 "simulated": sim,
                 **e,
-                "before": {
-                    k: r[k]
-                    for k in (
-                        "mean_latency_error",
-                        "p99_latency_error",
-                        "throughput_error",
-                        "slo_points_error",
-                    )
-                },
+                "execution": ex.to_json(),
+                "host_cpu_from": cpu_from,
+                "before": {k: r[k] for k in kErrorKeys},
             }
         )
+        ok = all(abs(e[k]) <= 0.10 for k in kErrorKeys[:3]) and abs(e["slo_points_error"]) <= 10
         print(
             load,
-            r["policy"],
-            {k: round(v, 3) for k, v in e.items()},
-            "before",
-            round(r["mean_latency_error"], 3),
-            round(r["throughput_error"], 3),
+            f"{policy:14s}",
+            " ".join(
+                f"{k.split('_')[0]} {100 * v:+6.1f}" if k != "slo_points_error" else f"slo {v:+6.1f}"
+                for k, v in e.items()
+            ),  # fmt: skip
+            "| met" if ok else "| missed",
+            "| host CPU/req",
+            [round(s, 4) for _, _, s in ex.host_cpu_by_size],
+            f"overhead {ex.host_overhead_s * 1e3:.2f} ms",
+            f"(before: mean {100 * r['mean_latency_error']:+.1f} thr {100 * r['throughput_error']:+.1f})"
+            if not math.isnan(r["mean_latency_error"])
+            else "",
         )
-json.dump(out, open(f"{base}/resimulated.json", "w"), indent=1)
+json.dump(out, open(f"{base}/{args.json}", "w"), indent=1)

@@ -22,7 +22,24 @@ gfdit.runtime.worker, Note [Reshard execution]):
     cores, so a task on d ranks dispatched while b ranks (its own included) are busy computes
     max(1, b / cores) / max(1, d / cores) times slower: its cost-model time, profiled with its own d
     ranks busy and the others idle, already holds its own group's share of the cores (the slowdown is
-    fixed at dispatch: a first-order model of processor sharing).
+    fixed at dispatch: a first-order model of processor sharing). With `sharing` (measured (k,
+    slowdown) points: k one-rank processes computing at once on the cores, each's step time over
+    one alone's; bench/fidelity_concurrency.py) the slowdown of k busy is s(k), interpolated
+    between the points and proportional to k beyond the last, instead of the ideal max(1, k / cores):
+    the task computes s(b) / s(d) times slower. On the 2-core development machine 4 processes run
+    2.2-2.7 times slower each, not 2 (bench/results/2026-12-06-cpu/fidelity2/README.md);
+  - host work on the shared cores (CPU runs, with `cores` > 0): the HTTP front end, the engine's
+    control thread (rank 0's process, beside rank 0's worker) and the replaying client compute too.
+    Each request costs `host_cpu_s` CPU-seconds of it (or its shape's entry in `host_cpu_by_size`),
+    charged half when its ENCODE is dispatched (the request parsed, admitted and scheduled) and half
+    when its DECODE is (the result encoded as PNG, sent and parsed). What was charged in the last
+    `host_window_s` seconds, divided by that window, is the host's load u in cores (at most
+    `cores`), and a task dispatched with b ranks busy computes max(1, (b + u) / cores) / max(1, d /
+    cores) times slower. `gfdit eval fidelity --calibrate-overhead` measures the per-request CPU on
+    the idle server (gfdit.eval.fidelity.measured_host_cpu); the window is a smoothing choice, not
+    a calibrated constant (tasks last milliseconds, requests tenths of seconds).
+  - compute scale: every task's compute is `compute_scale` times the cost model's (a profile that is
+    slower than the server, as the idle server's lone requests show: gfdit.eval.fidelity.calibrated_scale).
 `ExecutionModel()` (all off) is the plain simulator. `ExecutionState.batch_timing` prices a batched
 DENOISE chunk (several requests' chunks as one command on one group, Note [Batched step cost] in
 gfdit.cost).
@@ -31,6 +48,7 @@ gfdit.cost).
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -82,8 +100,34 @@ class ExecutionModel:
     cond_copies: bool = False  # members lacking the text conditioning receive it with the reshard
     decode_on_first_rank: bool = False  # DECODE = gather to ranks[0] + one-rank decode there
     cores: int = 0  # CPU cores the ranks share; 0: each rank has its own device (no sharing)
+    host_cpu_s: float = 0.0  # CPU-seconds of host work per request on the shared cores (with cores > 0)
+    # (width, height, CPU-seconds) per request shape, overriding host_cpu_s for requests of that shape
+    host_cpu_by_size: tuple[tuple[int, int, float], ...] = ()
+    host_window_s: float = 1.0  # host work charged in this trailing window / its length = the host load
+    compute_scale: float = 1.0  # every task's compute times this (the lone-request calibration's)
+    # measured (k, slowdown) of k one-rank processes on the shared cores; () = ideal max(1, k / cores)
+    sharing: tuple[tuple[float, float], ...] = ()
 
     def __post_init__(self) -> None:
+        # JSON round trips (fidelity.json's "execution") turn the tuples into lists
+        points = tuple(sorted((float(k), float(v)) for k, v in self.sharing))
+        object.__setattr__(self, "sharing", points)
+        for k, v in points:
+            if not (k > 0 and v > 0 and math.isfinite(k) and math.isfinite(v)):
+                raise ValueError(f"sharing points must be (k > 0, slowdown > 0), got {(k, v)}")
+        if len({k for k, _ in points}) != len(points):
+            raise ValueError(f"sharing names a process count twice: {points}")
+        table = tuple((int(w), int(h), float(s)) for w, h, s in self.host_cpu_by_size)
+        object.__setattr__(self, "host_cpu_by_size", table)
+        for s in (self.host_cpu_s, *(s for _, _, s in table)):
+            if not (s >= 0 and math.isfinite(s)):
+                raise ValueError(f"host CPU seconds per request must be >= 0, got {s}")
+        if len({(w, h) for w, h, _ in table}) != len(table):
+            raise ValueError(f"host_cpu_by_size names a size twice: {table}")
+        if not (self.compute_scale > 0 and math.isfinite(self.compute_scale)):
+            raise ValueError(f"compute_scale must be > 0, got {self.compute_scale}")
+        if not (self.host_window_s > 0 and math.isfinite(self.host_window_s)):
+            raise ValueError(f"host_window_s must be > 0, got {self.host_window_s}")
         if not (self.host_overhead_s >= 0 and math.isfinite(self.host_overhead_s)):
             raise ValueError(f"host_overhead_s must be >= 0, got {self.host_overhead_s}")
         if (self.reshard_latency_s is None) != (self.reshard_bandwidth is None):
@@ -111,6 +155,28 @@ class ExecutionModel:
         assert self.reshard_latency_s is not None
         return self.reshard_latency_s + num_bytes / self.reshard_bandwidth
 
+    def slowdown(self, k: float) -> float:
+        """How much slower each of `k` busy processes computes on the shared cores than one alone
+        (Note [Simulated execution]); 1 without shared cores."""
+        if self.cores <= 0:
+            return 1.0
+        if not self.sharing:
+            return max(1.0, k / self.cores)
+        pts = self.sharing
+        if k <= pts[0][0]:
+            return pts[0][1]
+        for (k0, v0), (k1, v1) in zip(pts, pts[1:], strict=False):
+            if k <= k1:
+                return v0 + (v1 - v0) * (k - k0) / (k1 - k0)
+        return pts[-1][1] * k / pts[-1][0]
+
+    def request_host_cpu_s(self, request: Request) -> float:
+        """CPU-seconds of host work that `request` costs (Note [Simulated execution])."""
+        for w, h, s in self.host_cpu_by_size:
+            if (w, h) == (request.width, request.height):
+                return s
+        return self.host_cpu_s
+
     def to_json(self) -> dict:
         return {f: getattr(self, f) for f in self.__dataclass_fields__}
 
@@ -124,6 +190,8 @@ class ExecutionState:
     rank_free_s: dict[int, float] = field(default_factory=dict)  # rank -> when it finishes its queue
     cond_holders: dict[str, set[int]] = field(default_factory=dict)  # request -> ranks with its cond
     rank_busy_until: dict[int, float] = field(default_factory=dict)  # rank -> end of its task in flight
+    host_charges: deque = field(default_factory=deque)  # (time, CPU-seconds) of host work, oldest first
+    host_charged_s: float = 0.0  # the sum of host_charges' CPU-seconds
 
     def timing(self, a: Assignment, request: Request, now: float) -> tuple[float, float, float]:
         """(start, reshard seconds, compute seconds) of assignment `a` dispatched at `now`."""
@@ -139,7 +207,23 @@ class ExecutionState:
                 compute_s += m.move_time(truth, latent * (len(ranks) - 1) / len(ranks))
         else:
             compute_s = truth.task_time(a.task, request, len(ranks), cfg=a.cfg)
+        if a.task.kind in (TaskKind.ENCODE, TaskKind.DECODE):
+            self._charge_host(0.5 * m.request_host_cpu_s(request), now)
         return self._dispatch(ranks, senders, reshard_s, compute_s, now)
+
+    def _charge_host(self, cpu_s: float, now: float) -> None:
+        if self.model.cores > 0 and cpu_s > 0:
+            self.host_charges.append((now, cpu_s))
+            self.host_charged_s += cpu_s
+
+    def host_load(self, now: float) -> float:
+        """The host's load in cores at `now`: CPU-seconds charged in the trailing window / window."""
+        m = self.model
+        while self.host_charges and self.host_charges[0][0] <= now - m.host_window_s:
+            self.host_charged_s -= self.host_charges.popleft()[1]
+        if not self.host_charges:
+            self.host_charged_s = 0.0  # no float residue
+        return min(float(m.cores), max(0.0, self.host_charged_s) / m.host_window_s)
 
     def batch_timing(
         self, members: Sequence[tuple[Assignment, Request]], now: float
@@ -204,12 +288,14 @@ class ExecutionState:
         self, ranks: tuple[int, ...], senders: set[int], reshard_s: float, compute_s: float, now: float
     ) -> tuple[float, float, float]:
         m = self.model
+        compute_s *= m.compute_scale
         if m.cores > 0:
             busy = {x for x, t in self.rank_busy_until.items() if t > now} | set(ranks)
-            compute_s *= max(1.0, len(busy) / m.cores) / max(1.0, len(ranks) / m.cores)
+            load = len(busy) + self.host_load(now)
+            compute_s *= m.slowdown(load) / m.slowdown(len(ranks))
         start = now
         if m.busy_senders:
-            start = max([now, *(self.rank_free_s.get(x, now) for x in set(ranks) | senders)])
+            start = max([start, *(self.rank_free_s.get(x, now) for x in set(ranks) | senders)])
             for x in senders - set(ranks):
                 self.rank_free_s[x] = start + reshard_s  # its next command waits for the send
         for x in ranks:

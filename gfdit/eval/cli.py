@@ -49,9 +49,29 @@ def _execution_args(p: argparse.ArgumentParser) -> None:
         help="CPU runs: the ranks share this many cores (tasks slow down when more ranks are busy; default 0: no sharing)",
     )  # fmt: skip
     p.add_argument(
+        "--sharing", default=None,
+        help="CPU runs: bench/fidelity_concurrency.py's JSON, the measured slowdown of k processes on the "
+        "shared cores (default: the ideal max(1, k / cores))",
+    )  # fmt: skip
+    p.add_argument(
         "--plain-sim", action="store_true",
         help="no execution model: tasks cost their cost-model time only (the old simulator)",
     )  # fmt: skip
+
+
+def sharing_points(path: str) -> tuple[tuple[float, float], ...]:
+    """ExecutionModel.sharing from bench/fidelity_concurrency.py's JSON: per process count, the mean
+    slowdown over the sizes it measured."""
+    import json
+
+    with open(path) as f:
+        rows = json.load(f)["rows"]
+    by_k: dict[float, list[float]] = {}
+    for r in rows:
+        by_k.setdefault(float(r["procs"]), []).append(float(r["ratio"]))
+    if not by_k:
+        raise ValueError(f"{path}: no measurements")
+    return tuple((k, sum(v) / len(v)) for k, v in sorted(by_k.items()))
 
 
 def execution_model(args: argparse.Namespace):
@@ -61,7 +81,10 @@ def execution_model(args: argparse.Namespace):
         return ExecutionModel()
     lat = kH100ReshardLatencyS if args.reshard_latency_s is None else args.reshard_latency_s
     bw = kH100ReshardBandwidth if args.reshard_bandwidth is None else args.reshard_bandwidth
-    return replace(ExecutionModel.worker(args.host_overhead_s, lat, bw), cores=args.cpu_cores)
+    sharing = () if args.sharing is None else sharing_points(args.sharing)
+    return replace(
+        ExecutionModel.worker(args.host_overhead_s, lat, bw), cores=args.cpu_cores, sharing=sharing
+    )
 
 
 def add_eval_parser(sub) -> None:
@@ -114,7 +137,8 @@ def add_eval_parser(sub) -> None:
     )
     f.add_argument(
         "--calibrate-overhead", action="store_true",
-        help="derive the per-task host overhead from each idle server's calibration (overrides --host-overhead-s)",
+        help="calibrate from each idle server's lone requests: the compute scale, the host CPU per request (with "
+        "--cpu-cores) and the per-task host overhead (overrides --host-overhead-s)",
     )  # fmt: skip
     f.add_argument("--out", required=True, help="directory for fidelity.json, fidelity.md and the runs")
     _execution_args(f)

@@ -39,6 +39,12 @@ __all__ = [
     "errors",
     "run_fidelity",
     "render_markdown",
+    "process_tree_cpu_s",
+    "measured_host_cpu",
+    "lone_compute_cpu_s",
+    "host_cpu_by_size",
+    "calibration_request",
+    "calibrated_scale",
 ]
 
 log = logging.getLogger("gfdit.eval")
@@ -115,6 +121,19 @@ def errors(measured: dict, simulated: dict) -> dict:
     }
 
 
+kCalibrationSloS = 3600.0  # the SLO gfdit.bench.client.calibrate gives its lone requests
+
+
+def calibration_request(model: str, c):
+    """The simulated twin of a lone calibration request of class `c` (gfdit.bench.client.calibrate):
+    its class label (per-class policies such as rssp choose its degree by it) and its far deadline."""
+    from gfdit.request import Request
+
+    return Request("calibration", model, width=c.width, height=c.height, num_frames=c.num_frames,
+                   num_inference_steps=c.num_inference_steps, slo_class=c.name,
+                   deadline_s=kCalibrationSloS)  # fmt: skip
+
+
 def calibrated_overhead(
     policy: str, world_size: int, model: str, classes, measured_s: dict, *, chunk_steps: int,
     cost_profile: dict | None, execution: ExecutionModel,
@@ -123,13 +142,11 @@ def calibrated_overhead(
     latency - simulated lone latency without overhead) / tasks simulated; the median, at least 0.
     An independent measurement (an idle server, one request at a time), not a fit to the trace."""
     from gfdit.eval.sweep import SweepConfig
-    from gfdit.request import Request
 
     cfg = SweepConfig("x", world_size, "paper-image", (1.0,), (policy,), cost_profile=cost_profile)
     values = []
     for c in classes:
-        req = Request("calibration", model, width=c.width, height=c.height, num_frames=c.num_frames,
-                      num_inference_steps=c.num_inference_steps)  # fmt: skip
+        req = calibration_request(model, c)
         sched = Scheduler(world_size, make_policy(policy), cfg.cost_model(), chunk_steps=chunk_steps)
         res = simulate(
             sched, [req], true_cost=cfg.cost_model(), execution=replace(execution, host_overhead_s=0.0)
@@ -137,6 +154,119 @@ def calibrated_overhead(
         values.append((measured_s[c.name] - res.outcomes["calibration"].latency_s) / len(res.trace))
     values.sort()
     return max(0.0, values[len(values) // 2]) if values else 0.0
+
+
+def process_tree_cpu_s(pid: int) -> float:
+    """CPU-seconds (user + system) used so far by process `pid` and its live descendants (Linux /proc;
+    a descendant that already exited is not counted)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parent, cpu = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # the name in parentheses may hold spaces
+        except OSError:
+            continue  # exited meanwhile
+        parent[int(entry)] = int(fields[1])
+        cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    if pid not in cpu:
+        raise FidelityError(f"process {pid} is not running")
+    total, todo = 0.0, [pid]
+    children: dict[int, list[int]] = {}
+    for child, par in parent.items():
+        children.setdefault(par, []).append(child)
+    while todo:
+        p = todo.pop()
+        total += cpu[p]
+        todo += children.get(p, [])
+    return total
+
+
+kHostCpuRepeats = 8  # lone requests per class in the host-CPU measurement (CPU time counts in 10 ms ticks)
+kIdleWindowS = 1.0  # the idle server's own CPU use is measured over this long first
+
+
+def measured_host_cpu(url: str, server_pid: int, model: str, classes, *, timeout_s: float) -> dict:
+    """CPU use of the idle server's processes and of this process (the replaying client) around lone
+    requests: {"idle_cores": CPU-seconds per second of the idle server, "per_request_s": {class:
+    CPU-seconds per lone request, the idle rate's share of its wall time taken off}}. What is not the
+    tasks' own compute (gfdit.eval.fidelity.host_cpu_by_size takes the simulated compute off) is the
+    host work of Note [Simulated execution] in gfdit.simexec. Call it on a warm server."""
+    from gfdit.bench.client import calibrate
+
+    def now_cpu() -> float:
+        return process_tree_cpu_s(server_pid) + time.process_time()
+
+    c0, t0 = now_cpu(), time.monotonic()
+    time.sleep(kIdleWindowS)  # the measurement itself: an idle interval
+    idle = (now_cpu() - c0) / (time.monotonic() - t0)
+    per_request = {}
+    for c in classes:
+        c0, t0 = now_cpu(), time.monotonic()
+        calibrate(url, model, [c], repeats=kHostCpuRepeats - 1, timeout_s=timeout_s)  # sends kHostCpuRepeats
+        cpu, wall = now_cpu() - c0, time.monotonic() - t0
+        per_request[c.name] = (cpu - idle * wall) / kHostCpuRepeats
+    return {"idle_cores": idle, "per_request_s": per_request}
+
+
+def lone_compute_cpu_s(
+    policy: str, world_size: int, model: str, c, *, chunk_steps: int, cost_profile: dict | None,
+    execution: ExecutionModel,
+) -> float:  # fmt: skip
+    """CPU-seconds the tasks of one lone request of class `c` compute, as the simulator runs them: each
+    task's time (no host overhead) times the cores its ranks keep busy, min(ranks, cores); a DECODE
+    that runs on ranks[0] alone keeps one. An upper bound for groups wider than one rank: their ranks
+    wait for each other in collectives on a futex, not spinning."""
+    from gfdit.eval.sweep import SweepConfig
+    from gfdit.tasks import TaskKind
+
+    cfg = SweepConfig("x", world_size, "paper-image", (1.0,), (policy,), cost_profile=cost_profile)
+    req = calibration_request(model, c)
+    sched = Scheduler(world_size, make_policy(policy), cfg.cost_model(), chunk_steps=chunk_steps)
+    ex = replace(execution, host_overhead_s=0.0, host_cpu_s=0.0, host_cpu_by_size=())
+    res = simulate(sched, [req], true_cost=cfg.cost_model(), execution=ex)
+    cores = execution.cores or world_size
+    total = 0.0
+    for e in res.trace:
+        width = 1 if (e.task.kind is TaskKind.DECODE and execution.decode_on_first_rank) else len(e.ranks)
+        total += (e.end_s - e.start_s) * min(width, cores)
+    return total
+
+
+def host_cpu_by_size(
+    policy: str, world_size: int, model: str, classes, per_request_s: dict, *, chunk_steps: int,
+    cost_profile: dict | None, execution: ExecutionModel,
+) -> tuple[tuple[int, int, float], ...]:  # fmt: skip
+    """ExecutionModel.host_cpu_by_size from measured_host_cpu's per-request CPU: per class, the
+    measured CPU-seconds less the simulated compute of a lone request (lone_compute_cpu_s), at least 0."""
+    out = []
+    for c in classes:
+        compute = lone_compute_cpu_s(policy, world_size, model, c, chunk_steps=chunk_steps,
+                                     cost_profile=cost_profile, execution=execution)  # fmt: skip
+        out.append((c.width, c.height, max(0.0, per_request_s[c.name] - compute)))
+    return tuple(out)
+
+
+def calibrated_scale(
+    policy: str, world_size: int, model: str, classes, measured_s: dict, *, chunk_steps: int,
+    cost_profile: dict | None, execution: ExecutionModel,
+) -> float:  # fmt: skip
+    """Compute scale implied by the idle-server calibration: for each class, measured lone latency /
+    simulated lone latency (no host overhead, scale 1); the median, at most 1 (a server slower than
+    the simulation is calibrated_overhead's business, per task). The same independent measurement."""
+    from gfdit.eval.sweep import SweepConfig
+
+    cfg = SweepConfig("x", world_size, "paper-image", (1.0,), (policy,), cost_profile=cost_profile)
+    ex = replace(execution, host_overhead_s=0.0, compute_scale=1.0)
+    values = []
+    for c in classes:
+        sched = Scheduler(world_size, make_policy(policy), cfg.cost_model(), chunk_steps=chunk_steps)
+        res = simulate(sched, [calibration_request(model, c)], true_cost=cfg.cost_model(), execution=ex)
+        values.append(measured_s[c.name] / res.outcomes["calibration"].latency_s)
+    values.sort()
+    return min(1.0, values[len(values) // 2]) if values else 1.0
 
 
 def _free_port() -> int:
@@ -212,12 +342,17 @@ def _label(policy: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in policy)
 
 
-def _replay_and_measure(url: str, args, out_dir: str, classes, model: str, command: str) -> tuple[dict, dict]:
+def _replay_and_measure(
+    url: str, args, out_dir: str, classes, model: str, command: str, server_pid: int | None = None
+) -> tuple[dict, dict]:
     import httpx
 
     from gfdit.bench.client import calibrate, run_trace
 
     standalone = calibrate(url, model, classes, timeout_s=args.timeout)  # also warms the server up
+    host_cpu = None
+    if getattr(args, "calibrate_overhead", False) and server_pid is not None and classes:
+        host_cpu = measured_host_cpu(url, server_pid, model, classes, timeout_s=args.timeout)
     run = run_trace(
         url, args.trace, out_dir, time_scale=args.time_scale, timeout_s=args.timeout, command=command
     )
@@ -228,7 +363,7 @@ def _replay_and_measure(url: str, args, out_dir: str, classes, model: str, comma
         log.warning("could not read %s/metrics: %s", url, e)
     with open(os.path.join(out_dir, "results.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    return run, {"rows": rows, "standalone_s": standalone}
+    return run, {"rows": rows, "standalone_s": standalone, "host_cpu": host_cpu}
 
 
 def run_fidelity(args, execution: ExecutionModel, command: str) -> dict:
@@ -273,19 +408,33 @@ def run_fidelity(args, execution: ExecutionModel, command: str) -> dict:
             try:
                 health = server.wait_healthy(args.health_timeout)
                 world = health["world_size"]
-                run, got = _replay_and_measure(server.url, args, out_dir, classes, model, command)
+                run, got = _replay_and_measure(
+                    server.url, args, out_dir, classes, model, command, server.proc.pid
+                )
             finally:
                 code = server.stop()
             server_command = server.command
             log.info("%s: server exited with %s", policy, code)
         measured = measured_metrics(got["rows"], args.time_scale)
         ex = execution
+        if getattr(args, "calibrate_overhead", False) and classes:  # first: the host CPU is what it leaves
+            scale = calibrated_scale(
+                policy, world, model, classes, got["standalone_s"], chunk_steps=args.chunk_steps,
+                cost_profile=profile, execution=ex,
+            )  # fmt: skip
+            ex = replace(ex, compute_scale=scale)
+        if got["host_cpu"] is not None and execution.cores > 0:
+            table = host_cpu_by_size(
+                policy, world, model, classes, got["host_cpu"]["per_request_s"], chunk_steps=args.chunk_steps,
+                cost_profile=profile, execution=ex,
+            )  # fmt: skip
+            ex = replace(ex, host_cpu_by_size=table)
         if getattr(args, "calibrate_overhead", False) and classes:
             overhead = calibrated_overhead(
                 policy, world, model, classes, got["standalone_s"], chunk_steps=args.chunk_steps,
-                cost_profile=profile, execution=execution,
+                cost_profile=profile, execution=ex,
             )  # fmt: skip
-            ex = replace(execution, host_overhead_s=overhead)
+            ex = replace(ex, host_overhead_s=overhead)
         simulated = simulated_metrics(
             records, policy, world, chunk_steps=args.chunk_steps, cost_profile=profile, execution=ex,
             time_scale=args.time_scale,
@@ -296,6 +445,7 @@ def run_fidelity(args, execution: ExecutionModel, command: str) -> dict:
         )  # fmt: skip
         row = {"policy": policy, "world_size": world, "server_command": server_command,
                "calibrated_standalone_s": got["standalone_s"], "host_overhead_s": ex.host_overhead_s,
+               "host_cpu": got["host_cpu"], "host_cpu_by_size": ex.host_cpu_by_size, "compute_scale": ex.compute_scale,
                "measured": measured, "simulated": simulated, **errors(measured, simulated),
                "plain_simulated": plain,
                "plain_errors": errors(measured, plain)}  # fmt: skip

@@ -115,6 +115,86 @@ def test_simulated_metrics_and_calibrated_overhead(tmp_path):
     assert got == pytest.approx(0.05)
 
 
+def test_host_cpu_is_the_measured_cpu_less_the_simulated_compute():
+    from gfdit.bench.workload import RequestClass
+    from gfdit.eval.fidelity import host_cpu_by_size, lone_compute_cpu_s
+    from gfdit.policy import make_policy
+    from gfdit.request import Request
+    from gfdit.scheduler import Scheduler
+    from gfdit.sim import simulate
+
+    classes = (RequestClass("S", 512, 512, None, 4, 1.0), RequestClass("L", 1024, 1024, None, 4, 1.0))
+    ex = ExecutionModel(cores=2)
+    # static:sp=1: every task on one rank, so the compute CPU is the lone request's latency
+    for c in classes:
+        r = Request("x", "flux-dev", width=c.width, height=c.height, num_inference_steps=4)
+        lat = simulate(Scheduler(4, make_policy("static:sp=1"), chunk_steps=2), [r]).outcomes["x"].latency_s
+        got = lone_compute_cpu_s(
+            "static:sp=1", 4, "flux-dev", c, chunk_steps=2, cost_profile=None, execution=ex
+        )
+        assert got == pytest.approx(lat)
+    # static:sp=4 on 2 cores: its tasks keep both cores busy
+    r = Request("x", "flux-dev", width=1024, height=1024, num_inference_steps=4)
+    lat4 = simulate(Scheduler(4, make_policy("static:sp=4"), chunk_steps=2), [r]).outcomes["x"].latency_s
+    got4 = lone_compute_cpu_s("static:sp=4", 4, "flux-dev", classes[1], chunk_steps=2, cost_profile=None,
+                              execution=ex)  # fmt: skip
+    assert got4 == pytest.approx(2 * lat4)
+    compute = {
+        c.name: lone_compute_cpu_s(
+            "static:sp=1", 4, "flux-dev", c, chunk_steps=2, cost_profile=None, execution=ex
+        )
+        for c in classes
+    }
+    table = host_cpu_by_size("static:sp=1", 4, "flux-dev", classes, {"S": compute["S"] + 0.03, "L": 0.0},
+                             chunk_steps=2, cost_profile=None, execution=ex)  # fmt: skip
+    assert table[0][:2] == (512, 512) and table[0][2] == pytest.approx(0.03)
+    assert table[1] == (1024, 1024, 0.0)  # less than the compute: none
+
+
+def test_calibrated_scale_is_the_lone_requests_speed_against_the_simulation():
+    from gfdit.bench.workload import RequestClass
+    from gfdit.eval.fidelity import calibrated_scale, calibration_request
+    from gfdit.policy import make_policy
+    from gfdit.scheduler import Scheduler
+    from gfdit.sim import simulate
+
+    classes = (RequestClass("S", 512, 512, None, 4, 1.0), RequestClass("L", 1024, 1024, None, 4, 1.0))
+    lone = {}
+    for c in classes:
+        res = simulate(
+            Scheduler(4, make_policy("static:sp=1"), chunk_steps=2), [calibration_request("flux-dev", c)]
+        )
+        lone[c.name] = res.outcomes["calibration"].latency_s
+    kw = dict(chunk_steps=2, cost_profile=None, execution=ExecutionModel())
+    faster = {k: 0.8 * v for k, v in lone.items()}
+    assert calibrated_scale("static:sp=1", 4, "flux-dev", classes, faster, **kw) == pytest.approx(0.8)
+    slower = {k: 1.3 * v for k, v in lone.items()}
+    assert calibrated_scale("static:sp=1", 4, "flux-dev", classes, slower, **kw) == 1.0  # the overhead's job
+
+
+def test_process_tree_cpu_counts_children(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from gfdit.eval.fidelity import FidelityError, process_tree_cpu_s
+
+    # a child that burns about 0.3 s of CPU, then waits for its stdin to close
+    code = "import sys, time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\nprint(1, flush=True)\nsys.stdin.read()"
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert child.stdout.readline().strip() == b"1"
+        own = process_tree_cpu_s(child.pid)
+        mine = process_tree_cpu_s(os.getpid())
+        assert own >= 0.25
+        assert mine >= own  # the child is a descendant of this process
+    finally:
+        child.stdin.close()
+        child.wait(timeout=30)
+    with pytest.raises(FidelityError, match="not running"):
+        process_tree_cpu_s(child.pid)
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

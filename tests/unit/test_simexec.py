@@ -151,3 +151,91 @@ def test_ranks_sharing_cpu_cores_slow_down_when_more_are_busy():
     assert second.end_s - second.start_s == pytest.approx(2 * cost.task_time(second.task, two[1], 2))
     with pytest.raises(ValueError, match="cores"):
         ExecutionModel(cores=-1)
+
+
+def test_host_work_on_the_shared_cores_slows_the_ranks():
+    """Two requests arrive at once on 2 ranks sharing 2 cores, each costing 1 CPU-second of host work
+    (half charged at its ENCODE): a's ENCODE sees 1 busy rank + 0.5 core of host load (no slowdown);
+    b's sees 2 busy ranks + 1 core: (2 + 1) / 2 = 1.5 times slower."""
+    cost = AnalyticCostModel()
+    two = [req("a", 1024, steps=4), req("b", 1024, steps=4)]
+    m = ExecutionModel(cores=2, host_cpu_s=1.0, host_window_s=1.0)
+    res = simulate(Scheduler(2, make_policy("static:sp=1,chunk=0"), learn=False), two, execution=m)
+    enc = {e.task.request_id: e for e in res.trace if e.task.kind is TaskKind.ENCODE}
+    one = cost.task_time(enc["a"].task, two[0], 1)
+    assert enc["a"].end_s - enc["a"].start_s == pytest.approx(one)
+    assert enc["b"].end_s - enc["b"].start_s == pytest.approx(1.5 * one)
+    # Without host work, 2 ranks on 2 cores run unslowed; without shared cores, host work is ignored.
+    plain = simulate(Scheduler(2, make_policy("static:sp=1,chunk=0"), learn=False), two)
+    none = simulate(
+        Scheduler(2, make_policy("static:sp=1,chunk=0"), learn=False), two, execution=ExecutionModel(cores=2)
+    )
+    assert none.trace == plain.trace
+    ignored = simulate(
+        Scheduler(2, make_policy("static:sp=1,chunk=0"), learn=False), two,
+        execution=ExecutionModel(host_cpu_s=1.0),
+    )  # fmt: skip
+    assert ignored.trace == plain.trace
+
+
+def test_host_load_is_what_the_trailing_window_holds():
+    from gfdit.simexec import ExecutionState
+
+    ex = ExecutionState(ExecutionModel(cores=2, host_window_s=0.5), AnalyticCostModel())
+    ex._charge_host(0.25, 0.0)
+    ex._charge_host(0.5, 0.2)
+    assert ex.host_load(0.3) == pytest.approx(1.5)  # 0.75 CPU-s in the last 0.5 s
+    assert ex.host_load(0.6) == pytest.approx(1.0)  # the charge at 0.0 left the window
+    assert ex.host_load(0.75) == 0.0
+    ex._charge_host(5.0, 1.0)
+    assert ex.host_load(1.0) == 2.0  # at most the cores
+
+
+def test_host_cpu_by_size_overrides_the_default_and_survives_json():
+    m = ExecutionModel(cores=2, host_cpu_s=0.1, host_cpu_by_size=[[1024, 1024, 0.3]])
+    assert m.host_cpu_by_size == ((1024, 1024, 0.3),)
+    assert m.request_host_cpu_s(req("a", 1024)) == 0.3
+    assert m.request_host_cpu_s(req("b", 512)) == 0.1
+    assert ExecutionModel(**m.to_json()) == m
+    with pytest.raises(ValueError, match="twice"):
+        ExecutionModel(host_cpu_by_size=((8, 8, 0.1), (8, 8, 0.2)))
+    with pytest.raises(ValueError, match="host CPU"):
+        ExecutionModel(host_cpu_s=-1.0)
+    with pytest.raises(ValueError, match="host_window_s"):
+        ExecutionModel(host_window_s=0.0)
+
+
+def test_measured_sharing_replaces_the_ideal_slowdown():
+    """Measured: 4 one-rank processes on 2 cores each run 2.4x slower (not 2x), 3 run 1.6x."""
+    cost = AnalyticCostModel()
+    m = ExecutionModel(cores=2, sharing=[[1, 1.0], [2, 1.0], [3, 1.6], [4, 2.4]])
+    assert m.sharing == ((1.0, 1.0), (2.0, 1.0), (3.0, 1.6), (4.0, 2.4))
+    assert m.slowdown(2.5) == pytest.approx(1.3)  # interpolated
+    assert m.slowdown(8) == pytest.approx(4.8)  # proportional beyond the last point
+    assert ExecutionModel(cores=2).slowdown(4) == 2.0 and ExecutionModel().slowdown(4) == 1.0
+    assert ExecutionModel(**m.to_json()) == m
+    four = [req(f"r{i}", 1024, steps=4) for i in range(4)]
+    shared = simulate(Scheduler(4, make_policy("static:sp=1,chunk=0"), learn=False), four, execution=m)
+    last = [e for e in shared.trace if e.task.request_id == "r3" and e.task.kind is TaskKind.DENOISE][0]
+    assert last.end_s - last.start_s == pytest.approx(2.4 * cost.task_time(last.task, four[3], 1))
+    # SP4 alone: its own 4 ranks are in its profiled time, 2.4 / 2.4
+    one = [req("a", 1024, steps=4)]
+    sp4 = simulate(Scheduler(4, make_policy("static:sp=4,chunk=0"), learn=False), one, execution=m)
+    assert sp4.trace == simulate(Scheduler(4, make_policy("static:sp=4,chunk=0"), learn=False), one).trace
+    with pytest.raises(ValueError, match="twice"):
+        ExecutionModel(sharing=((2, 1.0), (2, 1.1)))
+    with pytest.raises(ValueError, match="sharing"):
+        ExecutionModel(sharing=((0, 1.0),))
+
+
+def test_compute_scale_multiplies_every_task():
+    one = [req("a", 1024, steps=4)]
+    plain = simulate(Scheduler(4, make_policy("static:sp=1,chunk=2"), learn=False), one)
+    half = simulate(
+        Scheduler(4, make_policy("static:sp=1,chunk=2"), learn=False),
+        one,
+        execution=ExecutionModel(compute_scale=0.5),
+    )
+    assert half.outcomes["a"].latency_s == pytest.approx(0.5 * plain.outcomes["a"].latency_s)
+    with pytest.raises(ValueError, match="compute_scale"):
+        ExecutionModel(compute_scale=0.0)
