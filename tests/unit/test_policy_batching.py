@@ -319,22 +319,10 @@ def test_no_encode_ahead_for_another_shape_or_model(other):
 
 
 def test_no_encode_ahead_when_batching_does_not_pay():
-    from gfdit.cost import CostModel
+    from tests.cost_fakes import BaseRulesCostModel
 
-    class NoBatching(CostModel):  # B steps of a batch cost B steps: batching never pays
-        def step_time(self, model, width, height, frames, sp_degree):
-            return 0.01
-
-        def stage_time(self, kind, model, width, height, frames, sp_degree):
-            return 0.005
-
-        def reshard_time(self, num_bytes):
-            return 0.0
-
-        def observe(self, *args, **kwargs):
-            pass
-
-    sched = _one_rank("fcfs-elastic:max_batch=4", [_req(f"r{i}") for i in range(3)], NoBatching())
+    no_batching = BaseRulesCostModel(lambda d: 0.01, 0.005)  # B steps of a batch cost B steps
+    sched = _one_rank("fcfs-elastic:max_batch=4", [_req(f"r{i}") for i in range(3)], no_batching)
     assert _decisions(sched, 0.01, 1) == [[("r0", "DENOISE", None)]]
 
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import pytest
 
-from gfdit.cost import AnalyticCostModel, CostModel
+from gfdit.cost import AnalyticCostModel
 from gfdit.layout import Layout, LayoutKind, plan_reshard
 from gfdit.policy import Assignment, PolicySpecError, available_policies, make_policy
 from gfdit.request import Request
 from gfdit.scheduler import PolicyError, Scheduler
 from gfdit.sim import simulate
 from gfdit.tasks import Task, TaskKind, TaskTimings
+from tests.cost_fakes import BaseRulesCostModel
 
 D = TaskKind.DENOISE
 kWan = dict(width=832, height=480, num_frames=81)
@@ -99,21 +100,9 @@ def test_profiled_cfg_steps_correct_the_unmeasured_ones():
 
 
 def test_base_cost_model_never_makes_cfg_parallel_pay():
-    class Plain(CostModel):
-        def step_time(self, model, width, height, frames, sp_degree):
-            return 1.0 / sp_degree
-
-        def stage_time(self, kind, model, width, height, frames, sp_degree):
-            return 0.1
-
-        def reshard_time(self, num_bytes):
-            return 0.0
-
-        def observe(self, *args, **kwargs):
-            pass
-
-    assert Plain().cfg_step_time("wan2.1-1.3b", 832, 480, 81, 2) == 0.5
-    sched = Scheduler(4, make_policy("fcfs-elastic"), Plain())
+    plain = BaseRulesCostModel(lambda d: 1.0 / d, 0.1)
+    assert plain.cfg_step_time("wan2.1-1.3b", 832, 480, 81, 2) == 0.5
+    sched = Scheduler(4, make_policy("fcfs-elastic"), plain)
     result = simulate(sched, [_wan("a")])
     assert result.num_done == 1
     assert not any(t.cfg for t in sched.record("a").history)  # auto: never faster, so never chosen
