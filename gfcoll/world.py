@@ -553,6 +553,12 @@ class World:
             self._pool.shutdown(wait=True, cancel_futures=True)
         if self._ipc is not None:
             self._ipc.close()
+            if self._ipc.abandoned:
+                log.warning(
+                    "gfcoll: rank %d closed the ipc transport with an operation still blocked after "
+                    "GFCOLL_TIMEOUT_S; its workspace stays mapped until the process exits",
+                    self.rank,
+                )
         if self._nccl is not None:
             self._nccl.close()
 

@@ -224,6 +224,7 @@ PYBIND11_MODULE(_gfcoll, m) {
              t.attach(ranks, hs, pids);
            })
       .def("close", &IT::close, nogil)
+      .def_property_readonly("abandoned", &IT::abandoned)
       .def("is_local", &IT::is_local)
       .def("staging_bytes", &IT::staging_bytes)
       .def("check", &IT::check)

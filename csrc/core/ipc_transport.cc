@@ -11,6 +11,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <thread>
 
 #include "../kernels/ipc.h"
 
@@ -185,8 +186,24 @@ void IpcTransport::close() {
   cv_.notify_all();
   if (watchdog_.joinable()) watchdog_.join();
   cudaSetDevice(device_);
-  // Outstanding operations must not write into memory that is about to go away.
-  for (auto& r : pending_) cudaEventSynchronize(r.event);
+  // Outstanding operations must not write into memory that is about to go away: wait for them, but
+  // for at most GFCOLL_TIMEOUT_S in all. An operation still blocked then (a failed transport whose
+  // release did not land: Note [ipc signalling], "Open") keeps everything it may touch: the
+  // workspace, the peers' mappings, the events and the watchdog's stream are left to process exit.
+  const auto deadline = std::chrono::steady_clock::now() +
+                        std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                            std::chrono::duration<double>(options_.timeout_s));
+  for (auto& r : pending_) {
+    while (cudaEventQuery(r.event) == cudaErrorNotReady) {
+      if (std::chrono::steady_clock::now() > deadline) {
+        cudaGetLastError();
+        abandoned_ = true;
+        return;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));  // polling a bounded wait
+    }
+  }
+  cudaGetLastError();
   for (auto& r : pending_) cudaEventDestroy(r.event);
   pending_.clear();
   for (auto e : event_pool_) cudaEventDestroy(e);

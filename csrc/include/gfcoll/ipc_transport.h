@@ -140,6 +140,9 @@ class IpcTransport {
               const std::vector<int64_t>& pids);
   // Local teardown: stops the watchdog, closes peers' handles, frees the workspace. Idempotent.
   void close();
+  // After close(): true when an operation was still blocked at GFCOLL_TIMEOUT_S and the workspace was
+  // left to process exit instead of freed.
+  bool abandoned() const { return abandoned_; }
   bool is_local(int rank) const;
   uint64_t staging_bytes() const { return chunk_cap_; }
 
@@ -227,6 +230,7 @@ class IpcTransport {
   uint64_t num_channels_ = 0;
   uint64_t counters_ = 0, infos_ = 0, signal_begin_ = 0, signal_end_ = 0;
   uint64_t ring_begin_ = 0, ring_end_ = 0, ring_head_ = 0, chunk_cap_ = 0;
+  bool abandoned_ = false;
   uint64_t arena_begin_ = 0, arena_end_ = 0;  // the graph arena (Note [ipc signalling])
   std::vector<int> slot_sizes_;
   std::vector<std::vector<int>> slot_ranks_;
