@@ -59,6 +59,12 @@ def _child(fn, rank, size, port, args, results, env, device, init, torch_dist):
         world = gfcoll.init(device=device)
         try:
             out = fn(world, *args)
+        except BaseException:
+            # Said now, not only through the queue: a close() that then hangs would hide it.
+            import sys
+
+            print(f"[rank {rank}] failed before close():\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+            raise
         finally:
             world.close()
             if torch_dist:

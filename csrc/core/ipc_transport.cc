@@ -169,6 +169,7 @@ void IpcTransport::attach(const std::vector<int>& local_ranks, const std::vector
   send_seq_.assign(L, 0);
   recv_seq_.assign(L, 0);
   pair_last_.assign(2 * L, {nullptr, 0});
+  ipc::preload_kernels();  // Note [ipc signalling], "Loading"
   GF_CHECK_CUDA(cudaStreamCreateWithFlags(&wd_stream_, cudaStreamNonBlocking));
   GF_CHECK_CUDA(cudaEventCreateWithFlags(&release_event_, cudaEventDisableTiming));
   GF_CHECK_CUDA(cudaHostAlloc(&abort_host_, signal_end_ - signal_begin_, cudaHostAllocDefault));
@@ -179,31 +180,38 @@ void IpcTransport::attach(const std::vector<int>& local_ranks, const std::vector
 
 void IpcTransport::close() {
   if (closed_.exchange(true)) return;
+  cudaSetDevice(device_);
+  // Outstanding operations must not write into memory that is about to go away: wait for them, for
+  // at most GFCOLL_TIMEOUT_S in all, with the watchdog still running (it times out a blocked one and
+  // keeps releasing a failed transport's waits meanwhile). An operation still blocked at the bound
+  // keeps everything it may touch: the workspace, the peers' mappings, the events and the
+  // watchdog's stream are left to process exit (abandoned()).
+  const auto deadline = std::chrono::steady_clock::now() +
+                        std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                            std::chrono::duration<double>(options_.timeout_s));
+  for (;;) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      while (!pending_.empty() && cudaEventQuery(pending_.front().event) == cudaSuccess) {
+        event_pool_.push_back(pending_.front().event);
+        pending_.pop_front();
+      }
+      cudaGetLastError();
+      if (pending_.empty()) break;
+    }
+    if (std::chrono::steady_clock::now() > deadline) {
+      abandoned_ = true;
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));  // polling a bounded wait
+  }
   {
     std::lock_guard<std::mutex> lock(mu_);
     stop_ = true;
   }
   cv_.notify_all();
   if (watchdog_.joinable()) watchdog_.join();
-  cudaSetDevice(device_);
-  // Outstanding operations must not write into memory that is about to go away: wait for them, but
-  // for at most GFCOLL_TIMEOUT_S in all. An operation still blocked then (a failed transport whose
-  // release did not land: Note [ipc signalling], "Open") keeps everything it may touch: the
-  // workspace, the peers' mappings, the events and the watchdog's stream are left to process exit.
-  const auto deadline = std::chrono::steady_clock::now() +
-                        std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-                            std::chrono::duration<double>(options_.timeout_s));
-  for (auto& r : pending_) {
-    while (cudaEventQuery(r.event) == cudaErrorNotReady) {
-      if (std::chrono::steady_clock::now() > deadline) {
-        cudaGetLastError();
-        abandoned_ = true;
-        return;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));  // polling a bounded wait
-    }
-  }
-  cudaGetLastError();
+  if (abandoned_) return;
   for (auto& r : pending_) cudaEventDestroy(r.event);
   pending_.clear();
   for (auto e : event_pool_) cudaEventDestroy(e);

@@ -124,6 +124,11 @@ void launch_p2p_send(char* ws, int my_local, int dst_local, uint32_t seq, const 
 void launch_p2p_recv(char* ws, int my_local, int src_local, uint32_t seq, void* dst, uint64_t bytes,
                      cudaStream_t stream);
 
+// Loads every kernel of this file on the current device now (Note [ipc signalling], "Loading"):
+// under CUDA's lazy module loading a kernel's first launch may wait for the whole context, which
+// never drains while one of this rank's streams waits for a peer.
+void preload_kernels();
+
 // Writes a graph slot's table (group order local indices) on the stream.
 void launch_bind(char* ws, int slot, const Table& table, cudaStream_t stream);
 

@@ -33,16 +33,17 @@
 // hold arrivals of the current epoch only, which is also what lets a CUDA graph replay the same
 // wait values forever. Operations of one group issued on two streams are ordered by an event
 // (the second stream waits for the first's last operation on that channel); gfcoll adds no wait
-// between operations on different groups. Yet where ranks share a GPU, overlapping groups issued
-// on two streams in opposite orders deadlock (until the watchdog's bound): measured on one H200
-// (2026-12-01) and one H100 (2026-12-05), 2 and 4 processes, also with a variant whose waits were
-// spinning kernels instead of stream waits. The stress test, whose ranks issue groups in one global
-// order on two streams, passes there. Hypothesis: an operation is several stream items (stage
-// kernel, wait, data kernel, wait), and a blocked item stalls the hardware queue it sits in or the
-// time slice of its context, so work of another stream of the same process queued behind it
-// cannot run; a one-kernel operation (all phases inside one kernel) would not leave a blocked
-// item in a queue. So rule 3 stays in force for ipc where ranks share a GPU; whether it holds on
-// GPUs of their own is for the multi-GPU measurements.
+// between operations on different groups, so overlapping groups on different streams progress
+// independently (rule 3 does not apply to ipc operations).
+//
+// Loading. CUDA loads a kernel lazily, at its first launch, and that load may wait for the whole
+// context to drain. A rank whose stream waits for a peer never drains, so the first launch of any
+// kernel behind such a wait blocks the host; if the peer waits for this rank's other stream, or is
+// silent, that is a deadlock the watchdog cannot see (nothing was recorded yet). Hence attach()
+// loads every ipc kernel (preload_kernels). Seen before that (one H200 2026-12-01, one H100
+// 2026-12-05/06, ranks sharing the GPU): overlapping groups issued in opposite orders on two
+// streams deadlocked, and a silent peer's survivor blocked inside its first operation, both at a
+// kernel's first launch (the opposite-order test's first all_reduce of a second dtype).
 //
 // Point to point uses per ordered pair a ring of kP2PDepth message slots keyed by (pair, seq)
 // (rule 4): the sender stages message seq, publishes its offset in mbox[dst][seq % depth] and
@@ -87,11 +88,8 @@
 // formatted without iostreams, and a crash of the same kind in an ordinary error path (an error
 // message built through std::ostringstream, faulting inside the stream's locale code) showed the
 // cause was iostreams themselves on that build: no gfcoll native code uses them now (error.h).
-// Open (2026-12-06, one H100 and one H200, ranks sharing the GPU): with a silent peer (alive, never
-// joining) the watchdog records GfcollTimeoutError but its release copy did not free the blocked
-// stream while the peer's process lived, and close() then waited for that operation's event without
-// bound (the ranks' stacks: bench/results/2026-12-06-gpu, run5). A killed peer is released. To do: a
-// bounded close() and a release that a live peer performs from its own context on request.
+// close() waits for operations in flight for at most GFCOLL_TIMEOUT_S, the watchdog still running;
+// one still blocked then leaves the workspace and mappings to process exit (abandoned()).
 #pragma once
 
 #include <cuda_runtime.h>
