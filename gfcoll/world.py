@@ -111,6 +111,9 @@ class Work:
                 self._check()
 
 
+_P2P_NAMES = tuple(f"ops[{k}].tensor" for k in range(16))  # as_buf's names for batch_p2p items
+
+
 @dataclass
 class P2P:
     """One transfer of ``World.batch_p2p``: op is "send" or "recv", peer a global rank."""
@@ -496,26 +499,31 @@ class World:
         if not ops:
             return None
         self.check_members([p.peer for p in ops if isinstance(p, P2P)], "batch_p2p")
-        bufs, items = [], []
+        # One pass that validates and builds what the transports take (this is on every call's path:
+        # no per-item string formatting unless an error is raised).
+        bufs, items, peers = [], [], [self.rank]
+        size, me = self.size, self.rank
         for k, p in enumerate(ops):
-            if not isinstance(p, P2P):
+            if type(p) is not P2P and not isinstance(p, P2P):
                 raise GfcollValueError(f"batch_p2p: item {k} is not a gfcoll.P2P")
-            if p.op not in ("send", "recv"):
-                raise GfcollValueError(f"batch_p2p: item {k} has op {p.op!r}, expected 'send' or 'recv'")
-            if not isinstance(p.peer, int) or not 0 <= p.peer < self.size or p.peer == self.rank:
-                raise GfcollValueError(
-                    f"batch_p2p: item {k} has bad peer {p.peer!r} (rank {self.rank}, world {self.size})"
-                )
-            b = as_buf(p.tensor, f"ops[{k}].tensor")
+            op, peer = p.op, p.peer
+            if op != "send" and op != "recv":
+                raise GfcollValueError(f"batch_p2p: item {k} has op {op!r}, expected 'send' or 'recv'")
+            if type(peer) is not int or not 0 <= peer < size or peer == me:
+                if not isinstance(peer, int) or not 0 <= peer < size or peer == me:
+                    raise GfcollValueError(
+                        f"batch_p2p: item {k} has bad peer {peer!r} (rank {me}, world {size})"
+                    )
+                peer = int(peer)
+            b = as_buf(p.tensor, _P2P_NAMES[k] if k < len(_P2P_NAMES) else f"ops[{k}].tensor")
+            if bufs and b.is_cuda != bufs[0].is_cuda:
+                raise GfcollValueError("batch_p2p: mix of CPU and CUDA tensors")
             bufs.append(b)
-            items.append((p.op == "send", p.peer, b))
-        if len({b.is_cuda for b in bufs}) != 1:
-            raise GfcollValueError("batch_p2p: mix of CPU and CUDA tensors")
+            items.append((op == "send", peer, b))
+            peers.append(peer)
         if bufs[0].is_cuda:
             stream = bufs[0].stream
             native_ops = [(s, peer, b.ptr, b.nbytes) for s, peer, b in items]
-            peers = [peer for _, peer, _ in items]
-            peers.append(self.rank)
             if self._select("batch_p2p", peers, bufs, 0) == "ipc":
                 self._ipc.batch_p2p(native_ops, stream)
                 check = self._ipc.check
