@@ -14,11 +14,12 @@ Ordering rules (what callers must follow; tests/multiproc/test_concurrency.py ch
    the stream, so this rule applies to CUDA operations on every stream (Note [nccl masked
    collectives] in csrc/include/gfcoll/nccl_transport.h). On the ipc transport (CUDA tensors of
    ranks on one node) nothing in gfcoll couples two streams (Note [ipc signalling] in
-   csrc/include/gfcoll/ipc_transport.h), but where ranks share a GPU (one H200 and one H100, 2
-   and 4 processes), overlapping groups issued on two streams in opposite orders deadlocked (until
-   the timeout), with stream waits and with spinning waits alike (bench/results/2026-12-01-h200,
-   bench/results/2026-12-05-h100). Until shown otherwise on GPUs of their own, follow rule 3 on
-   ipc too. Operations of one group issued on two streams run in issue order (the later stream
+   csrc/include/gfcoll/ipc_transport.h), so rule 3 does not apply to ipc operations on different
+   streams: overlapping groups issued on two streams in opposite orders complete (verified where 2
+   and 4 ranks share one H100, bench/results/2026-12-06-h100-s7; before gfcoll loaded its kernels
+   at init this deadlocked there, Note [ipc signalling], "Loading"). Rule 3 still holds for the
+   operations of one stream, and for nccl on every stream.
+   Operations of one group issued on two streams run in issue order (the later stream
    waits for the earlier).
 4. Point-to-point messages between an ordered pair of ranks match in issue order, as in MPI.
 5. Graph slots (ipc only; ``slot = world.graph_slot(size)``): every rank creates its slots in the
@@ -29,8 +30,9 @@ Ordering rules (what callers must follow; tests/multiproc/test_concurrency.py ch
    replay, then bind again), and between two binds the members that took part replay the same
    graph the same number of times (rule 1 for the slot). ``bind`` is an operation of the bound
    group (it ends with a barrier of the group, enqueued on the stream), the slot's operations
-   are not: they belong to the slot. Captured operations keep their
-   staging for the life of the world (a quarter of GFCOLL_IPC_BYTES in all).
+   are not: they belong to the slot. Captured operations stage in the graph
+   arena (a quarter of GFCOLL_IPC_BYTES), each from its start: gfcoll operations inside one capture
+   are stream-ordered, and graphs holding them replay one at a time per rank.
 
 Transports are chosen per operation by ``World._select`` (one function): CPU tensors use host;
 CUDA tensors use nccl where NCCL exists, and ipc where it does not (ranks sharing a GPU) or when

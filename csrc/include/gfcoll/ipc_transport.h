@@ -40,10 +40,13 @@
 // context to drain. A rank whose stream waits for a peer never drains, so the first launch of any
 // kernel behind such a wait blocks the host; if the peer waits for this rank's other stream, or is
 // silent, that is a deadlock the watchdog cannot see (nothing was recorded yet). Hence attach()
-// loads every ipc kernel (preload_kernels). Seen before that (one H200 2026-12-01, one H100
-// 2026-12-05/06, ranks sharing the GPU): overlapping groups issued in opposite orders on two
-// streams deadlocked, and a silent peer's survivor blocked inside its first operation, both at a
-// kernel's first launch (the opposite-order test's first all_reduce of a second dtype).
+// loads every ipc kernel (preload_kernels). Before it did (one H200 2026-12-01, one H100
+// 2026-12-05/06, ranks sharing the GPU), overlapping groups issued in opposite orders on two
+// streams deadlocked (that test's first all_reduce of a second dtype is a first launch behind a
+// waiting stream), and a silent peer's survivor hung in its first operation; with the kernels
+// loaded at attach both tests pass (one H100, 2026-12-06, 2 and 4 ranks:
+// bench/results/2026-12-06-h100-s7). The rule for callers is the general one: kernels that a
+// rank launches behind a gfcoll wait should already be loaded (a warm-up step loads a model's).
 //
 // Point to point uses per ordered pair a ring of kP2PDepth message slots keyed by (pair, seq)
 // (rule 4): the sender stages message seq, publishes its offset in mbox[dst][seq % depth] and
