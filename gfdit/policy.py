@@ -17,8 +17,8 @@ Built-ins prefer the ranks that already hold a request's state (`choose_ranks_fo
 
 Note [Batching in policies]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~
-Every built-in policy takes `max_batch` (default 1: no batching, each chunk alone, exactly as before
-batching existed). With max_batch > 1, once the policy has made its assignments, `batch_denoise`
+Every built-in policy takes `max_batch` (default DEFAULT_MAX_BATCH = 4; 1: no batching, each chunk
+alone, exactly as before batching existed). With max_batch > 1, once the policy has made its assignments, `batch_denoise`
 walks them in the policy's order: for each DENOISE chunk not yet in a batch, of a model that denoises
 in batches (`gfdit.batching.batchable`: Flux and Wan; never Wan2.2 or Qwen-Image), it calls
 `choose_batches` (Note [Choosing batches]) on the runnable DENOISE chunks that could share its group
@@ -28,8 +28,11 @@ chunk length (the policy's `chunk`) and its own reshard onto those ranks. A memb
 had given ranks of its own later in the order gives them up (they stay free until the next
 rescheduling point). Whether a batch forms, and its size, is the cost model's call: with a cost model
 that knows nothing of batching, nothing is ever batched.
-The default stays 1 until a measured batched step (gfdit profile --batch-sizes on the target GPU)
-shows which sizes pay: no measurement backs a larger default yet.
+The default is 4, chosen by the one-GPU A/B of bench/results/2026-12-06-h100-s7 (one H100, flux-dev
+512² and 1024², eager, fcfs-elastic, the same trace at a load that saturates both servers): 1.35x the
+throughput of max_batch=1 (1.323 vs 0.982 req/s), P99 latency 25.4 vs 39.3 s, every sampled image
+within 2/255 of the request served alone; 2.99 requests per batched chunk on average, so a cap of 4 is
+reached. Larger caps were not measured; the cost model still decides whether each batch forms.
 
 Note [Encoding ahead for batches]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -284,6 +287,9 @@ def _check(name: str, ok: bool, message: str) -> None:
         raise ValueError(f"{name}: {message}")
 
 
+DEFAULT_MAX_BATCH = 4  # Note [Batching in policies]: the measurement that chose it
+
+
 def _check_max_batch(p: Policy, max_batch: int) -> None:
     _check(
         p.name,
@@ -312,12 +318,15 @@ def batch_denoise(
         if not batchable(rt.request):
             continue
         d = len(a.ranks)
-        earlier = {x.task.request_id for x in out[: i - 1]}
+        # Only chunks that the policy left waiting may join: one that it gave ranks of its own runs
+        # in parallel there, which a batch can only make later (its ranks would idle until the next
+        # rescheduling point).
+        placed = {x.task.request_id for x in out if x is not a}
         candidates = [
             c
             for c in view.runnable
             if c.kind is TaskKind.DENOISE
-            and c.request_id not in earlier
+            and c.request_id not in placed
             and d in c.valid_degrees
             and batchable(c.request)
             and not any(x.cfg and x.task.request_id == c.request_id for x in out)
@@ -330,10 +339,8 @@ def batch_denoise(
         if batch.size < 2:
             continue
         members = [t for t in batch.tasks if t != a.task]
-        ids = {t.request_id for t in members}
-        later = [x for x in out[i:] if x.task.request_id not in ids]
         joined = [Assignment(t, a.ranks, _steps(by_id[t.request_id], chunk), batch=tag) for t in members]
-        out = [*out[: i - 1], dataclasses.replace(a, batch=tag), *joined, *later]
+        out = [*out[: i - 1], dataclasses.replace(a, batch=tag), *joined, *out[i:]]
         i += len(joined)
         tag += 1
     return out
@@ -710,7 +717,7 @@ class StaticPolicy(Policy):
     # default is not the scheduler's chunk_steps: a fixed pipeline has no rescheduling points, so it
     # should not pay a task's host overhead per chunk. chunk=None gives the scheduler's chunk_steps.
     chunk: int | None = 0
-    max_batch: int = 1  # DENOISE chunks per batch (Note [Batching in policies]); 1: no batching
+    max_batch: int = DEFAULT_MAX_BATCH  # DENOISE chunks per batch (Note [Batching in policies]); 1: none
     # CFG-parallel for requests with true CFG (Note [CFG-parallel in policies]): auto (the faster by the
     # cost model), on, off; ignored for models without true CFG (Flux)
     cfg: str = "off"
@@ -736,7 +743,7 @@ class GreedyOrderPolicy(Policy):
     max_sp: int = 0  # largest SP degree; 0: world size
     chunk: int | None = None  # DENOISE steps per task; None: the scheduler's chunk_steps; 0: all remaining
     tol: float = 0.05  # relative step-time gain below which more ranks are not worth taking
-    max_batch: int = 1  # DENOISE chunks per batch (Note [Batching in policies]); 1: no batching
+    max_batch: int = DEFAULT_MAX_BATCH  # DENOISE chunks per batch (Note [Batching in policies]); 1: none
     # CFG-parallel for requests with true CFG (Note [CFG-parallel in policies]): auto (the faster by the
     # cost model), on, off; ignored for models without true CFG (Flux)
     cfg: str = "auto"
@@ -809,7 +816,7 @@ class EdfBestFitPolicy(Policy):
     margin: float = 1.0  # multiplier on remaining-time estimates when testing a deadline
     hopeless_last: bool = True  # serve requests that cannot meet their deadline after all others
     hopeless_fastest: bool = True  # such requests ask for the fastest free degree (else one rank)
-    max_batch: int = 1  # DENOISE chunks per batch (Note [Batching in policies]); 1: no batching
+    max_batch: int = DEFAULT_MAX_BATCH  # DENOISE chunks per batch (Note [Batching in policies]); 1: none
     # CFG-parallel for requests with true CFG (Note [CFG-parallel in policies]): auto (the faster by the
     # cost model), on, off; ignored for models without true CFG (Flux)
     cfg: str = "auto"
@@ -858,7 +865,7 @@ class RsspPolicy(Policy):
     L: int = 1  # SP degree of class L
     other: int = 1  # SP degree of requests of any other class
     chunk: int | None = 0  # as static's chunk (0: one DENOISE task; None: the scheduler's chunk_steps)
-    max_batch: int = 1  # DENOISE chunks per batch (Note [Batching in policies]); 1: no batching
+    max_batch: int = DEFAULT_MAX_BATCH  # DENOISE chunks per batch (Note [Batching in policies]); 1: none
     # CFG-parallel for requests with true CFG (Note [CFG-parallel in policies]): auto (the faster by the
     # cost model), on, off; ignored for models without true CFG (Flux)
     cfg: str = "off"
@@ -894,7 +901,7 @@ class TetriServePolicy(Policy):
     chunk: int | None = None  # DENOISE steps per task; None: the scheduler's chunk_steps; 0: all remaining
     tol: float = 0.05  # relative step-time gain below which a larger degree is not the "fastest"
     margin: float = 1.0  # multiplier on remaining-time estimates when testing a deadline
-    max_batch: int = 1  # DENOISE chunks per batch (Note [Batching in policies]); 1: no batching
+    max_batch: int = DEFAULT_MAX_BATCH  # DENOISE chunks per batch (Note [Batching in policies]); 1: none
     # CFG-parallel for requests with true CFG (Note [CFG-parallel in policies]): auto (the faster by the
     # cost model), on, off; ignored for models without true CFG (Flux)
     cfg: str = "auto"
@@ -958,7 +965,7 @@ class StepPreemptPolicy(Policy):
     tol: float = 0.05  # relative step-time gain below which spare ranks are not given
     margin: float = 1.0  # multiplier on remaining-time estimates when testing a deadline
     demote: bool = True  # a preemptible request runs on fewer ranks (True) or waits (False)
-    max_batch: int = 1  # DENOISE chunks per batch (Note [Batching in policies]); 1: no batching
+    max_batch: int = DEFAULT_MAX_BATCH  # DENOISE chunks per batch (Note [Batching in policies]); 1: none
     # CFG-parallel for requests with true CFG (Note [CFG-parallel in policies]): auto (the faster by the
     # cost model), on, off; ignored for models without true CFG (Flux)
     cfg: str = "auto"
@@ -1050,7 +1057,7 @@ class DisaggregatedPolicy(Policy):
     max_sp: int = 0  # largest DENOISE degree; 0: the denoise ranks
     chunk: int | None = None  # DENOISE steps per task; None: the scheduler's chunk_steps; 0: all remaining
     tol: float = 0.05  # relative step-time gain below which more ranks are not worth taking
-    max_batch: int = 1  # DENOISE chunks per batch (Note [Batching in policies]); 1: no batching
+    max_batch: int = DEFAULT_MAX_BATCH  # DENOISE chunks per batch (Note [Batching in policies]); 1: none
     # CFG-parallel for requests with true CFG (Note [CFG-parallel in policies]): auto (the faster by the
     # cost model), on, off; ignored for models without true CFG (Flux)
     cfg: str = "auto"

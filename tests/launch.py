@@ -63,7 +63,9 @@ def _child(fn, rank, size, port, args, results, env, device, init, torch_dist):
             # Said now, not only through the queue: a close() that then hangs would hide it.
             import sys
 
-            print(f"[rank {rank}] failed before close():\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+            print(
+                f"[rank {rank}] failed before close():\n{traceback.format_exc()}", file=sys.stderr, flush=True
+            )
             raise
         finally:
             world.close()

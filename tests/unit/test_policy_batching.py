@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 
 from gfdit.cost import AnalyticCostModel
-from gfdit.policy import Assignment, PolicySpecError, available_policies, make_policy
+from gfdit.policy import DEFAULT_MAX_BATCH, Assignment, PolicySpecError, available_policies, make_policy
 from gfdit.request import Request
 from gfdit.scheduler import PolicyError, Scheduler
 from gfdit.tasks import Task, TaskKind, TaskTimings
@@ -31,8 +31,8 @@ def _req(rid: str, model: str = "tiny-flux", steps: int = 4, size: int = 64) -> 
     return Request(rid, model, "p", width=size, height=size, num_inference_steps=steps, num_frames=frames)
 
 
-def _at_denoise(model: str = "tiny-flux", n: int = 3, cost=None, sizes=None) -> Scheduler:
-    """A 2-rank scheduler whose `n` requests have all run ENCODE and wait at DENOISE."""
+def _at_denoise(model: str = "tiny-flux", n: int = 3, cost=None, sizes=None, world: int = 2) -> Scheduler:
+    """A `world`-rank scheduler whose `n` requests have all run ENCODE and wait at DENOISE."""
     encode_only = _Fixed(
         lambda view: [
             Assignment(rt.task, (r,))
@@ -41,7 +41,7 @@ def _at_denoise(model: str = "tiny-flux", n: int = 3, cost=None, sizes=None) -> 
             )
         ]
     )
-    sched = Scheduler(2, encode_only, cost)
+    sched = Scheduler(world, encode_only, cost)
     for i in range(n):
         sched.submit(_req(f"r{i}", model, size=(sizes or [64] * n)[i]))
     now = 0.0
@@ -52,11 +52,12 @@ def _at_denoise(model: str = "tiny-flux", n: int = 3, cost=None, sizes=None) -> 
     return sched
 
 
-def test_every_builtin_policy_takes_max_batch_and_defaults_to_one():
+def test_every_builtin_policy_takes_max_batch_and_defaults_to_the_measured_default():
     builtin = [n for n in available_policies() if type(make_policy(n)).__module__ == "gfdit.policy"]
     assert len(builtin) >= 11
     for name in builtin:
-        assert make_policy(name).max_batch == 1
+        assert make_policy(name).max_batch == DEFAULT_MAX_BATCH == 4
+        assert make_policy(f"{name}:max_batch=1").max_batch == 1
         assert make_policy(f"{name}:max_batch=3").max_batch == 3
         assert "max_batch=3" in make_policy(f"{name}:max_batch=3").spec()
         with pytest.raises(PolicySpecError, match="max_batch"):
@@ -65,7 +66,7 @@ def test_every_builtin_policy_takes_max_batch_and_defaults_to_one():
 
 def test_runnable_denoise_chunks_run_as_one_batch_on_shared_ranks():
     cost = CountingCost()
-    sched = _at_denoise(cost=cost)
+    sched = _at_denoise(cost=cost, world=1)  # one rank: the policy places one chunk, two wait
     sched.policy = make_policy("edf-best-fit:max_batch=4")
     out = sched.schedule(1.0)
     assert sorted(a.task.request_id for a in out) == ["r0", "r1", "r2"]
@@ -84,6 +85,22 @@ def test_runnable_denoise_chunks_run_as_one_batch_on_shared_ranks():
     sched.on_task_done(out[2].task, out[2].ranks, TaskTimings(1.0, 1.5))
     assert set(ranks) <= set(sched.free_ranks)
     assert cost.batch_observations == [(3, out[0].task.num_steps)]
+
+
+def test_a_chunk_with_ranks_of_its_own_is_not_pulled_into_a_batch():
+    # Two ranks, three chunks: the policy runs two of them in parallel, one per rank; only the third,
+    # left waiting, joins a batch (batching the other two on one rank would leave a rank idle and
+    # make both later). Four requests on four ranks: nothing is batched at all.
+    sched = _at_denoise()
+    sched.policy = make_policy("edf-best-fit:max_batch=4,max_sp=1")
+    out = sched.schedule(1.0)
+    assert sorted(a.task.request_id for a in out) == ["r0", "r1", "r2"]
+    assert len({a.ranks for a in out}) == 2
+    assert sorted(sum(1 for x in out if x.batch == a.batch) for a in out if a.batch is not None) == [2, 2]
+    sched = _at_denoise(n=4, world=4)
+    sched.policy = make_policy("static:sp=1,max_batch=4")
+    out = sched.schedule(1.0)
+    assert len(out) == 4 and all(a.batch is None for a in out) and len({a.ranks for a in out}) == 4
 
 
 def test_max_batch_one_and_max_batch_cap():
