@@ -99,7 +99,7 @@ import abc
 import dataclasses
 import math
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -355,11 +355,17 @@ def _first_chunk(view: SchedulerView, rt: RunnableTask, chunk: int | None) -> in
 
 
 def encode_ahead(
-    view: SchedulerView, assignments: Sequence[Assignment], max_batch: int, chunk: int | None
+    view: SchedulerView,
+    assignments: Sequence[Assignment],
+    max_batch: int,
+    chunk: int | None,
+    hold: Callable[[RunnableTask], bool] | None = None,
 ) -> list[Assignment]:
     """Note [Encoding ahead for batches]: `assignments` (after `batch_denoise`) with each batchable
     DENOISE chunk (alone or a batch) that a waiting request should join replaced, in place, by that
-    request's ENCODE on the chunk's ranks. max_batch 1: unchanged."""
+    request's ENCODE on the chunk's ranks. A chunk with a member for which `hold` is true never waits
+    for an encode (step-preempt: started non-preemptible requests are never paused). max_batch 1:
+    unchanged."""
     out = list(assignments)
     if max_batch <= 1:
         return out
@@ -384,6 +390,9 @@ def encode_ahead(
         members = [a] if a.batch is None else [x for x in out if x.batch == a.batch]
         if a.batch is not None:
             seen_tags.add(a.batch)
+        if hold is not None and any(hold(by_id[m.task.request_id]) for m in members):
+            result.extend(members)
+            continue
         chunks = []
         for m in members:
             steps = m.num_steps if m.num_steps is not None else m.task.num_steps
@@ -474,6 +483,7 @@ def finish(
     chunk: int | None,
     *,
     ahead: bool = True,
+    hold: Callable[[RunnableTask], bool] | None = None,
 ) -> list[Assignment]:
     """What every built-in policy does with its assignments (made on `cfg_view(view, mode)`): marks
     the DENOISE chunks whose chosen layout is CFG-parallel (Note [CFG-parallel in policies]), then
@@ -489,7 +499,7 @@ def finish(
             if _cfg_choice(rt, mode).get(len(a.ranks), False):
                 out[i] = dataclasses.replace(a, ranks=_cfg_ranks(rt, a.ranks), cfg=True)
     out = batch_denoise(view, out, max_batch, chunk)
-    return encode_ahead(view, out, max_batch, chunk) if ahead else out
+    return encode_ahead(view, out, max_batch, chunk, hold) if ahead else out
 
 
 def _assign_greedily(
@@ -991,7 +1001,14 @@ class StepPreemptPolicy(Policy):
             strict = {rt.request_id: len(rt.last_ranks) for rt in order if rt.request.preemptible}
         cap = self.max_sp or view.world_size
         out = _best_fit(view, order, cap, self.margin, self.tol, self.chunk, True, strict)
-        return finish(original, out, self.cfg, self.max_batch, self.chunk)
+        return finish(
+            original,
+            out,
+            self.cfg,
+            self.max_batch,
+            self.chunk,
+            hold=lambda rt: rt.started and not rt.request.preemptible,
+        )
 
 
 @register_policy

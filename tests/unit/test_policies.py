@@ -118,7 +118,7 @@ def test_make_policy_errors(spec, message):
 
 
 def test_static_binds_aligned_groups_and_keeps_them():
-    sched = Scheduler(4, make_policy("static:sp=2"))
+    sched = Scheduler(4, make_policy("static:sp=2,max_batch=1"))
     for i in range(3):
         sched.submit(flux(f"r{i}"))
     first = sched.schedule(0.0)
@@ -133,7 +133,7 @@ def test_static_binds_aligned_groups_and_keeps_them():
 
 def test_static_sim_keeps_one_group_per_request():
     reqs = [flux(f"r{i}", size=512 * (1 + i % 3), arrival=0.1 * i) for i in range(6)]
-    sched = Scheduler(4, make_policy("static:sp=2"))
+    sched = Scheduler(4, make_policy("static:sp=2,max_batch=1"))
     result = simulate(sched, reqs)
     assert result.num_done == 6
     for r in reqs:

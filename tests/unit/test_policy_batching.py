@@ -105,7 +105,7 @@ def test_a_chunk_with_ranks_of_its_own_is_not_pulled_into_a_batch():
 
 def test_max_batch_one_and_max_batch_cap():
     sched = _at_denoise()
-    sched.policy = make_policy("edf-best-fit")
+    sched.policy = make_policy("edf-best-fit:max_batch=1")
     assert all(a.batch is None for a in sched.schedule(1.0))
     sched = _at_denoise()
     sched.policy = make_policy("fcfs-elastic:max_batch=2")
@@ -168,7 +168,7 @@ def test_simulator_runs_batches_and_they_pay(execution):
     reqs = [_req(f"s{i}", steps=4) for i in range(8)]
     ex = ExecutionModel.worker(0.002, 1e-4, 1e9) if execution else None
     ends = {}
-    for spec in ("fcfs-elastic:max_batch=4", "fcfs-elastic"):
+    for spec in ("fcfs-elastic:max_batch=4", "fcfs-elastic:max_batch=1"):
         fresh = [
             Request(r.request_id, r.model, "p", width=64, height=64, num_inference_steps=4) for r in reqs
         ]
@@ -181,7 +181,7 @@ def test_simulator_runs_batches_and_they_pay(execution):
             for e in batched:
                 starts.setdefault((e.start_s, e.ranks), []).append(e)
             assert max(len(v) for v in starts.values()) >= 2  # members start and end together
-    assert ends["fcfs-elastic:max_batch=4"] < ends["fcfs-elastic"]
+    assert ends["fcfs-elastic:max_batch=4"] < ends["fcfs-elastic:max_batch=1"]
 
 
 def test_chunk_batch_size_histogram_in_metrics():
@@ -290,7 +290,7 @@ def test_one_rank_encodes_ahead_then_batches():
 
 
 def test_one_rank_without_batching_serves_one_request_after_the_other():
-    sched = _one_rank("fcfs-elastic", [_req(f"r{i}") for i in range(4)])
+    sched = _one_rank("fcfs-elastic:max_batch=1", [_req(f"r{i}") for i in range(4)])
     points = _decisions(sched, 0.01, 4)
     # r0's two chunks (4 steps, chunks of 2) and its DECODE, then r1's ENCODE: exactly as before.
     assert points == [
@@ -388,7 +388,7 @@ def test_max_batch_one_decisions_are_unchanged(world, monkeypatch):
     for name in builtin:
         with_it = _trace(f"{name}:max_batch=1", world, reqs)
         with monkeypatch.context() as m:
-            m.setattr(policy, "encode_ahead", lambda view, out, max_batch, chunk: list(out))
+            m.setattr(policy, "encode_ahead", lambda view, out, max_batch, chunk, hold=None: list(out))
             without = _trace(f"{name}:max_batch=1", world, reqs)
         assert with_it == without, name
 
@@ -404,7 +404,7 @@ def test_simulator_batches_an_overloaded_queue_on_one_rank():
         "tiny-flux", 64, 64, None, 1
     )
     results = {}
-    for spec in ("fcfs-elastic", "fcfs-elastic:max_batch=4"):
+    for spec in ("fcfs-elastic:max_batch=1", "fcfs-elastic:max_batch=4"):
         sched = Scheduler(1, make_policy(spec), AnalyticCostModel())
         out = simulate(sched, [dataclasses.replace(r) for r in reqs])
         assert out.num_done == len(reqs)
@@ -415,7 +415,7 @@ def test_simulator_batches_an_overloaded_queue_on_one_rank():
             if t.task.kind is TaskKind.DENOISE
         ]
         results[spec] = (sum(sizes) / len(sizes), out.throughput_rps)
-    alone, batched = results["fcfs-elastic"], results["fcfs-elastic:max_batch=4"]
+    alone, batched = results["fcfs-elastic:max_batch=1"], results["fcfs-elastic:max_batch=4"]
     assert alone[0] == 1.0
     assert batched[0] > 2.0, results
     assert batched[1] > 1.3 * alone[1], results

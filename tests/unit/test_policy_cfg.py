@@ -214,7 +214,7 @@ def test_simulated_cfg_parallel_runs_are_priced_and_learned():
     requests += [_flux(f"f{i}") for i in range(2)]
     latency = {}
     for mode in ("on", "off"):
-        sched = Scheduler(4, make_policy(f"edf-best-fit:cfg={mode}"))
+        sched = Scheduler(4, make_policy(f"edf-best-fit:cfg={mode},max_batch=1"))
         result = simulate(sched, requests)
         assert result.num_done == len(requests)
         ran = [t for r in sched.records.values() for t in r.history if t.cfg]

@@ -37,6 +37,7 @@ POLICIES = [
     "static",
     "static:sp=2",
     "static:sp=4",
+    "static:sp=2,max_batch=1",
     "fcfs-elastic",
     "edf-best-fit",
     "srtf",
@@ -269,13 +270,18 @@ def mixed_workload(alpha: float | None = None, seed: int = 3, rate: float = 2.0)
 
 
 def check_trace(result, requests):
-    """Ranks never run two tasks at once; each request's tasks run one at a time, in trajectory order,
-    with its DENOISE chunks tiling [0, steps)."""
-    by_rank = defaultdict(list)
+    """Ranks never run two tasks at once, except the members of one batch (same group, same start);
+    each request's tasks run one at a time, in trajectory order, with its DENOISE chunks tiling
+    [0, steps)."""
+    runs = {}  # (ranks, start) -> end of the batch (a task alone is a batch of one)
     for e in result.trace:
         assert e.end_s >= e.start_s
-        for r in e.ranks:
-            by_rank[r].append((e.start_s, e.end_s))
+        key = (e.ranks, e.start_s)
+        runs[key] = max(runs.get(key, e.end_s), e.end_s)
+    by_rank = defaultdict(list)
+    for (ranks, start), end in runs.items():
+        for r in ranks:
+            by_rank[r].append((start, end))
     for spans in by_rank.values():
         spans.sort()
         assert all(a[1] <= b[0] + 1e-12 for a, b in zip(spans, spans[1:], strict=False))
@@ -299,7 +305,9 @@ def test_every_policy_completes_a_mixed_batch(spec):
     check_trace(result, requests)
     assert all(o.latency_s > 0 for o in result.outcomes.values())
     assert result.throughput_rps > 0 and result.latency_percentile(99) >= result.mean_latency_s > 0
-    if spec.startswith("static"):
+    if spec.startswith("static") and "max_batch=1" in spec:
+        # A fixed pipeline without batching never moves or pauses a request (batching may: a batch
+        # waits for a newcomer's ENCODE on its ranks, Note [Encoding ahead for batches]).
         assert all(o.num_reshards == 0 and o.num_preemptions == 0 for o in result.outcomes.values())
     if spec != "static:sp=4":  # disjoint groups run at the same time
         assert max_concurrency(result.trace) >= 2
