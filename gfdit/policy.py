@@ -18,21 +18,24 @@ Built-ins prefer the ranks that already hold a request's state (`choose_ranks_fo
 Note [Batching in policies]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~
 Every built-in policy takes `max_batch` (default DEFAULT_MAX_BATCH = 4; 1: no batching, each chunk
-alone, exactly as before batching existed). With max_batch > 1, once the policy has made its assignments, `batch_denoise`
-walks them in the policy's order: for each DENOISE chunk not yet in a batch, of a model that denoises
-in batches (`gfdit.batching.batchable`: Flux and Wan; never Wan2.2 or Qwen-Image), it calls
-`choose_batches` (Note [Choosing batches]) on the runnable DENOISE chunks that could share its group
-(same degree valid, not yet assigned ranks earlier in that order) and takes the batch that chunk is
-in. The other members run with it on its ranks, under one `Assignment.batch` tag; each keeps its own
-chunk length (the policy's `chunk`) and its own reshard onto those ranks. A member that the policy
-had given ranks of its own later in the order gives them up (they stay free until the next
-rescheduling point). Whether a batch forms, and its size, is the cost model's call: with a cost model
-that knows nothing of batching, nothing is ever batched.
+alone, exactly as before batching existed). With max_batch > 1, once the policy has made its
+assignments, `batch_denoise` walks them in the policy's order: for each DENOISE chunk not yet in a
+batch, of a model that denoises in batches (`gfdit.batching.batchable`: Flux and Wan; never Wan2.2 or
+Qwen-Image), it calls `choose_batches` (Note [Choosing batches]) on the runnable DENOISE chunks that
+could share its group (same degree valid, and left waiting by the policy: a chunk that it gave ranks of its own runs there in
+parallel, which joining a batch could only make later while its ranks idle until the next
+rescheduling point — 4 requests on 4 free ranks took 1.69 s instead of 0.75 s in the simulator when
+they were pulled together) and takes the batch that chunk is in. The other members run with it on its
+ranks, under one `Assignment.batch` tag; each keeps its own chunk length (the policy's `chunk`) and its
+own reshard onto those ranks. Whether a batch forms, and its size, is the cost model's call: with a
+cost model that knows nothing of batching, nothing is ever batched.
 The default is 4, chosen by the one-GPU A/B of bench/results/2026-12-06-h100-s7 (one H100, flux-dev
 512² and 1024², eager, fcfs-elastic, the same trace at a load that saturates both servers): 1.35x the
 throughput of max_batch=1 (1.323 vs 0.982 req/s), P99 latency 25.4 vs 39.3 s, every sampled image
 within 2/255 of the request served alone; 2.99 requests per batched chunk on average, so a cap of 4 is
-reached. Larger caps were not measured; the cost model still decides whether each batch forms.
+reached. That run predates the waiting-only rule above, which changes nothing on one rank (the policy
+places one chunk there, the rest wait). Larger caps, and batching on several GPUs, were not measured;
+the cost model still decides whether each batch forms.
 
 Note [Encoding ahead for batches]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -70,7 +73,9 @@ ENCODE ends, its DENOISE is ready beside the chunk's and `batch_denoise` batches
           above the unbatched one up to 1.3x overload, with 23-28 % more throughput there, and
           loses up to 6 points at 1.7x overload, where throughput is 33 % higher.
   - nothing changes with max_batch = 1, for models that do not batch, or when no waiting request
-    of the key exists; `disaggregated` opts out while it keeps ENCODE off its denoise ranks.
+    of the key exists; `disaggregated` opts out while it keeps ENCODE off its denoise ranks, and
+    `step-preempt` never makes a chunk with a started non-preemptible member wait (it promises
+    never to pause one).
 The workers keep each request's state on its ranks, whatever else runs there (gfdit.runtime.worker
 holds it by request id), so the waiting chunk resumes where it was.
 
