@@ -169,7 +169,8 @@ def _bad_requests_and_failures(world):
             )
 
     model = Faulty(load_model("tiny-flux", device=world.device))
-    return _with_engine(world, "tiny-flux", "fcfs-elastic:max_sp=1", _bad_body, model_obj=model)
+    # Unbatched: the fault is injected into denoise, which a batched step (denoise_batch) bypasses.
+    return _with_engine(world, "tiny-flux", "fcfs-elastic:max_sp=1,max_batch=1", _bad_body, model_obj=model)
 
 
 def _bad_body(engine):
