@@ -34,6 +34,9 @@ class GatherPolicy:
                 others = tuple(rt for rt in view.runnable if rt.kind is not TaskKind.DENOISE)
                 return self.inner.schedule(dataclasses.replace(view, runnable=others)) if others else []
             self.gather = 0
+            # Released on one rank: the policy places one chunk there and the others, left waiting,
+            # join its batch (chunks with ranks of their own are never pulled into a batch).
+            return self.inner.schedule(dataclasses.replace(view, free_ranks=view.free_ranks[:1]))
         return self.inner.schedule(view)
 
 

@@ -35,12 +35,13 @@ kStartTimeoutS = 300.0  # four servers importing torch + diffusers at once on a 
 
 SERVERS = {
     "elastic": (
-        "tiny-flux", "fcfs-elastic:max_sp=2",
+        "tiny-flux", "fcfs-elastic:max_sp=2,max_batch=1",
         ["--chunk-steps", "2", "--max-steps", "200", "--max-queue", "64", "--max-request-cost", "200"],
     ),
-    "static": ("tiny-flux", "static:sp=1", ["--max-steps", "8", "--drain-timeout", "0.5"]),
-    "wan": ("tiny-wan", "fcfs-elastic", ["--max-steps", "200", "--max-queue", "2"]),
-    # "elastic" with batching: same policy and chunks, max_batch=2 (elastic's is the default, 1).
+    "static": ("tiny-flux", "static:sp=1,max_batch=1", ["--max-steps", "8", "--drain-timeout", "0.5"]),
+    # Unbatched servers: these tests count queue slots and chunks one request at a time.
+    "wan": ("tiny-wan", "fcfs-elastic:max_batch=1", ["--max-steps", "200", "--max-queue", "2"]),
+    # "elastic" with batching: same policy and chunks, max_batch=2 (elastic says max_batch=1).
     "batch": ("tiny-flux", "fcfs-elastic:max_sp=2,max_batch=2", ["--chunk-steps", "2", "--max-steps", "8"]),
 }  # fmt: skip
 DRAIN_SERVER = ("tiny-flux", "static:sp=1", ["--max-steps", "32", "--drain-timeout", "0.5"])
@@ -346,7 +347,9 @@ def test_models_and_health(elastic, wan):
     assert h.status_code == 200
     body = h.json()
     assert body["status"] == "ok" and body["world_size"] == 2 and body["model"] == "tiny-flux"
-    assert body["policy"] == "fcfs-elastic:max_sp=2" and body["policy_spec"].startswith("fcfs-elastic:")
+    assert body["policy"] == "fcfs-elastic:max_sp=2,max_batch=1" and body["policy_spec"].startswith(
+        "fcfs-elastic:"
+    )
     assert httpx.get(wan.url + "/health").json()["model"] == "tiny-wan"
 
 
@@ -812,7 +815,7 @@ def test_bench_gen_run_report(elastic, static, tmp_path):
     assert "SLO attainment" in out.stdout
     report = json.load(open(os.path.join(report_dir, "report.json")))
     labels = [r["label"] for r in report["runs"]]
-    assert labels == ["fcfs-elastic:max_sp=2", "static:sp=1"]
+    assert labels == ["fcfs-elastic:max_sp=2,max_batch=1", "static:sp=1,max_batch=1"]
     for run in report["runs"]:
         s = run["summary"]
         assert s["all"]["requests"] == n and s["all"]["completed"] == n
@@ -827,7 +830,7 @@ def test_bench_gen_run_report(elastic, static, tmp_path):
         assert b["chunks"] >= n and b["histogram"] == {"1": b["chunks"]}, b
         assert (b["mean"], b["max"], b["batched_share"]) == (1.0, 1, 0.0), b
     md = open(os.path.join(report_dir, "report.md")).read()
-    assert "fcfs-elastic:max_sp=2 | static:sp=1" in md and "class S" in md
+    assert "fcfs-elastic:max_sp=2,max_batch=1 | static:sp=1,max_batch=1" in md and "class S" in md
     assert "| max batch size | 1 | 1 |" in md and "| batched (size >= 2) | 0.0% | 0.0% |" in md
     for name in report["plots"]:
         with open(os.path.join(report_dir, name), "rb") as f:
