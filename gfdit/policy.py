@@ -27,7 +27,10 @@ parallel, which joining a batch could only make later while its ranks idle until
 rescheduling point — 4 requests on 4 free ranks took 1.69 s instead of 0.75 s in the simulator when
 they were pulled together) and takes the batch that chunk is in. The other members run with it on its
 ranks, under one `Assignment.batch` tag; each keeps its own chunk length (the policy's `chunk`) and its
-own reshard onto those ranks. Whether a batch forms, and its size, is the cost model's call: with a
+own reshard onto those ranks. A batched step that fails (not because a peer died) cannot say which
+member caused it: every member re-runs from its first task, `solo` (RunnableTask.solo), never to be
+batched again, so a faulty request then fails alone and the others complete (gfdit.runtime.engine).
+Whether a batch forms, and its size, is the cost model's call: with a
 cost model that knows nothing of batching, nothing is ever batched.
 The default is 4, chosen by the one-GPU A/B of bench/results/2026-12-06-h100-s7 (one H100, flux-dev
 512² and 1024², eager, fcfs-elastic, the same trace at a load that saturates both servers): 1.35x the
@@ -166,6 +169,8 @@ class RunnableTask:
     # group size 2k -> estimated seconds of one CFG-parallel denoising step (two halves of k ranks);
     # empty for a request without true CFG (Note [CFG-parallel in policies])
     cfg_step_s: Mapping[int, float] = dataclasses.field(default_factory=dict)
+    # never batched: a batch it ran in failed and it re-runs alone (Note [Batching in policies])
+    solo: bool = False
 
     @property
     def request_id(self) -> str:
@@ -320,7 +325,7 @@ def batch_denoise(
         i += 1
         if rt is None or a.task.kind is not TaskKind.DENOISE or a.batch is not None or a.cfg:
             continue
-        if not batchable(rt.request):
+        if rt.solo or not batchable(rt.request):
             continue
         d = len(a.ranks)
         # Only chunks that the policy left waiting may join: one that it gave ranks of its own runs
@@ -332,6 +337,7 @@ def batch_denoise(
             for c in view.runnable
             if c.kind is TaskKind.DENOISE
             and c.request_id not in placed
+            and not c.solo
             and d in c.valid_degrees
             and batchable(c.request)
             and not any(x.cfg and x.task.request_id == c.request_id for x in out)
@@ -378,7 +384,10 @@ def encode_ahead(
     waiting = [
         rt
         for rt in view.runnable
-        if rt.kind is TaskKind.ENCODE and rt.request_id not in assigned and batchable(rt.request)
+        if rt.kind is TaskKind.ENCODE
+        and rt.request_id not in assigned
+        and not rt.solo
+        and batchable(rt.request)
     ]
     if not waiting:
         return out
@@ -387,7 +396,7 @@ def encode_ahead(
     seen_tags: set[int] = set()
     for a in out:
         rt = by_id.get(a.task.request_id)
-        if rt is None or a.task.kind is not TaskKind.DENOISE or a.cfg or not batchable(rt.request):
+        if rt is None or a.task.kind is not TaskKind.DENOISE or a.cfg or rt.solo or not batchable(rt.request):
             result.append(a)
             continue
         if a.batch is not None and a.batch in seen_tags:

@@ -108,6 +108,7 @@ class RequestRecord:
     cancel_requested: bool = False  # cancelled while a task was in flight; ends when it reports
     history: list[TaskRecord] = field(default_factory=list)  # its tasks, in order
     preempted: bool = False  # True while it waits after a preemption (counted once per wait)
+    solo: bool = False  # never batched again: a batch it ran in failed (Note [Batching in policies])
 
     @property
     def latency_s(self) -> float | None:
@@ -333,11 +334,15 @@ class Scheduler:
         self._lost.add(rank)
         self._fenced.discard(rank)
 
-    def rerun(self, request_id: str, now: float, reason: str, fence: Iterable[int] = ()) -> None:
-        """Restarts an unfinished request from its first task: its state was lost with a rank. A task
-        in flight is abandoned; its ranks in `fence` stay busy (they may still be running it) until
-        `unfence`, the others are free at once. A request whose cancel was asked ends CANCELLED."""
+    def rerun(
+        self, request_id: str, now: float, reason: str, fence: Iterable[int] = (), *, solo: bool = False
+    ) -> None:
+        """Restarts an unfinished request from its first task: its state was lost with a rank, or a
+        batch it ran in failed (then `solo`: it is never batched again). A task in flight is
+        abandoned; its ranks in `fence` stay busy (they may still be running it) until `unfence`, the
+        others are free at once. A request whose cancel was asked ends CANCELLED."""
         rec = self.record(request_id)
+        rec.solo = rec.solo or solo
         if rec.state.is_terminal:
             raise ValueError(f"request {request_id!r} already ended ({rec.state.value})")
         if rec.running is not None:
@@ -458,6 +463,7 @@ class Scheduler:
             step_s=MappingProxyType(step_s),
             remaining_s=MappingProxyType(remaining_s),
             cfg_step_s=MappingProxyType(cfg_step_s),
+            solo=rec.solo,
         )
 
     def _validate(self, view: SchedulerView, proposed: object) -> None:

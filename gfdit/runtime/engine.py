@@ -551,8 +551,13 @@ class Engine:
         a = inf.assignment
         rid = a.task.request_id
         log.warning("task %s failed: %s\n%s", a.task, ev.reason, ev.trace)
-        if ev.peer and self.scheduler.record(rid).num_reruns < kMaxReruns:
+        reruns = self.scheduler.record(rid).num_reruns
+        if ev.peer and reruns < kMaxReruns:
             self._rerun(rid, f"a peer failed during {a.task}: {ev.reason}")
+        elif a.batch is not None and reruns < kMaxReruns:
+            # Which member made the batch fail is unknown: each re-runs alone (Note [Batching in
+            # policies]), so only a faulty one fails.
+            self._rerun(rid, f"its batch failed during {a.task}: {ev.reason}; re-runs unbatched", solo=True)
         else:
             self._fail_request(rid, ev.reason)
 
@@ -644,10 +649,11 @@ class Engine:
                 self.channel.send(r, msg.Release(request_id=rid))
 
     # -- surviving a lost rank (Note [Surviving a lost rank]) ----------------------------------------
-    def _rerun(self, rid: str, reason: str) -> None:
-        """Restarts a request from its first task; its task in flight (if any) is abandoned."""
+    def _rerun(self, rid: str, reason: str, *, solo: bool = False) -> None:
+        """Restarts a request from its first task; its task in flight (if any) is abandoned. `solo`:
+        it is never batched again."""
         tracked = self._tracked[rid]
-        self.scheduler.rerun(rid, self.now(), reason, fence=self._abandon(rid))
+        self.scheduler.rerun(rid, self.now(), reason, fence=self._abandon(rid), solo=solo)
         if self.scheduler.record(rid).state.is_terminal:  # its cancel was asked meanwhile
             self._release(rid)
             tracked.handle.finish(None, "cancelled", Status.CANCELLED)

@@ -157,3 +157,66 @@ def test_a_burst_on_one_rank_runs_batched_chunks():
     assert max(max(s) for s in out["sizes"]) >= 2, out
     assert sum(max(s) >= 2 for s in out["sizes"]) >= 2, out  # at least two requests ran batched
     assert max(out["latent_diff"]) <= 1e-5, out
+
+
+def _faulty_member(world):
+    """Three same-shape requests gathered into one batch on one rank, one of them faulty (its
+    prompt makes denoising raise, batched or not): the batch fails, every member re-runs alone, and
+    only the faulty one ends failed."""
+    from gfdit.models import load_model
+    from gfdit.request import Request
+    from gfdit.runtime import Engine
+
+    class Faulty:
+        def __init__(self, inner):
+            self._inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self._inner, name)
+
+        def denoise(self, latents, token_range, cond, start, end, request, group=None, on_step=None):
+            if "FAIL" in request.prompt:
+                raise RuntimeError("injected fault")
+            return self._inner.denoise(
+                latents, token_range, cond, start, end, request, group=group, on_step=on_step
+            )
+
+        def denoise_batch(self, items, token_range, group=None, on_step=None):
+            if any("FAIL" in it.request.prompt for it in items):
+                raise RuntimeError("injected fault")
+            return self._inner.denoise_batch(items, token_range, group=group, on_step=on_step)
+
+    policy = GatherPolicy("edf-best-fit:max_batch=4")
+    engine = Engine(
+        world, "tiny-flux", policy, model_obj=Faulty(load_model("tiny-flux", device=world.device))
+    )
+    try:
+        if world.rank != 0:
+            return None
+        policy.gather = 3
+        prompts = ["fine one", "FAIL here", "fine two"]
+        handles = [
+            engine.submit(
+                Request(f"m{i}", "tiny-flux", p, width=64, height=64, num_inference_steps=4, seed=i)
+            )
+            for i, p in enumerate(prompts)
+        ]
+        out = []
+        for h in handles:
+            try:
+                r = h.result(timeout=120)
+                out.append(("ok", r.num_reruns, r.chunk_batch_sizes))
+            except RuntimeError as e:
+                out.append(("failed", str(e)))
+        return out
+    finally:
+        engine.close()
+
+
+def test_a_failed_batch_reruns_its_members_alone():
+    out = run_ranks(_faulty_member, 2, timeout=400)[0]
+    assert [o[0] for o in out] == ["ok", "failed", "ok"], out
+    (ok0, reruns0, sizes0), failed, (ok2, reruns2, sizes2) = out
+    assert ok0 == ok2 == "ok" and failed[0] == "failed" and "injected fault" in failed[1], out
+    # Both good requests were in the failed batch, re-ran once, and then never joined a batch.
+    assert reruns0 == reruns2 == 1 and set(sizes0) == set(sizes2) == {1}, out
