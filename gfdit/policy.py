@@ -38,8 +38,10 @@ trace at a load that saturates both servers) gave max_batch=4 1.35x the throughp
 (1.323 vs 0.982 req/s), P99 latency 25.4 vs 39.3 s, every sampled image within 2/255 of the request
 served alone, 2.99 requests per batched chunk. But with 4 as the default, one CPU CI run (of 9d93cec)
 returned, after a rank was lost (tests/multiproc/test_survival.py, the hung variant), an image that
-differed from the same request served before the loss by up to 255/255 in a pixel; four reruns of that
-test did not reproduce it. Until that is explained, batching is opt-in (`max_batch=4`).
+differed from the same request served before the loss by up to 255/255 in a pixel, and a copy of that
+test with max_batch=4 reproduced it once in 10 runs, after batched tasks failed and their members
+re-ran (bench/results/2026-12-06-cpu-s7/survival-batched). Until that is explained, batching is
+opt-in (`max_batch=4`).
 
 Note [Encoding ahead for batches]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
