@@ -24,8 +24,8 @@ batch, of a model that denoises in batches (`gfdit.batching.batchable`: Flux and
 Qwen-Image), it calls `choose_batches` (Note [Choosing batches]) on the runnable DENOISE chunks that
 could share its group (same degree valid, and left waiting by the policy: a chunk that it gave ranks of its own runs there in
 parallel, which joining a batch could only make later while its ranks idle until the next
-rescheduling point — 4 requests on 4 free ranks took 1.69 s instead of 0.75 s in the simulator when
-they were pulled together) and takes the batch that chunk is in. The other members run with it on its
+rescheduling point: pulled together, 4 requests on 4 free ranks all ran on one rank while three
+idled; test_a_chunk_with_ranks_of_its_own_is_not_pulled_into_a_batch) and takes the batch that chunk is in. The other members run with it on its
 ranks, under one `Assignment.batch` tag; each keeps its own chunk length (the policy's `chunk`) and its
 own reshard onto those ranks. A batched step that fails (not because a peer died) cannot say which
 member caused it: every member re-runs from its first task, `solo` (RunnableTask.solo), never to be

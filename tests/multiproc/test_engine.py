@@ -151,25 +151,10 @@ def test_every_policy_completes_a_mixed_batch(policy):
 
 def _bad_requests_and_failures(world):
     from gfdit.models import load_model
+    from tests.fault_model import FaultyModel
 
-    class Faulty:
-        """The real model, except that denoising a prompt containing FAIL raises."""
-
-        def __init__(self, inner):
-            self._inner = inner
-
-        def __getattr__(self, name):
-            return getattr(self._inner, name)
-
-        def denoise(self, latents, token_range, cond, start, end, request, group=None, on_step=None):
-            if "FAIL" in request.prompt:
-                raise RuntimeError("injected fault")
-            return self._inner.denoise(
-                latents, token_range, cond, start, end, request, group=group, on_step=on_step
-            )
-
-    model = Faulty(load_model("tiny-flux", device=world.device))
-    # Unbatched: the fault is injected into denoise, which a batched step (denoise_batch) bypasses.
+    model = FaultyModel(load_model("tiny-flux", device=world.device))
+    # Unbatched: this test is about one failing request; batched failures are in test_engine_batch.py.
     return _with_engine(world, "tiny-flux", "fcfs-elastic:max_sp=1,max_batch=1", _bad_body, model_obj=model)
 
 

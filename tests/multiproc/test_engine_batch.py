@@ -166,29 +166,11 @@ def _faulty_member(world):
     from gfdit.models import load_model
     from gfdit.request import Request
     from gfdit.runtime import Engine
-
-    class Faulty:
-        def __init__(self, inner):
-            self._inner = inner
-
-        def __getattr__(self, name):
-            return getattr(self._inner, name)
-
-        def denoise(self, latents, token_range, cond, start, end, request, group=None, on_step=None):
-            if "FAIL" in request.prompt:
-                raise RuntimeError("injected fault")
-            return self._inner.denoise(
-                latents, token_range, cond, start, end, request, group=group, on_step=on_step
-            )
-
-        def denoise_batch(self, items, token_range, group=None, on_step=None):
-            if any("FAIL" in it.request.prompt for it in items):
-                raise RuntimeError("injected fault")
-            return self._inner.denoise_batch(items, token_range, group=group, on_step=on_step)
+    from tests.fault_model import FaultyModel
 
     policy = GatherPolicy("edf-best-fit:max_batch=4")
     engine = Engine(
-        world, "tiny-flux", policy, model_obj=Faulty(load_model("tiny-flux", device=world.device))
+        world, "tiny-flux", policy, model_obj=FaultyModel(load_model("tiny-flux", device=world.device))
     )
     try:
         if world.rank != 0:
