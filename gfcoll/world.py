@@ -33,6 +33,13 @@ Ordering rules (what callers must follow; tests/multiproc/test_concurrency.py ch
    are not: they belong to the slot. Captured operations stage in the graph
    arena (a quarter of GFCOLL_IPC_BYTES), each from its start: gfcoll operations inside one capture
    are stream-ordered, and graphs holding them replay one at a time per rank.
+6. Scopes (host transport): a failed operation can leave the members' epochs of a group (or the
+   sequence numbers of a pair) out of step, some having issued it and some not, and its published
+   windows stay in shared memory. An operation issued later could then match one of those leftovers
+   and read stale data without any error. ``with world.scope(tag):`` numbers the host operations
+   issued inside (by this thread) from 0, in a namespace of their own: every rank that takes part in
+   one unit of work (a serving task) enters the same tag around it, and nothing of another scope,
+   failed or not, ever matches them (Note [Scoped epochs]).
 
 Transports are chosen per operation by ``World._select`` (one function): CPU tensors use host;
 CUDA tensors use nccl where NCCL exists, and ipc where it does not (ranks sharing a GPU) or when
@@ -53,6 +60,7 @@ the tensor's device and return at once; CPU operations complete before returning
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Sequence
@@ -346,6 +354,7 @@ class World:
         self._ipc_ring = 0  # bytes one ipc operation may stage at once
         self._epochs: dict[tuple[int, ...], int] = {}
         self._p2p_seq: dict[tuple[int, int], int] = {}
+        self._scoped = threading.local()  # .tag, .epochs, .p2p_seq of the scope this thread is in
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._async_threads = 64
@@ -542,13 +551,47 @@ class World:
         with self._lock:
             for is_send, peer, b in items:
                 pair = (self.rank, peer) if is_send else (peer, self.rank)
-                seq = self._p2p_seq.get(pair, 0)
-                self._p2p_seq[pair] = seq + 1
+                seq = self._next_p2p_seq(pair)
                 native_ops.append((is_send, peer, b.ptr, b.nbytes, _pair_hash(*pair), seq))
         if not async_op:
             host.batch_p2p(native_ops)
             return None
         return Work(future=self._executor().submit(host.batch_p2p, native_ops), keep=[b.tensor for b in bufs])
+
+    # -- scopes ----------------------------------------------------------------------------------
+    # Note [Scoped epochs]
+    # ~~~~~~~~~~~~~~~~~~~~
+    # Host operations are matched by (group hash, epoch); the epoch is this rank's count of the
+    # group's operations (of the ordered pair's messages, for point to point). A failure breaks the
+    # assumption that every member counts the same: a rank that times out in the first of several
+    # operations skips the rest, while a peer goes on to issue (and publish windows for) the next one,
+    # and a failed operation's published windows stay in shared memory (their slots are kept out of
+    # use, HostTransport::run). The next operation between the two ranks then pairs epoch e on one
+    # side with the leftover of epoch e on the other: the receiver copies stale data and reports
+    # success. In serving this was a wrong image after a lost rank, seen with batched chunks (a
+    # batch makes one reshard per member, so a rank failing in the first skipped the others;
+    # bench/results/2026-12-06-cpu-s7/survival-batched). `scope(tag)` gives the operations of one unit
+    # of work counters that start at 0 and an epoch of (tag << 32) | count, so a scope's operations
+    # match only the same scope's on other ranks, and whatever a failed scope left behind is never
+    # matched again. Every rank that takes part must use the same tag (the serving worker uses the
+    # command's task id) and issue the scope's operations by rule 1 and 4 among themselves. Unscoped
+    # operations keep the world-wide counters (epochs below 2**32). The ipc graph slots' binds are
+    # never scoped: their epochs order device-side flags that must only grow.
+    @contextlib.contextmanager
+    def scope(self, tag: int):
+        """Host operations issued inside, by this thread, are numbered in a namespace of `tag` alone
+        (rule 6, Note [Scoped epochs]): every rank taking part in the work enters the same tag, an
+        integer in [1, 2**31). Scopes do not nest. CUDA operations (nccl, ipc) are not affected."""
+        if type(tag) is not int or not 1 <= tag < 2**31:
+            raise GfcollValueError(f"scope: tag must be an integer in [1, 2**31), got {tag!r}")
+        sc = self._scoped
+        if getattr(sc, "tag", 0):
+            raise GfcollValueError(f"scope: already in scope {sc.tag}; scopes do not nest")
+        sc.tag, sc.epochs, sc.p2p_seq = tag, {}, {}
+        try:
+            yield self
+        finally:
+            sc.tag, sc.epochs, sc.p2p_seq = 0, None, None
 
     # -- lifecycle -------------------------------------------------------------------------------
     def close(self) -> None:
@@ -610,11 +653,26 @@ class World:
         if self._closed:
             raise GfcollClosedError("the gfcoll world was closed")
 
-    def _next_epoch(self, ranks: tuple[int, ...]) -> int:
+    def _next_epoch(self, ranks: tuple) -> int:
+        sc = self._scoped
+        if getattr(sc, "tag", 0) and ranks[0] != "slot":  # ipc slot binds keep their own order
+            e = sc.epochs.get(ranks, 0)
+            sc.epochs[ranks] = e + 1
+            return (sc.tag << 32) | e
         with self._lock:
             e = self._epochs.get(ranks, 0)
             self._epochs[ranks] = e + 1
             return e
+
+    def _next_p2p_seq(self, pair: tuple[int, int]) -> int:
+        sc = self._scoped
+        if getattr(sc, "tag", 0):
+            e = sc.p2p_seq.get(pair, 0)
+            sc.p2p_seq[pair] = e + 1
+            return (sc.tag << 32) | e
+        e = self._p2p_seq.get(pair, 0)
+        self._p2p_seq[pair] = e + 1
+        return e
 
     def _executor(self) -> ThreadPoolExecutor:
         with self._lock:

@@ -88,7 +88,10 @@ class Worker:
         if isinstance(cmd, (msg.Task, msg.Batch)):
             tasks = [cmd] if isinstance(cmd, msg.Task) else list(cmd.tasks)
             try:
-                return self.run_task(cmd) if isinstance(cmd, msg.Task) else self.run_batch(cmd)
+                # Every rank the command names enters the same scope: its host operations never match
+                # what a failed command left behind (Note [Scoped epochs] in gfcoll/world.py).
+                with self.world.scope(tasks[0].task_id % (2**31 - 1) + 1):
+                    return self.run_task(cmd) if isinstance(cmd, msg.Task) else self.run_batch(cmd)
             except Exception as e:  # reported to the engine; the worker keeps serving
                 log.error("rank %d: task(s) %s failed: %s", self.rank, [t.task_id for t in tasks], e)
                 # The requests' state here may be half-updated: drop it (a re-run starts afresh). A

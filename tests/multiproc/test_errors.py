@@ -172,3 +172,66 @@ def test_excluded_rank_fails_fast_and_groups_without_it_keep_working():
         assert all("[2]" in m and "excluded" in m for _, m in failures), failures
         assert elapsed < 1.0, elapsed
         assert summed == [3.0] * 4 and lost == [2]
+
+
+def _after_a_failed_scope(_, scoped):
+    """Rank 1 publishes in a unit of work that rank 0 abandons (rank 0 never issues the group's second
+    all_reduce nor the receive), so rank 1's operations time out (after 1 s: its GFCOLL_TIMEOUT_S) and
+    their windows stay published; then both run the next unit (rank 0 waits up to 60 s for rank 1 to
+    get there). Returns (the all_reduce's result, what rank 0 received) of the second unit."""
+    import contextlib
+    import os
+
+    import torch
+
+    import gfcoll
+
+    rank = int(os.environ["RANK"])
+    os.environ["GFCOLL_TIMEOUT_S"] = "1" if rank == 1 else "60"
+    world = gfcoll.init(device="cpu")
+    try:
+        g = world.group([0, 1])
+        with world.scope(1) if scoped else contextlib.nullcontext():
+            g.all_reduce(torch.ones(4))  # both issue this one
+            if rank == 1:
+                with pytest.raises(gfcoll.GfcollTimeoutError):
+                    g.all_reduce(torch.full((4,), 100.0))  # rank 0 skipped it
+                with pytest.raises(gfcoll.GfcollTimeoutError):
+                    world.send(torch.full((4,), 7.0), 0)  # rank 0 skipped it
+        with world.scope(2) if scoped else contextlib.nullcontext():
+            x = torch.full((4,), float(rank + 1))
+            g.all_reduce(x)
+            got = torch.zeros(4)
+            if rank == 1:
+                world.send(torch.full((4,), 9.0), 0)
+            else:
+                world.recv(got, 1)
+        return x.tolist(), got.tolist()
+    finally:
+        world.close()
+
+
+def test_a_scope_never_matches_what_a_failed_scope_left_behind():
+    # Unscoped, rank 0's next all_reduce and recv pair with rank 1's leftovers (epoch / sequence
+    # numbers out of step) and read 100s and 7s without an error: Note [Scoped epochs].
+    results = run_ranks(_after_a_failed_scope, 2, True, init=False)
+    assert results[0] == ([3.0] * 4, [9.0] * 4), results[0]
+    assert results[1][0] == [3.0] * 4, results[1]
+
+
+def _scope_misuse(world):
+    import gfcoll
+
+    for bad in (0, -1, 2**31, 1.5, "1"):
+        with pytest.raises(gfcoll.GfcollValueError, match="scope: tag"):
+            with world.scope(bad):
+                pass
+    with world.scope(5):
+        with pytest.raises(gfcoll.GfcollValueError, match="do not nest"):
+            with world.scope(6):
+                pass
+    return True
+
+
+def test_scope_rejects_bad_tags_and_nesting():
+    assert all(run_ranks(_scope_misuse, 1))
