@@ -23,7 +23,7 @@ for variant in default emulate; do
   echo "== $model $variant (TORCHINDUCTOR_EMULATE_PRECISION_CASTS=$flag) $(date -u +%H:%M:%S)" | tee -a "$log"
   TORCHINDUCTOR_EMULATE_PRECISION_CASTS=$flag timeout "${PART_TIMEOUT:-280}" python3 bench/step_speed.py --model "$model" \
     --sizes "$sizes" --modes eager,regional+graph --steps "${STEPS:-3}" --reps "${REPS:-2}" --warmup 1 \
-    --breakdown-steps 1 --fp32-reference --tag "-$variant" --out "$OUT/$model" >>"$log" 2>&1
+    --breakdown-steps 1 --fp32-reference --tag="-$variant" --out "$OUT/$model" >>"$log" 2>&1
   echo "$variant rc $?" | tee -a "$log"
   grep -E "ms/step|relative L2" "$log" | tail -8
 done
