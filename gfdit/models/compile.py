@@ -24,11 +24,22 @@ new (size, degree, member index) compiles on first use; `warm(...)` compiles giv
 second recompiles with symbolic sizes, which later shapes reuse (the CPU default: fewest compilations).
 The recompile limit is raised to kRecompileLimit so that a server seeing many shapes keeps compiling
 instead of falling back to eager after dynamo's default 8.
+
+Numerics. Eager bf16 rounds every op's result to bf16; inductor, fusing a chain of ops into one
+kernel, keeps the intermediates in fp32, so a compiled step lands elsewhere than eager (by more than
+the issue's 1e-2 relative L2 on random weights: flux-dev 1.27e-2..1.32e-2, wan2.1-1.3b 5.84e-2, one
+step's velocity, H100). compile_model turns on inductor's `emulate_precision_casts` (the fused kernels
+round where eager would) unless TORCHINDUCTOR_EMULATE_PRECISION_CASTS is set: measured side by side
+on one H100 (bench/compile_numerics.sh, bench/results/2026-12-06-h100-s8) it brings flux-dev to
+5.16e-3..5.21e-3 and wan2.1-1.3b to 2.14e-2 of eager at the same step time (flux 23.3 / 40.2 / 130.1
+vs 23.2 / 40.2 / 130.0 ms at 256² / 512² / 1024²; wan 1036.3 vs 1032.3 ms at 832x480x81). It is a
+process-wide inductor setting.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
@@ -47,6 +58,15 @@ kRecompileLimit = 512
 def default_mode(device: torch.device | str) -> str:
     """regional on CUDA, off on CPU (inductor's CPU compile of a full-size model takes minutes)."""
     return "regional" if torch.device(device).type == "cuda" else "off"
+
+
+def _eager_numerics() -> None:
+    """Note [Compiled steps], "Numerics": fused low-precision ops round as eager does, unless the
+    user set TORCHINDUCTOR_EMULATE_PRECISION_CASTS themselves."""
+    import torch._inductor.config as inductor_config  # noqa: PLC0415 - only where something compiles
+
+    if "TORCHINDUCTOR_EMULATE_PRECISION_CASTS" not in os.environ:
+        inductor_config.emulate_precision_casts = True
 
 
 def _raise_limits() -> None:
@@ -73,6 +93,7 @@ def compile_model(model, mode: str, *, dynamic: bool | None = False) -> None:
         return
     model.require("transformer")
     _raise_limits()
+    _eager_numerics()
     t = model.transformer
     family = model.preset.family
     if family == "flux":

@@ -59,6 +59,7 @@ import torch
 import zmq
 
 import gfcoll
+from gfdit.batching import kBatchedFamilies
 from gfdit.cost import AnalyticCostModel, apply_profile, read_profile
 from gfdit.policy import Policy, make_policy
 from gfdit.request import Request, RequestState
@@ -166,7 +167,8 @@ class Engine:
     [Internal addresses] in gfdit.runtime.auth); default: loopback on one node, MASTER_ADDR's interface
     across nodes.
     `compile`, `cuda_graphs`, `warm_sizes` ([(width, height, frames)]), `graph_memory_bytes`: the fast
-    steps (gfdit.runtime.fast.apply; None: the device's defaults)."""
+    steps (gfdit.runtime.fast.apply; None: the device's defaults). `warm_batch_sizes`: the batch sizes
+    warmed for each warm size (None: 1 to the policy's max_batch)."""
 
     def __init__(
         self,
@@ -189,6 +191,7 @@ class Engine:
         cuda_graphs: bool | None = None,
         warm_sizes=(),
         graph_memory_bytes: int | None = None,
+        warm_batch_sizes=None,
     ):
         from gfdit.models import load_model  # noqa: PLC0415 - heavy (diffusers)
 
@@ -206,6 +209,11 @@ class Engine:
             if model_obj is not None
             else load_model(model, device=world.device, dtype=dtype, weights=weights)
         )
+        # Every rank parses the policy, so a bad spec fails everywhere before any collective.
+        self.policy = make_policy(policy) if isinstance(policy, str) else policy
+        if warm_batch_sizes is None:  # the batch sizes the policy may form (Note [Batching in policies])
+            batches = self.model.preset.family in kBatchedFamilies
+            warm_batch_sizes = range(1, (getattr(self.policy, "max_batch", 1) if batches else 1) + 1)
         # Compiled and graph-replayed steps, warm sizes compiled now (gfdit.runtime.fast): every rank.
         self.fast = apply_fast_steps(
             self.model,
@@ -213,6 +221,7 @@ class Engine:
             cuda_graphs=cuda_graphs,
             warm_sizes=warm_sizes,
             graph_memory_bytes=graph_memory_bytes,
+            warm_batch_sizes=list(warm_batch_sizes),
         )
         self.max_queue = max_queue
         self.task_timeout_factor = float(task_timeout_factor)
@@ -220,8 +229,6 @@ class Engine:
         self.keep_latents = keep_latents  # return each request's final latent too (tests, debugging)
         self._closed = False
         self._ctx = zmq.Context()
-        # Every rank parses the policy, so a bad spec fails everywhere before any collective.
-        self.policy = make_policy(policy) if isinstance(policy, str) else policy
         one_node = world.local_size == world.size
         master_addr = os.environ.get("MASTER_ADDR")
         keys = auth.derive_keys(_launch_secret(world, one_node))

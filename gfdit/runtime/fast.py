@@ -19,7 +19,7 @@ class FastSteps:
 
     compile: str  # "off", "regional" or "full"
     cuda_graphs: bool  # steps replayed from CUDA graphs
-    warm: list[dict]  # per warmed size: {"width", "height", "frames", "seconds"}
+    warm: list[dict]  # per warmed size and batch size: {"width", "height", "frames", "batch", "seconds"}
     setup_s: float  # seconds apply() took (compilation of the warm sizes included)
 
 
@@ -30,9 +30,11 @@ def apply(
     cuda_graphs: bool | None = None,
     warm_sizes=(),
     graph_memory_bytes: int | None = None,
+    warm_batch_sizes=None,
 ) -> FastSteps:
-    """Compile `model`'s step and attach a StepGraphs (CUDA), then warm the given sizes. `compile` None:
-    default_mode(device); `cuda_graphs` None: on with CUDA. On CPU cuda_graphs is ignored (logged)."""
+    """Compile `model`'s step and attach a StepGraphs (CUDA), then warm the given sizes, each at every
+    batch size of `warm_batch_sizes` (None: 1). `compile` None: default_mode(device); `cuda_graphs`
+    None: on with CUDA. On CPU cuda_graphs is ignored (logged)."""
     from gfdit.runtime.graphs import StepGraphs, kDefaultMaxBytes
 
     t0 = time.perf_counter()
@@ -50,12 +52,13 @@ def apply(
         model.step_graphs = StepGraphs(device, max_bytes=graph_memory_bytes or kDefaultMaxBytes)
     sizes = list(warm_sizes)
     warmed = []
+    batches = list(warm_batch_sizes) if warm_batch_sizes else [1]
     for w, h, f in sizes:
-        warmed += warm(model, [(w, h)], frames=f)
+        warmed += warm(model, [(w, h)], frames=f, batch_sizes=batches)
     setup = time.perf_counter() - t0
     if mode != "off" or graphs:
-        log.info("%s: fast steps (compile %s, CUDA graphs %s): %d warm sizes in %.1f s",
-                 model.preset.name, mode, "on" if graphs else "off", len(sizes), setup)  # fmt: skip
+        log.info("%s: fast steps (compile %s, CUDA graphs %s): %d warm sizes x batch sizes %s in %.1f s",
+                 model.preset.name, mode, "on" if graphs else "off", len(sizes), batches, setup)  # fmt: skip
     return FastSteps(mode, graphs, warmed, setup)
 
 

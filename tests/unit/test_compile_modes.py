@@ -42,3 +42,43 @@ def test_fast_options_parse_and_defaults():
         with pytest.raises(ValueError):
             parse_sizes(bad)
     assert default_mode("cpu") == "off" and default_mode("cuda") == "regional"
+
+
+def test_warm_batch_sizes_parse_and_reach_the_warm_up():
+    import argparse
+
+    from gfdit.fast_options import add_arguments, check_arguments, fast_kwargs, parse_batch_sizes
+
+    assert parse_batch_sizes("4, 1,2,2") == [1, 2, 4]
+    assert parse_batch_sizes("") is None
+    for bad in ("0", "a", "1,-2", ","):
+        with pytest.raises(ValueError):
+            parse_batch_sizes(bad)
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert fast_kwargs(p.parse_args(["--warm-batch-sizes", "1,3"]))["warm_batch_sizes"] == [1, 3]
+    with pytest.raises(SystemExit):
+        check_arguments(p, p.parse_args(["--warm-batch-sizes", "0"]))
+
+
+def test_apply_warms_every_batch_size_of_every_warm_size():
+    from gfdit.models import load_model
+    from gfdit.runtime.fast import apply
+
+    model = load_model("tiny-flux", device="cpu")
+    fast = apply(model, compile="off", warm_sizes=[(64, 64, None)], warm_batch_sizes=[1, 3])
+    assert [(w["width"], w["batch"]) for w in fast.warm] == [(64, 1), (64, 3)]
+
+
+def test_compiling_turns_on_eager_rounding_unless_the_user_chose(monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    from gfdit.models.compile import _eager_numerics
+
+    monkeypatch.setattr(inductor_config, "emulate_precision_casts", False)
+    monkeypatch.setenv("TORCHINDUCTOR_EMULATE_PRECISION_CASTS", "0")
+    _eager_numerics()
+    assert inductor_config.emulate_precision_casts is False  # the user's choice stands
+    monkeypatch.delenv("TORCHINDUCTOR_EMULATE_PRECISION_CASTS")
+    _eager_numerics()
+    assert inductor_config.emulate_precision_casts is True
