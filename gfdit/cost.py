@@ -37,6 +37,14 @@ measurements (profiled with `set_observed`, or observed online) the model learns
 An unmeasured DENOISE key is then max(floor(d), s * gpu(N, d)): right for unprofiled sizes on both sides
 of the host/GPU crossover, where one factor times the formula is not. The simulator uses the same model.
 
+Graph-replayed steps (`graph_steps=True`; the Engine sets it when its steps replay from CUDA graphs,
+Note [Step graphs]): c0 is the eager launch cost, which a step replayed as one graph does not pay, so
+c0 = 0. On one H100 compiled + graph flux-dev steps took 23.3 / 40.2 / 130.1 ms at 256² / 512² /
+1024² (bench/results/2026-12-06-h100-s8/numerics) where the formula without c0 gives 17.8 / 37.6 /
+135.6 ms, and batched steps saved at most 11.2 % per member (Note [Choosing batches]) where the
+eager c0 promised 27 % (1024²) to 57 % (512²): without c0 a batch of B costs B steps and is never formed unless
+measured batched steps (`gfdit profile --batch-sizes`) say otherwise.
+
 Online correction: `observe` keeps, per (kind, model, width, height, frames, degree), an exponential
 moving average (EMA) of the observed seconds (per step for DENOISE) and, per (kind, model), an EMA of
 observed / analytic. An estimate is the EMA for that exact key when there is one, else the analytic
@@ -516,10 +524,13 @@ class AnalyticCostModel(CostModel):
         a2a_bandwidth: float = 150e9,
         p2p_latency_s: float = 20e-6,
         p2p_bandwidth: float = 100e9,
+        graph_steps: bool = False,
     ) -> None:
         if not 0.0 < ema <= 1.0:
             raise ValueError(f"ema must be in (0, 1], got {ema}")
         self._profiles = profiles
+        # Steps replay from CUDA graphs (Note [Cost model], "Graph-replayed steps"): no c0.
+        self.graph_steps = bool(graph_steps)
         self.ema = ema
         self.a2a_latency_s = a2a_latency_s
         self.a2a_latency_per_peer_s = a2a_latency_per_peer_s
@@ -537,6 +548,10 @@ class AnalyticCostModel(CostModel):
         # Note [CFG-parallel step cost]: observed CFG-parallel steps, (model, w, h, frames, k) -> seconds
         self._cfg_observed: dict[tuple[str, int, int, int | None, int], float] = {}
         self._cfg_corr: dict[str, tuple[int, float]] = {}  # model -> count, sum of measured / predicted
+
+    def _fixed_s(self, p: ModelProfile) -> float:
+        """c0 of Note [Cost model]: the eager launch cost per step, none when steps replay as graphs."""
+        return 0.0 if self.graph_steps else p.step_fixed_s
 
     def profile(self, model: str) -> ModelProfile:
         if self._profiles is not None:
@@ -559,7 +574,7 @@ class AnalyticCostModel(CostModel):
         self._check_degree(d)
         p = self.profile(model)
         n = p.attention_len(width, height, frames)
-        compute = p.step_fixed_s + (p.step_linear_s * n + p.step_quadratic_s * n * n) / d
+        compute = self._fixed_s(p) + (p.step_linear_s * n + p.step_quadratic_s * n * n) / d
         if d == 1:
             return compute
         a2a_bytes = (n / d) * p.hidden * 2 * (d - 1) / d
@@ -719,7 +734,7 @@ class AnalyticCostModel(CostModel):
     ) -> float:
         p = self.profile(model)
         n = p.attention_len(width, height, frames)
-        compute = p.step_fixed_s + batch * (p.step_linear_s * n + p.step_quadratic_s * n * n) / d
+        compute = self._fixed_s(p) + batch * (p.step_linear_s * n + p.step_quadratic_s * n * n) / d
         if d == 1:
             return compute
         a2a_bytes = batch * (n / d) * p.hidden * 2 * (d - 1) / d

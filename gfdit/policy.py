@@ -17,7 +17,7 @@ Built-ins prefer the ranks that already hold a request's state (`choose_ranks_fo
 
 Note [Batching in policies]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~
-Every built-in policy takes `max_batch` (default DEFAULT_MAX_BATCH = 1: no batching, each chunk
+Every built-in policy takes `max_batch` (default DEFAULT_MAX_BATCH = 4; 1: no batching, each chunk
 alone, exactly as before batching existed). With max_batch > 1, once the policy has made its
 assignments, `batch_denoise` walks them in the policy's order: for each DENOISE chunk not yet in a
 batch, of a model that denoises in batches (`gfdit.batching.batchable`: Flux and Wan; never Wan2.2 or
@@ -32,16 +32,30 @@ member caused it: every member re-runs from its first task, `solo` (RunnableTask
 batched again, so a faulty request then fails alone and the others complete (gfdit.runtime.engine).
 Whether a batch forms, and its size, is the cost model's call: with a
 cost model that knows nothing of batching, nothing is ever batched.
-The default stays 1 although a measurement argues for 4: the one-GPU A/B of
-bench/results/2026-12-06-h100-s7 (one H100, flux-dev 512² and 1024², eager, fcfs-elastic, the same
-trace at a load that saturates both servers) gave max_batch=4 1.35x the throughput of max_batch=1
-(1.323 vs 0.982 req/s), P99 latency 25.4 vs 39.3 s, every sampled image within 2/255 of the request
-served alone, 2.99 requests per batched chunk. But with 4 as the default, one CPU CI run (of 9d93cec)
-returned, after a rank was lost (tests/multiproc/test_survival.py, the hung variant), an image that
-differed from the same request served before the loss by up to 255/255 in a pixel, and a copy of that
-test with max_batch=4 reproduced it once in 10 runs, after batched tasks failed and their members
-re-ran (bench/results/2026-12-06-cpu-s7/survival-batched). Until that is explained, batching is
-opt-in (`max_batch=4`).
+Why the default is 4. Batches form only where the cost model says a member saves at least
+kMinBatchSaving (15 %) of its chunk alone (Note [Choosing batches]), so the default costs nothing
+where batching does not pay. Measured, each time against max_batch=1 on the same trace in one run:
+  - one H100, flux-dev 512² and 1024², eager, fcfs-elastic, a load that saturates both servers
+    (bench/results/2026-12-06-h100-s7): 1.35x the throughput (1.323 vs 0.982 req/s), P99 latency 25.4
+    vs 39.3 s, 2.99 requests per batched chunk, every sampled image within 2/255 of the request alone;
+  - the same on the fast path (compiled + CUDA graphs; bench/results/2026-12-06-h100-s8/batching-fast),
+    before the margin and graph-replayed steps' cost (Note [Cost model]) existed: the policy batched
+    98 % of the chunks on savings the steps did not have (5-7 % per request at 512², none at 1024²)
+    and gained 1.03x the throughput for a mean latency 19 % higher. Now the cost model predicts no
+    saving for graph-replayed steps and the measured profile one below the margin: those chunks run
+    alone, as with max_batch=1;
+  - the CPU smoke (tiny-flux, one rank; bench/results/2026-12-06-cpu/batching-smoke): 1.42x.
+A larger maximum mostly adds compiled shapes and graphs per size (one per batch size: `gfdit serve`
+warms 1..max_batch for every --warm-sizes entry), for savings that flatten by 4 (eager 512²: a third
+and fourth member each save 21 %).
+Batching and lost ranks: a CPU CI run with 4 as the default (of 9d93cec) once returned a wrong image
+after a rank was lost, reproduced once in 10 runs of tests/multiproc/test_survival.py with max_batch=4
+(bench/results/2026-12-06-cpu-s7/survival-batched). The cause was gfcoll's host transport, not the
+policy: a batch makes one reshard per member, a rank that failed in the first skipped the rest while a
+peer went on, their operation counters fell out of step, and the next exchange between the two read a
+failed exchange's leftover window (Note [Scoped epochs] in gfcoll/world.py). Workers now scope every
+command's operations by its task id; the same copy of the test passed 15 runs of 15
+(bench/results/2026-12-06-cpu-s8/survival-batched).
 
 Note [Encoding ahead for batches]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -300,7 +314,7 @@ def _check(name: str, ok: bool, message: str) -> None:
         raise ValueError(f"{name}: {message}")
 
 
-DEFAULT_MAX_BATCH = 1  # Note [Batching in policies]: why, and the measurement that argues for 4
+DEFAULT_MAX_BATCH = 4  # Note [Batching in policies]: why, and the measurements behind it
 
 
 def _check_max_batch(p: Policy, max_batch: int) -> None:

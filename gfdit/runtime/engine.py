@@ -234,7 +234,7 @@ class Engine:
         keys = auth.derive_keys(_launch_secret(world, one_node))
         self.channel: ControlChannel | None = None
         if world.rank == 0:
-            cost = AnalyticCostModel()
+            cost = AnalyticCostModel(graph_steps=self.fast.cuda_graphs)
             if profile is not None:
                 apply_profile(cost, profile)
             self.scheduler = Scheduler(

@@ -152,3 +152,17 @@ def test_observed_batched_chunks_are_learned_per_key():
     assert cost.step_time(M, 512, 512, None, 1) == pytest.approx(0.07)
     with pytest.raises(ValueError, match="num_steps"):
         cost.observe_batch(M, 512, 512, None, 1, 2, 0.1, num_steps=0)
+
+
+def test_graph_replayed_steps_pay_no_launch_cost_and_do_not_batch_for_free():
+    from gfdit.cost import AnalyticCostModel
+
+    eager, graphs = AnalyticCostModel(), AnalyticCostModel(graph_steps=True)
+    c0 = eager.profile("flux-dev").step_fixed_s
+    assert c0 > 0
+    for size in (256, 512, 1024):
+        e = eager.step_time("flux-dev", size, size, None, 1)
+        g = graphs.step_time("flux-dev", size, size, None, 1)
+        assert abs((e - g) - c0) < 1e-12, (size, e, g)
+        assert eager.analytic_batch_factor("flux-dev", size, size, None, 1, 4) < 4 - 1e-6
+        assert abs(graphs.analytic_batch_factor("flux-dev", size, size, None, 1, 4) - 4) < 1e-9
