@@ -56,7 +56,7 @@ def test_every_builtin_policy_takes_max_batch_and_defaults_to_the_measured_defau
     builtin = [n for n in available_policies() if type(make_policy(n)).__module__ == "gfdit.policy"]
     assert len(builtin) >= 11
     for name in builtin:
-        assert make_policy(name).max_batch == DEFAULT_MAX_BATCH == 1
+        assert make_policy(name).max_batch == DEFAULT_MAX_BATCH == 4
         assert make_policy(f"{name}:max_batch=1").max_batch == 1
         assert make_policy(f"{name}:max_batch=3").max_batch == 3
         assert "max_batch=3" in make_policy(f"{name}:max_batch=3").spec()
