@@ -1,6 +1,7 @@
 """Re-simulates a saved CPU fidelity run (bench/fidelity_cpu.sh OUT) with the current simulator and
 writes OUT/resimulated.json: the saved measurements beside the new simulation, and the errors before.
     python bench/fidelity_resimulate.py OUT [--sharing FILE] [--no-scale] [--no-host-cpu] [--host-window-s S]
+                                            [--host-cpu-factor F] [--json NAME]
 
 The execution model is the saved one (fidelity.json's "execution") with what each policy's idle
 server measured, calibrated again under the current model in the order gfdit eval fidelity uses:
@@ -43,6 +44,11 @@ ap.add_argument(
     help="leave ExecutionModel.compute_scale at 1 (no calibration of the compute from the lone requests)",
 )  # fmt: skip
 ap.add_argument("--no-host-cpu", action="store_true", help="leave the host CPU out (the model before it)")
+ap.add_argument(
+    "--host-cpu-factor", type=float, default=1.0,
+    help="multiply the per-request host CPU measured on the idle server (a sensitivity variant: the host "
+    "work per request under load, e.g. from bench/fidelity_threads.py, over the lone one)",
+)  # fmt: skip
 ap.add_argument("--json", default="resimulated.json", help="file name under OUT")
 args = ap.parse_args()
 base = args.out
@@ -86,6 +92,8 @@ for load, d in reports.items():
         if host_cpu is not None and not args.no_host_cpu and ex.cores > 0:
             table = host_cpu_by_size(policy, world, "tiny-flux", classes, host_cpu["per_request_s"],
                                      chunk_steps=chunk, cost_profile=prof, execution=ex)  # fmt: skip
+            if args.host_cpu_factor != 1.0:
+                table = tuple((w, h, s * args.host_cpu_factor) for w, h, s in table)
             ex = replace(ex, host_cpu_by_size=table)
         overhead = calibrated_overhead(policy, world, "tiny-flux", classes, r["calibrated_standalone_s"],
                                        chunk_steps=chunk, cost_profile=prof, execution=ex)  # fmt: skip
