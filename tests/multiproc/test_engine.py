@@ -239,22 +239,14 @@ def _hung_worker(world):
 
     from gfdit.models import load_model
     from gfdit.request import Request
+    from tests.fault_model import ModelWrapper
 
-    class Hanging:
+    class Hanging(ModelWrapper):
         """The real model, except that rank 1 denoising a prompt containing HANG blocks for kHangS."""
 
-        def __init__(self, inner):
-            self._inner = inner
-
-        def __getattr__(self, name):
-            return getattr(self._inner, name)
-
-        def denoise(self, latents, token_range, cond, start, end, request, group=None, on_step=None):
-            if "HANG" in request.prompt and world.rank == 1:
+        def before(self, requests) -> None:
+            if world.rank == 1 and any("HANG" in r.prompt for r in requests):
                 time.sleep(kHangS)
-            return self._inner.denoise(
-                latents, token_range, cond, start, end, request, group=group, on_step=on_step
-            )
 
     def body(engine):
         ok = engine.submit(Request("ok", "tiny-flux", "fine", width=64, height=64, num_inference_steps=2))

@@ -14,8 +14,7 @@ import sys
 import torch
 
 from gfdit.breakdown import synthetic_cond
-from gfdit.models import load_model
-from gfdit.models import sp
+from gfdit.models import load_model, sp
 from gfdit.request import Request
 
 
