@@ -190,7 +190,8 @@ def choose_batches(
                     trial = [*members, rt]
                     trial_s = _chunk_time(cost, key, degree, trial)
                     alone_s = _chunk_time(cost, key, degree, [rt])
-                    pays = seconds + alone_s - trial_s >= kMinBatchSaving * alone_s and trial_s < seconds + alone_s
+                    saved_s = seconds + alone_s - trial_s
+                    pays = saved_s > 0 and saved_s >= kMinBatchSaving * alone_s
                     if pays and _deadlines_hold(cost, trial, trial_s, now_s, degree):
                         members, seconds = trial, trial_s
                         continue
@@ -254,7 +255,11 @@ def choose_encode_ahead(
         encode_s = cost.task_time(rt.task, rt.request, degree)
         # (2) batching pays, and the group's ranks save more than they spend on the encode beyond
         # the one rank that would encode the request anyway.
-        if saved_s <= 0 or saved_s < kMinBatchSaving * joiner_s or degree * saved_s <= (degree - 1) * encode_s:
+        if (
+            saved_s <= 0
+            or saved_s < kMinBatchSaving * joiner_s
+            or degree * saved_s <= (degree - 1) * encode_s
+        ):
             continue
         # (3) as choose_batches checks it (this chunk batched, then alone), and with the batch staying
         # together to the end, as an encode-ahead that refills it makes it.
