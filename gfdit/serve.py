@@ -128,6 +128,13 @@ def build_parser(prog: str = "python -m gfdit.serve") -> argparse.ArgumentParser
         "every rank is on this node, else MASTER_ADDR's interface. 0.0.0.0 exposes them on every "
         "interface (still authenticated by the launch secret): give it only when you must",
     )
+    p.add_argument(
+        "--task-log",
+        default=None,
+        metavar="FILE",
+        help="rank 0 writes one JSON line per finished task to FILE: request, step range, group, dispatch "
+        "and end times (what `gfdit eval fidelity` compares with the simulator, task by task)",
+    )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     from gfdit.fast_options import add_arguments as add_fast_arguments
 
@@ -163,6 +170,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.drain_timeout < 0:
         parser.error(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
+    if args.task_log is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.task_log))):
+        parser.error(f"--task-log: the directory of {args.task_log!r} does not exist")
     if args.cost_profile is not None:
         from gfdit.cost import read_profile
 
@@ -214,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             task_timeout_floor_s=args.task_timeout_floor or None,
             cost_profile=args.cost_profile,
             control_host=args.control_host,
+            task_log=args.task_log if world.rank == 0 else None,
             **fast_kwargs(args),  # gfdit.fast_options
         )
         if world.rank == 0:

@@ -140,6 +140,11 @@ def add_eval_parser(sub) -> None:
         help="calibrate from each idle server's lone requests: the compute scale, the host CPU per request (with "
         "--cpu-cores) and the per-task host overhead (overrides --host-overhead-s)",
     )  # fmt: skip
+    f.add_argument(
+        "--repeats", type=int, default=1,
+        help="replays of the trace per server (default 1); measured = their mean, and the report shows how "
+        "far one replay strays from it (the measurement's own spread)",
+    )  # fmt: skip
     f.add_argument("--out", required=True, help="directory for fidelity.json, fidelity.md and the runs")
     _execution_args(f)
 
@@ -179,6 +184,8 @@ def _fidelity(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     if args.url is None and not args.policies:
         parser.error("give --policies (a server is started per policy) or --url")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.url is not None and len(args.policies) > 1:
         parser.error("--url replays against one server: give at most one policy (its own)")
     try:

@@ -35,7 +35,9 @@ from gfdit.simexec import ExecutionModel
 __all__ = [
     "FidelityError",
     "measured_metrics",
+    "repeated_metrics",
     "simulated_metrics",
+    "simulate_records",
     "errors",
     "run_fidelity",
     "render_markdown",
@@ -79,11 +81,11 @@ def measured_metrics(rows: list[dict], time_scale: float = 1.0) -> dict:
     }
 
 
-def simulated_metrics(
+def simulate_records(
     records, policy: str, world_size: int, *, chunk_steps: int, cost_profile: dict | None,
     execution: ExecutionModel, time_scale: float = 1.0,
-) -> dict:  # fmt: skip
-    """The same metrics from simulating `records` (arrivals scaled, deadlines = arrival + SLO)."""
+):  # fmt: skip
+    """Simulates `records` (arrivals scaled, deadlines = arrival + SLO): (requests, scheduler, SimResult)."""
     from gfdit.eval.sweep import SweepConfig
 
     cfg = SweepConfig("x", world_size, "paper-image", (1.0,), (policy,), cost_profile=cost_profile)
@@ -93,7 +95,21 @@ def simulated_metrics(
         arrival = r.arrival_s * time_scale
         requests.append(replace(req, arrival_s=arrival, deadline_s=arrival + r.slo_s))
     sched = Scheduler(world_size, make_policy(policy), cfg.cost_model(), chunk_steps=chunk_steps)
-    res = simulate(sched, requests, true_cost=cfg.cost_model(), execution=execution)
+    return requests, sched, simulate(sched, requests, true_cost=cfg.cost_model(), execution=execution)
+
+
+def simulated_metrics(
+    records, policy: str, world_size: int, *, chunk_steps: int, cost_profile: dict | None,
+    execution: ExecutionModel, time_scale: float = 1.0, keep: dict | None = None,
+) -> dict:  # fmt: skip
+    """The same metrics from simulating `records` (simulate_records); `keep` receives the requests
+    and the SimResult."""
+    requests, sched, res = simulate_records(
+        records, policy, world_size, chunk_steps=chunk_steps, cost_profile=cost_profile,
+        execution=execution, time_scale=time_scale,
+    )  # fmt: skip
+    if keep is not None:
+        keep.update(requests=requests, result=res)
     done = [o for o in res.outcomes.values() if o.state is RequestState.DONE]
     return {
         "num_requests": len(requests),
@@ -184,16 +200,20 @@ def process_tree_cpu_s(pid: int) -> float:
     return total
 
 
-kHostCpuRepeats = 8  # lone requests per class in the host-CPU measurement (CPU time counts in 10 ms ticks)
+kHostCpuRepeats = 6  # lone requests per class and round (CPU time counts in 10 ms ticks)
+kHostCpuRounds = 3  # rounds per class: the median round is kept (one disturbed round changes nothing)
 kIdleWindowS = 1.0  # the idle server's own CPU use is measured over this long first
 
 
 def measured_host_cpu(url: str, server_pid: int, model: str, classes, *, timeout_s: float) -> dict:
     """CPU use of the idle server's processes and of this process (the replaying client) around lone
     requests: {"idle_cores": CPU-seconds per second of the idle server, "per_request_s": {class:
-    CPU-seconds per lone request, the idle rate's share of its wall time taken off}}. What is not the
-    tasks' own compute (gfdit.eval.fidelity.host_cpu_by_size takes the simulated compute off) is the
-    host work of Note [Simulated execution] in gfdit.simexec. Call it on a warm server."""
+    CPU-seconds per lone request, the idle rate's share of its wall time taken off}, "rounds_s":
+    {class: each round's value}}. Per class, kHostCpuRounds rounds of kHostCpuRepeats requests; the
+    median round counts (one round disturbed by anything else on the machine swung the figure
+    14-fold in a run of 2026-12-06). What is not the tasks' own compute
+    (gfdit.eval.fidelity.host_cpu_by_size takes the simulated compute off) is the host work of Note
+    [Simulated execution] in gfdit.simexec. Call it on a warm server."""
     from gfdit.bench.client import calibrate
 
     def now_cpu() -> float:
@@ -202,13 +222,19 @@ def measured_host_cpu(url: str, server_pid: int, model: str, classes, *, timeout
     c0, t0 = now_cpu(), time.monotonic()
     time.sleep(kIdleWindowS)  # the measurement itself: an idle interval
     idle = (now_cpu() - c0) / (time.monotonic() - t0)
-    per_request = {}
+    per_request, rounds = {}, {}
     for c in classes:
-        c0, t0 = now_cpu(), time.monotonic()
-        calibrate(url, model, [c], repeats=kHostCpuRepeats - 1, timeout_s=timeout_s)  # sends kHostCpuRepeats
-        cpu, wall = now_cpu() - c0, time.monotonic() - t0
-        per_request[c.name] = (cpu - idle * wall) / kHostCpuRepeats
-    return {"idle_cores": idle, "per_request_s": per_request}
+        values = []
+        for _ in range(kHostCpuRounds):
+            c0, t0 = now_cpu(), time.monotonic()
+            calibrate(
+                url, model, [c], repeats=kHostCpuRepeats - 1, timeout_s=timeout_s
+            )  # sends kHostCpuRepeats
+            cpu, wall = now_cpu() - c0, time.monotonic() - t0
+            values.append((cpu - idle * wall) / kHostCpuRepeats)
+        rounds[c.name] = values
+        per_request[c.name] = sorted(values)[len(values) // 2]
+    return {"idle_cores": idle, "per_request_s": per_request, "rounds_s": rounds}
 
 
 def lone_compute_cpu_s(
@@ -345,6 +371,9 @@ def _label(policy: str) -> str:
 def _replay_and_measure(
     url: str, args, out_dir: str, classes, model: str, command: str, server_pid: int | None = None
 ) -> tuple[dict, dict]:
+    """Calibrates on the idle server, then replays the trace `args.repeats` times (the first into
+    out_dir, repeat k into out_dir/repeatK): (the first run.json, {"rows": the last replay's rows,
+    "replays": every replay's rows, "standalone_s", "host_cpu"})."""
     import httpx
 
     from gfdit.bench.client import calibrate, run_trace
@@ -353,17 +382,44 @@ def _replay_and_measure(
     host_cpu = None
     if getattr(args, "calibrate_overhead", False) and server_pid is not None and classes:
         host_cpu = measured_host_cpu(url, server_pid, model, classes, timeout_s=args.timeout)
-    run = run_trace(
-        url, args.trace, out_dir, time_scale=args.time_scale, timeout_s=args.timeout, command=command
-    )
+    replays, first = [], None
+    for k in range(getattr(args, "repeats", 1)):
+        where = out_dir if k == 0 else os.path.join(out_dir, f"repeat{k + 1}")
+        os.makedirs(where, exist_ok=True)
+        run = run_trace(
+            url, args.trace, where, time_scale=args.time_scale, timeout_s=args.timeout, command=command
+        )
+        first = first or run
+        with open(os.path.join(where, "results.jsonl")) as f:
+            replays.append([json.loads(line) for line in f if line.strip()])
     try:
         with open(os.path.join(out_dir, "metrics.txt"), "w") as f:
             f.write(httpx.get(url + "/metrics", timeout=10.0).text)
     except httpx.HTTPError as e:
         log.warning("could not read %s/metrics: %s", url, e)
-    with open(os.path.join(out_dir, "results.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return run, {"rows": rows, "standalone_s": standalone, "host_cpu": host_cpu}
+    return first, {"rows": replays[-1], "replays": replays, "standalone_s": standalone, "host_cpu": host_cpu}
+
+
+kMetricKeys = ("mean_latency_s", "p99_latency_s", "throughput_rps", "slo")
+
+
+def repeated_metrics(replays: list[list[dict]], time_scale: float = 1.0) -> tuple[dict, dict]:
+    """Several replays of one trace on one server: (each metric's mean over them, the spread: per
+    metric the largest relative deviation of a replay from that mean, in points for SLO — how far
+    the measurement itself moves between replays; 0 for one replay)."""
+    each = [measured_metrics(rows, time_scale) for rows in replays]
+    mean = dict(each[0])
+    spread = {}
+    for key in kMetricKeys:
+        values = [m[key] for m in each]
+        mean[key] = sum(values) / len(values)
+        if key == "slo":
+            spread["slo_points"] = 100.0 * max(abs(v - mean[key]) for v in values)
+        else:
+            spread[key] = max(abs(v / mean[key] - 1.0) for v in values) if mean[key] else math.nan
+    mean["completed"] = min(m["completed"] for m in each)
+    mean["replays"] = len(each)
+    return mean, {"replays": each, **spread}
 
 
 def run_fidelity(args, execution: ExecutionModel, command: str) -> dict:
@@ -400,11 +456,15 @@ def run_fidelity(args, execution: ExecutionModel, command: str) -> dict:
             os.makedirs(out_dir, exist_ok=True)
             run, got = _replay_and_measure(args.url, args, out_dir, classes, model, command)
             world = health["world_size"]
+            task_log = None  # the running server's own --task-log, if any, is not known here
             server_command = None
         else:
             out_dir = os.path.join(args.out, _label(policy))
             os.makedirs(out_dir, exist_ok=True)
-            server = _Server(serve_args, policy, os.path.join(out_dir, "server.log"))
+            task_log = os.path.join(out_dir, "tasks.jsonl")
+            server = _Server(
+                [*serve_args, "--task-log", task_log], policy, os.path.join(out_dir, "server.log")
+            )
             try:
                 health = server.wait_healthy(args.health_timeout)
                 world = health["world_size"]
@@ -415,7 +475,7 @@ def run_fidelity(args, execution: ExecutionModel, command: str) -> dict:
                 code = server.stop()
             server_command = server.command
             log.info("%s: server exited with %s", policy, code)
-        measured = measured_metrics(got["rows"], args.time_scale)
+        measured, spread = repeated_metrics(got["replays"], args.time_scale)
         ex = execution
         if getattr(args, "calibrate_overhead", False) and classes:  # first: the host CPU is what it leaves
             scale = calibrated_scale(
@@ -435,10 +495,12 @@ def run_fidelity(args, execution: ExecutionModel, command: str) -> dict:
                 cost_profile=profile, execution=ex,
             )  # fmt: skip
             ex = replace(ex, host_overhead_s=overhead)
+        kept: dict = {}
         simulated = simulated_metrics(
             records, policy, world, chunk_steps=args.chunk_steps, cost_profile=profile, execution=ex,
-            time_scale=args.time_scale,
+            time_scale=args.time_scale, keep=kept,
         )  # fmt: skip
+        by_task = _compare_tasks(task_log, records, got["rows"], kept, out_dir, policy)
         plain = simulated_metrics(
             records, policy, world, chunk_steps=args.chunk_steps, cost_profile=profile,
             execution=ExecutionModel(), time_scale=args.time_scale,
@@ -446,9 +508,9 @@ def run_fidelity(args, execution: ExecutionModel, command: str) -> dict:
         row = {"policy": policy, "world_size": world, "server_command": server_command,
                "calibrated_standalone_s": got["standalone_s"], "host_overhead_s": ex.host_overhead_s,
                "host_cpu": got["host_cpu"], "host_cpu_by_size": ex.host_cpu_by_size, "compute_scale": ex.compute_scale,
-               "measured": measured, "simulated": simulated, **errors(measured, simulated),
+               "measured": measured, "measured_spread": spread, "simulated": simulated, **errors(measured, simulated),
                "plain_simulated": plain,
-               "plain_errors": errors(measured, plain)}  # fmt: skip
+               "plain_errors": errors(measured, plain), "by_request": by_task}  # fmt: skip
         rows.append(row)
         log.info("%s: %s", policy, {k: round(v, 4) for k, v in row.items() if k.endswith("_error")})
     report = {
@@ -463,8 +525,35 @@ def run_fidelity(args, execution: ExecutionModel, command: str) -> dict:
     return report
 
 
+def _compare_tasks(task_log, records, rows, kept: dict, out_dir: str, policy: str) -> dict | None:
+    """The server's task log beside the simulation's trace (gfdit.eval.tasks): writes tasks.md and
+    sim-tasks.jsonl in out_dir, returns the per-request breakdown (None without a usable log)."""
+    from gfdit.eval import tasks
+
+    sim_rows = tasks.sim_task_rows(kept["result"], kept["requests"])
+    with open(os.path.join(out_dir, "sim-tasks.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in sim_rows)
+    if task_log is None or not os.path.exists(task_log):
+        return None
+    measured = tasks.read_task_log(task_log)
+    try:
+        mapping = tasks.align(measured, records)
+    except ValueError as e:
+        log.warning("%s: the task log does not match the trace: %s", policy, e)
+        return None
+    latency = {r["request_id"]: r["latency_s"] for r in rows if r["latency_s"] is not None}
+    report = tasks.compare(measured, sim_rows, mapping, latency)
+    with open(os.path.join(out_dir, "tasks.md"), "w") as f:
+        f.write(tasks.render_markdown(report, policy))
+    return report["by_request"]
+
+
 def _pct(x: float) -> str:
     return "–" if x is None or math.isnan(x) else f"{x * 100:+.1f} %"
+
+
+def _abs_pct(x: float) -> str:
+    return "–" if x is None or math.isnan(x) else f"{x * 100:.1f} %"
 
 
 def render_markdown(report: dict) -> str:
@@ -496,4 +585,20 @@ def render_markdown(report: dict) -> str:
             f"| {r['policy']} | {_pct(e['mean_latency_error'])} | {_pct(e['p99_latency_error'])} "
             f"| {_pct(e['throughput_error'])} | {e['slo_points_error']:+.1f} |"
         )
+    runs = [r for r in report["runs"] if r["measured"].get("replays", 1) > 1]
+    if runs:
+        lines += [
+            "",
+            f"The measurement's own spread: the trace replayed {runs[0]['measured']['replays']} times on the "
+            "same server (measured above = their mean); the largest deviation of one replay from that mean:",
+            "",
+            "| policy | mean latency | P99 | throughput | SLO points |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for r in runs:
+            sp = r["measured_spread"]
+            lines.append(
+                f"| {r['policy']} | {_abs_pct(sp['mean_latency_s'])} | {_abs_pct(sp['p99_latency_s'])} "
+                f"| {_abs_pct(sp['throughput_rps'])} | {sp['slo_points']:.1f} |"
+            )
     return "\n".join(lines) + "\n"

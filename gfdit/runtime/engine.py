@@ -40,12 +40,23 @@ msg.Failed.peer) before the rank is known lost: that request re-runs too (at mos
 kMaxReruns times, then it fails). Rank 0 (engine + HTTP) is the one single point of failure.
 A control-thread exception (a bug) fails every unfinished request with the reason and turns
 `health()` unavailable: the thread never dies silently, and nothing is dispatched after it.
+
+Note [Task log]
+~~~~~~~~~~~~~~~
+With `task_log` (`gfdit serve --task-log FILE`) rank 0 writes one JSON line per task that finished:
+the request (id, arrival on the engine clock, shape), the task (kind, step range), its group, its
+batch size and CFG-parallel flag, and when it was dispatched and reported done (engine clock, the
+same as the arrival) with the part spent resharding. It is what the simulator's trace is to a
+simulation (gfdit.sim.TraceEntry): `gfdit eval fidelity` keeps one per policy and compares them task
+by task (gfdit.eval.tasks). Failed and abandoned tasks are not logged. The control thread writes
+it, line-buffered (a few microseconds a task); an I/O error turns it off with one log line.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import logging
 import os
 import random
@@ -168,7 +179,8 @@ class Engine:
     across nodes.
     `compile`, `cuda_graphs`, `warm_sizes` ([(width, height, frames)]), `graph_memory_bytes`: the fast
     steps (gfdit.runtime.fast.apply; None: the device's defaults). `warm_batch_sizes`: the batch sizes
-    warmed for each warm size (None: 1 to the policy's max_batch)."""
+    warmed for each warm size (None: 1 to the policy's max_batch).
+    `task_log`: a file rank 0 writes one JSON line to per finished task (Note [Task log])."""
 
     def __init__(
         self,
@@ -192,6 +204,7 @@ class Engine:
         warm_sizes=(),
         graph_memory_bytes: int | None = None,
         warm_batch_sizes=None,
+        task_log: str | None = None,
     ):
         from gfdit.models import load_model  # noqa: PLC0415 - heavy (diffusers)
 
@@ -257,6 +270,8 @@ class Engine:
             self._task_ids = itertools.count()
             self._ranks = [RankInfo(r, os.getpid() if r == 0 else 0, "starting") for r in range(world.size)]
             self._fault: str | None = None  # a control-thread exception: the engine stopped serving
+            # Note [Task log]; line-buffered: what a killed server wrote is whole lines
+            self._task_log = open(task_log, "w", buffering=1) if task_log else None  # noqa: SIM115 (close)
             self._ready = threading.Event()
             self.num_reruns = 0  # requests re-run after a lost rank or a peer failure, in total
             self._t0 = time.monotonic()
@@ -371,6 +386,8 @@ class Engine:
         self._link.close()
         if self.world.rank == 0:
             self.channel.close()
+            if self._task_log is not None:
+                self._task_log.close()
         self._ctx.term()
 
     # -- the worker thread (every rank) -----------------------------------------------------------
@@ -575,6 +592,8 @@ class Engine:
         reshard_s = min(max(e.reshard_s for e in inf.events), now - inf.start_s)
         self.scheduler.on_task_done(task, a.ranks, TaskTimings(inf.start_s, now, reshard_s))
         rec = self.scheduler.record(rid)
+        if self._task_log is not None:
+            self._log_task(rec, a, inf.start_s, now, reshard_s)
         tracked = self._tracked[rid]
         tracked.reshard_s += reshard_s
         tracked.bytes_moved += sum(e.bytes_moved for e in inf.events)
@@ -609,6 +628,21 @@ class Engine:
         elif rec.state is RequestState.CANCELLED:
             self._release(rid)
             handle.finish(None, "cancelled", Status.CANCELLED)
+
+    def _log_task(self, rec, a, start_s: float, end_s: float, reshard_s: float) -> None:
+        """Note [Task log]: one finished task as a JSON line."""
+        r, task = rec.request, a.task
+        line = {
+            "request_id": r.request_id, "arrival_s": r.arrival_s, "width": r.width, "height": r.height,
+            "num_frames": r.num_frames, "kind": task.kind.name, "start": task.start, "end": task.end,
+            "ranks": list(a.ranks), "batch_size": rec.history[-1].batch_size, "cfg": a.cfg,
+            "dispatch_s": start_s, "end_s": end_s, "reshard_s": reshard_s,
+        }  # fmt: skip
+        try:
+            self._task_log.write(json.dumps(line) + "\n")
+        except OSError as e:  # a full disk must not stop serving: the log stops instead
+            log.error("task log: %s; no more tasks are logged", e)
+            self._task_log = None
 
     def _cancel(self, rid: str) -> None:
         with self._lock:

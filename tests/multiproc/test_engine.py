@@ -121,6 +121,10 @@ def _run_batch(engine):
         handles.append(engine.submit(req))
     results = [h.result(timeout=300) for h in handles]
     return {
+        "groups": {
+            h.request_id: [list(g) for _, g in r.groups] for h, r in zip(handles, results, strict=True)
+        },
+        "steps": {r.request_id: r.num_inference_steps for r in (h.request for h in handles)},
         "shapes": sorted({r.images.shape for r in results}),
         "degrees": sorted({len(g) for r in results for _, g in r.groups}),
         "denoise_degrees": sorted({len(g) for r in results for t, g in r.groups if ":denoise" in t}),
@@ -130,15 +134,20 @@ def _run_batch(engine):
     }
 
 
-def _mixed_batch(world, policy):
-    return _with_engine(world, "tiny-flux", policy, _run_batch, chunk_steps=2, keep_finished=5)
+def _mixed_batch(world, policy, task_log):
+    return _with_engine(
+        world, "tiny-flux", policy, _run_batch, chunk_steps=2, keep_finished=5, task_log=task_log
+    )
 
 
 @pytest.mark.parametrize(
     "policy", ["static:sp=2", "fcfs-elastic:max_sp=4", "edf-best-fit:max_sp=4", "srtf:max_sp=4"]
 )
-def test_every_policy_completes_a_mixed_batch(policy):
-    out = run_ranks(_mixed_batch, 4, policy, timeout=400)[0]
+def test_every_policy_completes_a_mixed_batch(policy, tmp_path):
+    import json
+
+    log = str(tmp_path / "tasks.jsonl")
+    out = run_ranks(_mixed_batch, 4, policy, log, timeout=400)[0]
     assert out["states"] == ["completed"] * 20
     assert (1, 32, 32, 3) in out["shapes"] and (1, 96, 96, 3) in out["shapes"]
     assert out["kept"] == 5 and out["active"] == 0  # keep_finished=5 of the 20
@@ -147,6 +156,22 @@ def test_every_policy_completes_a_mixed_batch(policy):
     else:
         assert out["denoise_degrees"] and set(out["denoise_degrees"]) <= {1, 2, 4}, out  # max_sp=4
     assert set(out["degrees"]) <= {1, 2, 4}, out
+    # The task log (Note [Task log]): every finished task once, in order, on the group it ran on.
+    rows = [json.loads(line) for line in open(log)]
+    assert {r["request_id"] for r in rows} == set(out["groups"])
+    for rid, groups in out["groups"].items():
+        mine = sorted((r for r in rows if r["request_id"] == rid), key=lambda r: r["dispatch_s"])
+        assert [r["ranks"] for r in mine] == groups, rid
+        assert mine[0]["kind"] == "ENCODE" and mine[-1]["kind"] == "DECODE", rid
+        denoise = [(r["start"], r["end"]) for r in mine if r["kind"] == "DENOISE"]
+        assert denoise[0][0] == 0 and denoise[-1][1] == out["steps"][rid], (rid, denoise)
+        assert all(a[1] == b[0] for a, b in zip(denoise, denoise[1:], strict=False)), (rid, denoise)
+        for r in mine:
+            assert (
+                r["arrival_s"] <= r["dispatch_s"] <= r["end_s"]
+                and 0 <= r["reshard_s"] <= r["end_s"] - r["dispatch_s"]
+            )
+        assert all(a["end_s"] <= b["dispatch_s"] for a, b in zip(mine, mine[1:], strict=False)), rid
 
 
 def _bad_requests_and_failures(world):
