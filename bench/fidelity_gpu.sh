@@ -5,7 +5,7 @@
 # (gfdit eval fidelity --calibrate-overhead). Run from the repository root on the device machine:
 #   bash bench/fidelity_gpu.sh OUT_DIR
 #   env: MODEL (tiny-flux), SIZES (32,144,256), STEPS (20), LOADS ("0.5 0.8"), POLICIES ("fcfs-elastic;sjf"),
-#        REQUESTS (120), SERVE_EXTRA (more gfdit serve options, e.g. "--compile off --cuda-graphs off")
+#        REQUESTS (120), REPEATS (2: replays per server, the measurement's spread), SERVE_EXTRA (more gfdit serve options, e.g. "--compile off --cuda-graphs off")
 set -uo pipefail
 out=${1:?out dir}
 mkdir -p "$out"
@@ -34,6 +34,6 @@ for load in ${LOADS:-0.5 0.8}; do
     --target-load "$load" --world-size 1 --duration "$duration" --seed 0 --out "$trace" || exit 1
   python3 -m gfdit.cli eval fidelity --trace "$trace" --policies "${POLICIES:-fcfs-elastic;sjf}" --chunk-steps 5 \
     --serve-args "--nproc 1 --model $model --device $device --cost-profile $prof --chunk-steps 5 --max-queue 1000 ${SERVE_EXTRA:-}" \
-    --cost-profile "$prof" --calibrate-overhead --out "$out/load$load" || echo "fidelity at $load failed"
+    --cost-profile "$prof" --calibrate-overhead --repeats "${REPEATS:-2}" --out "$out/load$load" || echo "fidelity at $load failed"
 done
 for f in "$out"/load*/fidelity.md; do echo "== $f"; cat "$f"; done
