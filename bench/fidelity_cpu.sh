@@ -8,7 +8,8 @@
 # env LOAD_RANKS (4): the world size the trace's load is defined against. 4 is the formula
 # (load = work / (4 ranks x window)); 4 ranks on a 2-core machine serve about half that, so every load
 # >= 0.5 overloads it and latency is the length of a growing queue. LOAD_RANKS=2 defines the load
-# against the cores instead (the rates halve).
+# against the cores instead (the rates halve). REPEATS (2): replays of each trace per server (the
+# measurement's own spread, beside the simulator's error).
 set -euo pipefail
 out=$1
 policies=${2:-"static:sp=1;edf-best-fit;srtf"}
@@ -30,5 +31,6 @@ for load in 0.5 0.8 1.0; do
     --target-load "$load" --world-size "${LOAD_RANKS:-4}" --duration "$duration" --seed 0 --out "$trace"
   gfdit eval fidelity --trace "$trace" --policies "$policies" --chunk-steps 5 \
     --serve-args "--nproc 4 --model tiny-flux --device cpu --cost-profile $prof --chunk-steps 5 --max-queue 1000" \
-    --cost-profile "$prof" --calibrate-overhead --cpu-cores 2 --sharing "$out/concurrency.json" --out "$out/load$load"
+    --cost-profile "$prof" --calibrate-overhead --cpu-cores 2 --sharing "$out/concurrency.json" \
+    --repeats "${REPEATS:-2}" --out "$out/load$load"
 done
