@@ -1,11 +1,11 @@
 """Re-simulates a saved CPU fidelity run (bench/fidelity_cpu.sh OUT) with the current simulator and
 writes OUT/resimulated.json: the saved measurements beside the new simulation, and the errors before.
-    python bench/fidelity_resimulate.py OUT [--sharing FILE] [--no-scale] [--no-host-cpu] [--host-window-s S]
-                                            [--host-cpu-factor F] [--json NAME]
+    python bench/fidelity_resimulate.py OUT [--sharing FILE] [--no-scale] [--no-host-cpu] [--no-result]
+                                            [--host-window-s S] [--host-cpu-factor F] [--json NAME]
 
 The execution model is the saved one (fidelity.json's "execution") with what each policy's idle
 server measured, calibrated again under the current model in the order gfdit eval fidelity uses:
-the compute scale from the lone-request latencies (gfdit.eval.fidelity.calibrated_scale), the
+the result delivery (from the policy's task log, where saved), the compute scale from the lone-request latencies (gfdit.eval.fidelity.calibrated_scale), the
 per-request host CPU (run["host_cpu"] less the scaled compute, Note [Simulated execution] in
 gfdit.simexec), then the per-task host overhead (calibrated_overhead). A run saved before the
 host CPU was measured takes the same policy's measurement from another load of OUT (named in
@@ -15,13 +15,16 @@ host CPU was measured takes the same policy's measurement from another load of O
 import argparse
 import json
 import math
+import os
 from dataclasses import replace
 
 from gfdit.bench.workload import RequestClass, read_trace
 from gfdit.cost import read_profile
+from gfdit.eval import tasks
 from gfdit.eval.cli import sharing_points
 from gfdit.eval.fidelity import (
     calibrated_overhead,
+    calibrated_result_s,
     calibrated_scale,
     errors,
     host_cpu_by_size,
@@ -44,6 +47,11 @@ ap.add_argument(
     help="leave ExecutionModel.compute_scale at 1 (no calibration of the compute from the lone requests)",
 )  # fmt: skip
 ap.add_argument("--no-host-cpu", action="store_true", help="leave the host CPU out (the model before it)")
+ap.add_argument(
+    "--no-result", action="store_true",
+    help="leave the result delivery out (ExecutionModel.result_s; calibrated from each policy's task log, "
+    "tasks.jsonl, where the run saved one)",
+)  # fmt: skip
 ap.add_argument(
     "--host-cpu-factor", type=float, default=1.0,
     help="multiply the per-request host CPU measured on the idle server (a sensitivity variant: the host "
@@ -85,7 +93,13 @@ for load, d in reports.items():
             cpu_from, host_cpu = load, r["host_cpu"]
         elif policy in measured_cpu:
             cpu_from, host_cpu = measured_cpu[policy]
-        if not args.no_scale:  # first: the host CPU is what the scaled compute leaves
+        label = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in policy)  # its run's folder
+        log_path = f"{base}/load{load}/{label}/tasks.jsonl"
+        if not args.no_result and os.path.exists(log_path):  # first: the lone latency holds the delivery
+            rows = tasks.read_task_log(log_path)
+            spans = tasks.lone_spans(rows, set(tasks.align(rows, records)))
+            ex = replace(ex, result_s=calibrated_result_s(classes, r["calibrated_standalone_s"], spans))
+        if not args.no_scale:  # then: the host CPU is what the scaled compute leaves
             scale = calibrated_scale(policy, world, "tiny-flux", classes, r["calibrated_standalone_s"],
                                      chunk_steps=chunk, cost_profile=prof, execution=ex)  # fmt: skip
             ex = replace(ex, compute_scale=scale)
@@ -123,7 +137,7 @@ for load, d in reports.items():
             "| met" if ok else "| missed",
             "| host CPU/req",
             [round(s, 4) for _, _, s in ex.host_cpu_by_size],
-            f"overhead {ex.host_overhead_s * 1e3:.2f} ms",
+            f"overhead {ex.host_overhead_s * 1e3:.2f} ms, result {ex.result_s * 1e3:.1f} ms",
             f"(before: mean {100 * r['mean_latency_error']:+.1f} thr {100 * r['throughput_error']:+.1f})"
             if not math.isnan(r["mean_latency_error"])
             else "",

@@ -56,7 +56,7 @@ class RequestOutcome:
     request_id: str  # the request
     state: RequestState  # terminal state
     arrival_s: float  # arrival
-    finish_s: float  # end
+    finish_s: float  # end (with an execution model's result delivery: the result at its client)
     deadline_s: float | None  # its deadline, if any
     num_reshards: int  # tasks that moved state first
     num_preemptions: int  # times its ranks went to another request while it waited
@@ -140,6 +140,9 @@ def simulate(
     for r in requests:
         heapq.heappush(events, (r.arrival_s, 1, next(seq), r))
     trace: list[TraceEntry] = []
+    delivered: dict[
+        str, float
+    ] = {}  # request -> its result's delivery after its last task (Note [Simulated execution])
     start = min((r.arrival_s for r in requests), default=0.0)
     now = start
     while events:
@@ -155,6 +158,13 @@ def simulate(
                 scheduler.on_task_done(
                     entry.task, entry.ranks, TaskTimings(entry.start_s, now, entry.reshard_s)
                 )
+                rid = entry.task.request_id
+                if (
+                    ex is not None
+                    and scheduler.record(rid).state is RequestState.DONE
+                    and rid not in delivered
+                ):
+                    delivered[rid] = ex.result_delay(now)
         units: dict[object, list] = {}  # a task alone, or the members of one batch (same tag)
         for i, a in enumerate(scheduler.schedule(now)):
             units.setdefault(("alone", i) if a.batch is None else ("batch", a.batch), []).append(a)
@@ -199,12 +209,12 @@ def simulate(
             r.request_id,
             rec.state,
             r.arrival_s,
-            rec.finish_s,
+            rec.finish_s + delivered.get(r.request_id, 0.0),
             r.deadline_s,
             rec.num_reshards,
             rec.num_preemptions,
         )
-    return SimResult(outcomes, tuple(trace), start, now)
+    return SimResult(outcomes, tuple(trace), start, max([now, *(o.finish_s for o in outcomes.values())]))
 
 
 @dataclass(frozen=True)

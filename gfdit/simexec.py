@@ -38,6 +38,12 @@ gfdit.runtime.worker, Note [Reshard execution]):
     cores) times slower. `gfdit eval fidelity --calibrate-overhead` measures the per-request CPU on
     the idle server (gfdit.eval.fidelity.measured_host_cpu); the window is a smoothing choice, not
     a calibrated constant (tasks last milliseconds, requests tenths of seconds).
+  - result delivery: a request's result reaches its client `result_s` after its last task ends (the
+    image encoded, the HTTP answer sent and parsed; 7-16 ms a request on the 2-core CPU server, from
+    its task log: gfdit.eval.tasks). It occupies no rank; with `cores` > 0 it is CPU work on the
+    shared cores like the tasks, so it stretches by s(b + u) / s(1) with b ranks busy and host load u
+    when the last task ends. `gfdit eval fidelity --calibrate-overhead` measures it on the idle server
+    (gfdit.eval.fidelity.calibrated_result_s);
   - compute scale: every task's compute is `compute_scale` times the cost model's (a profile that is
     slower than the server, as the idle server's lone requests show: gfdit.eval.fidelity.calibrated_scale).
 `ExecutionModel()` (all off) is the plain simulator. `ExecutionState.batch_timing` prices a batched
@@ -105,6 +111,7 @@ class ExecutionModel:
     host_cpu_by_size: tuple[tuple[int, int, float], ...] = ()
     host_window_s: float = 1.0  # host work charged in this trailing window / its length = the host load
     compute_scale: float = 1.0  # every task's compute times this (the lone-request calibration's)
+    result_s: float = 0.0  # seconds from a request's last task to its result at the client
     # measured (k, slowdown) of k one-rank processes on the shared cores; () = ideal max(1, k / cores)
     sharing: tuple[tuple[float, float], ...] = ()
 
@@ -128,6 +135,8 @@ class ExecutionModel:
             raise ValueError(f"compute_scale must be > 0, got {self.compute_scale}")
         if not (self.host_window_s > 0 and math.isfinite(self.host_window_s)):
             raise ValueError(f"host_window_s must be > 0, got {self.host_window_s}")
+        if not (self.result_s >= 0 and math.isfinite(self.result_s)):
+            raise ValueError(f"result_s must be >= 0, got {self.result_s}")
         if not (self.host_overhead_s >= 0 and math.isfinite(self.host_overhead_s)):
             raise ValueError(f"host_overhead_s must be >= 0, got {self.host_overhead_s}")
         if (self.reshard_latency_s is None) != (self.reshard_bandwidth is None):
@@ -301,6 +310,15 @@ class ExecutionState:
         for x in ranks:
             self.rank_busy_until[x] = start + reshard_s + compute_s + m.host_overhead_s
         return start, reshard_s, compute_s + m.host_overhead_s
+
+    def result_delay(self, now: float) -> float:
+        """Seconds from a request's last task ending at `now` to its result at the client (Note
+        [Simulated execution], result delivery)."""
+        m = self.model
+        if m.result_s <= 0 or m.cores <= 0:
+            return m.result_s
+        busy = sum(1 for t in self.rank_busy_until.values() if t > now)
+        return m.result_s * m.slowdown(busy + 1 + self.host_load(now)) / m.slowdown(1)
 
     def finished(self, ranks: Iterable[int], end_s: float) -> None:
         for x in ranks:

@@ -47,6 +47,7 @@ __all__ = [
     "host_cpu_by_size",
     "calibration_request",
     "calibrated_scale",
+    "calibrated_result_s",
 ]
 
 log = logging.getLogger("gfdit.eval")
@@ -275,6 +276,18 @@ def host_cpu_by_size(
     return tuple(out)
 
 
+def calibrated_result_s(classes, standalone_s: dict, spans: dict) -> float:
+    """Result delivery (ExecutionModel.result_s) implied by the idle server: per class, its fastest
+    lone latency at the client less the shortest server-side span of its lone requests (the task
+    log, gfdit.eval.tasks.lone_spans); the median over classes, at least 0. 0 without spans."""
+    values = sorted(
+        standalone_s[c.name] - spans[(c.width, c.height)]
+        for c in classes
+        if c.name in standalone_s and (c.width, c.height) in spans
+    )
+    return max(0.0, values[len(values) // 2]) if values else 0.0
+
+
 def calibrated_scale(
     policy: str, world_size: int, model: str, classes, measured_s: dict, *, chunk_steps: int,
     cost_profile: dict | None, execution: ExecutionModel,
@@ -477,6 +490,12 @@ def run_fidelity(args, execution: ExecutionModel, command: str) -> dict:
             log.info("%s: server exited with %s", policy, code)
         measured, spread = repeated_metrics(got["replays"], args.time_scale)
         ex = execution
+        measured_tasks, mapping = _read_task_log(task_log, records, policy)
+        if getattr(args, "calibrate_overhead", False) and classes and measured_tasks:
+            from gfdit.eval.tasks import lone_spans
+
+            spans = lone_spans(measured_tasks, set(mapping))
+            ex = replace(ex, result_s=calibrated_result_s(classes, got["standalone_s"], spans))
         if getattr(args, "calibrate_overhead", False) and classes:  # first: the host CPU is what it leaves
             scale = calibrated_scale(
                 policy, world, model, classes, got["standalone_s"], chunk_steps=args.chunk_steps,
@@ -500,7 +519,7 @@ def run_fidelity(args, execution: ExecutionModel, command: str) -> dict:
             records, policy, world, chunk_steps=args.chunk_steps, cost_profile=profile, execution=ex,
             time_scale=args.time_scale, keep=kept,
         )  # fmt: skip
-        by_task = _compare_tasks(task_log, records, got["rows"], kept, out_dir, policy)
+        by_task = _compare_tasks(measured_tasks, mapping, got["rows"], kept, out_dir, policy)
         plain = simulated_metrics(
             records, policy, world, chunk_steps=args.chunk_steps, cost_profile=profile,
             execution=ExecutionModel(), time_scale=args.time_scale,
@@ -508,6 +527,7 @@ def run_fidelity(args, execution: ExecutionModel, command: str) -> dict:
         row = {"policy": policy, "world_size": world, "server_command": server_command,
                "calibrated_standalone_s": got["standalone_s"], "host_overhead_s": ex.host_overhead_s,
                "host_cpu": got["host_cpu"], "host_cpu_by_size": ex.host_cpu_by_size, "compute_scale": ex.compute_scale,
+               "result_s": ex.result_s,
                "measured": measured, "measured_spread": spread, "simulated": simulated, **errors(measured, simulated),
                "plain_simulated": plain,
                "plain_errors": errors(measured, plain), "by_request": by_task}  # fmt: skip
@@ -525,7 +545,22 @@ def run_fidelity(args, execution: ExecutionModel, command: str) -> dict:
     return report
 
 
-def _compare_tasks(task_log, records, rows, kept: dict, out_dir: str, policy: str) -> dict | None:
+def _read_task_log(task_log, records, policy: str) -> tuple[list[dict], dict[str, str]]:
+    """The server's task log and its replayed requests' trace ids (gfdit.eval.tasks.align); ([], {})
+    without a usable log."""
+    from gfdit.eval import tasks
+
+    if task_log is None or not os.path.exists(task_log):
+        return [], {}
+    rows = tasks.read_task_log(task_log)
+    try:
+        return rows, tasks.align(rows, records)
+    except ValueError as e:
+        log.warning("%s: the task log does not match the trace: %s", policy, e)
+        return [], {}
+
+
+def _compare_tasks(measured, mapping, rows, kept: dict, out_dir: str, policy: str) -> dict | None:
     """The server's task log beside the simulation's trace (gfdit.eval.tasks): writes tasks.md and
     sim-tasks.jsonl in out_dir, returns the per-request breakdown (None without a usable log)."""
     from gfdit.eval import tasks
@@ -533,16 +568,11 @@ def _compare_tasks(task_log, records, rows, kept: dict, out_dir: str, policy: st
     sim_rows = tasks.sim_task_rows(kept["result"], kept["requests"])
     with open(os.path.join(out_dir, "sim-tasks.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in sim_rows)
-    if task_log is None or not os.path.exists(task_log):
-        return None
-    measured = tasks.read_task_log(task_log)
-    try:
-        mapping = tasks.align(measured, records)
-    except ValueError as e:
-        log.warning("%s: the task log does not match the trace: %s", policy, e)
+    if not measured:
         return None
     latency = {r["request_id"]: r["latency_s"] for r in rows if r["latency_s"] is not None}
-    report = tasks.compare(measured, sim_rows, mapping, latency)
+    sim_latency = {rid: o.latency_s for rid, o in kept["result"].outcomes.items()}
+    report = tasks.compare(measured, sim_rows, mapping, latency, sim_latency)
     with open(os.path.join(out_dir, "tasks.md"), "w") as f:
         f.write(tasks.render_markdown(report, policy))
     return report["by_request"]

@@ -16,7 +16,15 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 
-__all__ = ["read_task_log", "sim_task_rows", "align", "request_breakdown", "compare", "render_markdown"]
+__all__ = [
+    "read_task_log",
+    "sim_task_rows",
+    "align",
+    "lone_spans",
+    "request_breakdown",
+    "compare",
+    "render_markdown",
+]
 
 kParts = ("wait_s", "tasks_s", "gaps_s", "after_s")
 
@@ -76,6 +84,25 @@ def align(rows: list[dict], records: Sequence) -> dict[str, str]:
     return out
 
 
+def lone_spans(rows: list[dict], replayed: set[str]) -> dict[tuple[int, int], float]:
+    """(width, height) -> the shortest server-side span (arrival to the last task's end) of the
+    logged requests not in `replayed`: the lone requests an idle server answered before the replay
+    (`gfdit eval fidelity`'s calibration)."""
+    spans: dict[str, tuple[tuple[int, int], float]] = {}
+    for row in rows:
+        rid = row["request_id"]
+        if rid in replayed:
+            continue
+        shape, end = spans.get(rid, ((row["width"], row["height"]), row["arrival_s"]))
+        spans[rid] = (shape, max(end, row["end_s"]))
+    arrivals = {row["request_id"]: row["arrival_s"] for row in rows}
+    out: dict[tuple[int, int], float] = {}
+    for rid, (shape, end) in spans.items():
+        span = end - arrivals[rid]
+        out[shape] = min(out.get(shape, math.inf), span)
+    return out
+
+
 def request_breakdown(rows: list[dict], latency_s: dict[str, float] | None = None) -> dict[str, dict]:
     """Per request: wait (first dispatch - arrival), tasks (sum of durations), gaps (sum of dispatch -
     the previous task's end), end (last end - arrival) and, with the end-to-end `latency_s`, after
@@ -112,12 +139,17 @@ def _mean(xs: list[float]) -> float:
 
 
 def compare(
-    measured: list[dict], simulated: list[dict], mapping: dict[str, str], latency_s: dict[str, float]
+    measured: list[dict],
+    simulated: list[dict],
+    mapping: dict[str, str],
+    latency_s: dict[str, float],
+    sim_latency_s: dict[str, float] | None = None,
 ) -> dict:
     """Measured beside simulated: per task group (kind, degree, shape, batch size) the count and mean
     duration (dispatch to done) and reshard seconds; per request the mean of each part of the latency
     (`request_breakdown`), over the requests of the trace (`mapping`: logged id -> trace id;
-    `latency_s`: the client's end-to-end latency by trace id)."""
+    `latency_s`: the client's end-to-end latency by trace id; `sim_latency_s`: the simulated one,
+    which holds the execution model's result delivery)."""
     measured = [dict(r, request_id=mapping[r["request_id"]]) for r in measured if r["request_id"] in mapping]
     groups: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for side, rows in (("measured", measured), ("simulated", simulated)):
@@ -135,7 +167,7 @@ def compare(
             "measured_reshard_s": _mean(g["measured_reshard_s"]), "simulated_reshard_s": _mean(g["simulated_reshard_s"]),
         })  # fmt: skip
     parts = {}
-    for side, rows, lat in (("measured", measured, latency_s), ("simulated", simulated, None)):
+    for side, rows, lat in (("measured", measured, latency_s), ("simulated", simulated, sim_latency_s)):
         b = request_breakdown(rows, lat)
         parts[side] = {p: _mean([d[p] for d in b.values() if p in d]) for p in (*kParts, "end_s")}
         parts[side]["num_tasks"] = _mean([d["num_tasks"] for d in b.values()])
@@ -154,7 +186,7 @@ def render_markdown(report: dict, title: str) -> str:
         f"## {title}",
         "",
         "Mean per request (ms): wait before the first task, the tasks' durations, the gaps between tasks, "
-        "the last task's end, and what follows it (measured: the client's latency minus that end).",
+        "the last task's end, and what follows it (the latency at the client minus that end).",
         "",
         "| | requests | tasks | wait | tasks | gaps | last end | after |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",

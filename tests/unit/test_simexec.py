@@ -239,3 +239,27 @@ def test_compute_scale_multiplies_every_task():
     assert half.outcomes["a"].latency_s == pytest.approx(0.5 * plain.outcomes["a"].latency_s)
     with pytest.raises(ValueError, match="compute_scale"):
         ExecutionModel(compute_scale=0.0)
+
+
+def test_result_delivery_follows_the_last_task_and_occupies_no_rank():
+    one = [req("a", 1024, steps=4)]
+    plain = simulate(Scheduler(1, make_policy("static:sp=1"), learn=False), one, execution=ExecutionModel())
+    late = simulate(
+        Scheduler(1, make_policy("static:sp=1"), learn=False), one, execution=ExecutionModel(result_s=0.05)
+    )
+    assert late.trace == plain.trace  # the ranks are as busy as before
+    assert late.outcomes["a"].latency_s == pytest.approx(plain.outcomes["a"].latency_s + 0.05)
+    assert late.end_s == pytest.approx(plain.end_s + 0.05)  # the throughput's span ends at the result
+    # On shared cores it is CPU work too: b's result is delivered while a's task still computes
+    # (2 ranks, 2 cores: the delivery shares the cores with 1 busy rank, s(2) / s(1) = 1 ideal; with a
+    # measured s(2) = 1.5 it takes 1.5 times as long).
+    two = [req("a", 1024, steps=8), req("b", 512, steps=2)]
+    ex = ExecutionModel(result_s=0.05, cores=2, sharing=((1, 1.0), (2, 1.5), (3, 2.0)))
+    res = simulate(Scheduler(2, make_policy("static:sp=1"), learn=False), two, execution=ex)
+    b_end = max(e.end_s for e in res.trace if e.task.request_id == "b")
+    a_end = max(e.end_s for e in res.trace if e.task.request_id == "a")
+    assert b_end < a_end
+    assert res.outcomes["b"].finish_s == pytest.approx(b_end + 0.05 * 1.5)
+    assert res.outcomes["a"].finish_s == pytest.approx(a_end + 0.05)  # alone by then
+    with pytest.raises(ValueError, match="result_s"):
+        ExecutionModel(result_s=-1.0)
