@@ -27,7 +27,7 @@ from gfdit.eval.fidelity import (
     calibrated_result_s,
     calibrated_scale,
     errors,
-    host_cpu_by_size,
+    host_cpu_table,
     simulated_metrics,
 )
 from gfdit.simexec import ExecutionModel
@@ -104,8 +104,8 @@ for load, d in reports.items():
                                      chunk_steps=chunk, cost_profile=prof, execution=ex)  # fmt: skip
             ex = replace(ex, compute_scale=scale)
         if host_cpu is not None and not args.no_host_cpu and ex.cores > 0:
-            table = host_cpu_by_size(policy, world, "tiny-flux", classes, host_cpu["per_request_s"],
-                                     chunk_steps=chunk, cost_profile=prof, execution=ex)  # fmt: skip
+            table = host_cpu_table(host_cpu, policy, world, "tiny-flux", classes,
+                                   chunk_steps=chunk, cost_profile=prof, execution=ex)  # fmt: skip
             if args.host_cpu_factor != 1.0:
                 table = tuple((w, h, s * args.host_cpu_factor) for w, h, s in table)
             ex = replace(ex, host_cpu_by_size=table)

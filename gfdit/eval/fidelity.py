@@ -48,6 +48,7 @@ __all__ = [
     "calibration_request",
     "calibrated_scale",
     "calibrated_result_s",
+    "host_cpu_table",
 ]
 
 log = logging.getLogger("gfdit.eval")
@@ -173,9 +174,10 @@ def calibrated_overhead(
     return max(0.0, values[len(values) // 2]) if values else 0.0
 
 
-def process_tree_cpu_s(pid: int) -> float:
+def process_tree_cpu_s(pid: int, *, threads_named: str | None = None) -> float:
     """CPU-seconds (user + system) used so far by process `pid` and its live descendants (Linux /proc;
-    a descendant that already exited is not counted)."""
+    a descendant that already exited is not counted); with `threads_named`, only by their threads
+    of that OS name (gfdit.runtime.engine.name_os_thread)."""
     tick = os.sysconf("SC_CLK_TCK")
     parent, cpu = {}, {}
     for entry in os.listdir("/proc"):
@@ -196,8 +198,26 @@ def process_tree_cpu_s(pid: int) -> float:
         children.setdefault(par, []).append(child)
     while todo:
         p = todo.pop()
-        total += cpu[p]
+        total += cpu[p] if threads_named is None else _named_threads_cpu_s(p, threads_named, tick)
         todo += children.get(p, [])
+    return total
+
+
+def _named_threads_cpu_s(pid: int, name: str, tick: int) -> float:
+    total = 0.0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for t in tids:
+        try:
+            with open(f"/proc/{pid}/task/{t}/stat") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        if raw[raw.index("(") + 1 : raw.rindex(")")] == name:
+            fields = raw.rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
     return total
 
 
@@ -210,32 +230,42 @@ def measured_host_cpu(url: str, server_pid: int, model: str, classes, *, timeout
     """CPU use of the idle server's processes and of this process (the replaying client) around lone
     requests: {"idle_cores": CPU-seconds per second of the idle server, "per_request_s": {class:
     CPU-seconds per lone request, the idle rate's share of its wall time taken off}, "rounds_s":
-    {class: each round's value}}. Per class, kHostCpuRounds rounds of kHostCpuRepeats requests; the
-    median round counts (one round disturbed by anything else on the machine swung the figure
-    14-fold in a run of 2026-12-06). What is not the tasks' own compute
-    (gfdit.eval.fidelity.host_cpu_by_size takes the simulated compute off) is the host work of Note
-    [Simulated execution] in gfdit.simexec. Call it on a warm server."""
+    {class: each round's value}, "host_per_request_s": {class: the same without the ranks' worker
+    threads} or None where no thread carries the worker's name}. Per class, kHostCpuRounds rounds
+    of kHostCpuRepeats requests; the median round counts (one round disturbed by anything else on
+    the machine swung the figure 14-fold in a run of 2026-12-06). What is not the tasks' own compute
+    is the host work of Note [Simulated execution] in gfdit.simexec: measured directly as the CPU of
+    every thread but the workers (gfdit.runtime.engine.kWorkerThreadName) where those are named,
+    else per_request_s less the simulated compute (gfdit.eval.fidelity.host_cpu_by_size). Call it on
+    a warm server."""
     from gfdit.bench.client import calibrate
+    from gfdit.runtime.engine import kWorkerThreadName
 
-    def now_cpu() -> float:
-        return process_tree_cpu_s(server_pid) + time.process_time()
+    def now_cpu() -> tuple[float, float]:
+        total = process_tree_cpu_s(server_pid) + time.process_time()
+        return total, total - process_tree_cpu_s(server_pid, threads_named=kWorkerThreadName)
 
-    c0, t0 = now_cpu(), time.monotonic()
+    (c0, h0), t0 = now_cpu(), time.monotonic()
     time.sleep(kIdleWindowS)  # the measurement itself: an idle interval
-    idle = (now_cpu() - c0) / (time.monotonic() - t0)
-    per_request, rounds = {}, {}
+    (c1, h1), wall = now_cpu(), time.monotonic() - t0
+    idle, idle_host = (c1 - c0) / wall, (h1 - h0) / wall
+    per_request, rounds, host, named = {}, {}, {}, False
     for c in classes:
-        values = []
+        values, host_values = [], []
         for _ in range(kHostCpuRounds):
-            c0, t0 = now_cpu(), time.monotonic()
+            (c0, h0), t0 = now_cpu(), time.monotonic()
             calibrate(
                 url, model, [c], repeats=kHostCpuRepeats - 1, timeout_s=timeout_s
             )  # sends kHostCpuRepeats
-            cpu, wall = now_cpu() - c0, time.monotonic() - t0
-            values.append((cpu - idle * wall) / kHostCpuRepeats)
+            (c1, h1), wall = now_cpu(), time.monotonic() - t0
+            values.append((c1 - c0 - idle * wall) / kHostCpuRepeats)
+            host_values.append((h1 - h0 - idle_host * wall) / kHostCpuRepeats)
+            named = named or (c1 - c0) - (h1 - h0) > 0  # the workers' threads computed, by name
         rounds[c.name] = values
         per_request[c.name] = sorted(values)[len(values) // 2]
-    return {"idle_cores": idle, "per_request_s": per_request, "rounds_s": rounds}
+        host[c.name] = max(0.0, sorted(host_values)[len(host_values) // 2])
+    return {"idle_cores": idle, "per_request_s": per_request, "rounds_s": rounds,
+            "host_per_request_s": host if named else None}  # fmt: skip
 
 
 def lone_compute_cpu_s(
@@ -274,6 +304,20 @@ def host_cpu_by_size(
                                      cost_profile=cost_profile, execution=execution)  # fmt: skip
         out.append((c.width, c.height, max(0.0, per_request_s[c.name] - compute)))
     return tuple(out)
+
+
+def host_cpu_table(
+    host_cpu: dict, policy: str, world_size: int, model: str, classes, *, chunk_steps: int,
+    cost_profile: dict | None, execution: ExecutionModel,
+) -> tuple[tuple[int, int, float], ...]:  # fmt: skip
+    """ExecutionModel.host_cpu_by_size from measured_host_cpu: the CPU of every thread but the
+    workers' where it was measured by name, else the total less the simulated compute
+    (host_cpu_by_size)."""
+    direct = host_cpu.get("host_per_request_s")
+    if direct:
+        return tuple((c.width, c.height, float(direct[c.name])) for c in classes)
+    return host_cpu_by_size(policy, world_size, model, classes, host_cpu["per_request_s"],
+                            chunk_steps=chunk_steps, cost_profile=cost_profile, execution=execution)  # fmt: skip
 
 
 def calibrated_result_s(classes, standalone_s: dict, spans: dict) -> float:
@@ -503,11 +547,10 @@ def run_fidelity(args, execution: ExecutionModel, command: str) -> dict:
             )  # fmt: skip
             ex = replace(ex, compute_scale=scale)
         if got["host_cpu"] is not None and execution.cores > 0:
-            table = host_cpu_by_size(
-                policy, world, model, classes, got["host_cpu"]["per_request_s"], chunk_steps=args.chunk_steps,
+            ex = replace(ex, host_cpu_by_size=host_cpu_table(
+                got["host_cpu"], policy, world, model, classes, chunk_steps=args.chunk_steps,
                 cost_profile=profile, execution=ex,
-            )  # fmt: skip
-            ex = replace(ex, host_cpu_by_size=table)
+            ))  # fmt: skip
         if getattr(args, "calibrate_overhead", False) and classes:
             overhead = calibrated_overhead(
                 policy, world, model, classes, got["standalone_s"], chunk_steps=args.chunk_steps,

@@ -195,6 +195,58 @@ def test_process_tree_cpu_counts_children(tmp_path):
         process_tree_cpu_s(child.pid)
 
 
+def test_named_threads_cpu_is_theirs_alone():
+    import os
+    import sys
+    import threading
+    import time
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("OS thread names and /proc are Linux only")
+    from gfdit.eval.fidelity import process_tree_cpu_s
+    from gfdit.runtime.engine import name_os_thread
+
+    seen, burnt, done = {}, threading.Event(), threading.Event()
+
+    def burn():
+        name_os_thread("gfdit-burner")
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm") as f:
+            seen["name"] = f.read().strip()
+        t = time.thread_time()
+        while time.thread_time() - t < 0.3:
+            pass
+        burnt.set()
+        done.wait(timeout=60)
+
+    assert process_tree_cpu_s(os.getpid(), threads_named="gfdit-burner") == 0.0  # no such thread yet
+    th = threading.Thread(target=burn)
+    th.start()
+    try:
+        assert burnt.wait(timeout=60)
+        assert seen["name"] == "gfdit-burner"
+        named = process_tree_cpu_s(os.getpid(), threads_named="gfdit-burner")
+        assert 0.25 <= named <= process_tree_cpu_s(os.getpid())
+        assert process_tree_cpu_s(os.getpid(), threads_named="no-such-thread") == 0.0
+    finally:
+        done.set()
+        th.join(timeout=30)
+
+
+def test_host_cpu_table_prefers_the_cpu_measured_without_the_workers():
+    from gfdit.bench.workload import RequestClass
+    from gfdit.eval.fidelity import host_cpu_by_size, host_cpu_table
+
+    classes = (RequestClass("S", 512, 512, None, 4, 1.0), RequestClass("L", 1024, 1024, None, 4, 1.0))
+    kw = dict(chunk_steps=2, cost_profile=None, execution=ExecutionModel(cores=2))
+    total = {"S": 5.0, "L": 9.0}
+    direct = host_cpu_table({"per_request_s": total, "host_per_request_s": {"S": 0.01, "L": 0.02}},
+                            "static:sp=1", 4, "flux-dev", classes, **kw)  # fmt: skip
+    assert direct == ((512, 512, 0.01), (1024, 1024, 0.02))
+    fallback = host_cpu_table({"per_request_s": total, "host_per_request_s": None},
+                              "static:sp=1", 4, "flux-dev", classes, **kw)  # fmt: skip
+    assert fallback == host_cpu_by_size("static:sp=1", 4, "flux-dev", classes, total, **kw)
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
