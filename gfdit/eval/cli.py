@@ -142,8 +142,9 @@ def add_eval_parser(sub) -> None:
     )  # fmt: skip
     f.add_argument(
         "--repeats", type=int, default=1,
-        help="replays of the trace per server (default 1); measured = their mean, and the report shows how "
-        "far one replay strays from it (the measurement's own spread)",
+        help="measurements of the trace per policy, each on a fresh server (default 1; with --url: replays on "
+        "it); measured = their mean, and the report shows how far one strays from it (the measurement's own "
+        "spread)",
     )  # fmt: skip
     f.add_argument("--out", required=True, help="directory for fidelity.json, fidelity.md and the runs")
     _execution_args(f)

@@ -428,9 +428,8 @@ def _label(policy: str) -> str:
 def _replay_and_measure(
     url: str, args, out_dir: str, classes, model: str, command: str, server_pid: int | None = None
 ) -> tuple[dict, dict]:
-    """Calibrates on the idle server, then replays the trace `args.repeats` times (the first into
-    out_dir, repeat k into out_dir/repeatK): (the first run.json, {"rows": the last replay's rows,
-    "replays": every replay's rows, "standalone_s", "host_cpu"})."""
+    """Calibrates on the idle server (with `server_pid`, its host CPU too), then replays the trace
+    into out_dir: (run.json, {"rows", "standalone_s", "host_cpu"})."""
     import httpx
 
     from gfdit.bench.client import calibrate, run_trace
@@ -439,31 +438,51 @@ def _replay_and_measure(
     host_cpu = None
     if getattr(args, "calibrate_overhead", False) and server_pid is not None and classes:
         host_cpu = measured_host_cpu(url, server_pid, model, classes, timeout_s=args.timeout)
-    replays, first = [], None
-    for k in range(getattr(args, "repeats", 1)):
-        where = out_dir if k == 0 else os.path.join(out_dir, f"repeat{k + 1}")
-        os.makedirs(where, exist_ok=True)
-        run = run_trace(
-            url, args.trace, where, time_scale=args.time_scale, timeout_s=args.timeout, command=command
-        )
-        first = first or run
-        with open(os.path.join(where, "results.jsonl")) as f:
-            replays.append([json.loads(line) for line in f if line.strip()])
+    run = run_trace(
+        url, args.trace, out_dir, time_scale=args.time_scale, timeout_s=args.timeout, command=command
+    )
     try:
         with open(os.path.join(out_dir, "metrics.txt"), "w") as f:
             f.write(httpx.get(url + "/metrics", timeout=10.0).text)
     except httpx.HTTPError as e:
         log.warning("could not read %s/metrics: %s", url, e)
-    return first, {"rows": replays[-1], "replays": replays, "standalone_s": standalone, "host_cpu": host_cpu}
+    with open(os.path.join(out_dir, "results.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return run, {"rows": rows, "standalone_s": standalone, "host_cpu": host_cpu}
+
+
+def _measure_policy(policy: str, args, serve_args, out_dir: str, classes, model: str, command: str):
+    """`args.repeats` measurements of one policy, each on a fresh server (two servers differ more than
+    two replays on one: bench/results/2026-12-06-cpu-s9/fidelity4/README.md), the first into out_dir,
+    measurement k into out_dir/repeatK; the first server's calibration counts. Returns (world size,
+    server command, the first task log's path, the first got with "replays": every measurement's rows)."""
+    first, replays = None, []
+    for k in range(getattr(args, "repeats", 1)):
+        where = out_dir if k == 0 else os.path.join(out_dir, f"repeat{k + 1}")
+        os.makedirs(where, exist_ok=True)
+        task_log = os.path.join(where, "tasks.jsonl")
+        server = _Server([*serve_args, "--task-log", task_log], policy, os.path.join(where, "server.log"))
+        try:
+            world = server.wait_healthy(args.health_timeout)["world_size"]
+            _, got = _replay_and_measure(
+                server.url, args, where, classes, model, command, server.proc.pid if k == 0 else None
+            )
+        finally:
+            code = server.stop()
+        log.info("%s: server %d exited with %s", policy, k + 1, code)
+        first = first or (world, server.command, task_log, got)
+        replays.append(got["rows"])
+    world, server_command, task_log, got = first
+    return world, server_command, task_log, {**got, "replays": replays}
 
 
 kMetricKeys = ("mean_latency_s", "p99_latency_s", "throughput_rps", "slo")
 
 
 def repeated_metrics(replays: list[list[dict]], time_scale: float = 1.0) -> tuple[dict, dict]:
-    """Several replays of one trace on one server: (each metric's mean over them, the spread: per
-    metric the largest relative deviation of a replay from that mean, in points for SLO — how far
-    the measurement itself moves between replays; 0 for one replay)."""
+    """Several measurements of one trace (fresh servers, or replays on one): (each metric's mean over
+    them, the spread: per metric the largest relative deviation of one from that mean, in points for
+    SLO — how far the measurement itself moves; 0 for one)."""
     each = [measured_metrics(rows, time_scale) for rows in replays]
     mean = dict(each[0])
     spread = {}
@@ -510,28 +529,23 @@ def run_fidelity(args, execution: ExecutionModel, command: str) -> dict:
                 raise FidelityError(f"{args.url}/health does not answer 200")
             policy = health["policy_spec"]
             out_dir = os.path.join(args.out, _label(health["policy"]))
-            os.makedirs(out_dir, exist_ok=True)
-            run, got = _replay_and_measure(args.url, args, out_dir, classes, model, command)
+            replays, got = [], None
+            for k in range(args.repeats):  # one server: replays on it
+                where = out_dir if k == 0 else os.path.join(out_dir, f"repeat{k + 1}")
+                os.makedirs(where, exist_ok=True)
+                _, g = _replay_and_measure(args.url, args, where, classes, model, command)
+                got = got or g
+                replays.append(g["rows"])
+            got = {**got, "replays": replays}
             world = health["world_size"]
             task_log = None  # the running server's own --task-log, if any, is not known here
             server_command = None
         else:
             out_dir = os.path.join(args.out, _label(policy))
             os.makedirs(out_dir, exist_ok=True)
-            task_log = os.path.join(out_dir, "tasks.jsonl")
-            server = _Server(
-                [*serve_args, "--task-log", task_log], policy, os.path.join(out_dir, "server.log")
+            world, server_command, task_log, got = _measure_policy(
+                policy, args, serve_args, out_dir, classes, model, command
             )
-            try:
-                health = server.wait_healthy(args.health_timeout)
-                world = health["world_size"]
-                run, got = _replay_and_measure(
-                    server.url, args, out_dir, classes, model, command, server.proc.pid
-                )
-            finally:
-                code = server.stop()
-            server_command = server.command
-            log.info("%s: server exited with %s", policy, code)
         measured, spread = repeated_metrics(got["replays"], args.time_scale)
         ex = execution
         measured_tasks, mapping = _read_task_log(task_log, records, policy)
@@ -662,8 +676,9 @@ def render_markdown(report: dict) -> str:
     if runs:
         lines += [
             "",
-            f"The measurement's own spread: the trace replayed {runs[0]['measured']['replays']} times on the "
-            "same server (measured above = their mean); the largest deviation of one replay from that mean:",
+            f"The measurement's own spread: the trace measured {runs[0]['measured']['replays']} times, each on a "
+            "fresh server (--url: replays on that one); measured above = their mean; the largest deviation of "
+            "one measurement from that mean:",
             "",
             "| policy | mean latency | P99 | throughput | SLO points |",
             "| --- | ---: | ---: | ---: | ---: |",
