@@ -5,7 +5,7 @@ writes OUT/resimulated.json: the saved measurements beside the new simulation, a
 
 The execution model is the saved one (fidelity.json's "execution") with what each policy's idle
 server measured, calibrated again under the current model in the order gfdit eval fidelity uses:
-the result delivery (from the policy's task log, where saved), the compute scale from the lone-request latencies (gfdit.eval.fidelity.calibrated_scale), the
+the result delivery (where the run saved the lone requests' figures), the compute scale from the lone-request latencies (gfdit.eval.fidelity.calibrated_scale), the
 per-request host CPU (run["host_cpu"] less the scaled compute, Note [Simulated execution] in
 gfdit.simexec), then the per-task host overhead (calibrated_overhead). A run saved before the
 host CPU was measured takes the same policy's measurement from another load of OUT (named in
@@ -15,12 +15,10 @@ host CPU was measured takes the same policy's measurement from another load of O
 import argparse
 import json
 import math
-import os
 from dataclasses import replace
 
 from gfdit.bench.workload import RequestClass, read_trace
 from gfdit.cost import read_profile
-from gfdit.eval import tasks
 from gfdit.eval.cli import sharing_points
 from gfdit.eval.fidelity import (
     calibrated_overhead,
@@ -49,8 +47,8 @@ ap.add_argument(
 ap.add_argument("--no-host-cpu", action="store_true", help="leave the host CPU out (the model before it)")
 ap.add_argument(
     "--no-result", action="store_true",
-    help="leave the result delivery out (ExecutionModel.result_s; calibrated from each policy's task log, "
-    "tasks.jsonl, where the run saved one)",
+    help="leave the result delivery out (ExecutionModel.result_s; calibrated from the idle server's lone "
+    "requests, calibration_after_s, where the run saved them)",
 )  # fmt: skip
 ap.add_argument(
     "--host-cpu-factor", type=float, default=1.0,
@@ -93,12 +91,8 @@ for load, d in reports.items():
             cpu_from, host_cpu = load, r["host_cpu"]
         elif policy in measured_cpu:
             cpu_from, host_cpu = measured_cpu[policy]
-        label = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in policy)  # its run's folder
-        log_path = f"{base}/load{load}/{label}/tasks.jsonl"
-        if not args.no_result and os.path.exists(log_path):  # first: the lone latency holds the delivery
-            rows = tasks.read_task_log(log_path)
-            spans = tasks.lone_spans(rows, set(tasks.align(rows, records)))
-            ex = replace(ex, result_s=calibrated_result_s(classes, r["calibrated_standalone_s"], spans))
+        if not args.no_result and r.get("calibration_after_s"):  # first: the lone latency holds it
+            ex = replace(ex, result_s=calibrated_result_s(r["calibration_after_s"]))
         if not args.no_scale:  # then: the host CPU is what the scaled compute leaves
             scale = calibrated_scale(policy, world, "tiny-flux", classes, r["calibrated_standalone_s"],
                                      chunk_steps=chunk, cost_profile=prof, execution=ex)  # fmt: skip

@@ -42,8 +42,8 @@ gfdit.runtime.worker, Note [Reshard execution]):
     image encoded, the HTTP answer sent and parsed; 7-16 ms a request on the 2-core CPU server, from
     its task log: gfdit.eval.tasks). It occupies no rank; with `cores` > 0 it is CPU work on the
     shared cores like the tasks, so it stretches by s(b + u) / s(1) with b ranks busy and host load u
-    when the last task ends. `gfdit eval fidelity --calibrate-overhead` measures it on the idle server
-    (gfdit.eval.fidelity.calibrated_result_s);
+    when the last task ends. `gfdit eval fidelity --calibrate-overhead` measures it on the idle server:
+    a lone request's latency at the client less the server's own (gfdit.eval.fidelity.calibrated_result_s);
   - compute scale: every task's compute is `compute_scale` times the cost model's (a profile that is
     slower than the server, as the idle server's lone requests show: gfdit.eval.fidelity.calibrated_scale).
 `ExecutionModel()` (all off) is the plain simulator. `ExecutionState.batch_timing` prices a batched

@@ -350,8 +350,9 @@ def scrape_batch_sizes(
 
 
 async def _calibrate(
-    url: str, model: str, classes: Sequence[RequestClass], repeats: int, timeout_s: float, api_key: str | None
-):
+    url: str, model: str, classes: Sequence[RequestClass], repeats: int, timeout_s: float, api_key: str | None,
+    after: list[float] | None = None,
+):  # fmt: skip
     out = {}
     headers = auth_headers(api_key)
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(timeout_s), headers=headers) as client:
@@ -368,15 +369,18 @@ async def _calibrate(
                     raise RuntimeError(f"calibration request of class {c.name} did not complete: {o.error}")
                 if i > 0:
                     best = o.latency_s if best is None else min(best, o.latency_s)
+                    if after is not None and o.server_latency_s is not None:
+                        after.append(o.latency_s - o.server_latency_s)
             out[c.name] = best
     return out
 
 
 def calibrate(
     url: str, model: str, classes: Sequence[RequestClass], repeats: int = 2, timeout_s: float = 600.0,
-    api_key: str | None = None,
+    api_key: str | None = None, after: list[float] | None = None,
 ) -> dict[str, float]:  # fmt: skip
     """class name -> the fastest of `repeats` latencies of one request of that class sent alone
     (after a warm-up), to an otherwise idle server: a measured standalone latency (alone on the
-    server, at whatever degree its policy gives a lone request)."""
-    return asyncio.run(_calibrate(url, model, classes, repeats, timeout_s, api_key))
+    server, at whatever degree its policy gives a lone request). `after` receives each timed
+    request's latency here less the server's own (its result's encoding, the answer, the client)."""
+    return asyncio.run(_calibrate(url, model, classes, repeats, timeout_s, api_key, after))

@@ -320,15 +320,11 @@ def host_cpu_table(
                             chunk_steps=chunk_steps, cost_profile=cost_profile, execution=execution)  # fmt: skip
 
 
-def calibrated_result_s(classes, standalone_s: dict, spans: dict) -> float:
-    """Result delivery (ExecutionModel.result_s) implied by the idle server: per class, its fastest
-    lone latency at the client less the shortest server-side span of its lone requests (the task
-    log, gfdit.eval.tasks.lone_spans); the median over classes, at least 0. 0 without spans."""
-    values = sorted(
-        standalone_s[c.name] - spans[(c.width, c.height)]
-        for c in classes
-        if c.name in standalone_s and (c.width, c.height) in spans
-    )
+def calibrated_result_s(after_s: list[float]) -> float:
+    """Result delivery (ExecutionModel.result_s) implied by the idle server: the median over its lone
+    requests of the latency at the client less the server's own (gfdit.bench.client.calibrate's
+    `after`), at least 0; 0 without any."""
+    values = sorted(after_s)
     return max(0.0, values[len(values) // 2]) if values else 0.0
 
 
@@ -434,7 +430,10 @@ def _replay_and_measure(
 
     from gfdit.bench.client import calibrate, run_trace
 
-    standalone = calibrate(url, model, classes, timeout_s=args.timeout)  # also warms the server up
+    after: list[float] = []
+    standalone = calibrate(
+        url, model, classes, timeout_s=args.timeout, after=after
+    )  # also warms the server up
     host_cpu = None
     if getattr(args, "calibrate_overhead", False) and server_pid is not None and classes:
         host_cpu = measured_host_cpu(url, server_pid, model, classes, timeout_s=args.timeout)
@@ -448,7 +447,7 @@ def _replay_and_measure(
         log.warning("could not read %s/metrics: %s", url, e)
     with open(os.path.join(out_dir, "results.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    return run, {"rows": rows, "standalone_s": standalone, "host_cpu": host_cpu}
+    return run, {"rows": rows, "standalone_s": standalone, "host_cpu": host_cpu, "after_s": after}
 
 
 def _measure_policy(policy: str, args, serve_args, out_dir: str, classes, model: str, command: str):
@@ -549,11 +548,8 @@ def run_fidelity(args, execution: ExecutionModel, command: str) -> dict:
         measured, spread = repeated_metrics(got["replays"], args.time_scale)
         ex = execution
         measured_tasks, mapping = _read_task_log(task_log, records, policy)
-        if getattr(args, "calibrate_overhead", False) and classes and measured_tasks:
-            from gfdit.eval.tasks import lone_spans
-
-            spans = lone_spans(measured_tasks, set(mapping))
-            ex = replace(ex, result_s=calibrated_result_s(classes, got["standalone_s"], spans))
+        if getattr(args, "calibrate_overhead", False) and classes:
+            ex = replace(ex, result_s=calibrated_result_s(got["after_s"]))
         if getattr(args, "calibrate_overhead", False) and classes:  # first: the host CPU is what it leaves
             scale = calibrated_scale(
                 policy, world, model, classes, got["standalone_s"], chunk_steps=args.chunk_steps,
@@ -584,7 +580,7 @@ def run_fidelity(args, execution: ExecutionModel, command: str) -> dict:
         row = {"policy": policy, "world_size": world, "server_command": server_command,
                "calibrated_standalone_s": got["standalone_s"], "host_overhead_s": ex.host_overhead_s,
                "host_cpu": got["host_cpu"], "host_cpu_by_size": ex.host_cpu_by_size, "compute_scale": ex.compute_scale,
-               "result_s": ex.result_s,
+               "result_s": ex.result_s, "calibration_after_s": got["after_s"],
                "measured": measured, "measured_spread": spread, "simulated": simulated, **errors(measured, simulated),
                "plain_simulated": plain,
                "plain_errors": errors(measured, plain), "by_request": by_task}  # fmt: skip

@@ -20,7 +20,6 @@ __all__ = [
     "read_task_log",
     "sim_task_rows",
     "align",
-    "lone_spans",
     "request_breakdown",
     "compare",
     "render_markdown",
@@ -81,25 +80,6 @@ def align(rows: list[dict], records: Sequence) -> dict[str, str]:
                 f"{rec.request_id} ({rec.width}x{rec.height}) at the same place in arrival order"
             )
         out[rid] = rec.request_id
-    return out
-
-
-def lone_spans(rows: list[dict], replayed: set[str]) -> dict[tuple[int, int], float]:
-    """(width, height) -> the shortest server-side span (arrival to the last task's end) of the
-    logged requests not in `replayed`: the lone requests an idle server answered before the replay
-    (`gfdit eval fidelity`'s calibration)."""
-    spans: dict[str, tuple[tuple[int, int], float]] = {}
-    for row in rows:
-        rid = row["request_id"]
-        if rid in replayed:
-            continue
-        shape, end = spans.get(rid, ((row["width"], row["height"]), row["arrival_s"]))
-        spans[rid] = (shape, max(end, row["end_s"]))
-    arrivals = {row["request_id"]: row["arrival_s"] for row in rows}
-    out: dict[tuple[int, int], float] = {}
-    for rid, (shape, end) in spans.items():
-        span = end - arrivals[rid]
-        out[shape] = min(out.get(shape, math.inf), span)
     return out
 
 

@@ -133,20 +133,10 @@ def test_task_log_directory_must_exist(capsys, tmp_path):
 
 
 def test_result_delivery_is_calibrated_from_the_lone_requests():
-    from gfdit.bench.workload import RequestClass as Cls
     from gfdit.eval.fidelity import calibrated_result_s
 
-    rows = [
-        _row("c1", "ENCODE", 0, 0, 0.0, 0.01, side=32),
-        _row("c1", "DECODE", 0, 0, 0.01, 0.05, side=32),  # span 0.05
-        _row("c2", "DECODE", 0, 0, 1.0, 1.04, arrival=1.0, side=32),  # span 0.04: the shortest
-        _row("c3", "DECODE", 0, 0, 2.0, 2.2, arrival=2.0, side=64),
-        _row("t1", "DECODE", 0, 0, 3.0, 3.01, arrival=3.0, side=32),  # replayed: not a lone request
-    ]
-    spans = tasks.lone_spans(rows, {"t1"})
-    assert spans == {(32, 32): pytest.approx(0.04), (64, 64): pytest.approx(0.2)}
-    classes = [Cls("S", 32, 32, None, 4, 1.0), Cls("M", 64, 64, None, 4, 1.0), Cls("L", 96, 96, None, 4, 1.0)]
-    # S: 0.05 - 0.04, M: 0.21 - 0.2; L has no lone request in the log and is left out
-    assert calibrated_result_s(classes, {"S": 0.05, "M": 0.21, "L": 9.0}, spans) == pytest.approx(0.01)
-    assert calibrated_result_s(classes, {"S": 0.03}, spans) == 0.0  # never below 0
-    assert calibrated_result_s(classes, {"S": 0.05}, {}) == 0.0
+    # the median of (latency at the client - the server's own) over the lone requests
+    assert calibrated_result_s([0.012, 0.008, 0.010, 0.30]) == pytest.approx(0.012)  # one outlier: no effect
+    assert calibrated_result_s([0.011, 0.009, 0.010]) == pytest.approx(0.010)
+    assert calibrated_result_s([-0.001]) == 0.0  # never below 0
+    assert calibrated_result_s([]) == 0.0
