@@ -5,7 +5,7 @@
 # (gfdit eval fidelity --calibrate-overhead). Run from the repository root on the device machine:
 #   bash bench/fidelity_gpu.sh OUT_DIR
 #   env: MODEL (tiny-flux), SIZES (32,144,256), STEPS (20), LOADS ("0.5 0.8"), POLICIES ("fcfs-elastic;sjf"),
-#        REQUESTS (120), REPEATS (2: replays per server, the measurement's spread), SERVE_EXTRA (more gfdit serve options, e.g. "--compile off --cuda-graphs off")
+#        REQUESTS (120), REPEATS (2: measurements per policy, each on a fresh server: the measurement's own spread), SERVE_EXTRA (more gfdit serve options, e.g. "--compile off --cuda-graphs off")
 set -uo pipefail
 out=${1:?out dir}
 mkdir -p "$out"
