@@ -11,6 +11,7 @@ degree, shape and batch size shows for which tasks. The measured side is the ser
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 from collections import defaultdict
@@ -29,9 +30,10 @@ kParts = ("wait_s", "tasks_s", "gaps_s", "after_s")
 
 
 def read_task_log(path: str) -> list[dict]:
-    """The rows of a task log; a torn last line (a killed server) is dropped."""
+    """The rows of a task log (gzip-compressed if the name ends in .gz); a torn last line (a killed
+    server) is dropped."""
     rows = []
-    with open(path) as f:
+    with gzip.open(path, "rt") if path.endswith(".gz") else open(path) as f:
         for line in f:
             try:
                 rows.append(json.loads(line))

@@ -140,3 +140,12 @@ def test_result_delivery_is_calibrated_from_the_lone_requests():
     assert calibrated_result_s([0.011, 0.009, 0.010]) == pytest.approx(0.010)
     assert calibrated_result_s([-0.001]) == 0.0  # never below 0
     assert calibrated_result_s([]) == 0.0
+
+
+def test_read_task_log_reads_gzip(tmp_path):
+    import gzip
+
+    p = tmp_path / "tasks.jsonl.gz"
+    with gzip.open(p, "wt") as f:
+        f.write('{"request_id": "a"}\n')
+    assert tasks.read_task_log(str(p)) == [{"request_id": "a"}]
