@@ -13,6 +13,7 @@ their deadline / all requests.
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import math
@@ -615,11 +616,11 @@ def _read_task_log(task_log, records, policy: str) -> tuple[list[dict], dict[str
 
 def _compare_tasks(measured, mapping, rows, kept: dict, out_dir: str, policy: str) -> dict | None:
     """The server's task log beside the simulation's trace (gfdit.eval.tasks): writes tasks.md and
-    sim-tasks.jsonl in out_dir, returns the per-request breakdown (None without a usable log)."""
+    sim-tasks.jsonl.gz in out_dir, returns the per-request breakdown (None without a usable log)."""
     from gfdit.eval import tasks
 
     sim_rows = tasks.sim_task_rows(kept["result"], kept["requests"])
-    with open(os.path.join(out_dir, "sim-tasks.jsonl"), "w") as f:
+    with gzip.open(os.path.join(out_dir, "sim-tasks.jsonl.gz"), "wt") as f:
         f.writelines(json.dumps(r) + "\n" for r in sim_rows)
     if not measured:
         return None
