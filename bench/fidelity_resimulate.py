@@ -15,10 +15,12 @@ host CPU was measured takes the same policy's measurement from another load of O
 import argparse
 import json
 import math
+import os
 from dataclasses import replace
 
 from gfdit.bench.workload import RequestClass, read_trace
 from gfdit.cost import read_profile
+from gfdit.eval import tasks
 from gfdit.eval.cli import sharing_points
 from gfdit.eval.fidelity import (
     calibrated_overhead,
@@ -26,6 +28,7 @@ from gfdit.eval.fidelity import (
     calibrated_scale,
     errors,
     host_cpu_table,
+    lone_task_fit,
     simulated_metrics,
 )
 from gfdit.simexec import ExecutionModel
@@ -56,9 +59,15 @@ ap.add_argument(
     "work per request under load, e.g. from bench/fidelity_threads.py, over the lone one)",
 )  # fmt: skip
 ap.add_argument("--json", default="resimulated.json", help="file name under OUT")
+ap.add_argument("--profile", default=None, help="the run's cost profile (default OUT/tiny-flux-cpu4.json)")
+ap.add_argument(
+    "--no-task-fit", action="store_true",
+    help="calibrate the compute scale and the per-task overhead from the lone latencies, not from the lone "
+    "requests' tasks in the task log (gfdit.eval.fidelity.lone_task_fit)",
+)  # fmt: skip
 args = ap.parse_args()
 base = args.out
-prof = read_profile(f"{base}/tiny-flux-cpu4.json", model="tiny-flux")
+prof = read_profile(args.profile or f"{base}/tiny-flux-cpu4.json", model="tiny-flux")
 reports = {}
 for load in kLoads:
     try:
@@ -93,7 +102,23 @@ for load, d in reports.items():
             cpu_from, host_cpu = measured_cpu[policy]
         if not args.no_result and r.get("calibration_after_s"):  # first: the lone latency holds it
             ex = replace(ex, result_s=calibrated_result_s(r["calibration_after_s"]))
-        if not args.no_scale:  # then: the host CPU is what the scaled compute leaves
+        label = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in policy)  # the run's folder
+        logs = [f"{base}/load{load}/{label}/tasks.jsonl{z}" for z in (".gz", "")]
+        log_path = next((p for p in logs if os.path.exists(p)), None)
+        fit = None
+        if log_path is not None and not args.no_task_fit and not args.no_scale:
+            rows = tasks.read_task_log(log_path)
+            try:
+                replayed = set(tasks.align(rows, records))
+            except ValueError as e:  # as gfdit eval fidelity does: no task log then
+                print(f"{load} {policy}: {e}; calibrated from the lone latencies")
+                replayed = None
+            if replayed is not None:
+                fit = lone_task_fit(rows, replayed, policy, world, "tiny-flux", classes,
+                                    chunk_steps=chunk, cost_profile=prof, execution=ex)  # fmt: skip
+        if fit is not None:
+            ex = replace(ex, compute_scale=fit[0], host_overhead_s=fit[1])
+        elif not args.no_scale:  # then: the host CPU is what the scaled compute leaves
             scale = calibrated_scale(policy, world, "tiny-flux", classes, r["calibrated_standalone_s"],
                                      chunk_steps=chunk, cost_profile=prof, execution=ex)  # fmt: skip
             ex = replace(ex, compute_scale=scale)
@@ -103,9 +128,10 @@ for load, d in reports.items():
             if args.host_cpu_factor != 1.0:
                 table = tuple((w, h, s * args.host_cpu_factor) for w, h, s in table)
             ex = replace(ex, host_cpu_by_size=table)
-        overhead = calibrated_overhead(policy, world, "tiny-flux", classes, r["calibrated_standalone_s"],
-                                       chunk_steps=chunk, cost_profile=prof, execution=ex)  # fmt: skip
-        ex = replace(ex, host_overhead_s=overhead)
+        if fit is None:
+            overhead = calibrated_overhead(policy, world, "tiny-flux", classes, r["calibrated_standalone_s"],
+                                           chunk_steps=chunk, cost_profile=prof, execution=ex)  # fmt: skip
+            ex = replace(ex, host_overhead_s=overhead)
         sim = simulated_metrics(records, policy, world, chunk_steps=chunk, cost_profile=prof, execution=ex)
         e = errors(r["measured"], sim)
         out.append(

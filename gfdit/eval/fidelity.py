@@ -49,6 +49,7 @@ __all__ = [
     "calibration_request",
     "calibrated_scale",
     "calibrated_result_s",
+    "lone_task_fit",
     "host_cpu_table",
 ]
 
@@ -151,6 +152,58 @@ def calibration_request(model: str, c):
     return Request("calibration", model, width=c.width, height=c.height, num_frames=c.num_frames,
                    num_inference_steps=c.num_inference_steps, slo_class=c.name,
                    deadline_s=kCalibrationSloS)  # fmt: skip
+
+
+def lone_task_fit(
+    rows: list[dict], replayed: set[str], policy: str, world_size: int, model: str, classes, *,
+    chunk_steps: int, cost_profile: dict | None, execution: ExecutionModel,
+) -> tuple[float, float, int] | None:  # fmt: skip
+    """(compute scale, per-task overhead seconds, tasks used) from the idle server's lone requests in
+    its task log (`rows`; the requests not in `replayed`): each of their tasks' measured duration
+    (dispatch to done) against the same task of the simulated lone request of its class (cost model
+    only: no overhead, scale 1), fitted as measured = scale x simulated + overhead (Theil-Sen: robust
+    to a slow task; short ENCODE/DECODE tasks pin the overhead, long DENOISE chunks the scale). Each
+    shape's first lone request is left out (the calibration's warm-up).
+    Where the task log is at hand this replaces calibrated_scale and calibrated_overhead, which can
+    only share one lone latency between the two. None with fewer than 3 matched tasks or a
+    degenerate fit (scale <= 0)."""
+    from gfdit.eval.sweep import SweepConfig
+
+    cfg = SweepConfig("x", world_size, "paper-image", (1.0,), (policy,), cost_profile=cost_profile)
+    bare = replace(execution, host_overhead_s=0.0, compute_scale=1.0, result_s=0.0, host_cpu_s=0.0,
+                   host_cpu_by_size=())  # fmt: skip
+    simulated: dict[tuple[int, int], dict[tuple, float]] = {}
+    for c in classes:
+        sched = Scheduler(world_size, make_policy(policy), cfg.cost_model(), chunk_steps=chunk_steps)
+        res = simulate(sched, [calibration_request(model, c)], true_cost=cfg.cost_model(), execution=bare)
+        simulated[(c.width, c.height)] = {
+            (e.task.kind.name, e.task.start, e.task.end, len(e.ranks)): e.end_s - e.start_s for e in res.trace
+        }
+    first_of_shape: dict[tuple[int, int], str] = {}  # each shape's first lone request: a warm-up
+    for row in sorted(rows, key=lambda r: r["arrival_s"]):
+        if row["request_id"] not in replayed:
+            first_of_shape.setdefault((row["width"], row["height"]), row["request_id"])
+    warmups = set(first_of_shape.values())
+    pairs = []
+    for row in rows:
+        if row["request_id"] in replayed or row["request_id"] in warmups:
+            continue
+        sim = simulated.get((row["width"], row["height"]), {})
+        key = (row["kind"], row["start"], row["end"], len(row["ranks"]))
+        if key in sim:
+            pairs.append((sim[key], row["end_s"] - row["dispatch_s"]))
+    # Theil-Sen: the median of the pairwise slopes, then the median intercept (a slow outlier task
+    # moves neither)
+    slopes = sorted(
+        (y1 - y0) / (x1 - x0) for i, (x0, y0) in enumerate(pairs) for x1, y1 in pairs[i + 1 :] if x1 != x0
+    )
+    if len(pairs) < 3 or not slopes:
+        return None
+    scale = slopes[len(slopes) // 2]
+    if not scale > 0:
+        return None
+    rest = sorted(y - scale * x for x, y in pairs)
+    return scale, max(0.0, rest[len(rest) // 2]), len(pairs)
 
 
 def calibrated_overhead(
@@ -551,7 +604,17 @@ def run_fidelity(args, execution: ExecutionModel, command: str) -> dict:
         measured_tasks, mapping = _read_task_log(task_log, records, policy)
         if getattr(args, "calibrate_overhead", False) and classes:
             ex = replace(ex, result_s=calibrated_result_s(got["after_s"]))
-        if getattr(args, "calibrate_overhead", False) and classes:  # first: the host CPU is what it leaves
+        fit = None
+        if getattr(args, "calibrate_overhead", False) and classes and measured_tasks:
+            fit = lone_task_fit(
+                measured_tasks, set(mapping), policy, world, model, classes, chunk_steps=args.chunk_steps,
+                cost_profile=profile, execution=ex,
+            )  # fmt: skip
+        if fit is not None:  # the lone requests' tasks, one by one
+            ex = replace(ex, compute_scale=fit[0], host_overhead_s=fit[1])
+        if (
+            fit is None and getattr(args, "calibrate_overhead", False) and classes
+        ):  # first: the host CPU is what it leaves
             scale = calibrated_scale(
                 policy, world, model, classes, got["standalone_s"], chunk_steps=args.chunk_steps,
                 cost_profile=profile, execution=ex,
@@ -562,7 +625,7 @@ def run_fidelity(args, execution: ExecutionModel, command: str) -> dict:
                 got["host_cpu"], policy, world, model, classes, chunk_steps=args.chunk_steps,
                 cost_profile=profile, execution=ex,
             ))  # fmt: skip
-        if getattr(args, "calibrate_overhead", False) and classes:
+        if fit is None and getattr(args, "calibrate_overhead", False) and classes:
             overhead = calibrated_overhead(
                 policy, world, model, classes, got["standalone_s"], chunk_steps=args.chunk_steps,
                 cost_profile=profile, execution=ex,
@@ -582,6 +645,7 @@ def run_fidelity(args, execution: ExecutionModel, command: str) -> dict:
                "calibrated_standalone_s": got["standalone_s"], "host_overhead_s": ex.host_overhead_s,
                "host_cpu": got["host_cpu"], "host_cpu_by_size": ex.host_cpu_by_size, "compute_scale": ex.compute_scale,
                "result_s": ex.result_s, "calibration_after_s": got["after_s"],
+               "lone_task_fit": fit,
                "measured": measured, "measured_spread": spread, "simulated": simulated, **errors(measured, simulated),
                "plain_simulated": plain,
                "plain_errors": errors(measured, plain), "by_request": by_task}  # fmt: skip

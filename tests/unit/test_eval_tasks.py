@@ -149,3 +149,34 @@ def test_read_task_log_reads_gzip(tmp_path):
     with gzip.open(p, "wt") as f:
         f.write('{"request_id": "a"}\n')
     assert tasks.read_task_log(str(p)) == [{"request_id": "a"}]
+
+
+def test_lone_task_fit_recovers_scale_and_overhead_and_skips_the_warm_up():
+    from gfdit.bench.workload import RequestClass as Cls
+    from gfdit.eval.fidelity import calibration_request, lone_task_fit
+    from gfdit.policy import make_policy
+    from gfdit.scheduler import Scheduler
+    from gfdit.sim import simulate
+
+    classes = [Cls("S", 512, 512, None, 6, 1.0), Cls("L", 1024, 1024, None, 6, 1.0)]
+    rows, per_request = [], []
+    for c in classes:
+        req = calibration_request("flux-dev", c)
+        res = simulate(Scheduler(4, make_policy("static:sp=1"), chunk_steps=2), [req])
+        per_request.append(len(res.trace))
+        for k, slow in enumerate((50.0, 1.0, 1.0)):  # the first of each shape is the warm-up: 50x slower
+            t = 100.0 * k + (0 if c.name == "S" else 1000.0)
+            for e in res.trace:
+                d = (1.2 * (e.end_s - e.start_s) + 0.003) * slow
+                rows.append(_row(f"{c.name}{k}", e.task.kind.name, e.task.start, e.task.end, t, t + d,
+                                 arrival=t, ranks=e.ranks, side=c.width))  # fmt: skip
+                t += d
+    rows.append(_row("replayed", "DECODE", 0, 0, 5000.0, 5009.0, arrival=5000.0, side=512))  # not lone
+    fit = lone_task_fit(rows, {"replayed"}, "static:sp=1", 4, "flux-dev", classes, chunk_steps=2,
+                        cost_profile=None, execution=ExecutionModel())  # fmt: skip
+    assert fit is not None
+    scale, overhead, n = fit
+    assert scale == pytest.approx(1.2) and overhead == pytest.approx(0.003)
+    assert n == 2 * sum(per_request)  # two timed requests per shape, every task of each
+    assert lone_task_fit(rows[:2], set(), "static:sp=1", 4, "flux-dev", classes, chunk_steps=2,
+                         cost_profile=None, execution=ExecutionModel()) is None  # fmt: skip
