@@ -8,8 +8,8 @@
 # env LOAD_RANKS (4): the world size the trace's load is defined against. 4 is the formula
 # (load = work / (4 ranks x window)); 4 ranks on a 2-core machine serve about half that, so every load
 # >= 0.5 overloads it and latency is the length of a growing queue. LOAD_RANKS=2 defines the load
-# against the cores instead (the rates halve). REPEATS (2): replays of each trace per server (the
-# measurement's own spread, beside the simulator's error).
+# against the cores instead (the rates halve). REPEATS (2): measurements of each trace per policy,
+# each on a fresh server (the measurement's own spread, beside the simulator's error).
 set -euo pipefail
 out=$1
 policies=${2:-"static:sp=1;edf-best-fit;srtf"}
