@@ -62,11 +62,15 @@ def sim_task_rows(result, requests: Sequence) -> list[dict]:
     return rows
 
 
+kReorderWindowS = 0.05  # two requests sent this close together may reach the server in either order
+
+
 def align(rows: list[dict], records: Sequence) -> dict[str, str]:
     """The trace's request id of each logged request that replays it. A server answered lone
     calibration requests before the replay: the trace's requests are the last len(records) to
-    arrive, in the trace's order (arrivals seconds apart are not reordered; one sent within the
-    same instant as another may be, so shapes are checked: a mismatch raises ValueError)."""
+    arrive, in the trace's order, except that two sent within kReorderWindowS of each other may
+    arrive swapped: where shapes disagree, a logged request of the right shape arriving within that
+    window (at most 3 places later) takes the place; otherwise ValueError."""
     arrivals: dict[str, tuple[float, int, int]] = {}
     for row in rows:
         arrivals.setdefault(row["request_id"], (row["arrival_s"], row["width"], row["height"]))
@@ -75,13 +79,23 @@ def align(rows: list[dict], records: Sequence) -> dict[str, str]:
     if len(logged) < len(trace):
         raise ValueError(f"the task log holds {len(logged)} requests, the trace {len(trace)}")
     out = {}
-    for rid, rec in zip(logged, trace, strict=True):
-        if arrivals[rid][1:] != (rec.width, rec.height):
-            raise ValueError(
-                f"logged request {rid} ({arrivals[rid][1]}x{arrivals[rid][2]}) does not match the trace's "
-                f"{rec.request_id} ({rec.width}x{rec.height}) at the same place in arrival order"
-            )
-        out[rid] = rec.request_id
+    for i, rec in enumerate(trace):
+        want = (rec.width, rec.height)
+        if arrivals[logged[i]][1:] != want:
+            j = next(
+                (j for j in range(i + 1, min(i + 4, len(logged)))
+                 if arrivals[logged[j]][1:] == want
+                 and arrivals[logged[j]][0] - arrivals[logged[i]][0] <= kReorderWindowS),
+                None,
+            )  # fmt: skip
+            if j is None:
+                rid = logged[i]
+                raise ValueError(
+                    f"logged request {rid} ({arrivals[rid][1]}x{arrivals[rid][2]}) does not match the trace's "
+                    f"{rec.request_id} ({rec.width}x{rec.height}) at the same place in arrival order"
+                )
+            logged[i], logged[j] = logged[j], logged[i]
+        out[logged[i]] = rec.request_id
     return out
 
 

@@ -89,6 +89,24 @@ def test_align_refuses_a_log_that_does_not_replay_the_trace():
         tasks.align([r for r in sim if r["request_id"] != first], records)
 
 
+def test_align_takes_back_two_requests_that_arrived_swapped():
+    records, requests, res = _simulated()
+    sim = tasks.sim_task_rows(res, requests)
+    order = sorted(requests, key=lambda r: r.arrival_s)
+    # two neighbours of different shapes, their arrivals swapped by a few milliseconds
+    i = next(k for k in range(len(order) - 1) if order[k].width != order[k + 1].width)
+    a, b = order[i].request_id, order[i + 1].request_id
+    t = order[i + 1].arrival_s
+    swapped = [dict(r, arrival_s=t + 0.001) if r["request_id"] == a else dict(r, arrival_s=t) if r["request_id"] == b else r
+               for r in sim]  # fmt: skip
+    mapping = tasks.align(swapped, records)
+    assert mapping[a] == a and mapping[b] == b and len(mapping) == len(requests)
+    # the same swap a second apart is not a reordering: refused
+    far = [dict(r, arrival_s=t + 1.0) if r["request_id"] == a else r for r in sim]
+    with pytest.raises(ValueError, match="does not match"):
+        tasks.align(far, records)
+
+
 def test_read_task_log_drops_a_torn_last_line(tmp_path):
     p = tmp_path / "tasks.jsonl"
     p.write_text('{"request_id": "a"}\n{"request_id": "b"}\n{"request_i')
