@@ -10,9 +10,10 @@ import json
 import os
 import sys
 
+from gfdit.eval.fidelity import threads_cpu_s
+
 
 def snapshot(root: int) -> dict[str, float]:
-    tick = os.sysconf("SC_CLK_TCK")
     parent = {}
     for e in os.listdir("/proc"):
         if e.isdigit():
@@ -28,19 +29,8 @@ def snapshot(root: int) -> dict[str, float]:
         todo += [c for c, q in parent.items() if q == p]
     out = {}
     for p in tree:
-        try:
-            tids = os.listdir(f"/proc/{p}/task")
-        except OSError:
-            continue
-        for t in tids:
-            try:
-                with open(f"/proc/{p}/task/{t}/stat") as f:
-                    raw = f.read()
-            except OSError:
-                continue
-            name = raw[raw.index("(") + 1 : raw.rindex(")")]
-            fields = raw.rsplit(")", 1)[1].split()
-            out[f"{p}/{t}/{name}"] = (int(fields[11]) + int(fields[12])) / tick
+        for t, (name, cpu) in threads_cpu_s(p).items():
+            out[f"{p}/{t}/{name}"] = cpu
     return out
 
 

@@ -51,6 +51,7 @@ __all__ = [
     "calibrated_result_s",
     "lone_task_fit",
     "host_cpu_table",
+    "threads_cpu_s",
 ]
 
 log = logging.getLogger("gfdit.eval")
@@ -252,27 +253,33 @@ def process_tree_cpu_s(pid: int, *, threads_named: str | None = None) -> float:
         children.setdefault(par, []).append(child)
     while todo:
         p = todo.pop()
-        total += cpu[p] if threads_named is None else _named_threads_cpu_s(p, threads_named, tick)
+        total += cpu[p] if threads_named is None else _named_threads_cpu_s(p, threads_named)
         todo += children.get(p, [])
     return total
 
 
-def _named_threads_cpu_s(pid: int, name: str, tick: int) -> float:
-    total = 0.0
+def threads_cpu_s(pid: int) -> dict[int, tuple[str, float]]:
+    """Thread id -> (its OS name, CPU-seconds it used so far) for every thread of process `pid`
+    (Linux /proc; {} once the process is gone)."""
+    tick = os.sysconf("SC_CLK_TCK")
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return 0.0
+        return {}
+    out = {}
     for t in tids:
         try:
             with open(f"/proc/{pid}/task/{t}/stat") as f:
                 raw = f.read()
         except OSError:
-            continue
-        if raw[raw.index("(") + 1 : raw.rindex(")")] == name:
-            fields = raw.rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
-    return total
+            continue  # exited meanwhile
+        fields = raw.rsplit(")", 1)[1].split()  # the name in parentheses may hold spaces
+        out[int(t)] = (raw[raw.index("(") + 1 : raw.rindex(")")], (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def _named_threads_cpu_s(pid: int, name: str) -> float:
+    return sum(cpu for n, cpu in threads_cpu_s(pid).values() if n == name)
 
 
 kHostCpuRepeats = 6  # lone requests per class and round (CPU time counts in 10 ms ticks)
@@ -504,6 +511,13 @@ def _replay_and_measure(
     return run, {"rows": rows, "standalone_s": standalone, "host_cpu": host_cpu, "after_s": after}
 
 
+def _repeat_dir(out_dir: str, k: int) -> str:
+    """Where measurement k (from 0) of a policy goes: out_dir, then out_dir/repeat2, ... (created)."""
+    where = out_dir if k == 0 else os.path.join(out_dir, f"repeat{k + 1}")
+    os.makedirs(where, exist_ok=True)
+    return where
+
+
 def _measure_policy(policy: str, args, serve_args, out_dir: str, classes, model: str, command: str):
     """`args.repeats` measurements of one policy, each on a fresh server (two servers differ more than
     two replays on one: bench/results/2026-12-06-cpu-s9/fidelity4/README.md), the first into out_dir,
@@ -511,8 +525,7 @@ def _measure_policy(policy: str, args, serve_args, out_dir: str, classes, model:
     server command, the first task log's path, the first got with "replays": every measurement's rows)."""
     first, replays = None, []
     for k in range(getattr(args, "repeats", 1)):
-        where = out_dir if k == 0 else os.path.join(out_dir, f"repeat{k + 1}")
-        os.makedirs(where, exist_ok=True)
+        where = _repeat_dir(out_dir, k)
         task_log = os.path.join(where, "tasks.jsonl")
         server = _Server([*serve_args, "--task-log", task_log], policy, os.path.join(where, "server.log"))
         try:
@@ -584,8 +597,7 @@ def run_fidelity(args, execution: ExecutionModel, command: str) -> dict:
             out_dir = os.path.join(args.out, _label(health["policy"]))
             replays, got = [], None
             for k in range(args.repeats):  # one server: replays on it
-                where = out_dir if k == 0 else os.path.join(out_dir, f"repeat{k + 1}")
-                os.makedirs(where, exist_ok=True)
+                where = _repeat_dir(out_dir, k)
                 _, g = _replay_and_measure(args.url, args, where, classes, model, command)
                 got = got or g
                 replays.append(g["rows"])
