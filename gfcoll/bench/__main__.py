@@ -93,6 +93,8 @@ def default_groups(world_size: int) -> list[tuple[int, ...]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .driver import TIMINGS  # noqa: PLC0415
+
     p = argparse.ArgumentParser(
         prog="gfcoll-bench",
         description="Collectives microbenchmark of gfcoll against torch.distributed on a dedicated group "
@@ -120,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
         "auto (nccl when a GPU and gfcoll's nccl transport are there; default)",
     )
     a("--graph", action="store_true", help="time CUDA-graph replays of `iters` captured operations")
+    a(
+        "--timing",
+        choices=TIMINGS,
+        default="back-to-back",
+        help="eager timing: back-to-back (default, as nccl-tests: windows of `iters` operations issued "
+        "back to back, each timed whole and divided; CUDA rows add the host time per call) or per-op "
+        "(an event pair, or a barrier and the wall clock on CPU, around every operation)",
+    )
     a("-c", "--check", action="store_true", help="verify every measurement's result against a reference")
     a(
         "--host-time",
@@ -230,6 +240,7 @@ def parse_options(argv: Sequence[str] | None, environ: Mapping[str, str]):
         iters=args.iters,
         transport=transport,
         graph=args.graph,
+        timing=args.timing,
         check=args.check,
         json=args.json,
         plot=args.plot,

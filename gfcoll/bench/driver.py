@@ -49,6 +49,9 @@ log = logging.getLogger("gfcoll.bench")
 
 # Timed replays of a captured CUDA graph (each replays `iters` operations), after one untimed one.
 GRAPH_REPLAYS = 5
+# Timed windows of `iters` back-to-back eager operations (--timing back-to-back).
+WINDOWS = 5
+TIMINGS = ("back-to-back", "per-op")
 
 
 @dataclass
@@ -64,6 +67,7 @@ class Options:
     iters: int  # timed iterations per measurement (operations per graph with --graph)
     transport: str  # "host" (CPU tensors, baseline gloo) or "nccl" (CUDA tensors, baseline NCCL)
     graph: bool  # time CUDA-graph replays
+    timing: str  # eager timing: "back-to-back" (nccl-tests: a window of ops, divided) or "per-op"
     check: bool  # verify each measurement's result
     json: str | None  # JSON path (results.md is written beside it)
     plot: str | None  # directory of the PNG plots
@@ -196,6 +200,35 @@ def _time_cuda(run: Callable[[], None], iters: int) -> list[float]:
     return _time_events(run, iters)
 
 
+def _time_windows(run: Callable[[], None], iters: int, cuda: bool) -> tuple[list[float], list[float]]:
+    """nccl-tests' timing: WINDOWS windows of ``iters`` operations issued back to back, each window
+    timed as a whole (CUDA events around it on the current stream, or the wall clock on CPU, whose
+    operations complete before returning) and divided by ``iters``. Returns (per-operation time,
+    per-operation host time: first call to last return, no wait) of each window, in microseconds.
+    Unlike an event pair around every operation, a launch-bound operation's window measures how
+    fast the operations follow each other, not how long one launch takes."""
+    times, host = [], []
+    events = []
+    for _ in range(WINDOWS):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            run()
+        t1 = time.perf_counter()
+        if cuda:
+            end.record()
+            events.append((start, end))
+        else:
+            times.append((t1 - t0) * 1e6 / iters)
+        host.append((t1 - t0) * 1e6 / iters)
+    if cuda:
+        torch.cuda.synchronize()
+        times = [start.elapsed_time(end) * 1e3 / iters for start, end in events]
+    return times, host
+
+
 def _capture(run: Callable[[], None], iters: int):
     """Captures ``iters`` operations into one CUDA graph. Returns (graph, None) or (None, reason).
     Capture issues no communication, so a rank that fails leaves no peer waiting."""
@@ -224,6 +257,7 @@ def _time_graph(graph, iters: int) -> list[float]:
 @dataclass
 class _Impl:
     time_us: float = math.nan  # this rank's median
+    host_us: float = math.nan  # host time per call (back-to-back windows, CUDA): this rank's median
     wrong: int = -1  # mismatching elements (-1: not checked)
     graph: bool = False
     error: str | None = None
@@ -277,6 +311,10 @@ def _run_impl(b: Bench, plugin: Collective, case: Case | None, impl: str) -> _Im
             if graph is not None:
                 samples = _time_graph(graph, opts.iters)
                 res.graph = True
+            elif opts.timing == "back-to-back":
+                samples, host = _time_windows(run, opts.iters, b.is_cuda)
+                if b.is_cuda:
+                    res.host_us = statistics.median(host)
             elif b.is_cuda:
                 samples = _time_cuda(run, opts.iters)
             else:
@@ -300,6 +338,9 @@ def _run_impl(b: Bench, plugin: Collective, case: Case | None, impl: str) -> _Im
         except Exception as e:
             res.error = describe(e)
     return res
+
+
+kCols = 5  # values per implementation in measure's gathered row: time, wrong, error, graph, host
 
 
 def measure(b: Bench, plugin: Collective, ranks: tuple[int, ...], nbytes: int) -> dict:
@@ -329,10 +370,10 @@ def measure(b: Bench, plugin: Collective, ranks: tuple[int, ...], nbytes: int) -
     local = [1.0 if group.rank >= 0 else 0.0]
     for impl in impls:
         r = results[impl]
-        local += [r.time_us, float(r.wrong), 1.0 if r.error else 0.0, 1.0 if r.graph else 0.0]
+        local += [r.time_us, float(r.wrong), 1.0 if r.error else 0.0, 1.0 if r.graph else 0.0, r.host_us]
     table = b.gather(local)
     errors = None
-    if any(t[3 + 4 * k] for t in table for k in range(len(impls))):
+    if any(t[3 + kCols * k] for t in table for k in range(len(impls))):
         errors = b.gather_objects({impl: results[impl].error for impl in impls})
 
     row = {
@@ -347,7 +388,7 @@ def measure(b: Bench, plugin: Collective, ranks: tuple[int, ...], nbytes: int) -
     }
     members = [k for k, t in enumerate(table) if t[0]]
     for k, impl in enumerate(impls):
-        col = 1 + 4 * k
+        col = 1 + kCols * k
         errs = [errors[r][impl] for r in members if errors and errors[r][impl]] if errors else []
         times = [table[r][col] for r in members]
         entry: dict = {"error": errs[0] if errs else None, "graph": all(table[r][col + 3] for r in members)}
@@ -362,6 +403,8 @@ def measure(b: Bench, plugin: Collective, ranks: tuple[int, ...], nbytes: int) -
             )
         else:
             entry.update(time_us=None, algbw_gbs=None, busbw_gbs=None, time_us_min_rank=None)
+        hosts = [table[r][col + 4] for r in members]
+        entry["host_us"] = max(hosts) if hosts and not errs and all(math.isfinite(h) for h in hosts) else None
         wrong = [int(table[r][col + 1]) for r in members]
         entry["wrong"] = sum(wrong) if opts.check and all(w >= 0 for w in wrong) else None
         if opts.graph:
@@ -475,6 +518,8 @@ def collect_environment(b: Bench) -> dict:
         "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", b.size)),
         "transport": b.opts.transport,
         "gfcoll_transports": b.world.transports(),
+        # which of them CUDA operations use: auto (nccl where it exists) unless forced
+        "gfcoll_transport_forced": os.environ.get("GFCOLL_TRANSPORT", "auto"),
         "baseline": f"torch.distributed {b.backend} (dedicated new_group per group)"
         if b.opts.baseline
         else None,
@@ -494,6 +539,8 @@ def _options_json(opts: Options) -> dict:
         "transport": opts.transport,
         "graph": opts.graph,
         "graph_replays": GRAPH_REPLAYS if opts.graph else None,
+        "timing": "graph replay" if opts.graph else opts.timing,
+        "windows": WINDOWS if opts.timing == "back-to-back" and not opts.graph else None,
         "check": opts.check,
         "formation_reps": opts.formation_reps,
         "baseline": opts.baseline,

@@ -8,6 +8,12 @@ torch method gets one extra, untimed repetition that absorbs one-time costs (loa
 Methods (``method`` key of a row):
 - ``gfcoll.group``: ``world.group(ranks)``, microseconds per call (mean of WORLD_GROUP_CALLS calls
   per repetition). No communication; any rank may call it.
+- ``gfcoll.first_op``: the first operation on a never-used group, ``world.group(order)`` + a
+  1-element all_reduce until it is done (stream synchronised), one repetition per member order of
+  the rank set (the first of them is the set's first use ever: no operation of the run touched
+  those ranks together before; later orders are new groups of peers that met already).
+- ``gfcoll.steady_op``: the same all_reduce on the last of those groups once used, timed the
+  same way: what ``first_op`` must stay close to (the promise is no cost for a group's first use).
 - ``new_group.lazy``: ``new_group(ranks)`` (which every rank of the world must call) then a first
   1-element all_reduce on the members. NCCL creates the communicator lazily at that collective:
   ncclCommInitRank among the members, the id exchanged through the store. Gloo connects in
@@ -26,6 +32,7 @@ Methods (``method`` key of a row):
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -43,6 +50,8 @@ WORLD_GROUP_CALLS = 2000
 
 LABELS = {
     "gfcoll.group": "gfcoll world.group()",
+    "gfcoll.first_op": "gfcoll first all_reduce on a new group",
+    "gfcoll.steady_op": "gfcoll all_reduce, group used before",
     "new_group.lazy": "new_group + first collective (lazy init)",
     "nccl.init_rank": "ncclCommInitRank, members only (eager new_group)",
     "new_group.eager": "new_group(device_id) eager + first collective",
@@ -115,6 +124,32 @@ def _sample(
     return [[max(table[r][k * n + i] for r in members) for i in range(n)] for k in range(outputs)], None
 
 
+def _first_and_steady(b: Bench, ordered: tuple[int, ...], reps: int) -> list[dict]:
+    """The gfcoll.first_op and gfcoll.steady_op rows of one rank set (see the module docstring)."""
+    orders = list(itertools.islice(itertools.permutations(ordered), reps))
+    t = torch.ones(1, device=b.device)
+    used = iter(orders)
+
+    def timed_op(ranks) -> float:
+        t0 = time.perf_counter()
+        b.world.group(ranks).all_reduce(t)
+        b.sync()
+        return (time.perf_counter() - t0) * 1e6
+
+    def first_once(member):
+        order = next(used)  # every rank steps through the same orders
+        return (timed_op(order) if member else 0.0,)
+
+    def steady_once(member):
+        return (timed_op(orders[-1]) if member else 0.0,)
+
+    first, err = _sample(b, ordered, first_once, 1, len(orders), warm=False)
+    rows = [_row("gfcoll.first_op", ordered, first[0] if first else None, err, "gfcoll")]
+    steady, err = (None, err) if err else _sample(b, ordered, steady_once, 1, reps, warm=False)
+    rows.append(_row("gfcoll.steady_op", orders[-1], steady[0] if steady else None, err, "gfcoll"))
+    return rows
+
+
 def measure(b: Bench, groups: list[tuple[int, ...]]) -> list[dict]:
     """All formation rows. Every rank calls it (new_group and split_group are world collectives)."""
     reps = b.opts.formation_reps
@@ -133,6 +168,9 @@ def measure(b: Bench, groups: list[tuple[int, ...]]) -> list[dict]:
 
         samples, err = _sample(b, ordered, group_once, 1, reps, warm=False)
         rows.append(_row("gfcoll.group", ordered, samples[0] if samples else None, err, "gfcoll"))
+
+    for ordered in sets.values():
+        rows += _first_and_steady(b, ordered, reps)
 
     for i, ranks in enumerate(sets):
 

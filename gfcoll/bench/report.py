@@ -4,8 +4,9 @@ nccl-tests), the JSON document, results.md, and PNG plots (matplotlib, Agg backe
 The JSON document (``schema`` "gfcoll-bench/1"): ``environment`` (host, cards, driver, CUDA,
 NCCL, torch, gfcoll build, git commit, date, command line), ``options``, ``formation`` (rows of
 gfcoll.bench.formation), ``rows`` (one per collective, group and size: ``gfcoll`` and ``baseline``
-entries with time_us, algbw_gbs, busbw_gbs, wrong, graph, error; ``ratio`` = baseline time /
-gfcoll time), ``check`` and ``gfcoll_errors``.
+entries with time_us, algbw_gbs, busbw_gbs, wrong, graph, error, host_us (host time per call of
+eager CUDA rows timed back to back, else null); ``ratio`` = baseline time / gfcoll time), ``check``
+and ``gfcoll_errors``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ import math
 import os
 
 _TIME_W, _BW_W, _WRONG_W = 11, 12, 7
+
+
+def has_host_column(opts: dict) -> bool:
+    """Whether the rows carry the host time per call: eager CUDA rows timed back to back."""
+    return opts["transport"] == "nccl" and not opts["graph"] and opts.get("timing") == "back-to-back"
 
 
 def fmt_time(us: float | None) -> str:
@@ -51,6 +57,7 @@ class TablePrinter:
         self.backend = backend
         self.opts = opts
         self.baseline = opts.baseline
+        self.host = opts.transport == "nccl" and not opts.graph and opts.timing == "back-to-back"
         self._errors_seen: set[str] = set()
 
     def preamble(self, env: dict) -> None:
@@ -63,6 +70,7 @@ class TablePrinter:
         print(
             f"  op {o.redop}  warmup {o.warmup}  iters {o.iters}  graph {'on' if o.graph else 'off'}", end=""
         )
+        print(f"  timing {'graph replay' if o.graph else o.timing}", end="")
         print(f"  check {'on' if o.check else 'off'}")
         print(f"# hosts {', '.join(env.get('hostnames', []))}  cards {', '.join(env.get('cards', []))}")
         print(
@@ -87,6 +95,8 @@ class TablePrinter:
                 f"{head}{fmt_time(r['median_us']):>12}{fmt_time(r['p10_us']):>12}{fmt_time(r['p90_us']):>12}"
                 f"  {r['reps']}"
             )
+        for line in first_op_lines(rows):
+            print(f"# {line}")
         print(flush=True)
 
     def section(self, op: str, ranks) -> None:
@@ -95,13 +105,14 @@ class TablePrinter:
 
         redop = f" {o.redop}" if OPS[op].reduces else ""
         print(f"# {op}  group {list(ranks)} (n={len(ranks)})  {str(o.dtype).removeprefix('torch.')}{redop}")
-        impl_w = _TIME_W + 2 * _BW_W + _WRONG_W
+        impl_w = _TIME_W * (2 if self.host else 1) + 2 * _BW_W + _WRONG_W
         line = f"# {'':>12} {'':>11} {'gfcoll'.center(impl_w)}"
         if self.baseline:
             line += f" {('torch ' + self.backend).center(impl_w)}"
         print(line.rstrip())
         cols = (
             f"{'time(us)':>{_TIME_W}}{'algbw(GB/s)':>{_BW_W}}{'busbw(GB/s)':>{_BW_W}}{'#wrong':>{_WRONG_W}}"
+            + (f"{'host(us)':>{_TIME_W}}" if self.host else "")
         )
         line = f"# {'size(B)':>12} {'count':>11} {cols}"
         if self.baseline:
@@ -109,13 +120,16 @@ class TablePrinter:
         print(line.rstrip(), flush=True)
 
     def _impl(self, e: dict | None) -> str:
+        host = f"{'':>{_TIME_W}}" if self.host else ""
         if e is None or e["time_us"] is None:
             text = "error" if e and e.get("error") else "n/a"
-            return f"{text:>{_TIME_W}}{'':>{2 * _BW_W}}{'':>{_WRONG_W}}"
+            return f"{text:>{_TIME_W}}{'':>{2 * _BW_W}}{'':>{_WRONG_W}}{host}"
         wrong = "-" if e["wrong"] is None else str(e["wrong"])
+        if self.host:
+            host = _num(e.get("host_us"), _TIME_W)
         return (
             f"{_num(e['time_us'], _TIME_W)}{_num(e['algbw_gbs'], _BW_W)}{_num(e['busbw_gbs'], _BW_W)}"
-            f"{wrong:>{_WRONG_W}}"
+            f"{wrong:>{_WRONG_W}}{host}"
         )
 
     def row(self, row: dict) -> None:
@@ -171,9 +185,18 @@ def write_json(path: str, doc: dict) -> None:
         f.write("\n")
 
 
+_TIMING_TEXT = {
+    "back-to-back": "per operation, the median over windows of `iters` operations issued back to back "
+    "(each window timed whole and divided, as nccl-tests does)",
+    "per-op": "the median over iterations, each timed alone",
+    "graph replay": "per operation, the median over replays of a CUDA graph of `iters` operations",
+}
+
+
 def write_markdown(path: str, doc: dict) -> None:
     env, opts = doc["environment"], doc["options"]
     base = "baseline" if opts["baseline"] else None
+    host = has_host_column(opts)
     lines = [
         "# gfcoll-bench results",
         "",
@@ -184,9 +207,10 @@ def write_markdown(path: str, doc: dict) -> None:
         f"(commit {env.get('git_commit')}{', dirty' if env.get('git_dirty') else ''})",
         f"- world {env.get('world_size')}, transport {opts['transport']}, baseline: {env.get('baseline')}, "
         f"dtype {opts['dtype']}, op {opts['redop']}, warmup {opts['warmup']}, iters {opts['iters']}, "
-        f"graph {opts['graph']}, check {opts['check']}",
-        "- time: median over iterations of the slowest member; busbw per nccl-tests; "
-        "ratio = baseline time / gfcoll time (> 1: gfcoll faster)",
+        f"graph {opts['graph']}, check {opts['check']}, timing {opts.get('timing', 'per-op')}",
+        "- time: " + _TIMING_TEXT.get(opts.get("timing", "per-op"), "") + "; the slowest member's; busbw per "
+        "nccl-tests; ratio = baseline time / gfcoll time (> 1: gfcoll faster)"
+        + ("; host: host time per call (first call to last return of a window, no wait)" if host else ""),
         "",
     ]
     if doc["formation"]:
@@ -210,14 +234,24 @@ def write_markdown(path: str, doc: dict) -> None:
                 f"| {r['label']} | {r['backend'] or '-'} | {r['group'] or '-'} | " + " | ".join(cells) + " |"
             )
         lines.append("")
+        lines += [f"- {line}" for line in first_op_lines(doc["formation"])]
+        lines.append("")
     ops = list(dict.fromkeys(r["op"] for r in doc["rows"]))
     for op in ops:
         lines += [f"## {op}", ""]
         head = "| group | size | gfcoll time (us) | gfcoll busbw (GB/s) |"
         rule = "| --- | ---: | ---: | ---: |"
+        if host:
+            head += " gfcoll host (us) |"
+            rule += " ---: |"
         if base:
-            head += " baseline time (us) | baseline busbw (GB/s) | ratio |"
-            rule += " ---: | ---: | ---: |"
+            head += " baseline time (us) | baseline busbw (GB/s) |"
+            rule += " ---: | ---: |"
+            if host:
+                head += " baseline host (us) |"
+                rule += " ---: |"
+            head += " ratio |"
+            rule += " ---: |"
         if opts["check"]:
             head += " check |"
             rule += " --- |"
@@ -226,8 +260,13 @@ def write_markdown(path: str, doc: dict) -> None:
         for r in (r for r in doc["rows"] if r["op"] == op):
             g, b = r["gfcoll"], r["baseline"]
             cells = [str(r["group"]), fmt_bytes(r["bytes"]), _md_num(g["time_us"]), _md_num(g["busbw_gbs"])]
+            if host:
+                cells.append(_md_num(g.get("host_us")))
             if base:
-                cells += [_md_num(b and b["time_us"]), _md_num(b and b["busbw_gbs"]), _md_num(r["ratio"])]
+                cells += [_md_num(b and b["time_us"]), _md_num(b and b["busbw_gbs"])]
+                if host:
+                    cells.append(_md_num(b and b.get("host_us")))
+                cells.append(_md_num(r["ratio"]))
             if opts["check"]:
                 cells.append(" / ".join(_md_check(e) for e in (g, b) if e))
             lines.append("| " + " | ".join(cells) + " |")
@@ -239,6 +278,34 @@ def write_markdown(path: str, doc: dict) -> None:
     _ensure_parent(path)
     with open(path, "w") as f:
         f.write("\n".join(lines))
+
+
+def first_op_ratios(forms: list[dict]) -> list[dict]:
+    """Per rank set: the first operation on a never-used group against the steady state (the
+    gfcoll.first_op and gfcoll.steady_op rows): ``first_us`` (the set's first use), ``median_us``
+    (of every new member order), ``steady_us``, and their ratios."""
+    out = []
+    steady = {tuple(sorted(r["group"])): r for r in forms if r["method"] == "gfcoll.steady_op"}
+    for r in forms:
+        s = steady.get(tuple(sorted(r["group"])))
+        if r["method"] != "gfcoll.first_op" or r["status"] != "ok" or not s or s["status"] != "ok":
+            continue
+        first, med, base = r["samples_us"][0], r["median_us"], s["median_us"]
+        out.append({
+            "group": r["group"], "first_us": first, "median_us": med, "steady_us": base,
+            "first_ratio": first / base if base else None, "median_ratio": med / base if base else None,
+        })  # fmt: skip
+    return out
+
+
+def first_op_lines(forms: list[dict]) -> list[str]:
+    return [
+        f"group {q['group']}: first operation on it {fmt_time(q['first_us'])} "
+        f"({q['first_ratio']:.2f}x steady {fmt_time(q['steady_us'])}); median over new member orders "
+        f"{fmt_time(q['median_us'])} ({q['median_ratio']:.2f}x)"
+        for q in first_op_ratios(forms)
+        if q["steady_us"]
+    ]
 
 
 def _md_check(e: dict) -> str:
@@ -302,7 +369,7 @@ def write_plots(directory: str, doc: dict) -> list[str]:
         labels = [f"{r['label']} {r['group']}" for r in forms]
         med = [r["median_us"] for r in forms]
         err = [[r["median_us"] - r["p10_us"] for r in forms], [r["p90_us"] - r["median_us"] for r in forms]]
-        colors = ["tab:green" if r["method"] == "gfcoll.group" else "tab:blue" for r in forms]
+        colors = ["tab:green" if r["method"].startswith("gfcoll.") else "tab:blue" for r in forms]
         ax.barh(range(len(forms)), med, xerr=err, color=colors, capsize=3)
         ax.set_yticks(range(len(forms)), labels, fontsize=7)
         ax.invert_yaxis()

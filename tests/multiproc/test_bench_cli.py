@@ -8,11 +8,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from gfcoll.bench.__main__ import default_groups, main, parse_size
+from gfcoll.bench.driver import WINDOWS, _time_windows
 from gfcoll.bench.ops import OPS
+from gfcoll.bench.report import first_op_ratios
 
 SIZES = [8, 32, 128, 512, 2048]  # -b 8 -e 4K -f 4
 ENV_KEYS = {
@@ -121,6 +124,9 @@ def test_smoke_json_rows(smoke):
         assert r["bytes"] > 0 and r["ratio"] > 0
     assert doc["check"] == {"enabled": True, "wrong": 0, "passed": True}
     assert doc["gfcoll_errors"] == 0
+    # Timed as nccl-tests does by default; the host time per call is a column of eager CUDA rows only.
+    assert doc["options"]["timing"] == "back-to-back" and doc["options"]["windows"] == WINDOWS
+    assert all(r[impl]["host_us"] is None for r in rows for impl in ("gfcoll", "baseline"))
 
 
 def test_smoke_formation(smoke):
@@ -134,6 +140,15 @@ def test_smoke_formation(smoke):
     assert forms["gfcoll.group"]["median_us"] < forms["new_group.lazy"]["median_us"]
     for method in ("nccl.init_rank", "new_group.eager", "split_group"):
         assert forms[method]["status"] == "n/a" and forms[method]["reason"], forms[method]
+    # The first operation on a never-used group: one repetition per member order ([0, 1], [1, 0]),
+    # then the steady state on the last of them.
+    first, steady = forms["gfcoll.first_op"], forms["gfcoll.steady_op"]
+    assert first["status"] == "ok" and first["group"] == [0, 1] and first["reps"] == 2, first
+    assert steady["status"] == "ok" and steady["group"] == [1, 0] and steady["reps"] == 5, steady
+    assert all(t > 0 for t in first["samples_us"] + steady["samples_us"])
+    (q,) = first_op_ratios(doc["formation"])
+    assert q["first_us"] == first["samples_us"][0] and q["steady_us"] == steady["median_us"], q
+    assert q["first_ratio"] == pytest.approx(q["first_us"] / q["steady_us"]), q
 
 
 def test_smoke_outputs(smoke):
@@ -143,8 +158,35 @@ def test_smoke_outputs(smoke):
         assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
     md = (out / "results.md").read_text()
     assert "## Group formation" in md and all(f"## {op}" in md for op in OPS)
+    assert "- group [0, 1]: first operation on it" in md and "timing back-to-back" in md
     assert "busbw(GB/s)" in proc.stdout and "# Check: passed" in proc.stdout
     assert proc.stdout.count("# all_reduce  group") == 2  # rank 0 alone prints
+
+
+def test_back_to_back_windows_time_each_window_whole():
+    calls = []
+    times, host = _time_windows(lambda: calls.append(time.perf_counter()), 7, cuda=False)
+    assert len(calls) == 7 * WINDOWS and len(times) == len(host) == WINDOWS
+    # On CPU a window's time is its wall time / iters: at least the spread of its own calls.
+    for w, t in enumerate(times):
+        window = calls[7 * w : 7 * (w + 1)]
+        assert t * 7 >= (window[-1] - window[0]) * 1e6 and t == host[w]
+
+
+def test_first_op_ratios_pair_each_set_with_its_steady_row():
+    def row(method, group, samples, status="ok"):
+        return {"method": method, "group": group, "status": status, "samples_us": samples,
+                "median_us": sorted(samples)[len(samples) // 2] if samples else None}  # fmt: skip
+
+    forms = [
+        row("gfcoll.first_op", [0, 1, 2], [30.0, 10.0, 12.0]),
+        row("gfcoll.steady_op", [2, 1, 0], [9.0, 10.0, 11.0]),
+        row("gfcoll.first_op", [0, 3], [5.0]),
+        row("gfcoll.steady_op", [3, 0], [], status="n/a"),  # a failed steady row: no ratio
+    ]
+    (q,) = first_op_ratios(forms)
+    assert q["group"] == [0, 1, 2] and q["first_us"] == 30.0 and q["median_us"] == 12.0
+    assert q["first_ratio"] == pytest.approx(3.0) and q["median_ratio"] == pytest.approx(1.2)
 
 
 # -- options -------------------------------------------------------------------------------------
@@ -159,6 +201,7 @@ def test_parse_size_and_default_groups():
 BAD = [
     (["--ops", "all_reduce,foo"], "unknown collective"),
     (["--groups", "0,,1"], "is not a rank"),
+    (["--timing", "fast"], "invalid choice: 'fast'"),
     (["--groups", "a,b"], "is not a rank"),
     (["--groups", "0,1;"], "is empty"),
     (["--groups", "0,2"], "outside the world"),
