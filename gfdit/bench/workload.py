@@ -48,6 +48,7 @@ __all__ = [
     "generate",
     "write_trace",
     "read_trace",
+    "trace_classes",
     "kPrompts",
 ]
 
@@ -430,6 +431,16 @@ def write_trace(path: str, spec: WorkloadSpec, records: Sequence[TraceRecord]) -
         f.write(json.dumps({"meta": meta}) + "\n")
         for r in records:
             f.write(json.dumps(dataclasses.asdict(r)) + "\n")
+
+
+def trace_classes(meta: dict) -> tuple[RequestClass, ...]:
+    """The request classes a trace's meta line names (what `gfdit bench gen` generated from)."""
+    return tuple(
+        RequestClass(
+            c["name"], c["width"], c["height"], c["num_frames"], c["num_inference_steps"], c["weight"]
+        )
+        for c in meta.get("spec", {}).get("classes", [])
+    )
 
 
 def read_trace(path: str) -> tuple[dict, list[TraceRecord]]:

@@ -425,7 +425,7 @@ def _healthy(url: str) -> dict | None:
     return r.json() if r.status_code == 200 else None
 
 
-class _Server:
+class ServerProcess:
     """`gfdit serve` (it becomes torchrun) in its own process group: `stop` sends SIGTERM to torchrun,
     which forwards it to the ranks; the group is killed only if that does not end them in time."""
 
@@ -527,7 +527,9 @@ def _measure_policy(policy: str, args, serve_args, out_dir: str, classes, model:
     for k in range(getattr(args, "repeats", 1)):
         where = _repeat_dir(out_dir, k)
         task_log = os.path.join(where, "tasks.jsonl")
-        server = _Server([*serve_args, "--task-log", task_log], policy, os.path.join(where, "server.log"))
+        server = ServerProcess(
+            [*serve_args, "--task-log", task_log], policy, os.path.join(where, "server.log")
+        )
         try:
             world = server.wait_healthy(args.health_timeout)["world_size"]
             _, got = _replay_and_measure(
@@ -566,19 +568,14 @@ def repeated_metrics(replays: list[list[dict]], time_scale: float = 1.0) -> tupl
 
 def run_fidelity(args, execution: ExecutionModel, command: str) -> dict:
     """Every policy measured and simulated; writes fidelity.json and fidelity.md under args.out."""
-    from gfdit.bench.workload import RequestClass
+    from gfdit.bench.workload import trace_classes
 
     meta, records = read_trace(args.trace)
     if not records:
         raise ValueError(f"{args.trace} has no requests")
     spec = meta.get("spec", {})
     model = spec.get("model") or records[0].model
-    classes = tuple(
-        RequestClass(
-            c["name"], c["width"], c["height"], c["num_frames"], c["num_inference_steps"], c["weight"]
-        )
-        for c in spec.get("classes", [])
-    )
+    classes = trace_classes(meta)
     profile = None
     if args.cost_profile:
         from gfdit.cost import read_profile
