@@ -89,6 +89,8 @@ def check(run: Run) -> list[dict]:
             "worst": worst([v for _, v in have]) if have else None,
         })  # fmt: skip
 
+    if not run.doc["options"].get("baseline", True):
+        groups = []  # no baseline in this run: only the first-use target applies
     for op, group in groups:
         mine = [r for r in rows if r["op"] == op and tuple(r["group"]) == group]
         if op in kLatencyOps:

@@ -1,0 +1,175 @@
+#!/usr/bin/env bash
+# The multi-GPU measurements (issues 17 and 18), one part per device call, each inside the device
+# tool's 10 minutes; every part appends to $OUT/log.txt and prints a summary last. Run from the
+# repository root on a node with several GPUs:
+#   bash bench/multigpu.sh PART [ARGS]
+# Issue 17 (gfcoll and SP step scaling):
+#   tests                         build; tests/gpu on every GPU and the CUDA demo (tests/gpu/run_all.sh tests)
+#   ipc-tests                     the ipc transport's tests with 2 and 4 ranks (tests/gpu/run_ipc.sh tests)
+#   coll N [eager|graph] [T...]   gfcoll-bench on GPUs 0..N-1, 1 KiB-256 MiB (x4), --check, beside torch NCCL on a
+#                                 dedicated group, once per gfcoll transport T (default: ipc nccl), eager runs
+#                                 with the group-formation and first-use rows; then gfcoll.bench.targets over every
+#                                 coll run so far ($OUT/coll/targets.md)
+#   steps MODEL SIZES [DEGREES] [MODES]
+#                                 gfdit profile of MODEL on every GPU at SIZES (comma-separated, WxH[xF]) and
+#                                 DEGREES (default 1,2,4 or up to the GPUs), per mode (default "eager fast":
+#                                 eager = --compile off --cuda-graphs off, fast = --compile regional
+#                                 --cuda-graphs on), with the per-step breakdown; then bench/sp_scaling.py over
+#                                 every profile so far ($OUT/steps/scaling.md)
+# Issue 18 (serving at load, a dead GPU):
+#   trace MODEL MIX LOAD [N]      a trace of the named mix at LOAD for the GPUs, from the fast profile of MODEL
+#                                 (run `steps` first), and gfdit tune on it: $OUT/fid/MODEL-MIX-LOAD/{trace.jsonl,
+#                                 tune/, policies.txt} (fixed pipeline static:sp=N, best static, tetriserve, best elastic)
+#   fidelity MODEL MIX LOAD K     serve policy K (1-4 of policies.txt, or a policy spec) on every GPU, replay the
+#                                 trace and simulate it (gfdit eval fidelity); then $OUT/fid/fidelity.md over all
+#   dead T [MODEL]                bench/dead_rank.py: 4 GPUs, GFCOLL_TRANSPORT=T (nccl or ipc), rank 2 killed
+#                                 10 s into a load-0.8 trace of MODEL (default flux-dev)
+# Env: OUT (./gpu-out), ITERS (20), MAXBYTES (256M), SERVE_EXTRA (more gfdit serve options), REQUESTS (100
+#      per trace); a dry run of coll on fewer GPUs than ranks: SHARE_GPUS=1 BASELINE=0 (ipc only: NCCL refuses
+#      two ranks on one GPU, the torch baseline too).
+set -uo pipefail
+part=${1:?usage: bash bench/multigpu.sh PART [ARGS] (see the header)}; shift
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+log="$OUT/log.txt"
+summary=()
+step() {  # step NAME COMMAND...: runs, logs, records pass/fail
+  local name=$1; shift
+  echo "=== $name: $*" | tee -a "$log"
+  local t0=$SECONDS
+  if "$@" >>"$log" 2>&1; then summary+=("PASS $name ($((SECONDS - t0)) s)"); else summary+=("FAIL $name ($((SECONDS - t0)) s)"); fi
+}
+finish() {
+  echo "=== summary ($part)" | tee -a "$log"
+  printf '%s\n' "${summary[@]}" | tee -a "$log"
+}
+if ls .whl/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+if ! python3 -c 'import gfcoll._gfcoll' 2>/dev/null; then
+  step build python3 -m pip install -q --no-build-isolation --no-deps -e .
+fi
+ngpu=$(nvidia-smi -L | wc -l)
+{
+  echo "--- $part $* ($(date -u +%FT%TZ), commit $(git rev-parse HEAD 2>/dev/null), $(git status --porcelain 2>/dev/null | wc -l) changed paths)"
+  nvidia-smi -L
+} >>"$log" 2>&1
+[ -f "$OUT/topo.txt" ] || nvidia-smi topo -m >"$OUT/topo.txt" 2>&1
+degrees() {  # 1,2,4,... up to the GPUs
+  local d=1 out=1
+  while [ $((d * 2)) -le "$ngpu" ]; do d=$((d * 2)); out="$out,$d"; done
+  echo "$out"
+}
+
+case $part in
+tests)
+  OUT=$OUT/tests bash tests/gpu/run_all.sh tests; rc=$?
+  summary+=("$([ $rc = 0 ] && echo PASS || echo FAIL) tests/gpu/run_all.sh tests (see $OUT/tests/log.txt)")
+  ;;
+ipc-tests)
+  OUT=$OUT/ipc bash tests/gpu/run_ipc.sh tests; rc=$?
+  summary+=("$([ $rc = 0 ] && echo PASS || echo FAIL) tests/gpu/run_ipc.sh tests (see $OUT/ipc)")
+  ;;
+coll)
+  n=${1:?coll N}; mode=${2:-eager}; shift $(($# < 2 ? $# : 2))
+  transports=${*:-ipc nccl}
+  visible=$(seq -s, 0 $((n - 1)))
+  if [ "${SHARE_GPUS:-0}" = 1 ]; then visible=$(seq -s, 0 $((ngpu - 1)));  # ranks share the GPUs (ipc only)
+  elif [ "$n" -gt "$ngpu" ]; then echo "coll $n: only $ngpu GPUs (SHARE_GPUS=1: ranks share them, ipc only)"; exit 2; fi
+  mkdir -p "$OUT/coll"
+  for t in $transports; do
+    args=(-b 1K -e "${MAXBYTES:-256M}" -f 4 --iters "${ITERS:-20}" --warmup 5 --check)
+    if [ "$mode" = graph ]; then args+=(--graph --no-formation); fi
+    [ "${BASELINE:-1}" = 0 ] && args+=(--no-baseline)
+    name=$n-$t-$mode
+    step "coll_$name" timeout 280 env GFCOLL_TRANSPORT="$t" CUDA_VISIBLE_DEVICES="$visible" \
+      torchrun --standalone --nproc-per-node "$n" -m gfcoll.bench "${args[@]}" --json "$OUT/coll/$name.json"
+    [ -f "$OUT/coll/results.md" ] && mv "$OUT/coll/results.md" "$OUT/coll/$name.md"
+  done
+  step targets python3 -m gfcoll.bench.targets "$OUT"/coll/*.json --out "$OUT/coll/targets.md" --json "$OUT/coll/targets.json"
+  ;;
+steps)
+  model=${1:?steps MODEL SIZES}; sizes=${2:?steps MODEL SIZES}; degs=${3:-$(degrees)}; modes=${4:-eager fast}
+  mkdir -p "$OUT/steps"
+  for m in $modes; do
+    case $m in
+      eager) flags=(--compile off --cuda-graphs off) ;;
+      fast) flags=(--compile regional --cuda-graphs on) ;;
+      *) echo "unknown mode $m (eager or fast)"; exit 2 ;;
+    esac
+    tag=$model-$(echo "$sizes" | tr ',' '_')-$m
+    step "profile_$tag" timeout 540 python3 -m gfdit.cli profile --nproc "$ngpu" --model "$model" --sizes "$sizes" \
+      --degrees "$degs" --steps 5 --reps 3 "${flags[@]}" --breakdown "$OUT/steps/$tag-breakdown" --out "$OUT/steps/$tag.json"
+  done
+  step scaling python3 bench/sp_scaling.py "$OUT"/steps/*.json --out "$OUT/steps/scaling.md" --json "$OUT/steps/scaling.json"
+  ;;
+trace)
+  model=${1:?trace MODEL MIX LOAD}; mix=${2:?}; load=${3:?}; n=${4:-$ngpu}
+  prof=$(ls "$OUT"/steps/"$model"-*-fast.json 2>/dev/null | head -1)
+  [ -n "$prof" ] || { echo "no fast profile of $model under $OUT/steps: run the steps part first"; exit 2; }
+  dir=$OUT/fid/$model-$mix-$load; mkdir -p "$dir"
+  gen=(python3 -m gfdit.cli bench gen --model "$model" --mix "$mix" --cost-profile "$prof" --target-load "$load"
+       --world-size "$n" --seed 0 --out "$dir/trace.jsonl")
+  "${gen[@]}" --duration 1 >/dev/null || exit 1
+  rate=$(python3 -c "import json; print(json.loads(open('$dir/trace.jsonl').readline())['meta']['spec']['mean_rate'])")
+  step gen "${gen[@]}" --duration "$(python3 -c "print(round(${REQUESTS:-100} / $rate, 3))")"
+  static=$(ngpu=$n degrees | tr ',' '|')
+  step tune python3 -m gfdit.cli tune --trace "$dir/trace.jsonl" --world-size "$n" --cost-profile "$prof" \
+    --search "static:sp=$static" --search "edf-best-fit:chunk=1|2|4" --search "step-preempt" --search "load-adaptive" \
+    --search "srtf" --search "sjf" --baseline tetriserve --baseline rssp --objective slo --out "$dir/tune"
+  python3 - "$dir" "$n" <<'EOF' | tee -a "$log"
+import json, sys
+d, n = sys.argv[1], int(sys.argv[2])
+cands = [c["spec"] for c in json.load(open(f"{d}/tune/results.json"))["candidates"]]
+best_static = next(c for c in cands if c.startswith("static"))
+best_elastic = next(c for c in cands if not c.startswith(("static", "tetriserve", "rssp")))
+policies = [f"static:sp={n}", best_static, "tetriserve", best_elastic]
+open(f"{d}/policies.txt", "w").write("\n".join(policies) + "\n")
+print("policies:", policies)
+EOF
+  ;;
+fidelity)
+  model=${1:?fidelity MODEL MIX LOAD K}; mix=${2:?}; load=${3:?}; k=${4:?}
+  dir=$OUT/fid/$model-$mix-$load
+  [ -f "$dir/policies.txt" ] || { echo "run the trace part first ($dir/policies.txt)"; exit 2; }
+  case $k in [1-4]) policy=$(sed -n "${k}p" "$dir/policies.txt") ;; *) policy=$k ;; esac
+  prof=$(ls "$OUT"/steps/"$model"-*-fast.json | head -1)
+  label=$(echo "$policy" | tr -c 'A-Za-z0-9_.=-' '_')
+  warm=$(python3 -c "
+import json; m = json.loads(open('$dir/trace.jsonl').readline())['meta']['spec']
+print(','.join(sorted({f\"{c['width']}x{c['height']}\" + (f\"x{c['num_frames']}\" if c['num_frames'] else '') for c in m['classes']})))")
+  step "fidelity_$label" timeout 570 python3 -m gfdit.cli eval fidelity --trace "$dir/trace.jsonl" --policies "$policy" \
+    --chunk-steps 2 --cost-profile "$prof" --calibrate-overhead --health-timeout 400 --out "$dir/$label" \
+    --serve-args "--nproc $ngpu --model $model --cost-profile $prof --chunk-steps 2 --max-queue 1000 --compile regional --cuda-graphs on --warm-sizes $warm ${SERVE_EXTRA:-}"
+  for f in "$dir"/*/*/tasks.jsonl "$dir"/*/*/*/tasks.jsonl; do [ -f "$f" ] && gzip -f "$f"; done
+  python3 - "$OUT/fid" <<'EOF'
+import glob, os, sys
+root = sys.argv[1]
+parts = ["# Multi-GPU fidelity: every policy measured so far", ""]
+for f in sorted(glob.glob(f"{root}/*/*/fidelity.md")):
+    parts += [f"## {os.path.relpath(os.path.dirname(f), root)}", "", open(f).read(), ""]
+open(f"{root}/fidelity.md", "w").write("\n".join(parts))
+EOF
+  ;;
+dead)
+  t=${1:?dead nccl|ipc}; model=${2:-flux-dev}
+  [ "$ngpu" -ge 4 ] || { echo "dead: needs 4 GPUs"; exit 2; }
+  prof=$(ls "$OUT"/steps/"$model"-*-fast.json 2>/dev/null | head -1)
+  dir=$OUT/dead; mkdir -p "$dir"
+  if [ ! -f "$dir/trace.jsonl" ]; then
+    python3 -m gfdit.cli bench gen --model "$model" --mix paper-image ${prof:+--cost-profile "$prof"} --target-load 0.8 \
+      --world-size 4 --seed 1 --duration 40 --out "$dir/trace.jsonl" >>"$log" 2>&1 || exit 1
+  fi
+  step "dead_$t" timeout 570 env GFCOLL_TIMEOUT_S=10 CUDA_VISIBLE_DEVICES=0,1,2,3 python3 bench/dead_rank.py \
+    --trace "$dir/trace.jsonl" --victim 2 --kill-after 10 --transport "$t" --out "$dir/$t" --health-timeout 400 \
+    --serve-args "--nproc 4 --model $model --policy edf-best-fit ${prof:+--cost-profile $prof} --chunk-steps 2 --max-queue 1000 ${SERVE_EXTRA:-}"
+  ;;
+*)
+  sed -n 2,30p "$0"; exit 2 ;;
+esac
+finish
+grep -q '^FAIL' <(printf '%s\n' "${summary[@]}") && exit 1
+exit 0
