@@ -1,14 +1,15 @@
-"""The ipc transport on CUDA tensors with 2 and 4 ranks, on any number of GPUs (one GPU included:
-ranks are placed round-robin and share it). Forced with GFCOLL_TRANSPORT=ipc so that a machine
+"""The ipc transport on CUDA tensors with 2 and 4 ranks (and 8 where 8 GPUs are visible), on any
+number of GPUs (one GPU included: ranks are placed round-robin and share it). Forced with GFCOLL_TRANSPORT=ipc so that a machine
 with several GPUs tests ipc too, not nccl."""
 
 import pytest
+import torch
 
 from tests.launch import run_ranks
 from tests.matrix import run_matrix
 
 pytestmark = [pytest.mark.gpu, pytest.mark.ipc]
-RANKS = [2, 4]
+RANKS = [2, 4] + ([8] if torch.cuda.is_available() and torch.cuda.device_count() >= 8 else [])
 IPC = {"GFCOLL_TRANSPORT": "ipc"}
 
 

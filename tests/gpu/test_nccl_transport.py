@@ -1,4 +1,4 @@
-"""The nccl transport on CUDA tensors (2 and 4 GPUs): the correctness matrix, agreement with
+"""The nccl transport on CUDA tensors (2, 4 and 8 GPUs; each size skipped where fewer are visible): the correctness matrix, agreement with
 torch.distributed on a dedicated group, CuPy arrays, streams, overlapping groups, warm peers."""
 
 import pytest
@@ -7,7 +7,7 @@ from tests.launch import run_ranks
 from tests.matrix import run_matrix
 
 pytestmark = pytest.mark.gpu
-GPU_COUNTS = [2, 4]
+GPU_COUNTS = [2, 4, 8]
 
 
 @pytest.mark.parametrize("n", GPU_COUNTS)
