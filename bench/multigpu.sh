@@ -15,7 +15,8 @@
 #                                 DEGREES (default 1,2,4 or up to the GPUs), per mode (default "eager fast":
 #                                 eager = --compile off --cuda-graphs off, fast = --compile regional
 #                                 --cuda-graphs on), with the per-step breakdown; then bench/sp_scaling.py over
-#                                 every profile so far ($OUT/steps/scaling.md)
+#                                 every profile so far ($OUT/steps/scaling.md); video: FRAMES=81, e.g.
+#                                 FRAMES=81 bash bench/multigpu.sh steps wan2.1-14b 832x480,1280x720
 # Issue 18 (serving at load, a dead GPU):
 #   trace MODEL MIX LOAD [N]      a trace of the named mix at LOAD for the GPUs, from the fast profile of MODEL
 #                                 (run `steps` first), and gfdit tune on it: $OUT/fid/MODEL-MIX-LOAD/{trace.jsonl,
@@ -100,9 +101,9 @@ steps)
       fast) flags=(--compile regional --cuda-graphs on) ;;
       *) echo "unknown mode $m (eager or fast)"; exit 2 ;;
     esac
-    tag=$model-$(echo "$sizes" | tr ',' '_')-$m
+    tag=$model-$(echo "$sizes" | tr ',' '_')${FRAMES:+x$FRAMES}-$m
     step "profile_$tag" timeout 540 python3 -m gfdit.cli profile --nproc "$ngpu" --model "$model" --sizes "$sizes" \
-      --degrees "$degs" --steps 5 --reps 3 "${flags[@]}" --breakdown "$OUT/steps/$tag-breakdown" --out "$OUT/steps/$tag.json"
+      --degrees "$degs" --steps 5 --reps 3 ${FRAMES:+--frames "$FRAMES"} "${flags[@]}" --breakdown "$OUT/steps/$tag-breakdown" --out "$OUT/steps/$tag.json"
   done
   step scaling python3 bench/sp_scaling.py "$OUT"/steps/*.json --out "$OUT/steps/scaling.md" --json "$OUT/steps/scaling.json"
   ;;
