@@ -22,7 +22,8 @@
 #                                 (run `steps` first), and gfdit tune on it: $OUT/fid/MODEL-MIX-LOAD/{trace.jsonl,
 #                                 tune/, policies.txt} (fixed pipeline static:sp=N, best static, tetriserve, best elastic)
 #   fidelity MODEL MIX LOAD K     serve policy K (1-4 of policies.txt, or a policy spec) on every GPU, replay the
-#                                 trace and simulate it (gfdit eval fidelity); then $OUT/fid/fidelity.md over all
+#                                 trace and simulate it (gfdit eval fidelity); then bench/serving_targets.py over
+#                                 every run so far ($OUT/fid/serving.md: the table and the serving targets)
 #   dead T [MODEL]                bench/dead_rank.py: 4 GPUs, GFCOLL_TRANSPORT=T (nccl or ipc), rank 2 killed
 #                                 10 s into a load-0.8 trace of MODEL (default flux-dev)
 # Env: OUT (./gpu-out), ITERS (20), MAXBYTES (256M), SERVE_EXTRA (more gfdit serve options), REQUESTS (100
@@ -136,24 +137,18 @@ fidelity)
   model=${1:?fidelity MODEL MIX LOAD K}; mix=${2:?}; load=${3:?}; k=${4:?}
   dir=$OUT/fid/$model-$mix-$load
   [ -f "$dir/policies.txt" ] || { echo "run the trace part first ($dir/policies.txt)"; exit 2; }
-  case $k in [1-4]) policy=$(sed -n "${k}p" "$dir/policies.txt") ;; *) policy=$k ;; esac
+  roles=(k1-fixed k2-best-static k3-tetriserve k4-best-elastic)
+  case $k in [1-4]) policy=$(sed -n "${k}p" "$dir/policies.txt"); label=${roles[$((k - 1))]} ;;
+             *) policy=$k; label=$(echo "$policy" | tr -c 'A-Za-z0-9_.=-' '_') ;; esac
   prof=$(ls "$OUT"/steps/"$model"-*-fast.json | head -1)
-  label=$(echo "$policy" | tr -c 'A-Za-z0-9_.=-' '_')
   warm=$(python3 -c "
 import json; m = json.loads(open('$dir/trace.jsonl').readline())['meta']['spec']
 print(','.join(sorted({f\"{c['width']}x{c['height']}\" + (f\"x{c['num_frames']}\" if c['num_frames'] else '') for c in m['classes']})))")
   step "fidelity_$label" timeout 570 python3 -m gfdit.cli eval fidelity --trace "$dir/trace.jsonl" --policies "$policy" \
     --chunk-steps 2 --cost-profile "$prof" --calibrate-overhead --health-timeout 400 --out "$dir/$label" \
     --serve-args "--nproc $ngpu --model $model --cost-profile $prof --chunk-steps 2 --max-queue 1000 --compile regional --cuda-graphs on --warm-sizes $warm ${SERVE_EXTRA:-}"
-  for f in "$dir"/*/*/tasks.jsonl "$dir"/*/*/*/tasks.jsonl; do [ -f "$f" ] && gzip -f "$f"; done
-  python3 - "$OUT/fid" <<'EOF'
-import glob, os, sys
-root = sys.argv[1]
-parts = ["# Multi-GPU fidelity: every policy measured so far", ""]
-for f in sorted(glob.glob(f"{root}/*/*/fidelity.md")):
-    parts += [f"## {os.path.relpath(os.path.dirname(f), root)}", "", open(f).read(), ""]
-open(f"{root}/fidelity.md", "w").write("\n".join(parts))
-EOF
+  find "$dir" -name 'tasks*.jsonl' -exec gzip -f {} +
+  step serving_targets python3 bench/serving_targets.py "$OUT/fid" --out "$OUT/fid/serving.md" --json "$OUT/fid/serving.json"
   ;;
 dead)
   t=${1:?dead nccl|ipc}; model=${2:-flux-dev}
