@@ -87,15 +87,16 @@ coll)
     if [ "$mode" = graph ]; then args+=(--graph --no-formation); fi
     [ "${BASELINE:-1}" = 0 ] && args+=(--no-baseline)
     name=$n-$t-$mode
-    step "coll_$name" timeout 280 env GFCOLL_TRANSPORT="$t" CUDA_VISIBLE_DEVICES="$visible" \
+    # 2 GiB of ipc workspace: all_to_all stages its whole send buffer (256 MiB), a graph's arena is a quarter
+    step "coll_$name" timeout 280 env GFCOLL_TRANSPORT="$t" GFCOLL_IPC_BYTES=$((2 << 30)) CUDA_VISIBLE_DEVICES="$visible" \
       torchrun --standalone --nproc-per-node "$n" -m gfcoll.bench "${args[@]}" --json "$OUT/coll/$name.json"
     [ -f "$OUT/coll/results.md" ] && mv "$OUT/coll/results.md" "$OUT/coll/$name.md"
   done
-  step targets python3 -m gfcoll.bench.targets "$OUT"/coll/*.json --out "$OUT/coll/targets.md" --json "$OUT/coll/targets.json"
+  step targets python3 -m gfcoll.bench.targets "$OUT"/coll/[0-9]*-*-*.json --out "$OUT/coll/targets.md" --json "$OUT/coll/targets.json"
   ;;
 steps)
   model=${1:?steps MODEL SIZES}; sizes=${2:?steps MODEL SIZES}; degs=${3:-$(degrees)}; modes=${4:-eager fast}
-  mkdir -p "$OUT/steps"
+  mkdir -p "$OUT/steps/breakdown"
   for m in $modes; do
     case $m in
       eager) flags=(--compile off --cuda-graphs off) ;;
@@ -104,7 +105,7 @@ steps)
     esac
     tag=$model-$(echo "$sizes" | tr ',' '_')${FRAMES:+x$FRAMES}-$m
     step "profile_$tag" timeout 540 python3 -m gfdit.cli profile --nproc "$ngpu" --model "$model" --sizes "$sizes" \
-      --degrees "$degs" --steps 5 --reps 3 ${FRAMES:+--frames "$FRAMES"} "${flags[@]}" --breakdown "$OUT/steps/$tag-breakdown" --out "$OUT/steps/$tag.json"
+      --degrees "$degs" --steps 5 --reps 3 ${FRAMES:+--frames "$FRAMES"} "${flags[@]}" --breakdown "$OUT/steps/breakdown/$tag" --out "$OUT/steps/$tag.json"
   done
   step scaling python3 bench/sp_scaling.py "$OUT"/steps/*.json --out "$OUT/steps/scaling.md" --json "$OUT/steps/scaling.json"
   ;;
