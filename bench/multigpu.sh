@@ -16,7 +16,8 @@
 #                                 eager = --compile off --cuda-graphs off, fast = --compile regional
 #                                 --cuda-graphs on), with the per-step breakdown; then bench/sp_scaling.py over
 #                                 every profile so far ($OUT/steps/scaling.md); video: FRAMES=81, e.g.
-#                                 FRAMES=81 bash bench/multigpu.sh steps wan2.1-14b 832x480,1280x720
+#                                 FRAMES=81 bash bench/multigpu.sh steps wan2.1-14b 832x480,1280x720; more profile
+#                                 options in PROFILE_EXTRA (e.g. "--cfg" for CFG-parallel steps, "--batch-sizes 1,2,4")
 # Issue 18 (serving at load, a dead GPU):
 #   trace MODEL MIX LOAD [N]      a trace of the named mix at LOAD for the GPUs, from the fast profile of MODEL
 #                                 (run `steps` first), and gfdit tune on it: $OUT/fid/MODEL-MIX-LOAD/{trace.jsonl,
@@ -105,7 +106,7 @@ steps)
     esac
     tag=$model-$(echo "$sizes" | tr ',' '_')${FRAMES:+x$FRAMES}-$m
     step "profile_$tag" timeout 540 python3 -m gfdit.cli profile --nproc "$ngpu" --model "$model" --sizes "$sizes" \
-      --degrees "$degs" --steps 5 --reps 3 ${FRAMES:+--frames "$FRAMES"} "${flags[@]}" --breakdown "$OUT/steps/breakdown/$tag" --out "$OUT/steps/$tag.json"
+      --degrees "$degs" --steps 5 --reps 3 ${FRAMES:+--frames "$FRAMES"} ${PROFILE_EXTRA:-} "${flags[@]}" --breakdown "$OUT/steps/breakdown/$tag" --out "$OUT/steps/$tag.json"
   done
   step scaling python3 bench/sp_scaling.py "$OUT"/steps/*.json --out "$OUT/steps/scaling.md" --json "$OUT/steps/scaling.json"
   ;;
