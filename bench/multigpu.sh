@@ -26,7 +26,8 @@
 #                                 trace and simulate it (gfdit eval fidelity); then bench/serving_targets.py over
 #                                 every run so far ($OUT/fid/serving.md: the table and the serving targets)
 #   dead T [MODEL]                bench/dead_rank.py: 4 GPUs, GFCOLL_TRANSPORT=T (nccl or ipc), rank 2 killed
-#                                 10 s into a load-0.8 trace of MODEL (default flux-dev)
+#                                 KILL_AFTER (10) s into a load-0.8 paper-image trace of MODEL (default flux-dev;
+#                                 DEAD_TRACE: other gen options); SHARE_GPUS=1: 4 ranks on fewer GPUs (ipc only)
 # Env: OUT (./gpu-out), ITERS (20), MAXBYTES (256M), SERVE_EXTRA (more gfdit serve options), REQUESTS (100
 #      per trace); a dry run of coll on fewer GPUs than ranks: SHARE_GPUS=1 BASELINE=0 (ipc only: NCCL refuses
 #      two ranks on one GPU, the torch baseline too).
@@ -154,16 +155,21 @@ print(','.join(sorted({f\"{c['width']}x{c['height']}\" + (f\"x{c['num_frames']}\
   ;;
 dead)
   t=${1:?dead nccl|ipc}; model=${2:-flux-dev}
-  [ "$ngpu" -ge 4 ] || { echo "dead: needs 4 GPUs"; exit 2; }
+  visible=0,1,2,3
+  if [ "${SHARE_GPUS:-0}" = 1 ]; then visible=$(seq -s, 0 $((ngpu - 1)));  # 4 ranks share the GPUs (ipc only)
+  elif [ "$ngpu" -lt 4 ]; then echo "dead: needs 4 GPUs (SHARE_GPUS=1: ranks share them, ipc only)"; exit 2; fi
   prof=$(ls "$OUT"/steps/"$model"-*-fast.json 2>/dev/null | head -1)
   dir=$OUT/dead; mkdir -p "$dir"
   if [ ! -f "$dir/trace.jsonl" ]; then
-    python3 -m gfdit.cli bench gen --model "$model" --mix paper-image ${prof:+--cost-profile "$prof"} --target-load 0.8 \
-      --world-size 4 --seed 1 --duration 40 --out "$dir/trace.jsonl" >>"$log" 2>&1 || exit 1
+    # DEAD_TRACE: other `gfdit bench gen` arrivals and classes (e.g. for a tiny model)
+    # shellcheck disable=SC2086
+    python3 -m gfdit.cli bench gen --model "$model" ${DEAD_TRACE:---mix paper-image --target-load 0.8 --world-size 4 --duration 40} \
+      ${prof:+--cost-profile "$prof"} --seed 1 --out "$dir/trace.jsonl" >>"$log" 2>&1 || exit 1
   fi
-  step "dead_$t" timeout 570 env GFCOLL_TIMEOUT_S=10 CUDA_VISIBLE_DEVICES=0,1,2,3 python3 bench/dead_rank.py \
-    --trace "$dir/trace.jsonl" --victim 2 --kill-after 10 --transport "$t" --out "$dir/$t" --health-timeout 400 \
+  step "dead_$t" timeout 570 env GFCOLL_TIMEOUT_S=10 CUDA_VISIBLE_DEVICES="$visible" python3 bench/dead_rank.py \
+    --trace "$dir/trace.jsonl" --victim 2 --kill-after "${KILL_AFTER:-10}" --transport "$t" --out "$dir/$t" --health-timeout 400 \
     --serve-args "--nproc 4 --model $model --policy edf-best-fit ${prof:+--cost-profile $prof} --chunk-steps 2 --max-queue 1000 ${SERVE_EXTRA:-}"
+  [ -f "$dir/$t/dead_rank.md" ] && cat "$dir/$t/dead_rank.md"
   ;;
 *)
   sed -n 2,30p "$0"; exit 2 ;;
