@@ -28,6 +28,11 @@
 #   dead T [MODEL]                bench/dead_rank.py: 4 GPUs, GFCOLL_TRANSPORT=T (nccl or ipc), rank 2 killed
 #                                 KILL_AFTER (10) s into a load-0.8 paper-image trace of MODEL (default flux-dev;
 #                                 DEAD_TRACE: other gen options); SHARE_GPUS=1: 4 ranks on fewer GPUs (ipc only)
+# Order (what the targets of later parts rest on first; one call each, OUT=$OUT/<name> kept across calls on
+# one warm machine, or the earlier folders carried back): tests; coll 4 eager; coll 4 graph; coll 2 eager;
+# steps flux-dev 512,1024,2048 1,2,4 eager; steps flux-dev 512,1024,2048 1,2,4 fast; trace flux-dev paper-image
+# 0.8 (CPU only: may run anywhere with the fast profile); fidelity flux-dev paper-image 0.8 1..4; dead nccl;
+# dead ipc; then loads 0.5 and 1.0, 8 GPUs, FRAMES=81 steps wan2.1-14b 832x480,1280x720, the paper-video mix.
 # Env: OUT (./gpu-out), ITERS (20), MAXBYTES (256M), SERVE_EXTRA (more gfdit serve options), REQUESTS (100
 #      per trace); a dry run of coll on fewer GPUs than ranks: SHARE_GPUS=1 BASELINE=0 (ipc only: NCCL refuses
 #      two ranks on one GPU, the torch baseline too).
