@@ -11,7 +11,9 @@ Methods (``method`` key of a row):
 - ``gfcoll.first_op``: the first operation on a never-used group, ``world.group(order)`` + a
   1-element all_reduce until it is done (stream synchronised), one repetition per member order of
   the rank set (the first of them is the set's first use ever: no operation of the run touched
-  those ranks together before; later orders are new groups of peers that met already).
+  those ranks together before; later orders are new groups of peers that met already). The first
+  set's first use is also the run's first gfcoll operation: it pays the transport's own first-use
+  costs (pages of the shared workspace touched, threads started) besides the group's.
 - ``gfcoll.steady_op``: the same all_reduce on the last of those groups once used, timed the
   same way: what ``first_op`` must stay close to (the promise is no cost for a group's first use).
 - ``new_group.lazy``: ``new_group(ranks)`` (which every rank of the world must call) then a first
