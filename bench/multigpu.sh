@@ -38,26 +38,13 @@
 #      two ranks on one GPU, the torch baseline too).
 set -uo pipefail
 part=${1:?usage: bash bench/multigpu.sh PART [ARGS] (see the header)}; shift
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
-OUT=${OUT:-$PWD/gpu-out}
-mkdir -p "$OUT"
+source "$(dirname "${BASH_SOURCE[0]}")/../tests/gpu/device_env.sh"
 log="$OUT/log.txt"
-summary=()
-step() {  # step NAME COMMAND...: runs, logs, records pass/fail
-  local name=$1; shift
-  echo "=== $name: $*" | tee -a "$log"
-  local t0=$SECONDS
-  if "$@" >>"$log" 2>&1; then summary+=("PASS $name ($((SECONDS - t0)) s)"); else summary+=("FAIL $name ($((SECONDS - t0)) s)"); fi
-}
 finish() {
   echo "=== summary ($part)" | tee -a "$log"
   printf '%s\n' "${summary[@]}" | tee -a "$log"
 }
-if ls .whl/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-fi
-[ -d /tmp/site ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+use_wheels
 if ! python3 -c 'import gfcoll._gfcoll' 2>/dev/null; then
   step build python3 -m pip install -q --no-build-isolation --no-deps -e .
 fi

@@ -5,22 +5,9 @@
 #   DiT step and migration bench, a flux-dev cost profile (gfdit profile), 4-GPU formation and broadcast; collectives: the full gfcoll-bench sweeps)
 set -uo pipefail
 what=${1:-all}
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
-OUT=${OUT:-$PWD/gpu-out}
-mkdir -p "$OUT"
+source "$(dirname "${BASH_SOURCE[0]}")/device_env.sh"
 log="$OUT/log.txt"
-summary=()
-step() {  # step NAME COMMAND...: runs, logs, records pass/fail
-  local name=$1; shift
-  echo "=== $name: $*" | tee -a "$log"
-  local t0=$SECONDS
-  if "$@" >>"$log" 2>&1; then summary+=("PASS $name ($((SECONDS - t0)) s)"); else summary+=("FAIL $name ($((SECONDS - t0)) s)"); fi
-}
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+use_wheels
 { nvidia-smi -L; nvidia-smi topo -m; python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "nccl", torch.cuda.nccl.version())'; } >>"$log" 2>&1
 step build python3 -m pip install --no-build-isolation --no-deps -e .
 step build_info python3 -c 'import gfcoll, json; print(json.dumps(gfcoll.build_info()))'
