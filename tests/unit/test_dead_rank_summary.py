@@ -3,19 +3,13 @@ arithmetic is checked here)."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.bench_scripts import load_bench_script
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("dead_rank", os.path.join(ROOT, "bench", "dead_rank.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench_script("dead_rank")
 
 
 def _row(rid, sent, latency, status="completed"):

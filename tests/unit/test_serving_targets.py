@@ -4,22 +4,15 @@ writes them."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.bench_scripts import load_bench_script
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location(
-        "serving_targets", os.path.join(ROOT, "bench", "serving_targets.py")
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench_script("serving_targets")
 
 
 def _write(root, load, role, policy, thr, slo, err=0.05):

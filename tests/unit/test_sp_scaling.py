@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.bench_scripts import load_bench_script
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("sp_scaling", os.path.join(ROOT, "bench", "sp_scaling.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench_script("sp_scaling")
 
 
 def _profile(compile_mode, graphs, steps):
