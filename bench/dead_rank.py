@@ -190,16 +190,17 @@ def main(argv=None) -> int:
         kill_at = time.time()
         os.kill(pids[args.victim], signal.SIGKILL)
         degraded_at = None
-        while thread.is_alive() or degraded_at is None:
+        while degraded_at is None:  # until /health says degraded, or once more after the replay ended
+            ended = not thread.is_alive()
             try:
                 if httpx.get(server.url + "/health", timeout=5).json().get("status") == "degraded":
-                    degraded_at = time.time() if degraded_at is None else degraded_at
+                    degraded_at = time.time()
             except httpx.HTTPError:
                 pass
-            if degraded_at is not None:
-                thread.join()
+            if ended:
                 break
             thread.join(kPollS)
+        thread.join()
         if "error" in box:
             raise SystemExit(f"the replay failed: {box['error']}")
         with open(os.path.join(args.out, "metrics.txt"), "w") as f:
