@@ -18,9 +18,9 @@ import os
 _TIME_W, _BW_W, _WRONG_W = 11, 12, 7
 
 
-def has_host_column(opts: dict) -> bool:
+def has_host_column(transport: str, graph: bool, timing: str | None) -> bool:
     """Whether the rows carry the host time per call: eager CUDA rows timed back to back."""
-    return opts["transport"] == "nccl" and not opts["graph"] and opts.get("timing") == "back-to-back"
+    return transport == "nccl" and not graph and timing == "back-to-back"
 
 
 def fmt_time(us: float | None) -> str:
@@ -57,7 +57,7 @@ class TablePrinter:
         self.backend = backend
         self.opts = opts
         self.baseline = opts.baseline
-        self.host = opts.transport == "nccl" and not opts.graph and opts.timing == "back-to-back"
+        self.host = has_host_column(opts.transport, opts.graph, opts.timing)
         self._errors_seen: set[str] = set()
 
     def preamble(self, env: dict) -> None:
@@ -196,7 +196,7 @@ _TIMING_TEXT = {
 def write_markdown(path: str, doc: dict) -> None:
     env, opts = doc["environment"], doc["options"]
     base = "baseline" if opts["baseline"] else None
-    host = has_host_column(opts)
+    host = has_host_column(opts["transport"], opts["graph"], opts.get("timing"))
     lines = [
         "# gfcoll-bench results",
         "",
